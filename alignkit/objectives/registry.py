@@ -36,16 +36,25 @@ class PairLogps:
 
 PairwiseLoss = Callable[..., Tensor]
 PAIRWISE: dict[str, PairwiseLoss] = {}
+REFERENCE_FREE: set[str] = set()
+"""Names of PAIRWISE losses that never read `ref_chosen` / `ref_rejected`."""
 KL: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
 
 
-def register_pairwise(name: str) -> Callable[[PairwiseLoss], PairwiseLoss]:
-    """Decorator: register `fn(logps: PairLogps, **hparams) -> Tensor (B,)` under `name`."""
+def register_pairwise(
+    name: str, *, reference_free: bool = False
+) -> Callable[[PairwiseLoss], PairwiseLoss]:
+    """Decorator: register `fn(logps: PairLogps, **hparams) -> Tensor (B,)` under `name`.
+
+    `reference_free=True` tells the trainer never to load or compute a reference model.
+    """
 
     def decorate(fn: PairwiseLoss) -> PairwiseLoss:
         if name in PAIRWISE:
             raise ValueError(f"pairwise loss {name!r} is registered twice")
         PAIRWISE[name] = fn
+        if reference_free:
+            REFERENCE_FREE.add(name)
         return fn
 
     return decorate

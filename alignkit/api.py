@@ -1,0 +1,51 @@
+"""`alignkit.train(...)`: the Python face of `alignkit train`; the CLI is a thin layer over it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alignkit.training.config import TrainConfig
+from alignkit.training.offline import TrainResult, run_offline
+
+
+def train(
+    algorithm: str,
+    *,
+    model: Any = "smollm2-135m",
+    data: Any = None,
+    output_dir: str | Path = "runs/alignkit",
+    tokenizer: Any = None,
+    eval_data: Any = None,
+    config: TrainConfig | None = None,
+    callbacks: tuple = (),
+    **overrides: Any,
+) -> TrainResult:
+    """Train `algorithm` exactly as `alignkit train ALGO` does; return the `final/` path and metrics.
+
+    `model`: a local directory, hub id, `smollm2-135m`, or a loaded `PreTrainedModel` (pass its
+    `tokenizer` too). `data` / `eval_data`: a path, hub id, `datasets.Dataset` or a list of
+    dicts. `overrides`: any `TrainConfig` field (`batch_size=4`, `lora_r=8`) or an algorithm
+    hyper-parameter (`beta=0.1`).
+    """
+    config = config or TrainConfig()
+    config.algorithm = algorithm
+    config.output = str(output_dir)
+    loaded_model = None
+    if isinstance(model, str | Path):
+        config.model = str(model)
+    else:
+        loaded_model = model
+        config.model = getattr(getattr(model, "config", None), "_name_or_path", "") or "<in-memory model>"
+    if isinstance(data, str | Path):
+        config.data = str(data)
+        data = None
+    elif data is not None:
+        config.data = "<in-memory data>"
+    if isinstance(eval_data, str | Path):
+        config.eval_data = str(eval_data)
+        eval_data = None
+    config.apply_overrides(overrides)
+    return run_offline(
+        config, model=loaded_model, tokenizer=tokenizer, data=data, eval_data=eval_data, callbacks=callbacks
+    )

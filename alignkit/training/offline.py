@@ -1,0 +1,257 @@
+"""The offline trainer: one loop for SFT, reward models and every pairwise preference loss.
+
+1. resolve the run directory (fresh, or the latest checkpoint of `--resume`)
+2. load and validate the data, tokenise it, log truncation counts
+3. load the model; compute reference log-probs once (then no reference stays in memory)
+4. wrap with LoRA if asked; AdamW + warm-up/decay schedule
+5. for each step: grad_accum micro-batches (length-bucketed) -> clip -> step, skipping
+   non-finite steps without touching the weights; log, evaluate, checkpoint atomically
+6. write `final/` (LoRA merged) that `from_pretrained` loads
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.data import DataError, RowTable, detect_kind, length_bucketed_batches, load_rows
+from alignkit.data import validate_rows
+from alignkit.models import apply_lora, count_parameters, load_model, save_pretrained_merged
+from alignkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.training.config import TrainConfig
+from alignkit.training.metrics import MetricsWriter, mean_metrics, progress_postfix
+from alignkit.training.reference import attach_reference_logps
+from alignkit.training.schedule import build_optimizer, build_scheduler, default_lr
+from alignkit.training.tasks import make_task
+
+log = logging.getLogger("alignkit")
+Callback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_table(source: Any, task, config: TrainConfig, role: str) -> RowTable:
+    table = load_rows(source)
+    if len(table) == 0:
+        raise DataError(str(source), None, f"the {role} data has no rows")
+    kind = detect_kind(table.columns)
+    if kind not in task.data_kinds:
+        raise DataError(
+            table.origin(0)[0],
+            None,
+            f"{config.algorithm} needs {' or '.join(task.data_kinds)} data, got {kind} "
+            f"(columns {sorted(table.columns)})",
+        )
+    validate_rows(table, kind, allow_identical_pairs=config.allow_identical_pairs)
+    return table
+
+
+def micro_batches(lengths: list[int], config: TrainConfig, start: int) -> Iterator[list[int]]:
+    """Endless stream of micro-batch index lists, epoch after epoch, from micro-batch `start`.
+
+    The order of epoch e depends only on (seed, e), so a resumed run sees the same batches.
+    """
+    per_epoch = math.ceil(len(lengths) / config.batch_size)
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        batches = length_bucketed_batches(
+            lengths, config.batch_size, seed=config.seed, epoch=epoch
+        )
+        yield from batches[offset:]
+        epoch, offset = epoch + 1, 0
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, task, examples, pad_id: int, config: TrainConfig) -> dict[str, float]:
+    """Mean of the task's metrics over held-out examples, prefixed `eval/`."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    parts = []
+    order = sorted(range(len(examples)), key=lambda i: task.length(examples[i]))
+    for start in range(0, len(order), config.batch_size):
+        batch = task.collate([examples[i] for i in order[start : start + config.batch_size]], pad_id)
+        _, metrics = task.loss(model, to_device(batch, device))
+        parts.append(metrics)
+    model.train(was_training)
+    return {f"eval/{k}": v for k, v in mean_metrics(parts).items()}
+
+
+def run_offline(
+    config: TrainConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    data: Any = None,
+    eval_data: Any = None,
+    callbacks: tuple[Callback, ...] = (),
+) -> TrainResult:
+    """Train `config.algorithm`; see the module docstring for the steps."""
+    # 1. run directory
+    run_dir = Path(config.output)
+    resume_from = None
+    if config.resume:
+        run_dir = Path(config.resume)
+        resume_from = latest_checkpoint(run_dir)
+        if resume_from is None:
+            log.warning("--resume %s: no checkpoint found, starting from step 0", run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.output = str(run_dir)
+    seed_everything(config.seed)
+    task = make_task(config)
+
+    # 2. data
+    table = load_table(data if data is not None else config.data, task, config, "training")
+    eval_table = None
+    eval_source = eval_data if eval_data is not None else config.eval_data
+    if eval_source is not None:
+        eval_table = load_table(eval_source, task, config, "evaluation")
+    elif config.eval_holdout:
+        table, eval_table = table.split(config.eval_holdout, seed=config.seed)
+
+    # 3. model and tokens
+    if model is None:
+        model, tokenizer = load_model(
+            config.model,
+            kind=task.model_kind,
+            dtype=None if config.dtype == "auto" else config.dtype,
+            device=None if config.device == "auto" else config.device,
+            trust_remote_code=config.trust_remote_code,
+        )
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer together with a loaded model")
+    pad_id = tokenizer.pad_token_id
+    examples, stats = task.tokenize(table, tokenizer)
+    log.info("training data: %s", stats.summary())
+    eval_examples = []
+    if eval_table is not None:
+        eval_examples, eval_stats = task.tokenize(eval_table, tokenizer)
+        log.info("evaluation data: %s", eval_stats.summary())
+    if getattr(task, "needs_reference", False):
+        attach_reference_logps(task, model, tokenizer, examples, eval_examples, config, run_dir)
+
+    # 4. adapters, optimizer, schedule
+    if config.lora_r > 0:
+        targets = config.lora_target_modules
+        model = apply_lora(
+            model,
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            target_modules=targets if targets == "all-linear" else targets.split(","),
+            task=task.model_kind,
+        )
+    model.train()
+    trainable, total = count_parameters(model)
+    log.info("parameters: %s trainable of %s", f"{trainable:,}", f"{total:,}")
+    if config.lr is None:
+        config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
+    lengths = [task.length(e) for e in examples]
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * steps_per_epoch)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    config.save(run_dir / "config.yaml")
+
+    start_step = 0
+    if resume_from is not None:
+        meta = load_checkpoint(resume_from, model, optimizer, scheduler)
+        start_step = int(meta["step"])
+        log.info("resumed from %s (step %d)", resume_from, start_step)
+    writer = MetricsWriter(
+        run_dir, resume_step=start_step if resume_from is not None else None, tensorboard=config.tensorboard
+    )
+
+    # 5. the loop
+    device = next(model.parameters()).device
+    stream = micro_batches(lengths, config, start_step * config.grad_accum)
+    params = [p for p in model.parameters() if p.requires_grad]
+    last: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    skipped = 0
+    bar = tqdm(
+        total=total_steps, initial=start_step, desc=config.algorithm, disable=not config.progress, dynamic_ncols=True
+    )
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            started = time.perf_counter()
+            parts, tokens = [], 0
+            for _ in range(config.grad_accum):
+                indices = next(stream)
+                batch = to_device(task.collate([examples[i] for i in indices], pad_id), device)
+                loss, metrics = task.loss(model, batch)
+                (loss / config.grad_accum).backward()
+                parts.append(metrics)
+                tokens += int(batch["attention_mask"].sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            )
+            finite = all(torch.isfinite(m["loss"]) for m in parts) and torch.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+            else:
+                skipped += 1
+                if config.nonfinite == "stop":
+                    raise FloatingPointError(f"step {step}: non-finite loss or gradient; stopping")
+                log.warning("step %d: non-finite loss or gradient; step skipped", step)
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            elapsed = time.perf_counter() - started
+            metrics = mean_metrics(parts)
+            metrics.update(
+                {
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "epoch": step / steps_per_epoch,
+                    "throughput/tokens_per_s": tokens / max(elapsed, 1e-9),
+                    "skipped_steps": skipped,
+                }
+            )
+            every = config.eval_steps and step % config.eval_steps == 0
+            if eval_examples and (every or step == total_steps):
+                eval_metrics = evaluate(model, task, eval_examples, pad_id, config)
+                metrics.update(eval_metrics)
+            if step % config.logging_steps == 0 or step == total_steps:
+                last = writer.write(step, metrics)
+            bar.set_postfix(progress_postfix(metrics))
+            bar.update(1)
+            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+                save_checkpoint(run_dir, step, model, optimizer, scheduler, keep=config.save_total_limit)
+            for callback in callbacks:
+                callback(step, metrics)
+    finally:
+        bar.close()
+        writer.close()
+
+    # 6. the final checkpoint
+    final_dir = save_pretrained_merged(model, tokenizer, run_dir / "final")
+    log.info("final model written to %s", final_dir)
+    return TrainResult(run_dir, final_dir, total_steps, last, eval_metrics)

@@ -1,0 +1,104 @@
+"""Reference log-probs for offline preference losses, computed once before training.
+
+The reference is the initial policy (or `--ref-model`); its summed response log-probs for
+every pair are stored in each example's extras (`ref_chosen`, `ref_rejected`) and cached in
+`DIR/reference_logps.safetensors`, so no reference model stays in memory while training and
+a resumed run does not recompute them.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from alignkit.models import adapter_disabled, is_peft, load_model
+from alignkit.training.config import TrainConfig
+
+log = logging.getLogger("alignkit")
+CACHE_NAME = "reference_logps.safetensors"
+
+
+def _fingerprint(config: TrainConfig, splits: dict[str, list]) -> str:
+    return json.dumps(
+        {
+            "reference": config.ref_model or config.model,
+            "max_length": config.max_length,
+            "max_prompt_length": config.max_prompt_length,
+            "sizes": {name: len(examples) for name, examples in splits.items()},
+        },
+        sort_keys=True,
+    )
+
+
+@torch.no_grad()
+def compute_reference_logps(task, model, examples, pad_id: int, config: TrainConfig, desc: str):
+    """(chosen, rejected) summed log-probs (N,) of every example under `model`."""
+    device = next(model.parameters()).device
+    chosen = torch.zeros(len(examples))
+    rejected = torch.zeros(len(examples))
+    order = sorted(range(len(examples)), key=lambda i: task.length(examples[i]))
+    size = max(1, config.batch_size)
+    context = adapter_disabled(model) if is_peft(model) else nullcontext()
+    was_training = model.training
+    model.eval()
+    with context:
+        for start in tqdm(
+            range(0, len(order), size), desc=desc, disable=not config.progress, leave=False
+        ):
+            indices = order[start : start + size]
+            batch = task.collate([examples[i] for i in indices], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+            ref_chosen, ref_rejected = task.reference_logps(model, batch)
+            chosen[indices] = ref_chosen.float().cpu()
+            rejected[indices] = ref_rejected.float().cpu()
+    model.train(was_training)
+    return chosen, rejected
+
+
+def attach_reference_logps(task, model, tokenizer, examples, eval_examples, config, run_dir):
+    """Fill `extras['ref_chosen'|'ref_rejected']` of every train and eval example."""
+    splits = {"train": examples, "eval": eval_examples}
+    cache = Path(run_dir) / CACHE_NAME
+    fingerprint = _fingerprint(config, splits)
+    tensors: dict[str, torch.Tensor] = {}
+    if cache.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), framework="pt") as handle:
+            stored = (handle.metadata() or {}).get("fingerprint")
+        if stored == fingerprint:
+            tensors = load_file(str(cache))
+            log.info("reference log-probs loaded from %s", cache)
+    if not tensors:
+        reference, ref_pad = model, tokenizer.pad_token_id
+        if config.ref_model:
+            reference, ref_tokenizer = load_model(
+                config.ref_model,
+                dtype=None if config.dtype == "auto" else config.dtype,
+                device=str(next(model.parameters()).device),
+                trust_remote_code=config.trust_remote_code,
+            )
+            if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+                raise ValueError(f"--ref-model {config.ref_model}: its tokenizer differs from the policy's")
+            ref_pad = tokenizer.pad_token_id
+        for name, split in splits.items():
+            if split:
+                chosen, rejected = compute_reference_logps(
+                    task, reference, split, ref_pad, config, f"reference log-probs ({name})"
+                )
+                tensors[f"{name}_chosen"], tensors[f"{name}_rejected"] = chosen, rejected
+        if reference is not model:
+            del reference
+            gc.collect()
+        save_file(tensors, str(cache), metadata={"fingerprint": fingerprint})
+    for name, split in splits.items():
+        for i, example in enumerate(split):
+            example.extras["ref_chosen"] = float(tensors[f"{name}_chosen"][i])
+            example.extras["ref_rejected"] = float(tensors[f"{name}_rejected"][i])
