@@ -9,7 +9,8 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-from alignkit.objectives import PAIRWISE, REFERENCE_FREE
+from alignkit.objectives import PAIRWISE
+from alignkit.objectives.registry import REFERENCE_FREE
 
 
 @dataclass(frozen=True)

@@ -88,3 +88,40 @@ def build_tiny_model(
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+POSITIVE_WORDS = ["good", "great", "happy", "wonderful", "loved"]
+NEGATIVE_WORDS = ["bad", "awful", "sad", "terrible", "hated"]
+TOPICS = ["The movie", "The film", "The story", "The music", "The acting", "The picture"]
+
+
+def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Preference pairs with a learnable rule: the chosen review uses positive words, the
+    rejected one negative words, around the same topic."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        good, bad = rng.sample(POSITIVE_WORDS, 2), rng.sample(NEGATIVE_WORDS, 2)
+        rows.append(
+            {
+                "prompt": f"Write a short review. {topic}",
+                "chosen": f" was {good[0]} and {good[1]}.",
+                "rejected": f" was {bad[0]} and {bad[1]}.",
+            }
+        )
+    return rows
+
+
+def synthetic_sft(n: int, seed: int = 0) -> list[dict]:
+    """Prompt/completion rows where the completion follows a fixed pattern of the prompt."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"prompt": f"What is {a} plus {b}?", "completion": f" The answer is {a + b}."})
+    return rows

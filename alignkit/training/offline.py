@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,9 @@ class TrainResult:
     steps: int
     metrics: dict[str, float]
     eval_metrics: dict[str, float]
+    model: Any = field(default=None, repr=False)
+    """The trained model in memory (LoRA still attached, not merged)."""
+    tokenizer: Any = field(default=None, repr=False)
 
 
 def seed_everything(seed: int) -> None:
@@ -254,4 +257,4 @@ def run_offline(
     # 6. the final checkpoint
     final_dir = save_pretrained_merged(model, tokenizer, run_dir / "final")
     log.info("final model written to %s", final_dir)
-    return TrainResult(run_dir, final_dir, total_steps, last, eval_metrics)
+    return TrainResult(run_dir, final_dir, total_steps, last, eval_metrics, model, tokenizer)

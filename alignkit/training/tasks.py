@@ -24,7 +24,8 @@ from alignkit.data import (
     tokenize_sft,
 )
 from alignkit.models import reward_scores, sequence_logps
-from alignkit.objectives import PAIRWISE, REFERENCE_FREE, PairLogps
+from alignkit.objectives import PAIRWISE, PairLogps
+from alignkit.objectives.registry import REFERENCE_FREE
 from alignkit.objectives.reward_model import bradley_terry
 from alignkit.training.config import TrainConfig
 

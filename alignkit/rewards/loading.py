@@ -1,0 +1,164 @@
+"""Turn a reward spec string (from the command line or a recipe) into a reward function.
+
+Spec forms, tried in this order:
+
+- a built-in name: `vader`, `length` (needs `target=`) or `length:TARGET`, `json_valid`,
+  `numeric_match`, `regex:PATTERN` (everything after the first colon is the pattern);
+- `path/to/file.py:function` - a Python file loaded by path (ends in `.py` or contains a
+  path separator before the colon);
+- `package.module:function` - imported with importlib.
+
+If the named attribute is a class it is instantiated with `**kwargs` (so
+`"alignkit.rewards:LengthTarget"` with `target=50` works); a plain function is wrapped so
+that it always returns a float32 tensor via `as_reward_tensor`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from alignkit.rewards.base import RewardFunction, _accepted_columns, as_reward_tensor
+from alignkit.rewards.rules import (
+    JsonValid,
+    LengthTarget,
+    NumericAnswerMatch,
+    RegexMatch,
+    VaderSentiment,
+)
+
+BUILTIN_REWARDS: dict[str, Callable[..., RewardFunction]] = {
+    "vader": VaderSentiment,
+    "length": LengthTarget,
+    "json_valid": JsonValid,
+    "numeric_match": NumericAnswerMatch,
+    "regex": RegexMatch,
+}
+
+
+def _builtin(spec: str, kwargs: dict[str, Any]) -> RewardFunction | None:
+    """The built-in reward named by `spec`, or None when `spec` is not a built-in name."""
+    name, sep, argument = spec.partition(":")
+    if name not in BUILTIN_REWARDS or (sep and name not in ("regex", "length")):
+        return None
+    if name == "regex":
+        if not sep or not argument:
+            raise ValueError(
+                f"reward spec {spec!r}: write the pattern after the colon, regex:PATTERN"
+            )
+        return RegexMatch(argument, **kwargs)
+    if name == "length":
+        if sep:
+            try:
+                kwargs = {**kwargs, "target": int(argument)}
+            except ValueError as err:
+                raise ValueError(
+                    f"reward spec {spec!r}: length target must be an integer, e.g. length:50"
+                ) from err
+        if "target" not in kwargs:
+            raise ValueError(f"reward spec {spec!r}: give a target, e.g. 'length:50'")
+    try:
+        return BUILTIN_REWARDS[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"reward spec {spec!r}: bad arguments {kwargs}: {err}") from err
+
+
+def _is_file_spec(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or os.sep in target
+
+
+def _load_file(path_text: str, spec: str) -> Any:
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"reward spec {spec!r}: file {str(path)!r} does not exist")
+    module_name = f"_alignkit_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"reward spec {spec!r}: cannot load {str(path)!r} as a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module  # dataclasses/pickling look the module up by name
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:
+        sys.modules.pop(module_name, None)
+        raise ValueError(
+            f"reward spec {spec!r}: importing {str(path)!r} failed: {type(err).__name__}: {err}"
+        ) from err
+    return module
+
+
+def _load_module(module_name: str, spec: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ValueError(
+            f"reward spec {spec!r}: module {module_name!r} not found ({err}); use "
+            f"'package.module:function' or 'path/to/file.py:function'"
+        ) from err
+    except Exception as err:
+        raise ValueError(
+            f"reward spec {spec!r}: importing {module_name!r} failed: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _tensor_returning(fn: Callable[..., Any]) -> RewardFunction:
+    """Wrap a plain reward function so its output is always a float32 tensor (B,) / (B, K)."""
+
+    @functools.wraps(fn)
+    def reward(prompts: list[str], completions: list[str], **columns: Any) -> Tensor:
+        values = fn(prompts, completions, **_accepted_columns(fn, columns))
+        return as_reward_tensor(values, len(completions))
+
+    return reward
+
+
+def load_reward(spec: str, **kwargs: Any) -> RewardFunction:
+    """Load a reward function from `spec` (see the module docstring for the forms).
+
+    `kwargs` go to a built-in reward's constructor or to a class named by the spec; giving
+    them for a plain function is an error. Raises ValueError naming the spec when the module,
+    file or attribute is missing or not callable.
+
+    >>> load_reward("length:2")(["p"], ["a b c"]).item()
+    -0.5
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("empty reward spec")
+    builtin = _builtin(spec, kwargs)
+    if builtin is not None:
+        return builtin
+    target, sep, attribute = spec.rpartition(":")
+    if not sep or not target or not attribute:
+        raise ValueError(
+            f"unknown reward spec {spec!r}: expected a built-in ({', '.join(BUILTIN_REWARDS)}), "
+            f"'package.module:function' or 'path/to/file.py:function'"
+        )
+    module = _load_file(target, spec) if _is_file_spec(target) else _load_module(target, spec)
+    try:
+        obj = getattr(module, attribute)
+    except AttributeError as err:
+        raise ValueError(
+            f"reward spec {spec!r}: {target!r} has no attribute {attribute!r}"
+        ) from err
+    if isinstance(obj, type):
+        try:
+            obj = obj(**kwargs)
+        except TypeError as err:
+            raise ValueError(f"reward spec {spec!r}: cannot construct {attribute}: {err}") from err
+        kwargs = {}
+    if not callable(obj):
+        raise ValueError(
+            f"reward spec {spec!r}: {attribute!r} is a {type(obj).__name__}, not a callable"
+        )
+    if kwargs:
+        raise ValueError(f"reward spec {spec!r}: arguments {sorted(kwargs)} given to a function")
+    return _tensor_returning(obj)
