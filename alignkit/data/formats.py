@@ -1,0 +1,329 @@
+"""Dataset formats: detect which one a table is in, and check every row against it.
+
+The formats are TRL's (standard text or conversational lists of `{"role", "content"}`):
+
+    prompt     prompt
+    sft        prompt + completion, or messages
+    pairwise   prompt + chosen + rejected, or conversational chosen + rejected (implicit prompt)
+    ranked     prompt + completions + scores
+    unpaired   prompt + completion + label
+    ratings    prompt + completion + one numeric column per attribute
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from alignkit.data.errors import DataError
+from alignkit.data.table import RowTable
+
+KINDS = ("prompt", "sft", "pairwise", "ranked", "unpaired", "ratings")
+
+EXPECTED_COLUMNS = (
+    "prompt-only {prompt}; SFT {prompt, completion} or {messages}; "
+    "pairwise {prompt, chosen, rejected} or conversational {chosen, rejected}; "
+    "ranked {prompt, completions, scores}; unpaired {prompt, completion, label}; "
+    "ratings {prompt, completion, <numeric attribute columns>}"
+)
+
+# Columns with a fixed meaning in some format; never taken for a rating attribute.
+FORMAT_COLUMNS = frozenset(
+    {"prompt", "completion", "messages", "chosen", "rejected", "completions", "scores", "label"}
+)
+# Numeric bookkeeping columns that are not ratings either.
+_ID_COLUMNS = frozenset({"id", "idx", "index", "uid", "row", "row_id", "example_id"})
+
+
+def is_conversational(value: Any) -> bool:
+    """True if `value` is a non-empty list of `{"role", "content"}` dicts (a conversation).
+
+    A whole row also counts: then it is conversational if any format column holds one.
+    """
+    if isinstance(value, Mapping):
+        return any(is_conversational(value.get(key)) for key in FORMAT_COLUMNS)
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value)
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def rating_columns(source: RowTable | Mapping[str, Any]) -> list[str]:
+    """Numeric columns that are rating attributes (not a format column, not an id column)."""
+    rows = source.rows if isinstance(source, RowTable) else [source]
+    columns = source.columns if isinstance(source, RowTable) else list(source)
+    found = []
+    for column in columns:
+        if column in FORMAT_COLUMNS or column in _ID_COLUMNS or column.endswith("_id"):
+            continue
+        values = [row[column] for row in rows if row.get(column) is not None]
+        if values and all(_is_number(v) for v in values):
+            found.append(column)
+    return found
+
+
+def detect_kind(columns: RowTable | Mapping[str, Any] | Iterable[str]) -> str:
+    """The dataset format of a table, a single row, or a collection of column names.
+
+    Also accepts a `datasets.Dataset` (its column names). Returns one of `KINDS`.
+    Telling "ratings" from "sft" needs values, so pass a `RowTable`
+    or a row for that; with bare column names, prompt + completion is always "sft".
+    Raises `DataError(file, None, ...)` listing the expected column sets if nothing matches.
+    """
+    file = columns.source if isinstance(columns, RowTable) else "<data>"
+    if isinstance(columns, RowTable | Mapping):
+        names = set(columns.columns if isinstance(columns, RowTable) else columns)
+        ratings = bool(rating_columns(columns))
+    elif hasattr(columns, "column_names"):  # a datasets.Dataset
+        names, ratings = set(columns.column_names), False
+    else:
+        names, ratings = set(columns), False
+    if {"chosen", "rejected"} <= names:
+        return "pairwise"
+    if {"prompt", "completions", "scores"} <= names:
+        return "ranked"
+    if {"prompt", "completion", "label"} <= names:
+        return "unpaired"
+    if {"prompt", "completion"} <= names:
+        return "ratings" if ratings else "sft"
+    if "messages" in names:
+        return "sft"
+    if "prompt" in names:
+        return "prompt"
+    raise DataError(
+        file,
+        None,
+        f"cannot tell the dataset format from columns "
+        f"{sorted(names)}; expected one of: {EXPECTED_COLUMNS}",
+    )
+
+
+def split_implicit_prompt(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Give a conversational pair without a `prompt` its shared leading messages as prompt.
+
+    `chosen = [u, a1]`, `rejected = [u, a2]` becomes `prompt = [u]`, `chosen = [a1]`,
+    `rejected = [a2]`. Rows that already have a prompt are returned unchanged (as a dict).
+    """
+    row = dict(row)
+    if row.get("prompt") is not None:
+        return row
+    chosen, rejected = row["chosen"], row["rejected"]
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    row.update(
+        prompt=list(chosen[:shared]), chosen=list(chosen[shared:]), rejected=list(rejected[shared:])
+    )
+    return row
+
+
+# --------------------------------------------------------------------------- row checks
+# Each check returns a problem description, or None when the row is fine.
+
+
+def _messages_problem(column: str, value: list[Any]) -> str | None:
+    for k, message in enumerate(value, start=1):
+        if not isinstance(message, Mapping):
+            return f"column '{column}', message {k} is a {type(message).__name__}, not a dict"
+        for key in ("role", "content"):
+            if key not in message:
+                return f"column '{column}', message {k} is missing '{key}'"
+        if not isinstance(message["role"], str):
+            return f"column '{column}', message {k}: 'role' must be a string"
+        if not isinstance(message["content"], str):
+            return f"column '{column}', message {k}: 'content' must be a string"
+    return None
+
+
+def _text_problem(column: str, value: Any, *, allow_empty: bool = False) -> str | None:
+    """`value` must be a string or a list of messages; empty only where allowed."""
+    if value is None:
+        return f"column '{column}' is missing"
+    if isinstance(value, str):
+        if not allow_empty and not value.strip():
+            return f"column '{column}' is empty"
+        return None
+    if isinstance(value, list):
+        problem = _messages_problem(column, value)
+        if problem:
+            return problem
+        if not allow_empty and not any(m["content"].strip() for m in value):
+            return f"column '{column}' is empty" + ("" if value else " (no messages)")
+        return None
+    return (
+        f"column '{column}' must be a string or a list of {{'role', 'content'}} messages, "
+        f"got {type(value).__name__}"
+    )
+
+
+def _number_problem(column: str, value: Any) -> str | None:
+    if value is None:
+        return f"column '{column}' is missing"
+    if not _is_number(value):
+        return f"column '{column}' must be a number, got {type(value).__name__} {value!r}"
+    if math.isnan(value):
+        return f"column '{column}' is NaN"
+    if math.isinf(value):
+        return f"column '{column}' is infinite"
+    return None
+
+
+def _check_prompt(row: Mapping[str, Any], *, allow_empty: bool = True) -> str | None:
+    return _text_problem(
+        "prompt", row.get("prompt"), allow_empty=allow_empty and isinstance(row.get("prompt"), str)
+    )
+
+
+def _check_prompt_only(row: Mapping[str, Any], **_: Any) -> str | None:
+    return _check_prompt(row, allow_empty=False)
+
+
+def _check_sft(row: Mapping[str, Any], **_: Any) -> str | None:
+    if row.get("prompt") is None and row.get("messages") is not None:
+        messages = row["messages"]
+        problem = _text_problem("messages", messages)
+        if problem:
+            return problem
+        if not isinstance(messages, list):
+            return "column 'messages' must be a list of {'role', 'content'} messages"
+        if messages[-1]["role"] != "assistant":
+            return (
+                "the last message in 'messages' must come from the assistant (it is the "
+                f"completion), got role {messages[-1]['role']!r}"
+            )
+        if not messages[-1]["content"].strip():
+            return "column 'messages': the last (assistant) message is empty"
+        return None
+    return _check_prompt(row) or _text_problem("completion", row.get("completion"))
+
+
+def _check_pairwise(row: Mapping[str, Any], *, allow_identical_pairs: bool) -> str | None:
+    for column in ("chosen", "rejected"):
+        if row.get(column) is None:
+            return f"column '{column}' is missing"
+    if row.get("prompt") is None:
+        if not (is_conversational(row["chosen"]) and is_conversational(row["rejected"])):
+            return (
+                "column 'prompt' is missing (without it, 'chosen' and 'rejected' must be "
+                "conversations that share their leading prompt messages)"
+            )
+        problem = _text_problem("chosen", row["chosen"]) or _text_problem(
+            "rejected", row["rejected"]
+        )
+        if problem:
+            return problem
+        if row["chosen"] == row["rejected"]:
+            return None if allow_identical_pairs else _identical_problem()
+        split = split_implicit_prompt(row)
+        if not split["prompt"]:
+            return "'chosen' and 'rejected' share no leading prompt messages"
+        for column in ("chosen", "rejected"):
+            if not split[column]:
+                return f"column '{column}' has no messages after the prompt it shares"
+        row = split
+    problem = (
+        _check_prompt(row)
+        or _text_problem("chosen", row["chosen"])
+        or _text_problem("rejected", row["rejected"])
+    )
+    if problem:
+        return problem
+    if row["chosen"] == row["rejected"] and not allow_identical_pairs:
+        return _identical_problem()
+    return None
+
+
+def _identical_problem() -> str:
+    return (
+        "columns 'chosen' and 'rejected' are identical "
+        "(pass allow_identical_pairs=True to keep such pairs)"
+    )
+
+
+def _check_ranked(row: Mapping[str, Any], **_: Any) -> str | None:
+    problem = _check_prompt(row)
+    if problem:
+        return problem
+    completions, scores = row.get("completions"), row.get("scores")
+    if completions is None:
+        return "column 'completions' is missing"
+    if scores is None:
+        return "column 'scores' is missing"
+    if not isinstance(completions, list) or is_conversational(completions):
+        return "column 'completions' must be a list of responses"
+    if len(completions) < 2:
+        return f"column 'completions' needs at least 2 responses, got {len(completions)}"
+    for k, completion in enumerate(completions):
+        problem = _text_problem(f"completions[{k}]", completion)
+        if problem:
+            return problem
+    if not isinstance(scores, list):
+        return f"column 'scores' must be a list of numbers, got {type(scores).__name__}"
+    if len(scores) != len(completions):
+        return f"column 'scores' has {len(scores)} values but 'completions' has {len(completions)}"
+    for k, score in enumerate(scores):
+        problem = _number_problem(f"scores[{k}]", score)
+        if problem:
+            return problem
+    return None
+
+
+def _check_unpaired(row: Mapping[str, Any], **_: Any) -> str | None:
+    problem = _check_prompt(row) or _text_problem("completion", row.get("completion"))
+    if problem:
+        return problem
+    label = row.get("label")
+    if label is None:
+        return "column 'label' is missing"
+    if isinstance(label, bool) or (isinstance(label, int) and label in (0, 1)):
+        return None
+    return f"column 'label' must be true/false or 0/1, got {label!r}"
+
+
+def _make_ratings_check(columns: list[str]) -> Callable[..., str | None]:
+    def check(row: Mapping[str, Any], **_: Any) -> str | None:
+        problem = _check_prompt(row) or _text_problem("completion", row.get("completion"))
+        for column in columns:
+            problem = problem or _number_problem(column, row.get(column))
+        return problem
+
+    return check
+
+
+def validate_rows(table: RowTable, kind: str, *, allow_identical_pairs: bool = False) -> None:
+    """Check every row of `table` against format `kind`; raise `DataError` at the first bad one.
+
+    The error names the file, the 1-based row and the problem: a missing column, a wrong
+    type, an empty response, identical chosen and rejected (unless `allow_identical_pairs`),
+    a message without role/content, a NaN score or rating.
+    """
+    checks: dict[str, Callable[..., str | None]] = {
+        "prompt": _check_prompt_only,
+        "sft": _check_sft,
+        "pairwise": _check_pairwise,
+        "ranked": _check_ranked,
+        "unpaired": _check_unpaired,
+    }
+    if kind == "ratings":
+        columns = rating_columns(table)
+        if not columns:
+            raise DataError(
+                table.source,
+                None,
+                "ratings data needs at least one numeric "
+                "attribute column besides prompt and completion",
+            )
+        checks["ratings"] = _make_ratings_check(columns)
+    if kind not in checks:
+        raise ValueError(f"unknown dataset kind {kind!r}; expected one of {KINDS}")
+    check = checks[kind]
+    for i, row in enumerate(table.rows):
+        problem = check(row, allow_identical_pairs=allow_identical_pairs)
+        if problem:
+            raise table.error(i, problem)
