@@ -53,3 +53,21 @@ def algorithms_table(markdown: bool = False) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(fmt.format(*r).rstrip() for r in [header, *rows])
+
+
+README_START, README_END = "<!-- algorithms:start -->", "<!-- algorithms:end -->"
+
+
+def readme_with_table(readme: str) -> str:
+    """README text with the generated algorithms table placed between the markers."""
+    head, _, rest = readme.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    return f"{head}{README_START}\n{algorithms_table(markdown=True)}\n{README_END}{tail}"
+
+
+if __name__ == "__main__":  # python -m alignkit.algorithms README.md  (regenerates the table)
+    import sys
+    from pathlib import Path
+
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    target.write_text(readme_with_table(target.read_text()))

@@ -1,0 +1,231 @@
+"""Per-token log-probabilities from hidden states, without a (B, T, V) float32 logits tensor.
+
+For a causal LM with decoder f and output embedding W (V x H), the log-probability of token
+x_t given its prefix is
+
+    log p(x_t | x_<t) = z_{t-1}[x_t] - logsumexp_v z_{t-1}[v],   z_{t-1} = W h_{t-1} / tau
+
+where h_{t-1} = f(x)_{t-1} is the final hidden state at the previous position and tau the
+sampling temperature. Only response positions need it, so we
+
+1. run the decoder once: h (B, T, H);
+2. gather the N predictor rows h_{t-1} for which `response_mask[b, t]` is True: (N, H) --
+   prompt and padding positions cost nothing past the decoder;
+3. project `chunk_size` rows at a time: (chunk, V) logits live for one chunk only, and with
+   gradients enabled each chunk runs under `torch.utils.checkpoint`, so backward recomputes
+   the chunk's logits instead of keeping N x V floats alive;
+4. scatter the N values back into a (B, T) tensor that is 0 off the response.
+
+Models whose logits are not `W h` (soft-capping as in Gemma 2, logit scaling as in Cohere or
+Granite, prompt-learning adapters) fall back to the full forward, same outputs, more memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+# Config attributes that mean "logits are not just lm_head(hidden)"; a value other than the
+# neutral one (None, or 1.0 for scales) sends us to the full-logits fallback.
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,
+    "logit_scale": 1.0,
+    "logits_scaling": 1.0,
+    "output_logits_scale": 1.0,
+}
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only: (B, T) -> (B, T), `cumsum(mask) - 1`, >= 0.
+
+    Equal to `arange(T)` on right-padded rows; on left-padded rows the first real token gets
+    position 0, which is what `generate` uses, so log-probs of rollouts agree with sampling.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a `PeftModel` (LoRA layers stay injected and active)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if get_base_model is not None and hasattr(model, "peft_config"):
+        return get_base_model()
+    return model
+
+
+def _is_prompt_learning(model: nn.Module) -> bool:
+    """Prefix/prompt tuning adds virtual tokens the bare decoder would not see."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder returning final hidden states, output embedding) or None to use full logits."""
+    if _is_prompt_learning(model):
+        return None
+    inner = _unwrap_peft(model)
+    config = getattr(inner, "config", None)
+    for attribute, neutral in _LOGIT_TRANSFORMS.items():
+        value = getattr(config, attribute, neutral)
+        if value is not None and value != neutral:
+            return None
+    get_decoder = getattr(inner, "get_decoder", None)
+    get_head = getattr(inner, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    decoder, head = get_decoder(), get_head()
+    if decoder is None or decoder is inner or head is None:
+        return None
+    return decoder, head
+
+
+def _chunk_logps(
+    head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, with_entropy: bool
+) -> tuple[Tensor, Tensor]:
+    """hidden (n, H), targets (n,) -> log p(target) (n,), entropy (n,) (zeros if not asked).
+
+    H(p) = logsumexp(z) - sum_v p_v z_v, computed from the same (n, V) logits.
+    """
+    logits = head(hidden).float()  # (n, V), only this chunk
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_normalizer = logits.logsumexp(-1)  # (n,)
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normalizer
+    if not with_entropy:
+        return logps, torch.zeros_like(logps)
+    entropy = log_normalizer - (torch.softmax(logits, -1) * logits).sum(-1)
+    return logps, entropy
+
+
+def _chunked(
+    head: nn.Module,
+    hidden: Tensor,
+    targets: Tensor,
+    chunk_size: int,
+    temperature: float,
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor]:
+    """Run `_chunk_logps` over `chunk_size` rows at a time; (N, H), (N,) -> (N,), (N,)."""
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head.parameters())
+    )
+    logps, entropies = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        if needs_grad:  # recompute the chunk's logits in backward instead of storing them
+            chunk = checkpoint(
+                _chunk_logps,
+                head,
+                hidden[rows],
+                targets[rows],
+                temperature,
+                with_entropy,
+                use_reentrant=False,
+                preserve_rng_state=False,  # the head draws no random numbers
+            )
+        else:
+            chunk = _chunk_logps(head, hidden[rows], targets[rows], temperature, with_entropy)
+        logps.append(chunk[0])
+        entropies.append(chunk[1])
+    if not logps:  # no response token in the whole batch
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(logps), torch.cat(entropies)
+
+
+def _scatter(values: Tensor, predict_mask: Tensor) -> Tensor:
+    """(N,) values at the True entries of `predict_mask` (B, T-1) -> (B, T), position 0 zero."""
+    batch, length = predict_mask.shape
+    flat_index = predict_mask.reshape(-1).nonzero().squeeze(-1)
+    flat = values.new_zeros(batch * length).index_put((flat_index,), values)
+    return torch.cat([values.new_zeros(batch, 1), flat.view(batch, length)], dim=1)
+
+
+def token_logps_and_entropy(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    position_ids: Tensor | None = None,
+    with_entropy: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs and entropies of the response tokens.
+
+    Shapes: input_ids, attention_mask, response_mask (B, T) -> logps (B, T), entropy (B, T),
+    both float32 and 0 wherever `response_mask & attention_mask` is False (and at t = 0).
+    logps[b, t] = log_softmax(z_{t-1} / tau)[x_t] and entropy[b, t] = H(softmax(z_{t-1} / tau)),
+    the entropy of the (tempered) distribution that produced x_t. `position_ids` default:
+    `position_ids_from_mask(attention_mask)` (pass your own for packed sequences).
+    """
+    if input_ids.dim() != 2 or not (input_ids.shape == attention_mask.shape == response_mask.shape):
+        raise ValueError(
+            f"input_ids, attention_mask, response_mask must all be (B, T); got "
+            f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(response_mask.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    # Logits at t-1 predict token t: predictor rows are [:, :-1], targets [:, 1:].
+    predict_mask = (response_mask.bool() & attention_mask.bool())[:, 1:]  # (B, T-1)
+    targets = input_ids[:, 1:][predict_mask]  # (N,)
+
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    parts = decoder_and_head(model)
+    if parts is None:  # full (B, T, V) logits; the head is then the identity
+        hidden, head = model(**inputs, use_cache=False).logits, nn.Identity()
+    else:
+        decoder, head = parts
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    predictors = hidden[:, :-1][predict_mask]  # (N, H)
+    del hidden
+    logps, entropy = _chunked(head, predictors, targets, chunk_size, temperature, with_entropy)
+    return _scatter(logps, predict_mask), _scatter(entropy, predict_mask)
+
+
+def token_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    position_ids: Tensor | None = None,
+) -> Tensor:
+    """log p(x_t | x_<t) at response positions, 0 elsewhere: (B, T) ids and masks -> (B, T).
+
+    Same values as `log_softmax(model(input_ids).logits / tau)[:, :-1].gather(x[:, 1:])`
+    shifted right by one, but computed from hidden states in chunks (see module docstring).
+    """
+    logps, _ = token_logps_and_entropy(
+        model,
+        input_ids,
+        attention_mask,
+        response_mask,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        position_ids=position_ids,
+        with_entropy=False,
+    )
+    return logps
+
+
+def sequence_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    **kwargs,
+) -> tuple[Tensor, Tensor]:
+    """Summed response log-probs and response lengths: (B, T) -> ((B,), (B,) float32).
+
+    log pi(y | x) = sum_t m_t log p(x_t | x_<t); lengths |y| = sum_t m_t over the positions
+    that were scored (response & attention, t >= 1). Keyword arguments go to `token_logps`.
+    """
+    per_token = token_logps(model, input_ids, attention_mask, response_mask, **kwargs)
+    scored = (response_mask.bool() & attention_mask.bool())[:, 1:]
+    return per_token.sum(-1), scored.sum(-1).float()

@@ -1,0 +1,142 @@
+"""Writing checkpoints that plain `transformers` loads, and counting parameters.
+
+LoRA weights are merged into a copy: W_merged = W + (alpha / r) B A for each adapted layer,
+computed per layer with peft's own `get_delta_weight`, so the live model is never touched
+(training may continue) and no second copy of the whole model is made, only of the state dict.
+Directories are written next to the target and moved into place, so a crash never leaves a
+half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from alignkit.models.adapters import is_peft
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights count once."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    return trainable, total
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Plain-transformers state dict of a peft LoRA model with the adapters folded in.
+
+    Keys are those of the unwrapped model (`model.layers.0.self_attn.q_proj.weight`, ...);
+    `modules_to_save` copies (e.g. a reward head) replace the originals. Tensors are new
+    (detached) where merged and the live ones elsewhere: callers must not modify them.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    inner = model.get_base_model()
+    if any(getattr(m, "merged", False) for m in inner.modules() if isinstance(m, LoraLayer)):
+        raise ValueError("adapters are already merged into the live weights; unmerge first")
+    replacements: dict[str, Tensor] = {}
+    skipped_prefixes: list[str] = []
+    for name, module in inner.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            weight = base.weight.detach()
+            with torch.no_grad():
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            replacements[f"{prefix}weight"] = weight
+            if getattr(base, "bias", None) is not None:
+                replacements[f"{prefix}bias"] = base.bias.detach()
+            skipped_prefixes.append(prefix)
+        elif isinstance(module, ModulesToSaveWrapper):
+            active = module.modules_to_save[module.active_adapter]
+            for key, tensor in active.state_dict().items():
+                replacements[f"{prefix}{key}"] = tensor.detach()
+            skipped_prefixes.append(prefix)
+
+    merged: dict[str, Tensor] = {}
+    for key, tensor in inner.state_dict().items():
+        if not any(key.startswith(prefix) for prefix in skipped_prefixes):
+            merged[key] = tensor.detach()
+    merged.update(replacements)
+    return merged
+
+
+def _fresh_copy(inner: PreTrainedModel, state_dict: dict[str, Tensor]) -> PreTrainedModel:
+    """A new model of `inner`'s class and config holding `state_dict` (no random init)."""
+    with torch.device("meta"):
+        fresh = type(inner)(inner.config)
+    unexpected = fresh.load_state_dict(state_dict, strict=False, assign=True).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"merged state dict has unexpected keys {unexpected[:5]} ...")
+    missing = [k for k, v in fresh.state_dict().items() if v.is_meta]
+    if inner.config.get_text_config().tie_word_embeddings:
+        fresh.tie_weights()
+        missing = [k for k, v in fresh.state_dict().items() if v.is_meta]
+    if missing:
+        raise RuntimeError(f"merged state dict misses {missing[:5]} ...")
+    if getattr(inner, "generation_config", None) is not None:
+        fresh.generation_config = inner.generation_config
+    return fresh
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp_dir)` then move `tmp_dir` to `path`, replacing what was there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a model directory is world-readable
+        if path.exists():  # os.replace cannot overwrite a non-empty directory: swap in two steps
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "previous")
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def save_pretrained_merged(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    path: str | os.PathLike,
+    *,
+    merge_lora: bool = True,
+) -> Path:
+    """Save `model` (+ tokenizer) to `path` as safetensors; returns the path.
+
+    A plain model is saved as is. A LoRA model with `merge_lora=True` is saved with the
+    adapters merged into a copy of the weights, so `AutoModelForCausalLM.from_pretrained(path)`
+    (or `...ForSequenceClassification` for reward models) loads it without peft; with
+    `merge_lora=False` only the adapter is written (peft format, loads with `PeftModel`).
+    The live model is never modified; an existing `path` is replaced atomically.
+    """
+    peft_model = is_peft(model)
+    if peft_model and merge_lora:
+        inner = model.get_base_model()
+        to_save: nn.Module = _fresh_copy(inner, merged_state_dict(model))
+    else:
+        to_save = model
+
+    def write(directory: Path) -> None:
+        to_save.save_pretrained(directory, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+
+    return _write_atomically(Path(path), write)

@@ -1,0 +1,64 @@
+"""The command line: verbs, flags, --set, recipes and the README's generated table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from alignkit.algorithms import ALGORITHMS, readme_with_table
+from alignkit.cli import main
+from alignkit.testing import synthetic_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_algorithm_table_is_generated_from_the_registry():
+    readme = (ROOT / "README.md").read_text()
+    assert readme == readme_with_table(readme), "run: python -m alignkit.algorithms README.md"
+    for name in ALGORITHMS:
+        assert f"| `{name}` |" in readme
+
+
+def test_algorithms_verb_lists_every_algorithm(capsys):
+    assert main(["algorithms"]) == 0
+    out = capsys.readouterr().out
+    for name in ("sft", "rm", "dpo"):
+        assert name in out
+
+
+def test_train_verb_writes_metrics_config_and_final(tiny_model_dir, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(8)))
+    out = tmp_path / "run"
+    code = main(["train", "dpo", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
+                 "--max-steps", "2", "--batch-size", "4", "--set", "beta=0.25", "--no-progress"])
+    assert code == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["hparams"] == {"beta": 0.25} and config["max_steps"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all("loss" in r for r in rows)
+    assert (out / "final" / "model.safetensors").exists()
+
+
+def test_recipe_with_set_override(tiny_model_dir, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(8)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "algorithm": "dpo", "model": str(tiny_model_dir), "data": str(data), "output": str(tmp_path / "r"),
+        "max_steps": 1, "batch_size": 4, "progress": False, "hparams": {"beta": 0.1},
+    }))
+    assert main(["train", "--config", str(recipe), "--set", "beta=0.3", "--set", "lr=0.001"]) == 0
+    config = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert config["hparams"]["beta"] == 0.3 and config["lr"] == 0.001
+
+
+def test_console_script_help_runs():
+    result = subprocess.run([sys.executable, "-m", "alignkit.cli", "train", "dpo", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "--batch-size" in result.stdout and "--lora-r" in result.stdout
