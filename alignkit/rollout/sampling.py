@@ -1,0 +1,97 @@
+"""Pure sampling maths: counter-based noise and filtered inverse-CDF sampling.
+
+Noise is a function of (seed, sample index, step) only, computed with a small integer hash
+on the device, so a sample's draws do not depend on which other samples share its batch
+(finished rows dropped, chunking by `max_batch_size`) nor on any global RNG state. Each
+step needs one uniform per sample: the token is drawn by inverting the cumulative
+distribution of the filtered probabilities (exact for any distribution; a Gumbel-max
+draw would need V uniforms per sample and step).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from alignkit.rollout.types import SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, constant: int) -> Tensor:
+    """(x * constant) mod 2**32 for int64 x in [0, 2**32), without int64 overflow."""
+    low = (x & 0xFFFF) * constant  # < 2**48
+    high = (((x >> 16) * constant) & 0xFFFF) << 16  # only the part that survives mod 2**32
+    return (low + high) & _MASK32
+
+
+def mix32(x: Tensor) -> Tensor:
+    """The `lowbias32` integer hash (C. Wellons) on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seed: int, sample_ids: Tensor, step: int) -> Tensor:
+    """Uniform [0, 1) float64 noise, one value per sample, a pure function of its arguments.
+
+    Shapes: `sample_ids` (A,) int64; returns (A,) float64 with 53 random bits.
+    """
+    seed_low = torch.full_like(sample_ids, seed & _MASK32)
+    seed_high = torch.full_like(sample_ids, (seed >> 32) & _MASK32)
+    key = mix32(seed_low ^ mix32(seed_high))
+    key = mix32(key ^ (sample_ids & _MASK32))
+    key = mix32(key ^ (step & _MASK32))
+    high = mix32(key ^ 0x68E31DA4)
+    low = mix32(key ^ 0x1B56C4E9)
+    bits53 = (high << 21) | (low >> 11)
+    return bits53.double() / float(2**53)
+
+
+def _filter_and_draw(logprobs: Tensor, sampling: SamplingParams, uniforms: Tensor) -> Tensor:
+    """Apply top-k, top-p, min-p to `logprobs` (A, V) and draw one token per row by inverse CDF."""
+    vocab = logprobs.shape[-1]
+    index: Tensor | None = None  # maps filtered column -> token id when columns are reordered
+    values = logprobs
+    if 0 < sampling.top_k < vocab:
+        values, index = logprobs.topk(sampling.top_k, dim=-1)  # sorted, descending
+    elif sampling.top_p < 1.0:
+        values, index = logprobs.sort(dim=-1, descending=True, stable=True)
+    probs = values.double().exp()  # (A, V') unnormalised after top-k; normalised below
+    if sampling.top_p < 1.0:
+        normalised = probs / probs.sum(-1, keepdim=True)
+        mass_before = normalised.cumsum(-1) - normalised
+        # Keep the smallest prefix whose mass reaches top_p; the top token is always kept.
+        probs = probs * (mass_before < sampling.top_p)
+    if sampling.min_p > 0.0:
+        top = probs.amax(-1, keepdim=True)
+        probs = probs * (probs >= sampling.min_p * top)
+    cdf = probs.cumsum(-1)  # (A, V') float64
+    target = (uniforms * cdf[:, -1]).unsqueeze(-1)  # strictly below the total mass
+    position = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
+    if index is None:
+        return position.squeeze(-1)
+    return index.gather(-1, position).squeeze(-1)
+
+
+def sample_next_tokens(
+    logits: Tensor, sampling: SamplingParams, uniforms: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Choose one token per row from next-token `logits` and score it.
+
+    Shapes: `logits` (A, V) any float dtype, `uniforms` (A,) float64 in [0, 1) (unused when
+    greedy); returns `(tokens (A,) int64, logprobs (A,) float32)`, where
+    logprobs = log softmax(logits / temperature)[token] of the unfiltered distribution
+    (temperature 1 when temperature is 0).
+    """
+    temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # (A, V)
+    if sampling.is_greedy:
+        tokens = logits.argmax(-1)
+    else:
+        if uniforms is None:
+            raise ValueError("sampling needs uniforms unless greedy")
+        tokens = _filter_and_draw(logprobs, sampling, uniforms)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
