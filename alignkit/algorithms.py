@@ -6,40 +6,10 @@ neither can drift from the code.
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
+import alignkit.training  # noqa: F401  (registers every algorithm)
+from alignkit.training.registry import ALGORITHMS, AlgorithmSpec
 
-from alignkit.objectives import PAIRWISE
-from alignkit.objectives.registry import REFERENCE_FREE
-
-
-@dataclass(frozen=True)
-class AlgorithmSpec:
-    name: str
-    kind: str
-    data: str
-    models: str
-    paper: str
-
-
-def _first_docstring_line(fn) -> str:
-    doc = inspect.getdoc(fn) or ""
-    return doc.splitlines()[0].split(":")[0].strip() if doc else ""
-
-
-def _registry() -> dict[str, AlgorithmSpec]:
-    specs = [
-        AlgorithmSpec("sft", "sft", "prompt+completion | messages", "policy", "Supervised fine-tuning (Ouyang et al. 2022)"),
-        AlgorithmSpec("rm", "reward", "prompt+chosen+rejected [+margin]", "reward model", "Bradley-Terry reward model (Ouyang et al. 2022)"),
-    ]
-    for name, fn in PAIRWISE.items():
-        models = "policy" if name in REFERENCE_FREE else "policy (+ reference log-probs cached once)"
-        specs.append(AlgorithmSpec(name, "pairwise", "prompt+chosen+rejected", models, _first_docstring_line(fn)))
-    return {spec.name: spec for spec in specs}
-
-
-# Built at import: `alignkit.objectives` has registered every loss by then.
-ALGORITHMS: dict[str, AlgorithmSpec] = _registry()
+__all__ = ["ALGORITHMS", "AlgorithmSpec", "algorithms_table", "readme_with_table"]
 
 
 def algorithms_table(markdown: bool = False) -> str:

@@ -228,14 +228,30 @@ class PairwiseTask(PairData):
 
 def make_task(config: TrainConfig):
     """The task behind an algorithm name."""
-    name = config.algorithm
-    if name == "sft":
-        return SFTTask(config)
-    if name == "rm":
-        return RewardModelTask(config)
-    if name in PAIRWISE:
-        return PairwiseTask(config, loss_name=name)
-    from alignkit.algorithms import ALGORITHMS
+    from alignkit.training.registry import ALGORITHMS
 
-    known = ", ".join(sorted(ALGORITHMS))
-    raise ValueError(f"unknown algorithm {name!r}; known: {known}")
+    if config.algorithm not in ALGORITHMS:
+        known = ", ".join(sorted(ALGORITHMS))
+        raise ValueError(f"unknown algorithm {config.algorithm!r}; known: {known}")
+    return ALGORITHMS[config.algorithm].make_task(config)
+
+
+def _register_offline_family() -> None:
+    from functools import partial
+
+    from alignkit.training.registry import AlgorithmSpec, first_docstring_line, register_algorithm
+
+    register_algorithm(AlgorithmSpec(
+        "sft", "sft", "prompt+completion | messages", "policy",
+        "Supervised fine-tuning (Ouyang et al. 2022)", SFTTask))
+    register_algorithm(AlgorithmSpec(
+        "rm", "reward", "prompt+chosen+rejected [+margin]", "reward model",
+        "Bradley-Terry reward model (Ouyang et al. 2022)", RewardModelTask))
+    for name, fn in PAIRWISE.items():
+        models = "policy" if name in REFERENCE_FREE else "policy (+ reference log-probs cached once)"
+        register_algorithm(AlgorithmSpec(
+            name, "pairwise", "prompt+chosen+rejected", models, first_docstring_line(fn),
+            partial(PairwiseTask, loss_name=name)))
+
+
+_register_offline_family()
