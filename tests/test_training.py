@@ -149,3 +149,14 @@ def test_wrong_data_kind_and_unknown_hparam_are_errors(tiny_model_dir, tmp_path)
     with pytest.raises(ValueError, match="unknown hyper-parameter"):
         alignkit.train("dpo", model=str(tiny_model_dir), data=synthetic_pairs(4), output_dir=tmp_path / "b",
                        progress=False, betta=0.1)
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_gradient_checkpointing_changes_memory_not_maths(tiny_model_dir, tmp_path, lora_r):
+    common = dict(model=str(tiny_model_dir), data=synthetic_pairs(8), batch_size=4, max_steps=2, lr=1e-2,
+                  lora_r=lora_r, progress=False)
+    alignkit.train("dpo", output_dir=tmp_path / "plain", **common)
+    alignkit.train("dpo", output_dir=tmp_path / "gc", gradient_checkpointing=True, **common)
+    for a, b in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "gc"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)

@@ -60,7 +60,7 @@ def load_table(source: Any, task, config: TrainConfig, role: str) -> RowTable:
     table = load_rows(source)
     if len(table) == 0:
         raise DataError(str(source), None, f"the {role} data has no rows")
-    kind = detect_kind(table.columns)
+    kind = detect_kind(table)
     if kind not in task.data_kinds:
         raise DataError(
             table.origin(0)[0],
@@ -171,6 +171,10 @@ def run_offline(
             target_modules=targets if targets == "all-linear" else targets.split(","),
             task=task.model_kind,
         )
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.lora_r > 0:
+            model.enable_input_require_grads()  # frozen embeddings: let gradients reach the adapters
     model.train()
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s", f"{trainable:,}", f"{total:,}")
