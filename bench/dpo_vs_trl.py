@@ -44,7 +44,8 @@ from _common import (  # noqa: E402
     run_worker,
 )
 
-FRAMEWORKS = ("alignkit", "trl", "trl-pre")
+FRAMEWORKS = ("alignkit", "alignkit-gc", "trl", "trl-pre")
+# alignkit-gc: with gradient checkpointing, the memory-saving setting TRL uses by default.
 WORKER_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -160,7 +161,7 @@ def loop_stats(stamps: list[float], losses: list[float], spec: dict) -> dict:
     }
 
 
-def worker_alignkit(spec: dict) -> dict:
+def worker_alignkit(spec: dict, gradient_checkpointing: bool = False) -> dict:
     started = time.perf_counter()
     import alignkit
     import alignkit.training.offline  # noqa: F401  (alignkit imports lazily)
@@ -180,7 +181,7 @@ def worker_alignkit(spec: dict) -> dict:
         batch_size=spec["batch_size"], max_steps=spec["steps"], lr=spec["lr"], beta=spec["beta"],
         max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"],
         warmup_ratio=0.0, scheduler="linear", lora_r=spec["lora_r"], seed=spec["seed"],
-        dtype="float32", device="cpu", progress=False,
+        dtype="float32", device="cpu", progress=False, gradient_checkpointing=gradient_checkpointing,
     )
     end_to_end = time.perf_counter() - begin
     return {"import_s": import_s, "end_to_end_s": end_to_end, **loop_stats(stamps, losses, spec),
@@ -245,8 +246,8 @@ def run_as_worker(args: argparse.Namespace) -> None:
     if spec["threads"] > 0:
         torch.set_num_threads(spec["threads"])
     rss_base = current_rss_mib()
-    if args.worker == "alignkit":
-        result = worker_alignkit(spec)
+    if args.worker.startswith("alignkit"):
+        result = worker_alignkit(spec, gradient_checkpointing=args.worker == "alignkit-gc")
     else:
         result = worker_trl(spec, precompute=args.worker == "trl-pre")
     result["peak_rss_mib"] = peak_rss_mib()
@@ -296,13 +297,11 @@ def report(spec: dict, results: dict[str, list[dict]], names: list[str]) -> dict
         title=f"medians over {len(next(iter(results.values())))} round(s)",
     )
     ratios = {}
-    if "alignkit" in medians:
-        ours = medians["alignkit"]
-        for name in names:
-            if name == "alignkit":
-                continue
+    for ours_name in [n for n in names if n.startswith("alignkit")]:
+        ours = medians[ours_name]
+        for name in [n for n in names if n.startswith("trl")]:
             theirs = medians[name]
-            ratios[name] = {
+            ratios[f"{ours_name} vs {name}"] = {
                 "steps_per_s": ratio(ours["steps_per_s"], theirs["steps_per_s"]),
                 "tokens_per_s": ratio(ours["tokens_per_s"], theirs["tokens_per_s"]),
                 "end_to_end_speedup": ratio(theirs["end_to_end_s"], ours["end_to_end_s"]),
@@ -312,13 +311,13 @@ def report(spec: dict, results: dict[str, list[dict]], names: list[str]) -> dict
                     theirs["peak_rss_mib"] - theirs["rss_base_mib"],
                 ),
             }
-        if ratios:
-            print_table(
-                ["alignkit / X", "steps/s", "tokens/s", "e2e speed-up", "peak RSS", "RSS above base"],
-                [[f"vs {n}", r["steps_per_s"], r["tokens_per_s"], r["end_to_end_speedup"], r["peak_rss"],
-                  r["peak_rss_above_base"]] for n, r in ratios.items()],
-                title="ratios (speed: >1 = alignkit faster; memory: <1 = alignkit smaller)",
-            )
+    if ratios:
+        print_table(
+            ["pair", "steps/s", "tokens/s", "e2e speed-up", "peak RSS", "RSS above base"],
+            [[n, r["steps_per_s"], r["tokens_per_s"], r["end_to_end_speedup"], r["peak_rss"],
+              r["peak_rss_above_base"]] for n, r in ratios.items()],
+            title="ratios alignkit / TRL (speed: >1 = alignkit faster; memory: <1 = alignkit smaller)",
+        )
     return {"medians": medians, "ratios": ratios}
 
 

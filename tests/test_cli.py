@@ -62,3 +62,13 @@ def test_console_script_help_runs():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "--batch-size" in result.stdout and "--lora-r" in result.stdout
+
+
+def test_shipped_recipes_parse_and_name_registered_algorithms():
+    from alignkit.training.config import TrainConfig
+
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        config = TrainConfig.from_yaml(path)
+        assert config.algorithm in ALGORITHMS, path
