@@ -2,7 +2,8 @@
 
 1. load the embedded model and the built-in movie-review prompts (train / held-out split)
 2. score the base model on held-out prompts with the gold reward (VADER compound sentiment)
-3. sample two reviews per training prompt, label each pair with VADER (more positive = chosen)
+3. sample reviews for each training prompt; the most positive (VADER) is chosen, the least
+   positive rejected
 4. train DPO with LoRA on those self-generated pairs
 5. score the aligned model on the same held-out prompts; print and save the comparison
 """
@@ -31,14 +32,18 @@ class DemoOptions:
     """Policy to align: the embedded default, a local directory or a hub id."""
     train_prompts: int = 100
     """Training prompts (each gives one self-generated pair)."""
+    samples_per_prompt: int = 4
+    """Reviews sampled per training prompt; the best and the worst by VADER form its pair."""
     eval_prompts: int = 25
     """Held-out prompts used to score the model before and after."""
-    eval_samples: int = 4
+    eval_samples: int = 8
     """Samples per held-out prompt."""
     max_new_tokens: int = 40
     """Length limit of every generated review."""
     temperature: float = 1.0
-    """Sampling temperature for pairs and for evaluation."""
+    """Sampling temperature for the training pairs."""
+    eval_temperature: float = 0.7
+    """Sampling temperature when scoring a model (the same before and after)."""
     epochs: float = 2.0
     """DPO passes over the pairs."""
     batch_size: int = 8
@@ -68,7 +73,9 @@ def render_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def sample_completions(model, tokenizer, prompts: list[str], n: int, options: DemoOptions, seed: int):
+def sample_completions(
+    model, tokenizer, prompts: list[str], n: int, options: DemoOptions, seed: int, temperature: float
+):
     """n sampled completions per prompt, as text, grouped prompt by prompt."""
     from alignkit.rollout import HFEngine, SamplingParams
 
@@ -76,7 +83,7 @@ def sample_completions(model, tokenizer, prompts: list[str], n: int, options: De
     engine = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_ids=eos_ids, max_batch_size=64)
     sampling = SamplingParams(
         max_new_tokens=options.max_new_tokens,
-        temperature=options.temperature,
+        temperature=temperature,
         stop_token_ids=eos_ids,
         seed=seed,
     )
@@ -91,7 +98,9 @@ def score_model(model, tokenizer, prompts: list[str], options: DemoOptions, rewa
     """Gold reward with a 95% bootstrap interval, mean length and two samples."""
     from alignkit.eval import bootstrap_ci
 
-    groups = sample_completions(model, tokenizer, prompts, options.eval_samples, options, seed=options.seed + 1)
+    groups = sample_completions(
+        model, tokenizer, prompts, options.eval_samples, options, options.seed + 1, options.eval_temperature
+    )
     flat_prompts = [p for p, group in zip(prompts, groups, strict=True) for _ in group]
     flat = [c for group in groups for c in group]
     scores = reward(flat_prompts, flat).tolist()
@@ -107,22 +116,48 @@ def score_model(model, tokenizer, prompts: list[str], options: DemoOptions, rewa
 
 
 def build_pairs(prompts: list[str], groups: list[list[str]], reward) -> tuple[list[dict], int]:
-    """Label each prompt's two samples with the gold reward; ties are counted and left out."""
+    """Best-versus-worst pair per prompt under the gold reward ("max_min", Dong et al. 2024).
+
+    Prompts whose samples all score the same give no preference: they are counted and left out.
+    """
     pairs, ties = [], 0
-    flat_prompts = [p for p in prompts for _ in range(2)]
+    flat_prompts = [p for p, group in zip(prompts, groups, strict=True) for _ in group]
     scores = reward(flat_prompts, [c for group in groups for c in group]).tolist()
-    for i, (prompt, (first, second)) in enumerate(zip(prompts, groups, strict=True)):
-        a, b = scores[2 * i], scores[2 * i + 1]
-        if a == b or first == second:
+    start = 0
+    for prompt, group in zip(prompts, groups, strict=True):
+        group_scores = scores[start : start + len(group)]
+        start += len(group)
+        best = max(range(len(group)), key=group_scores.__getitem__)
+        worst = min(range(len(group)), key=group_scores.__getitem__)
+        if group_scores[best] == group_scores[worst] or group[best] == group[worst]:
             ties += 1
             continue
-        chosen, rejected = (first, second) if a > b else (second, first)
         pairs.append(
             {"prompt": [{"role": "user", "content": prompt}],
-             "chosen": [{"role": "assistant", "content": chosen}],
-             "rejected": [{"role": "assistant", "content": rejected}]}
+             "chosen": [{"role": "assistant", "content": group[best]}],
+             "rejected": [{"role": "assistant", "content": group[worst]}]}
         )
     return pairs, ties
+
+
+class StageClock:
+    """Seconds spent in each numbered step, logged as each one ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.current: tuple[str, float] | None = None
+
+    def start(self, name: str, message: str, *args) -> None:
+        self.stop()
+        log.info(message, *args)
+        self.current = (name, time.perf_counter())
+
+    def stop(self) -> None:
+        if self.current is not None:
+            name, began = self.current
+            self.seconds[name] = time.perf_counter() - began
+            log.info("      done in %.0f s", self.seconds[name])
+            self.current = None
 
 
 def run_demo(options: DemoOptions) -> dict:
@@ -137,26 +172,28 @@ def run_demo(options: DemoOptions) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)
     reward = VaderSentiment()
+    clock = StageClock()
 
     # 1. model and prompts
-    log.info("[1/5] loading %s", options.model)
+    clock.start("load", "[1/5] loading %s", options.model)
     model, tokenizer = load_model(options.model)
     prompts = load_prompts()
     train_prompts = prompts["train"][: options.train_prompts]
     eval_prompts = prompts["heldout"][: options.eval_prompts]
 
     # 2. the base model on held-out prompts
-    log.info("[2/5] scoring the base model on %d held-out prompts", len(eval_prompts))
+    clock.start("score_base", "[2/5] scoring the base model on %d held-out prompts", len(eval_prompts))
     before = score_model(model, tokenizer, eval_prompts, options, reward)
 
     # 3. self-generated pairs labelled by the gold reward
-    log.info("[3/5] sampling 2 reviews for each of %d training prompts", len(train_prompts))
-    groups = sample_completions(model, tokenizer, train_prompts, 2, options, seed=options.seed + 2)
+    n = options.samples_per_prompt
+    clock.start("sample_pairs", "[3/5] sampling %d reviews for each of %d training prompts", n, len(train_prompts))
+    groups = sample_completions(model, tokenizer, train_prompts, n, options, options.seed + 2, options.temperature)
     pairs, ties = build_pairs(train_prompts, groups, reward)
-    log.info("      %d pairs (%d prompts left out: both samples scored the same)", len(pairs), ties)
+    log.info("      %d pairs (%d prompts left out: all their samples scored the same)", len(pairs), ties)
 
     # 4. DPO with LoRA
-    log.info("[4/5] training DPO with LoRA (r=%d) on %d pairs", options.lora_r, len(pairs))
+    clock.start("train_dpo", "[4/5] training DPO with LoRA (r=%d) on %d pairs", options.lora_r, len(pairs))
     result = train(
         "dpo",
         model=model,
@@ -175,8 +212,9 @@ def run_demo(options: DemoOptions) -> dict:
     )
 
     # 5. the aligned model on the same held-out prompts
-    log.info("[5/5] scoring the DPO model")
+    clock.start("score_dpo", "[5/5] scoring the DPO model")
     after = score_model(result.model, tokenizer, eval_prompts, options, reward)
+    clock.stop()
     separated = not intervals_overlap((before["ci_low"], before["ci_high"]), (after["ci_low"], after["ci_high"]))
     results = {
         "task": "movie reviews, gold reward = VADER compound sentiment",
@@ -188,6 +226,7 @@ def run_demo(options: DemoOptions) -> dict:
         "train_metrics": result.metrics,
         "improved_with_separated_intervals": bool(after["gold_reward"] > before["gold_reward"] and separated),
         "seconds": time.perf_counter() - started,
+        "stage_seconds": clock.seconds,
         "options": asdict(options),
     }
     (output / "results.json").write_text(json.dumps(results, indent=2))
