@@ -5,6 +5,7 @@ Layout of `DIR/checkpoints/step-000012/`:
   optimizer.safetensors  optimizer state tensors, keyed `state.<param index>.<name>`
   state.json             step, scheduler, optimizer param groups, python/numpy RNG, extras
   rng.safetensors        torch CPU (and CUDA) RNG states
+  extra.safetensors      tensors a task keeps across steps (e.g. a live reference), if any
 Each checkpoint is written to a temporary directory and renamed into place, so a killed run
 leaves either the previous checkpoint or the new one, never half of one.
 """
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PREFIX = "step-"
+EXTRA_TENSORS = "extra.safetensors"
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -85,8 +87,13 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     extras: dict[str, Any] | None = None,
     keep: int = 2,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and prune to the newest `keep` checkpoints."""
+    """Write checkpoint `step` atomically and prune to the newest `keep` checkpoints.
+
+    `extras` (JSON) and `extra_tensors` (safetensors) hold a task's own state, written inside
+    the same temporary directory so they appear together with the weights or not at all.
+    """
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
@@ -95,6 +102,9 @@ def save_checkpoint(
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
+        if extra_tensors:
+            tensors = {k: v.detach().contiguous().cpu().clone() for k, v in extra_tensors.items()}
+            save_file(tensors, str(tmp / EXTRA_TENSORS))
         py_state = random.getstate()
         np_state = np.random.get_state()
         meta = {
@@ -159,3 +169,9 @@ def load_checkpoint(
     name, keys, pos, has_gauss, cached = meta["numpy_rng"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     return meta
+
+
+def load_extra_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `extra_tensors` saved with checkpoint `path` ({} when there were none)."""
+    file = Path(path) / EXTRA_TENSORS
+    return load_file(str(file)) if file.is_file() else {}

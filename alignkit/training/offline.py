@@ -6,6 +6,7 @@
 4. wrap with LoRA if asked; AdamW + warm-up/decay schedule
 5. for each step: grad_accum micro-batches (length-bucketed) -> clip -> step, skipping
    non-finite steps without touching the weights; log, evaluate, checkpoint atomically
+   (with the task's own state, if it keeps one)
 6. write `final/` (LoRA merged) that `from_pretrained` loads
 """
 
@@ -24,10 +25,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.data import DataError, RowTable, detect_kind, length_bucketed_batches, load_rows
-from alignkit.data import validate_rows
+from alignkit.data import (
+    DataError,
+    RowTable,
+    detect_kind,
+    length_bucketed_batches,
+    load_rows,
+    validate_rows,
+)
 from alignkit.models import apply_lora, count_parameters, load_model, save_pretrained_merged
-from alignkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_extra_tensors,
+    save_checkpoint,
+)
 from alignkit.training.config import TrainConfig
 from alignkit.training.metrics import MetricsWriter, mean_metrics, progress_postfix
 from alignkit.training.reference import attach_reference_logps
@@ -36,6 +48,21 @@ from alignkit.training.tasks import make_task
 
 log = logging.getLogger("alignkit")
 Callback = Callable[[int, dict[str, float]], None]
+
+# Optional task hooks (a task defines only those it needs):
+#   prepare(model, tokenizer, splits, run_dir)   after tokenising; splits = {name: (table, examples)};
+#                                                it replaces the default reference cache (call it)
+#   attach_model(model)                          after LoRA wrapping, before the optimizer
+#   on_step_end(step, model)                     after each optimizer step (skipped ones too)
+#   checkpoint_state() -> (json dict, tensors)   saved with every checkpoint
+#   restore_state(json dict, tensors)            on --resume
+#   run(model, tokenizer, data, eval_data, callbacks) -> TrainResult   a whole loop of its own
+#   num_labels                                   outputs of a reward model's score head
+#   write_final(final_dir)                       extra files next to final/ (e.g. brme.json)
+
+
+def _hook(task, name: str) -> Callable[..., Any] | None:
+    return getattr(task, name, None)
 
 
 @dataclass
@@ -129,6 +156,8 @@ def run_offline(
     config.output = str(run_dir)
     seed_everything(config.seed)
     task = make_task(config)
+    if hasattr(task, "run"):  # algorithms with their own loop (reward ensembles, frozen-feature heads)
+        return task.run(model=model, tokenizer=tokenizer, data=data, eval_data=eval_data, callbacks=callbacks)
 
     # 2. data
     table = load_table(data if data is not None else config.data, task, config, "training")
@@ -147,6 +176,7 @@ def run_offline(
             dtype=None if config.dtype == "auto" else config.dtype,
             device=None if config.device == "auto" else config.device,
             trust_remote_code=config.trust_remote_code,
+            num_labels=getattr(task, "num_labels", 1),
         )
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with a loaded model")
@@ -157,7 +187,10 @@ def run_offline(
     if eval_table is not None:
         eval_examples, eval_stats = task.tokenize(eval_table, tokenizer)
         log.info("evaluation data: %s", eval_stats.summary())
-    if getattr(task, "needs_reference", False):
+    if _hook(task, "prepare"):
+        splits = {"train": (table, examples), "eval": (eval_table, eval_examples)}
+        task.prepare(model, tokenizer, splits, run_dir)
+    elif getattr(task, "needs_reference", False):
         attach_reference_logps(task, model, tokenizer, examples, eval_examples, config, run_dir)
 
     # 4. adapters, optimizer, schedule
@@ -175,6 +208,8 @@ def run_offline(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.lora_r > 0:
             model.enable_input_require_grads()  # frozen embeddings: let gradients reach the adapters
+    if _hook(task, "attach_model"):
+        task.attach_model(model)
     model.train()
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s", f"{trainable:,}", f"{total:,}")
@@ -191,6 +226,8 @@ def run_offline(
     if resume_from is not None:
         meta = load_checkpoint(resume_from, model, optimizer, scheduler)
         start_step = int(meta["step"])
+        if _hook(task, "restore_state"):
+            task.restore_state(meta["extras"].get("task", {}), load_extra_tensors(resume_from))
         log.info("resumed from %s (step %d)", resume_from, start_step)
     writer = MetricsWriter(
         run_dir, resume_step=start_step if resume_from is not None else None, tensorboard=config.tensorboard
@@ -231,6 +268,8 @@ def run_offline(
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
+            if _hook(task, "on_step_end"):
+                task.on_step_end(step, model)
             elapsed = time.perf_counter() - started
             metrics = mean_metrics(parts)
             metrics.update(
@@ -251,7 +290,11 @@ def run_offline(
             bar.set_postfix(progress_postfix(metrics))
             bar.update(1)
             if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                save_checkpoint(run_dir, step, model, optimizer, scheduler, keep=config.save_total_limit)
+                state, tensors = task.checkpoint_state() if _hook(task, "checkpoint_state") else ({}, {})
+                save_checkpoint(
+                    run_dir, step, model, optimizer, scheduler,
+                    extras={"task": state}, keep=config.save_total_limit, extra_tensors=tensors,
+                )
             for callback in callbacks:
                 callback(step, metrics)
     finally:
@@ -260,5 +303,7 @@ def run_offline(
 
     # 6. the final checkpoint
     final_dir = save_pretrained_merged(model, tokenizer, run_dir / "final")
+    if hasattr(task, "write_final"):  # extra files a scorer needs (e.g. brme.json)
+        task.write_final(final_dir)
     log.info("final model written to %s", final_dir)
     return TrainResult(run_dir, final_dir, total_steps, last, eval_metrics, model, tokenizer)

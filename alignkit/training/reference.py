@@ -1,7 +1,7 @@
 """Reference log-probs for offline preference losses, computed once before training.
 
 The reference is the initial policy (or `--ref-model`); its summed response log-probs for
-every pair are stored in each example's extras (`ref_chosen`, `ref_rejected`) and cached in
+every pair (the task's `reference_logps`, e.g. LD-DPO sums when `ld_alpha` is set) are stored in each example's extras (`ref_chosen`, `ref_rejected`) and cached in
 `DIR/reference_logps.safetensors`, so no reference model stays in memory while training and
 a resumed run does not recompute them.
 """
@@ -13,6 +13,7 @@ import json
 import logging
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,16 +26,18 @@ log = logging.getLogger("alignkit")
 CACHE_NAME = "reference_logps.safetensors"
 
 
-def _fingerprint(config: TrainConfig, splits: dict[str, list]) -> str:
-    return json.dumps(
-        {
-            "reference": config.ref_model or config.model,
-            "max_length": config.max_length,
-            "max_prompt_length": config.max_prompt_length,
-            "sizes": {name: len(examples) for name, examples in splits.items()},
-        },
-        sort_keys=True,
-    )
+def _fingerprint(config: TrainConfig, splits: dict[str, list], task_key: Any = None) -> str:
+    """What the cached values depend on; `task_key` is the task's `reference_key` (e.g. LD-DPO's
+    ld_alpha changes the cached sums), absent for tasks without one."""
+    values = {
+        "reference": config.ref_model or config.model,
+        "max_length": config.max_length,
+        "max_prompt_length": config.max_prompt_length,
+        "sizes": {name: len(examples) for name, examples in splits.items()},
+    }
+    if task_key:
+        values["task"] = task_key
+    return json.dumps(values, sort_keys=True)
 
 
 @torch.no_grad()
@@ -66,7 +69,7 @@ def attach_reference_logps(task, model, tokenizer, examples, eval_examples, conf
     """Fill `extras['ref_chosen'|'ref_rejected']` of every train and eval example."""
     splits = {"train": examples, "eval": eval_examples}
     cache = Path(run_dir) / CACHE_NAME
-    fingerprint = _fingerprint(config, splits)
+    fingerprint = _fingerprint(config, splits, getattr(task, "reference_key", None))
     tensors: dict[str, torch.Tensor] = {}
     if cache.exists():
         from safetensors import safe_open
