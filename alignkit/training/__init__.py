@@ -2,6 +2,10 @@
 algorithm in `alignkit.training.registry.ALGORITHMS`."""
 
 from alignkit.training import tasks as _tasks  # noqa: F401  (sft, rm, the pairwise family)
+from alignkit.training import tasks_alol as _tasks_alol  # noqa: F401  (alol, alol_ref_free, alol_seq, alol_kl)
+from alignkit.training import tasks_listwise as _tasks_listwise  # noqa: F401  (pro, listwise_dpo)
+from alignkit.training import tasks_pointwise as _tasks_pointwise  # noqa: F401  (crlft, ift)
+from alignkit.training import tasks_unpaired as _tasks_unpaired  # noqa: F401  (kto)
 from alignkit.training.registry import ALGORITHMS, AlgorithmSpec, register_algorithm
 
 __all__ = ["ALGORITHMS", "AlgorithmSpec", "register_algorithm"]

@@ -1,0 +1,119 @@
+"""Reference outputs of any shape, computed once before training (sibling of `reference.py`).
+
+`reference.py` caches one (chosen, rejected) pair of log-probs per example. Listwise, unpaired
+and A-LoL tasks need other shapes: K log-probs of a ranked list, one log-prob of an unpaired
+example, per-token log-probs of a response. A task states them with
+
+    task.reference_values(model, batch) -> {name: [1-D tensor per example of the batch]}
+
+and `attach_reference_values` stores `example.extras[name]` (a float32 1-D tensor) for every
+train and eval example, caching them in `DIR/<cache>.safetensors` (values concatenated, plus
+per-example lengths) so that a resumed run does not recompute them.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from alignkit.models import adapter_disabled, is_peft, load_model
+from alignkit.training.config import TrainConfig
+
+log = logging.getLogger("alignkit")
+
+
+def load_reference(config: TrainConfig, model, tokenizer):
+    """`(reference, owned)`: `--ref-model` loaded next to the policy, or the policy itself."""
+    if not config.ref_model:
+        return model, False
+    reference, ref_tokenizer = load_model(
+        config.ref_model,
+        dtype=None if config.dtype == "auto" else config.dtype,
+        device=str(next(model.parameters()).device),
+        trust_remote_code=config.trust_remote_code,
+    )
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"--ref-model {config.ref_model}: its tokenizer differs from the policy's")
+    reference.eval().requires_grad_(False)
+    return reference, True
+
+
+@torch.no_grad()
+def compute_reference_values(task, model, examples, pad_id: int, config: TrainConfig, desc: str):
+    """{name: [tensor per example]} in the order of `examples` (batched by length)."""
+    device = next(model.parameters()).device
+    values: dict[str, list] = {}
+    order = sorted(range(len(examples)), key=lambda i: task.length(examples[i]))
+    size = max(1, config.batch_size)
+    context = adapter_disabled(model) if is_peft(model) else nullcontext()
+    was_training = model.training
+    model.eval()
+    with context:
+        for start in tqdm(range(0, len(order), size), desc=desc, disable=not config.progress, leave=False):
+            indices = order[start : start + size]
+            batch = task.collate([examples[i] for i in indices], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+            for name, per_example in task.reference_values(model, batch).items():
+                column = values.setdefault(name, [None] * len(examples))
+                for i, value in zip(indices, per_example, strict=True):
+                    column[i] = value.detach().float().cpu().reshape(-1)
+    model.train(was_training)
+    return values
+
+
+def _fingerprint(config: TrainConfig, task_key: str, splits: dict[str, list]) -> str:
+    return json.dumps(
+        {
+            "reference": config.ref_model or config.model,
+            "max_length": config.max_length,
+            "max_prompt_length": config.max_prompt_length,
+            "task": task_key,
+            "sizes": {name: len(examples) for name, examples in splits.items()},
+        },
+        sort_keys=True,
+    )
+
+
+def attach_reference_values(task, model, tokenizer, examples, eval_examples, config, run_dir,
+                            cache: str = "reference_values") -> None:
+    """Fill `extras[name]` of every train and eval example with the task's reference values."""
+    splits = {"train": examples, "eval": eval_examples}
+    path = Path(run_dir) / f"{cache}.safetensors"
+    fingerprint = _fingerprint(config, f"{config.algorithm}:{cache}", splits)
+    tensors: dict[str, torch.Tensor] = {}
+    if path.exists():
+        with safe_open(str(path), framework="pt") as handle:
+            stored = (handle.metadata() or {}).get("fingerprint")
+        if stored == fingerprint:
+            tensors = load_file(str(path))
+            log.info("reference values loaded from %s", path)
+    if not tensors:
+        reference, owned = load_reference(config, model, tokenizer)
+        for name, split in splits.items():
+            if not split:
+                continue
+            values = compute_reference_values(
+                task, reference, split, tokenizer.pad_token_id, config, f"reference ({name})"
+            )
+            for key, column in values.items():
+                tensors[f"{name}/{key}/values"] = torch.cat(column)
+                tensors[f"{name}/{key}/lengths"] = torch.tensor([len(v) for v in column])
+        if owned:
+            del reference
+            gc.collect()
+        save_file(tensors, str(path), metadata={"fingerprint": fingerprint})
+    for name, split in splits.items():
+        keys = {k.split("/")[1] for k in tensors if k.startswith(f"{name}/")}
+        for key in keys:
+            lengths = tensors[f"{name}/{key}/lengths"].tolist()
+            chunks = torch.split(tensors[f"{name}/{key}/values"], lengths)
+            for example, chunk in zip(split, chunks, strict=True):
+                example.extras[key] = chunk.clone()
