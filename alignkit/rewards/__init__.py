@@ -3,6 +3,12 @@
 A reward function is any callable `(prompts, completions, **columns) -> Tensor (B,)` (or
 (B, K) for several objectives); plain functions returning lists or arrays are accepted and
 converted with `as_reward_tensor`. Rewards know nothing of training.
+
+Reward models as reward functions: `RewardModelScorer` (any sequence classifier),
+`EnsembleScorer` (mean / WCO / UWO), `BayesRewardScorer` (BRME), `MultiObjectiveScorer`
+(ArmoRM), `EmbeddingRewardModel` (MiniLM + head), `load_reward_model(DIR)` picks the right
+one; `PreferenceJudge` (pairwise P(a > b)) and `SegmentRewardScorer` (per-segment rewards)
+are not scalar rewards and are loaded by name.
 """
 
 from alignkit.rewards.base import (
@@ -13,8 +19,13 @@ from alignkit.rewards.base import (
     reward_name,
     score_safely,
 )
+from alignkit.rewards.embedding_rm import EmbeddingRewardModel
 from alignkit.rewards.embeddings import MiniLMEmbedder
+from alignkit.rewards.ensemble import BayesRewardScorer, EnsembleScorer
 from alignkit.rewards.loading import BUILTIN_REWARDS, load_reward
+from alignkit.rewards.multi_objective import MultiObjectiveScorer
+from alignkit.rewards.preference import PreferenceJudge
+from alignkit.rewards.process import SegmentRewardScorer, split_segments
 from alignkit.rewards.rules import (
     JsonValid,
     LengthTarget,
@@ -23,9 +34,20 @@ from alignkit.rewards.rules import (
     VaderSentiment,
     extract_final_number,
 )
+from alignkit.rewards.scorer import RewardModelScorer, ScoreNormalizer, load_reward_model
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "BayesRewardScorer",
+    "EmbeddingRewardModel",
+    "EnsembleScorer",
+    "MultiObjectiveScorer",
+    "PreferenceJudge",
+    "RewardModelScorer",
+    "ScoreNormalizer",
+    "SegmentRewardScorer",
+    "load_reward_model",
+    "split_segments",
     "JsonValid",
     "LengthTarget",
     "MiniLMEmbedder",

@@ -2,6 +2,8 @@
 
 Spec forms, tried in this order:
 
+- `rm:DIR` or an existing directory - a saved reward model (plain sequence classifier,
+  ensemble, BRME, ArmoRM or embedding RM) through `alignkit.rewards.load_reward_model`;
 - a built-in name: `vader`, `length` (needs `target=`) or `length:TARGET`, `json_valid`,
   `numeric_match`, `regex:PATTERN` (everything after the first colon is the pattern);
 - `path/to/file.py:function` - a Python file loaded by path (ends in `.py` or contains a
@@ -133,6 +135,13 @@ def load_reward(spec: str, **kwargs: Any) -> RewardFunction:
     spec = spec.strip()
     if not spec:
         raise ValueError("empty reward spec")
+    if spec.startswith("rm:") or os.path.isdir(spec):
+        from alignkit.rewards.scorer import load_reward_model
+
+        directory = spec[3:] if spec.startswith("rm:") else spec
+        if not directory:
+            raise ValueError(f"reward spec {spec!r}: write the reward-model directory after rm:")
+        return load_reward_model(directory, **kwargs)
     builtin = _builtin(spec, kwargs)
     if builtin is not None:
         return builtin
