@@ -17,6 +17,7 @@ def train(
     output_dir: str | Path = "runs/alignkit",
     tokenizer: Any = None,
     eval_data: Any = None,
+    reward: Any = None,
     config: TrainConfig | None = None,
     callbacks: tuple = (),
     **overrides: Any,
@@ -26,7 +27,9 @@ def train(
     `model`: a local directory, hub id, `smollm2-135m`, or a loaded `PreTrainedModel` (pass its
     `tokenizer` too). `data` / `eval_data`: a path, hub id, `datasets.Dataset` or a list of
     dicts. `overrides`: any `TrainConfig` field (`batch_size=4`, `lora_r=8`) or an algorithm
-    hyper-parameter (`beta=0.1`).
+    hyper-parameter (`beta=0.1`). `reward` (online algorithms): a callable
+    `(prompts, completions, **columns) -> Tensor (B,) | list[float]` or a spec string
+    (`module:function`, `file.py:function`, a built-in); `reward_model=DIR` uses a reward model.
     """
     config = config or TrainConfig()
     config.algorithm = algorithm
@@ -46,6 +49,16 @@ def train(
         config.eval_data = str(eval_data)
         eval_data = None
     config.apply_overrides(overrides)
+    from alignkit.training.registry import ALGORITHMS
+
+    if algorithm in ALGORITHMS and ALGORITHMS[algorithm].runner == "online":
+        from alignkit.training.online import run_online
+
+        if isinstance(reward, str | Path):
+            config.reward, reward = str(reward), None
+        return run_online(
+            config, model=loaded_model, tokenizer=tokenizer, data=data, reward=reward, callbacks=callbacks
+        )
     return run_offline(
         config, model=loaded_model, tokenizer=tokenizer, data=data, eval_data=eval_data, callbacks=callbacks
     )

@@ -16,6 +16,9 @@ VERBS = {
     "train": "train a registered algorithm (alignkit train ALGO --help)",
     "algorithms": "list every algorithm with its kind, data format, models and paper",
     "demo": "align SmolLM2-135M-Instruct towards positive movie reviews and report",
+    "eval-rm": "evaluate a reward model: accuracy (bootstrap CI), ECE, scores, consistency",
+    "eval": "sample a model: gold reward, KL, win rate, length, diversity -> eval.json",
+    "overopt": "reward over-optimisation curves (Gao et al. 2022): best-of-n and RL checkpoints",
 }
 
 
@@ -77,9 +80,12 @@ def cmd_train(argv: list[str]) -> int:
     if config.data is None and not config.resume:
         raise SystemExit("alignkit train: --data is required")
 
-    from alignkit.training.offline import run_offline
+    if ALGORITHMS[config.algorithm].runner == "online":
+        from alignkit.training.online import run_online as run
+    else:
+        from alignkit.training.offline import run_offline as run
 
-    result = run_offline(config)
+    result = run(config)
     shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
     print(f"final model: {result.final_dir}")
     print(f"last metrics: {shown}")
@@ -91,6 +97,67 @@ def cmd_algorithms(argv: list[str]) -> int:
 
     print(algorithms_table(markdown="--markdown" in argv))
     return 0
+
+
+def cmd_eval_rm(argv: list[str]) -> int:
+    """alignkit eval-rm --model RM --data PAIRS [--consistency FILE] [--output results.json]"""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="alignkit eval-rm",
+        description="Evaluate a reward model (plain, ensemble, BRME, ArmoRM or embedding RM "
+        "directory) on preference pairs: accuracy with a bootstrap interval, ECE, score "
+        "distributions, and reward consistency when I1/I2/R1/R2 columns are present.",
+    )
+    parser.add_argument("--model", required=True, help="reward-model directory or hub id")
+    parser.add_argument("--data", default=None, help="pairs (prompt, chosen, rejected) file")
+    parser.add_argument("--consistency", default=None, help="contrast-instruction file (I1, I2, R1, R2)")
+    parser.add_argument("--output", default=None, help="write the results JSON here")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--n-bootstrap", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.data is None and args.consistency is None:
+        parser.error("give --data and/or --consistency")
+
+    from alignkit.data import load_rows, split_implicit_prompt
+    from alignkit.eval.reward_eval import evaluate_reward_model
+    from alignkit.rewards.scorer import load_reward_model, reward_model_kind
+
+    kwargs = {} if reward_model_kind(args.model) == "embedding_rm" else {"batch_size": args.batch_size}
+    scorer = load_reward_model(args.model, **kwargs)
+    pairs = []
+    if args.data is not None:
+        pairs = [
+            split_implicit_prompt(row) if "chosen" in row else dict(row)
+            for row in load_rows(args.data).rows
+        ]
+    consistency = load_rows(args.consistency).rows if args.consistency else None
+    results = evaluate_reward_model(
+        scorer, pairs, consistency=consistency, n_bootstrap=args.n_bootstrap, seed=args.seed
+    )
+    results = {"model": str(args.model), "kind": reward_model_kind(args.model), **results}
+    text = json.dumps(results, indent=2)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    """alignkit eval --model M [--ref R] --prompts P --reward SPEC [--judge SPEC] ..."""
+    from alignkit.eval.eval_command import main as eval_main
+
+    return eval_main(argv)
+
+
+def cmd_overopt(argv: list[str]) -> int:
+    """alignkit overopt --proxy SPEC --gold SPEC [--model M] [--checkpoints DIR ...] ..."""
+    from alignkit.eval.overopt_lab import main as overopt_main
+
+    return overopt_main(argv)
 
 
 def cmd_demo(argv: list[str]) -> int:
@@ -111,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {verb:<11} {text}")
         return 0
     verb, rest = argv[0], argv[1:]
-    commands = {"train": cmd_train, "algorithms": cmd_algorithms, "demo": cmd_demo}
+    commands = {"train": cmd_train, "algorithms": cmd_algorithms, "demo": cmd_demo, "eval-rm": cmd_eval_rm,
+                "eval": cmd_eval, "overopt": cmd_overopt}
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2

@@ -26,6 +26,10 @@ class TrainConfig:
     """Run directory: metrics.jsonl, config.yaml, checkpoints/ and final/ go here."""
     ref_model: str | None = None
     """Reference model for reference-based losses; default: the initial policy itself."""
+    reward: str | None = None
+    """Online algorithms: reward function, `module:function`, `file.py:function` or a built-in (vader, ...)."""
+    reward_model: str | None = None
+    """Online algorithms: directory of a sequence-classification reward model."""
     batch_size: int = 8
     """Examples (pairs for preference data) per micro-batch; a step sees batch_size x grad_accum."""
     grad_accum: int = 1

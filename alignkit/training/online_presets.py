@@ -1,0 +1,211 @@
+"""Online algorithms as data: each preset is a dict of choices over ONE loop (`online.py`).
+
+| preset       | advantage            | policy loss          | aggregation         | KL (default beta, estimator, place) | critic |
+|--------------|----------------------|----------------------|---------------------|-------------------------------------|--------|
+| ppo          | gae (+whitening)     | ppo_clip             | token_mean          | 0.05, k1, reward (per token)        | yes    |
+| grpo         | grpo (std-scaled)    | ppo_clip             | seq_mean_token_mean | 0.04, k3, loss                      | no     |
+| dr_grpo      | grpo (no std)        | ppo_clip             | constant_norm       | 0.0 (none)                          | no     |
+| dapo         | grpo (std-scaled)    | ppo_clip 0.2/0.28    | token_mean          | 0.0 (none); dynamic sampling        | no     |
+| rloo         | rloo                 | ppo_clip             | token_mean          | 0.05, k1, reward (sequence sum)     | no     |
+| remax        | remax (greedy base)  | reinforce            | token_mean          | 0.05, k1, reward (per token)        | no     |
+| reinforce_pp | reinforce_pp         | ppo_clip             | token_mean          | 0.01, k1, reward (return-to-go)     | no     |
+| online_dpo   | - (pairs best/worst) | dpo (PAIRWISE)       | mean over pairs     | beta 0.1 is DPO's; live reference   | no     |
+
+Any choice can be overridden with `--set key=value`; `OnlineSettings` lists every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from alignkit.advantages import ADVANTAGE_KINDS, ADVANTAGES
+from alignkit.objectives import KL, PAIRWISE
+from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
+
+
+@dataclass
+class OnlineSettings:
+    """Hyper-parameters of the online loop (`--set key=value`); presets change the defaults."""
+
+    # sampling
+    group_size: int = 1
+    """Samples per prompt (G); --batch-size is prompts per step, so a step has B x G samples."""
+    max_new_tokens: int = 64
+    """Most tokens generated per sample."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs for training are always at temperature 1)."""
+    top_p: float = 1.0
+    top_k: int = 0
+    # reward
+    missing_eos_penalty: float | None = None
+    """Subtracted from the reward of samples that hit max_new_tokens without EOS (TRL)."""
+    reward_norm: bool = False
+    """PPO-max: normalise rewards by a running mean/std of all rewards so far."""
+    reward_clip: float | None = None
+    """PPO-max: clip (normalised) rewards to [-c, c] (MOSS-RLHF default 10)."""
+    reward_on_error: str = "raise"
+    """A reward function that raises on a row: raise, or penalty (-1, counted in the log)."""
+    # KL to the reference
+    beta: float = 0.0
+    """KL coefficient (0 loads no reference model); for online_dpo, DPO's beta."""
+    kl_estimator: str = "k1"
+    """k1, k2 or k3 (alignkit.objectives.KL)."""
+    kl_in: str = "reward"
+    """Where the KL goes: reward (shaping, before advantages) or loss (GRPO); none."""
+    kl_target: float | None = None
+    """Adaptive KL controller target (Ziegler et al.): None keeps beta fixed."""
+    kl_horizon: float = 10000.0
+    # advantages
+    advantage: str = "grpo"
+    """alignkit.advantages.ADVANTAGES name."""
+    scale_by_std: bool = True
+    """grpo: divide by the group's reward std (False = Dr. GRPO)."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = False
+    """Whiten advantages over the batch's valid tokens (PPO; PPO-max)."""
+    advantage_clip: float | None = None
+    """PPO-max: clip advantages to [-c, c] after whitening (MOSS-RLHF 0.5)."""
+    remax_clip: float | None = None
+    """remax: clip R - R_greedy to [-c, c]."""
+    dynamic_sampling: bool = False
+    """DAPO: drop prompt groups whose rewards are all equal (they carry no signal)."""
+    # policy loss
+    policy_loss: str = "ppo_clip"
+    eps_low: float = 0.2
+    eps_high: float | None = None
+    clip_ratio_c: float | None = None
+    aggregation: str = "token_mean"
+    epochs_per_batch: int = 1
+    """Passes (K) over each batch of samples; 1 with minibatches=1 is exactly on-policy."""
+    minibatches: int = 1
+    """Optimizer steps per pass over the batch."""
+    micro_batch_size: int = 0
+    """Rows per forward/backward inside a minibatch (0: the whole minibatch)."""
+    # critic
+    critic: str = "none"
+    """none, separate (own model; see critic_init) or shared (value head on the policy)."""
+    critic_init: str | None = None
+    """Directory of a reward model to initialise the separate critic (default: the policy)."""
+    critic_lr: float | None = None
+    """Critic learning rate (default: --lr)."""
+    vf_coef: float = 0.1
+    cliprange_value: float = 0.2
+    critic_warmup_steps: int = 0
+    """PPO-max: steps that train only the critic before the policy moves."""
+    # pairwise (online DPO)
+    objective: str = "policy_gradient"
+    """policy_gradient, or pairwise (best vs worst sample of each prompt, a PAIRWISE loss)."""
+    pairwise_loss: str = "dpo"
+    label_smoothing: float = 0.0
+    # engine and logging
+    generation_batch_size: int = 0
+    """Most samples decoded together (0: all at once)."""
+    log_entropy: bool = True
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "ppo": dict(advantage="gae", policy_loss="ppo_clip", aggregation="token_mean", kl_in="reward",
+                kl_estimator="k1", beta=0.05, critic="separate", whiten_advantages=True,
+                epochs_per_batch=4, minibatches=1, group_size=1),
+    "grpo": dict(advantage="grpo", policy_loss="ppo_clip", aggregation="seq_mean_token_mean",
+                 kl_in="loss", kl_estimator="k3", beta=0.04, group_size=8),
+    "dr_grpo": dict(advantage="grpo", scale_by_std=False, policy_loss="ppo_clip",
+                    aggregation="constant_norm", kl_in="loss", kl_estimator="k3", beta=0.0, group_size=8),
+    "dapo": dict(advantage="grpo", policy_loss="ppo_clip", eps_low=0.2, eps_high=0.28,
+                 aggregation="token_mean", kl_in="loss", beta=0.0, dynamic_sampling=True, group_size=8),
+    "rloo": dict(advantage="rloo", policy_loss="ppo_clip", aggregation="token_mean", kl_in="reward",
+                 kl_estimator="k1", beta=0.05, group_size=4),
+    "remax": dict(advantage="remax", policy_loss="reinforce", aggregation="token_mean", kl_in="reward",
+                  kl_estimator="k1", beta=0.05, group_size=1),
+    "reinforce_pp": dict(advantage="reinforce_pp", policy_loss="ppo_clip", aggregation="token_mean",
+                         kl_in="reward", kl_estimator="k1", beta=0.01, group_size=1),
+    "online_dpo": dict(objective="pairwise", pairwise_loss="dpo", beta=0.1, kl_in="none", group_size=2),
+}
+
+PAPERS = {
+    "ppo": "PPO for LMs (Ouyang et al. 2022; Zheng et al. 2023 PPO-max)",
+    "grpo": "GRPO (Shao et al. 2024)",
+    "dr_grpo": "Dr. GRPO (Liu et al. 2025)",
+    "dapo": "DAPO (Yu et al. 2025)",
+    "rloo": "RLOO (Ahmadian et al. 2024)",
+    "remax": "ReMax (Li et al. 2024)",
+    "reinforce_pp": "REINFORCE++ (Hu 2025)",
+    "online_dpo": "Online / iterative DPO (Dong et al. 2024, RLHF Workflow)",
+}
+
+CHOICES = {
+    "kl_in": ("reward", "loss", "none"),
+    "critic": ("none", "separate", "shared"),
+    "objective": ("policy_gradient", "pairwise"),
+    "reward_on_error": ("raise", "penalty"),
+}
+
+
+def resolve_settings(config, preset: str) -> OnlineSettings:
+    """Preset defaults, then `config.hparams` (--set); validated. Unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(OnlineSettings)}
+    unknown = sorted(set(config.hparams) - names)
+    if unknown:
+        raise ValueError(
+            f"{preset}: unknown hyper-parameter(s) {unknown}; accepted: {sorted(names)}"
+        )
+    settings = OnlineSettings(**{**PRESETS[preset], **config.hparams})
+    _validate(settings, preset)
+    return settings
+
+
+def _validate(s: OnlineSettings, preset: str) -> None:
+    for key, allowed in CHOICES.items():
+        if getattr(s, key) not in allowed:
+            raise ValueError(f"{preset}: {key} must be one of {allowed}, got {getattr(s, key)!r}")
+    registries = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES, "aggregation": AGGREGATIONS,
+                  "kl_estimator": KL, "pairwise_loss": PAIRWISE}
+    for key, registry in registries.items():
+        if getattr(s, key) not in registry:
+            raise ValueError(f"{preset}: unknown {key} {getattr(s, key)!r}; known: {sorted(registry)}")
+    if s.group_size < 1 or s.epochs_per_batch < 1 or s.minibatches < 1:
+        raise ValueError(f"{preset}: group_size, epochs_per_batch and minibatches must be >= 1")
+    if s.objective == "pairwise" and s.group_size < 2:
+        raise ValueError(f"{preset}: pairwise online training needs group_size >= 2")
+    if s.objective == "policy_gradient":
+        if ADVANTAGE_KINDS[s.advantage] == "critic" and s.critic == "none":
+            raise ValueError(f"{preset}: advantage {s.advantage!r} needs a critic (--set critic=separate)")
+        if s.advantage == "rloo" and s.group_size < 2:
+            raise ValueError(f"{preset}: rloo needs group_size >= 2")
+    if s.beta < 0:
+        raise ValueError(f"{preset}: beta must be >= 0")
+
+
+def needs_reference(s: OnlineSettings) -> bool:
+    """beta = 0 (or kl_in = none) loads no reference model; pairwise losses always need one."""
+    if s.objective == "pairwise":
+        return s.pairwise_loss not in _reference_free()
+    return s.beta > 0 and s.kl_in != "none"
+
+
+def _reference_free() -> set[str]:
+    from alignkit.objectives import REFERENCE_FREE
+
+    return REFERENCE_FREE
+
+
+def register_online_family() -> None:
+    from alignkit.training.registry import AlgorithmSpec, register_algorithm
+
+    for name, preset in PRESETS.items():
+        models = ["policy"]
+        if preset.get("beta", 0) > 0:
+            models.append("reference")
+        models.append("reward")
+        if preset.get("critic", "none") != "none":
+            models.append("critic")
+        register_algorithm(AlgorithmSpec(
+            name, "online", "prompt", " + ".join(models), PAPERS[name],
+            partial(resolve_settings, preset=name), runner="online"))
+
+
+register_online_family()

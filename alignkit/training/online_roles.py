@@ -1,0 +1,293 @@
+"""The roles the online loop talks to: policy (+ engine), reference, reward, critic.
+
+Each role is a small interface (a `Protocol`) with an in-process implementation here. The
+loop in `online.py` only calls these methods, so a later version can put a role on another
+process or machine (Ray actors, torchrun groups) by implementing the same methods.
+
+Token-level tensors use *response coordinates*: (N, L) with position 0 the first generated
+token, exactly like `Rollout.response_ids`; `SequenceBatch` holds the full prompt + response
+rows a teacher-forced forward needs and converts between the two.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.models import adapter_disabled, is_peft, reward_scores
+from alignkit.models.heads import _score_head
+from alignkit.models.logprobs import _chunked, decoder_and_head, position_ids_from_mask
+from alignkit.rewards import score_safely
+from alignkit.rollout import HFEngine, Rollout, SamplingParams
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt + response rows for a forward pass, and the response-coordinate mask.
+
+    input_ids, attention_mask, sequence_mask: (N, S), sequence_mask True on response tokens;
+    response_mask: (N, L), True on generated tokens (same count per row as sequence_mask).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    sequence_mask: Tensor
+    response_mask: Tensor
+
+    @classmethod
+    def from_rollout(cls, rollout: Rollout, pad_id: int) -> SequenceBatch:
+        input_ids, attention_mask, sequence_mask = rollout.to_sequences(pad_id)
+        return cls(input_ids, attention_mask, sequence_mask, rollout.response_mask.bool())
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: Tensor) -> SequenceBatch:
+        """Rows `rows` (1-D index), trimmed to the widest selected row (less padding)."""
+        attention = self.attention_mask[rows]
+        width = int(attention.sum(-1).max().item()) if len(rows) else 1
+        response = self.response_mask[rows]
+        length = max(int(response.sum(-1).max().item()) if len(rows) else 1, 1)
+        return SequenceBatch(
+            self.input_ids[rows, :width], attention[:, :width],
+            self.sequence_mask[rows, :width], response[:, :length],
+        )
+
+    def to(self, device: torch.device) -> SequenceBatch:
+        return SequenceBatch(*(t.to(device) for t in (
+            self.input_ids, self.attention_mask, self.sequence_mask, self.response_mask)))
+
+    def predictor_rows(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """Hidden states that predict response tokens, and those tokens: (M, H), (M,).
+
+        The logits at position t - 1 predict token t; M = number of response tokens, in the
+        row-major order of `response_mask`.
+        """
+        predict = (self.sequence_mask & self.attention_mask.bool())[:, 1:]  # (N, S-1)
+        return hidden[:, :-1][predict], self.input_ids[:, 1:][predict]
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """(M,) values of the response tokens -> (N, L) response coordinates, 0 elsewhere."""
+        out = values.new_zeros(self.response_mask.shape)
+        return out.masked_scatter(self.response_mask, values)
+
+
+def _forward_hidden(decoder: nn.Module, batch: SequenceBatch) -> Tensor:
+    return decoder(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids_from_mask(batch.attention_mask),
+        use_cache=False,
+    ).last_hidden_state  # (N, S, H)
+
+
+def response_logps(
+    model: nn.Module,
+    batch: SequenceBatch,
+    *,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    value_head: nn.Module | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One forward: log-probs, entropies and (with `value_head`) values, all (N, L).
+
+    values[i, t] = V(s_t) = value_head(h_{t-1}): the state before token t is generated, the
+    same hidden state whose logits produce token t. Log-probs at temperature 1.
+    """
+    parts = decoder_and_head(model)
+    if parts is None:
+        raise ValueError(
+            f"{type(model).__name__}: the online loop needs a model whose logits are lm_head(hidden)"
+        )
+    decoder, head = parts
+    predictors, targets = batch.predictor_rows(_forward_hidden(decoder, batch))  # (M, H), (M,)
+    logps, entropy = _chunked(head, predictors, targets, chunk_size, 1.0, with_entropy)
+    values = None
+    if value_head is not None:
+        values = batch.scatter(value_head(predictors).squeeze(-1).float())
+    return batch.scatter(logps), batch.scatter(entropy), values
+
+
+# --------------------------------------------------------------------------- roles
+
+
+class PolicyRole(Protocol):
+    """The trained policy: samples, and scores its own samples (with gradients if enabled)."""
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout: ...
+
+    def forward(
+        self, batch: SequenceBatch, *, with_entropy: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]: ...
+
+
+class ReferenceRole(Protocol):
+    def logps(self, batch: SequenceBatch) -> Tensor:
+        """(N, L) log-probs of the frozen reference, no gradient."""
+        ...
+
+
+class RewardRole(Protocol):
+    def score(
+        self, batch: SequenceBatch, prompts: list[str], completions: list[str], columns: dict[str, list]
+    ) -> tuple[Tensor, int]:
+        """(N,) float32 scores and the number of rows that got the error penalty."""
+        ...
+
+
+class CriticRole(Protocol):
+    def values(self, batch: SequenceBatch) -> Tensor:
+        """(N, L) V(s_t) for each response token (gradients when enabled)."""
+        ...
+
+
+class HFPolicy:
+    """A transformers causal LM (peft too) sampled in process by `HFEngine`.
+
+    With `value_head` set the critic shares the policy's backbone: one forward gives
+    log-probs and values (the "shared" critic option).
+    """
+
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, *, chunk_size: int = 1024,
+        max_batch_size: int | None = None, value_head: nn.Module | None = None,
+    ) -> None:
+        self.model, self.chunk_size, self.value_head = model, chunk_size, value_head
+        eos = {tokenizer.eos_token_id}
+        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if isinstance(generation_eos, int):
+            eos.add(generation_eos)
+        elif generation_eos:
+            eos.update(generation_eos)
+        self.engine = HFEngine(model, pad_id=tokenizer.pad_token_id,
+                               eos_ids=sorted(e for e in eos if e is not None),
+                               max_batch_size=max_batch_size)
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
+        return self.engine.generate(prompt_ids, n, sampling)
+
+    def forward(self, batch: SequenceBatch, *, with_entropy: bool = False):
+        return response_logps(self.model, batch, chunk_size=self.chunk_size,
+                              with_entropy=with_entropy, value_head=self.value_head)
+
+
+class AdapterReference:
+    """Reference = the policy's base weights with its LoRA adapter switched off (no copy)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+        if not is_peft(model):
+            raise ValueError("AdapterReference needs a peft model")
+        self.model, self.chunk_size = model, chunk_size
+
+    @torch.no_grad()
+    def logps(self, batch: SequenceBatch) -> Tensor:
+        with adapter_disabled(self.model):
+            return response_logps(self.model, batch, chunk_size=self.chunk_size)[0]
+
+
+class ModelReference:
+    """Reference = a separate frozen copy of the initial policy (or --ref-model)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+        self.model, self.chunk_size = model.eval().requires_grad_(False), chunk_size
+
+    @torch.no_grad()
+    def logps(self, batch: SequenceBatch) -> Tensor:
+        return response_logps(self.model, batch, chunk_size=self.chunk_size)[0]
+
+
+class FunctionReward:
+    """A reward function on text: `fn(prompts, completions, **columns) -> (N,)`."""
+
+    def __init__(self, fn: Callable[..., Any], on_error: str = "raise") -> None:
+        self.fn, self.on_error = fn, on_error
+
+    def score(self, batch, prompts, completions, columns):
+        scores, penalised = score_safely(self.fn, prompts, completions, on_error=self.on_error, **columns)
+        if scores.ndim != 1:
+            raise ValueError(f"the online loop needs one reward per sample, got shape {tuple(scores.shape)}")
+        return scores.float(), penalised
+
+
+class ModelReward:
+    """A sequence-classification reward model scoring prompt + response at the last real token.
+
+    Token ids go straight in when the reward model shares the policy's vocabulary; otherwise
+    the text is re-tokenised with the reward model's tokenizer (ALGORITHMS.md §0 pitfall 4).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, policy_tokenizer: Any, batch_size: int = 32) -> None:
+        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        self.same_vocab = tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def score(self, batch, prompts, completions, columns):
+        device = next(self.model.parameters()).device
+        if self.same_vocab:
+            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+        else:
+            texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+            self.tokenizer.padding_side = "right"
+            encoded = self.tokenizer(texts, return_tensors="pt", padding=True)
+            ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+        scores = [reward_scores(self.model, ids[i : i + self.batch_size], mask[i : i + self.batch_size])
+                  for i in range(0, ids.shape[0], self.batch_size)]
+        return torch.cat(scores).float().cpu(), 0
+
+
+class ValueModel(nn.Module):
+    """A separate critic: a decoder backbone and a linear value head on every position."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    @classmethod
+    def from_policy(cls, policy: nn.Module) -> ValueModel:
+        """Copy of the policy's decoder + a zero-initialised head (V = 0 at the start)."""
+        decoder = decoder_and_head(policy)
+        if decoder is None:
+            raise ValueError("cannot build a critic from this policy; pass --set critic_init=DIR")
+        return cls(copy.deepcopy(decoder[0]), zero_value_head(policy.config.hidden_size))
+
+    @classmethod
+    def from_reward_model(cls, reward_model: nn.Module) -> ValueModel:
+        """Backbone and score head of a reward model (PPO-max: critic initialised from the RM)."""
+        backbone, head = _score_head(reward_model)
+        return cls(backbone, head)
+
+    def values(self, batch: SequenceBatch) -> Tensor:
+        predictors, _ = batch.predictor_rows(_forward_hidden(self.backbone, batch))
+        return batch.scatter(self.head(predictors).squeeze(-1).float())
+
+
+def zero_value_head(hidden_size: int) -> nn.Linear:
+    head = nn.Linear(hidden_size, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def decode_completions(tokenizer: Any, rollout: Rollout) -> list[str]:
+    """Completion text of each row (special tokens such as EOS dropped)."""
+    lengths = rollout.lengths.tolist()
+    rows = [rollout.response_ids[i, :n].tolist() for i, n in enumerate(lengths)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def no_grad_if(condition: bool):
+    return torch.no_grad() if condition else nullcontext()
+
+
+def chunks(indices: Tensor, size: int) -> Sequence[Tensor]:
+    """Split a 1-D index tensor into pieces of at most `size` (size <= 0: one piece)."""
+    if size <= 0 or size >= len(indices):
+        return [indices]
+    return list(torch.split(indices, size))

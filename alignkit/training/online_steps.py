@@ -1,0 +1,192 @@
+"""The pieces of one online step that are more than a line: reward shaping, advantages,
+the policy-gradient and pairwise minibatch updates, the clipped value loss. Used by
+`online.py`; each works on tensors and the roles, never on files or the run."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from alignkit.advantages import (
+    ADVANTAGE_KINDS,
+    ADVANTAGES,
+    gae,
+    masked_mean,
+    masked_whiten,
+    token_level_rewards,
+)
+from alignkit.objectives import KL, PAIRWISE, PairLogps
+from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
+from alignkit.rollout import SamplingParams
+from alignkit.training.kl_control import RunningMeanStd
+from alignkit.training.online_presets import OnlineSettings
+from alignkit.training.online_roles import SequenceBatch, chunks, decode_completions
+
+
+def kwargs_for(fn, values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `values` that `fn` takes as keyword arguments."""
+    names = set(inspect.signature(fn).parameters)
+    return {k: v for k, v in values.items() if k in names}
+
+
+def in_chunks(fn, batch: SequenceBatch, size: int) -> Tensor:
+    """fn over row chunks of `batch`, reassembled to (N, L)."""
+    out = torch.zeros(batch.response_mask.shape, device=batch.input_ids.device)
+    for rows in chunks(torch.arange(len(batch), device=batch.input_ids.device), size):
+        part = fn(batch.select(rows))
+        out[rows, : part.shape[1]] = part.float()
+    return out
+
+
+def shape_rewards(raw: Tensor, no_eos: Tensor, s: OnlineSettings, stats: RunningMeanStd,
+                   update: bool) -> Tensor:
+    """Missing-EOS penalty, then PPO-max running normalisation and clipping: (N,) -> (N,)."""
+    rewards = raw.clone()
+    if s.missing_eos_penalty is not None:
+        rewards = rewards - s.missing_eos_penalty * no_eos.float()
+    if s.reward_norm:
+        if update:
+            stats.update(rewards.tolist())
+        rewards = (rewards - stats.mean) / stats.std
+    if s.reward_clip is not None:
+        rewards = rewards.clamp(-s.reward_clip, s.reward_clip)
+    return rewards
+
+
+def greedy_baseline(policy, scorer, tokenizer, prompt_ids, prompt_texts, columns, indices, s,
+                     pad_id, device, stats) -> Tensor:
+    """ReMax: reward of the greedy response to each prompt, post-processed like the samples."""
+    sampling = SamplingParams(max_new_tokens=s.max_new_tokens, greedy=True)
+    rollout = policy.generate([prompt_ids[i] for i in indices], 1, sampling)
+    batch = SequenceBatch.from_rollout(rollout, pad_id).to(device)
+    row_columns = {k: [columns[i].get(k) for i in indices] for k in {k for c in columns for k in c}}
+    raw, _ = scorer.score(batch, [prompt_texts[i] for i in indices], decode_completions(tokenizer, rollout),
+                          row_columns)
+    no_eos = torch.tensor([reason != "stop" for reason in rollout.finish_reason])
+    return shape_rewards(raw.to(device), no_eos.to(device), s, stats, update=False)
+
+
+def compute_advantages(s: OnlineSettings, rewards, group_index, mask, kl_penalty, values, baseline):
+    """(advantages, returns), both (N, L); returns only matter with a critic."""
+    if ADVANTAGE_KINDS[s.advantage] == "critic":
+        token_rewards = token_level_rewards(rewards, mask, kl_penalty)
+        advantages, returns = gae(token_rewards, values, mask, gamma=s.gamma, lam=s.lam)
+    else:
+        fn = ADVANTAGES[s.advantage]
+        extra = kwargs_for(fn, {"scale_by_std": s.scale_by_std, "gamma": s.gamma, "clip": s.remax_clip,
+                                 "baseline_rewards": baseline})
+        advantages = fn(rewards, group_index, mask, kl_penalty=kl_penalty, **extra)
+        returns = advantages
+    if s.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    if s.advantage_clip is not None:
+        advantages = advantages.clamp(-s.advantage_clip, s.advantage_clip)
+    return advantages.detach(), returns.detach()
+
+
+def summary_stats(prefix: str, values: Tensor, mask: Tensor) -> dict[str, float]:
+    if not bool(mask.any()):
+        return {}
+    valid = values[mask]
+    return {f"{prefix}/mean": valid.mean().item(), f"{prefix}/std": valid.std().item() if valid.numel() > 1 else 0.0,
+            f"{prefix}/min": valid.min().item(), f"{prefix}/max": valid.max().item()}
+
+
+def policy_gradient_update(policy, critic, batch, rows, s, old_logp, ref_logp, advantages, returns,
+                            old_values, on_policy, beta, train_policy) -> dict[str, float]:
+    """Forward/backward over one minibatch (in micro-batches); returns detached metrics."""
+    mask_all = batch.response_mask[rows]
+    norm = {"num_tokens": mask_all.sum(), "num_seqs": (mask_all.sum(-1) > 0).sum(), "max_len": s.max_new_tokens}
+    loss_fn, aggregate = POLICY_LOSSES[s.policy_loss], AGGREGATIONS[s.aggregation]
+    loss_kwargs = kwargs_for(loss_fn, {"eps_low": s.eps_low, "eps_high": s.eps_high,
+                                        "clip_ratio_c": s.clip_ratio_c})
+    if s.policy_loss == "dual_clip" and s.clip_ratio_c is None:
+        loss_kwargs.pop("clip_ratio_c", None)
+    sums: dict[str, float] = {}
+    for micro in chunks(rows, s.micro_batch_size):
+        sub = batch.select(micro)
+        mask, width = sub.response_mask, sub.response_mask.shape[1]
+        logp, entropy, values = policy.forward(sub, with_entropy=s.log_entropy)
+        if critic is not None:
+            values = critic.values(sub)
+        old = logp.detach() if on_policy else old_logp[micro, :width]
+        per_token, clipped = loss_fn(logp, old, advantages[micro, :width], **loss_kwargs)
+        if s.kl_in == "loss" and ref_logp is not None and beta > 0:
+            per_token = per_token + beta * KL[s.kl_estimator](logp, ref_logp[micro, :width])
+        policy_loss = aggregate(per_token, mask, **norm)
+        loss = policy_loss if train_policy else policy_loss * 0.0
+        tokens = mask.sum()
+        share = tokens / norm["num_tokens"].clamp(min=1)
+        if values is not None:
+            value_loss, explained = clipped_value_loss(values, old_values[micro, :width], returns[micro, :width],
+                                                mask, s.cliprange_value, norm["num_tokens"])
+            loss = loss + s.vf_coef * value_loss
+            add(sums, "value_loss", value_loss.item())
+            add(sums, "explained_variance", explained * share.item())
+        loss.backward()
+        add(sums, "loss", loss.item())
+        add(sums, "policy_loss", policy_loss.item())
+        add(sums, "clip_ratio", (masked_mean(clipped.float(), mask) * share).item())
+        add(sums, "entropy", (masked_mean(entropy.detach(), mask) * share).item())
+        ratio = torch.exp(logp.detach() - old)
+        add(sums, "ratio/mean", (masked_mean(ratio, mask) * share).item())
+        if ref_logp is not None:
+            add(sums, "kl/policy_token_mean", (masked_mean(logp.detach() - ref_logp[micro, :width], mask)
+                                                * share).item())
+    return sums
+
+
+def add(sums: dict[str, float], key: str, value: float) -> None:
+    sums[key] = sums.get(key, 0.0) + float(value)
+
+
+def clipped_value_loss(values, old_values, returns, mask, clip, num_tokens) -> tuple[Tensor, float]:
+    """0.5 max((V - G)^2, (clip(V, V_old +- eps) - G)^2), summed over the micro-batch's tokens and
+    divided by the minibatch's token count; also the explained variance 1 - Var(G - V) / Var(G)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    loss = torch.where(mask, per_token, 0.0).sum() / num_tokens.clamp(min=1)
+    with torch.no_grad():
+        target, residual = returns[mask], (returns - values)[mask]
+        explained = 1.0 - (residual.var(unbiased=False) / target.var(unbiased=False).clamp(min=1e-8)).item()
+    return loss, explained
+
+
+def best_worst_pairs(rewards: Tensor, group_index: Tensor) -> Tensor:
+    """(P, 2) rows (best, worst) of each prompt group; ties (no preference) are dropped."""
+    pairs = []
+    for group in torch.unique(group_index).tolist():
+        members = (group_index == group).nonzero().squeeze(-1)
+        scores = rewards[members]
+        best, worst = members[scores.argmax()], members[scores.argmin()]
+        if rewards[best] > rewards[worst]:
+            pairs.append(torch.stack([best, worst]))
+    return torch.stack(pairs) if pairs else torch.zeros((0, 2), dtype=torch.long, device=rewards.device)
+
+
+def pairwise_update(policy, batch, pairs, ref_logp, s) -> dict[str, float]:
+    """Online DPO: a PAIRWISE loss on (best, worst) samples, live reference log-probs."""
+    chosen, rejected = pairs[:, 0], pairs[:, 1]
+    rows = torch.cat([chosen, rejected])
+    sub = batch.select(rows)
+    logp, entropy, _ = policy.forward(sub, with_entropy=s.log_entropy)
+    mask = sub.response_mask
+    sums, counts = torch.where(mask, logp, 0.0).sum(-1), mask.sum(-1).float()
+    ref = torch.where(mask, ref_logp[rows, : mask.shape[1]], 0.0).sum(-1) if ref_logp is not None else None
+    half = len(chosen)
+    logps = PairLogps(chosen=sums[:half], rejected=sums[half:], chosen_tokens=counts[:half],
+                      rejected_tokens=counts[half:], ref_chosen=None if ref is None else ref[:half],
+                      ref_rejected=None if ref is None else ref[half:])
+    fn = PAIRWISE[s.pairwise_loss]
+    hparams = kwargs_for(fn, {"beta": s.beta, "label_smoothing": s.label_smoothing})
+    loss = fn(logps, **hparams).mean()
+    loss.backward()
+    metrics = {"loss": loss.item(), "entropy": masked_mean(entropy.detach(), mask).item(), "pairs": float(half)}
+    if ref is not None:
+        margin = s.beta * ((sums[:half] - ref[:half]) - (sums[half:] - ref[half:])).detach()
+        metrics.update({"rewards/margins": margin.mean().item(),
+                        "rewards/accuracies": (margin > 0).float().mean().item()})
+    return metrics

@@ -1,0 +1,230 @@
+"""GRPO training throughput and memory: alignkit against TRL's GRPOTrainer, side by side.
+
+Same random tiny Llama, prompts, rule reward (count of the letter "e"), prompts per step,
+group size, completion length, temperature 1, learning rate (constant), beta (KL to the
+reference, k3 in the loss for both) and GRPO's per-sequence token-mean loss (TRL
+loss_type="grpo"), float32 on CPU. One generation per optimizer step on both sides
+(TRL steps_per_generation=1, num_iterations=1: exactly on-policy). Each framework runs in a
+fresh child process (this script with `--worker NAME`), in alternating A/B order over
+`--rounds`; medians are reported.
+
+    python bench/grpo_vs_trl.py                        # hidden 256, 4 layers, 4 prompts x 8, 32 tokens
+    python bench/grpo_vs_trl.py --steps 4 --rounds 1   # quick smoke run
+
+Measured per child: `steps/s` over the loop without step 1 (warm-up), `tokens/s` = generated
+completion tokens per second of that loop (each side's own completion lengths, from its logs),
+`e2e` = load + train + save, `peak RSS` (ru_maxrss) and `RSS base` (after importing torch +
+transformers). Children run with `--threads` torch threads (default 1: stable on a shared box).
+TRL keeps its default gradient checkpointing (as bench/dpo_vs_trl.py) unless `--trl-no-gc`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    current_rss_mib,
+    emit_result,
+    median_of,
+    peak_rss_mib,
+    print_table,
+    ratio,
+    run_rounds,
+    run_worker,
+)
+
+FRAMEWORKS = ("alignkit", "trl")
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TQDM_DISABLE": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "WANDB_DISABLED": "true",
+}
+PROMPTS = ["Write a short review.", "The movie", "Tell me about the film.", "What is two plus two?",
+           "Please answer the question briefly.", "The story", "I loved the music", "The quick brown fox"]
+
+
+def count_e(prompts, completions, **kwargs):
+    """The shared reward: +1 per letter e in the completion."""
+    return [float(str(text).count("e")) for text in completions]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="local model dir (default: build a random tiny Llama)")
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--prompts-per-step", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps (>= 2)")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient (0: no reference)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trl-no-gc", action="store_true",
+                        help="turn off TRL's default gradient checkpointing (alignkit never checkpoints here)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps < 2 and not args.worker:
+        parser.error("--steps must be at least 2 (step 1 is the excluded warm-up)")
+    return args
+
+
+def loop_stats(stamps: list[float], lengths: list[float], spec: dict) -> dict:
+    measured = len(stamps) - 1
+    loop_s = stamps[-1] - stamps[0]
+    samples = spec["prompts_per_step"] * spec["group_size"]
+    return {"steps": len(stamps), "loop_s": loop_s, "steps_per_s": measured / loop_s,
+            "tokens_per_s": sum(lengths[1:]) * samples / loop_s,
+            "mean_completion_length": statistics.mean(lengths) if lengths else None}
+
+
+def worker_alignkit(spec: dict) -> dict:
+    import alignkit
+    import alignkit.training.online  # noqa: F401
+
+    stamps, lengths, rewards = [], [], []
+
+    def on_step(step: int, metrics: dict) -> None:
+        stamps.append(time.perf_counter())
+        lengths.append(float(metrics["response_length"]))
+        rewards.append(float(metrics["reward/mean"]))
+
+    begin = time.perf_counter()
+    alignkit.train(
+        "grpo", model=spec["model"], data=[{"prompt": p} for p in PROMPTS], output_dir=spec["out"],
+        reward=count_e, callbacks=(on_step,), batch_size=spec["prompts_per_step"], max_steps=spec["steps"],
+        lr=spec["lr"], warmup_ratio=0.0, scheduler="constant", seed=spec["seed"], dtype="float32",
+        device="cpu", progress=False, group_size=spec["group_size"], max_new_tokens=spec["max_new_tokens"],
+        beta=spec["beta"], temperature=1.0,
+    )
+    return {"end_to_end_s": time.perf_counter() - begin, **loop_stats(stamps, lengths, spec),
+            "first_reward": rewards[0], "final_reward": rewards[-1]}
+
+
+def worker_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    stamps, lengths, rewards = [], [], []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(float(logs["completions/mean_length"]))
+                rewards.append(float(logs.get("reward", float("nan"))))
+
+    begin = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    samples = spec["prompts_per_step"] * spec["group_size"]
+    config = GRPOConfig(
+        output_dir=spec["out"], per_device_train_batch_size=samples, num_generations=spec["group_size"],
+        steps_per_generation=1, num_iterations=1, max_completion_length=spec["max_new_tokens"],
+        max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        beta=spec["beta"], loss_type="grpo", temperature=1.0, logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=spec["seed"],
+        disable_tqdm=True, **({"gradient_checkpointing": False} if spec["trl_no_gc"] else {}),
+    )
+    dataset = Dataset.from_list([{"prompt": p} for p in PROMPTS] * spec["steps"])
+    trainer = GRPOTrainer(model=model, reward_funcs=[count_e], args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[Timer()])
+    trainer.train()
+    trainer.save_model(str(Path(spec["out"]) / "final"))
+    return {"end_to_end_s": time.perf_counter() - begin, **loop_stats(stamps, lengths, spec),
+            "gradient_checkpointing": bool(config.gradient_checkpointing),
+            "first_reward": rewards[0] if rewards else None, "final_reward": rewards[-1] if rewards else None}
+
+
+def run_as_worker(args: argparse.Namespace) -> None:
+    spec = json.loads(Path(args.spec).read_text())
+    import torch
+    import transformers  # noqa: F401
+
+    if spec["threads"] > 0:
+        torch.set_num_threads(spec["threads"])
+    rss_base = current_rss_mib()
+    result = worker_alignkit(spec) if args.worker == "alignkit" else worker_trl(spec)
+    result.update(peak_rss_mib=peak_rss_mib(), rss_base_mib=rss_base, framework=args.worker,
+                  torch_threads=torch.get_num_threads())
+    emit_result(result)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        run_as_worker(args)
+        return
+    names = [n.strip() for n in args.frameworks.split(",") if n.strip()]
+    os.environ.update(WORKER_ENV)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
+    model_dir = args.model
+    if model_dir is None:
+        from alignkit.testing import build_tiny_model
+
+        model_dir = build_tiny_model(workdir / "model", hidden_size=args.hidden_size,
+                                     num_layers=args.num_layers, num_heads=args.num_heads, seed=args.seed)
+    spec = {"model": str(model_dir), "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
+            "max_new_tokens": args.max_new_tokens, "steps": args.steps, "lr": args.lr, "beta": args.beta,
+            "seed": args.seed, "threads": args.threads, "trl_no_gc": args.trl_no_gc}
+    print(f"model {spec['model']}; {args.prompts_per_step} prompts x {args.group_size} samples per step, "
+          f"{args.max_new_tokens} new tokens, {args.steps} steps, beta {args.beta}, torch threads {args.threads}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+
+    def run_one(name: str, round_index: int) -> dict:
+        out = workdir / f"{name}-{round_index}"
+        spec_path = workdir / f"spec-{name}-{round_index}.json"
+        spec_path.write_text(json.dumps({**spec, "out": str(out)}))
+        env = {"HF_DATASETS_CACHE": str(out / "hf-datasets")}
+        if args.threads > 0:
+            env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        return run_worker(__file__, name, spec_path, timeout=args.timeout, env=env, verbose=args.verbose)
+
+    results = run_rounds(names, args.rounds, run_one, log=lambda s: print(s, flush=True))
+    keys = ("steps_per_s", "tokens_per_s", "loop_s", "end_to_end_s", "peak_rss_mib", "rss_base_mib",
+            "mean_completion_length", "first_reward", "final_reward")
+    medians = {n: {k: median_of(results[n], k) for k in keys} for n in names}
+    print_table(["framework", "steps/s", "tokens/s", "loop s", "e2e s", "peak RSS MiB", "RSS base MiB",
+                 "mean len", "reward 1st", "reward last"],
+                [[n, *(m[k] for k in keys)] for n, m in medians.items()],
+                title=f"medians over {args.rounds} round(s); load average now {os.getloadavg()[0]:.2f}")
+    ratios = {}
+    if "alignkit" in medians and "trl" in medians:
+        ours, theirs = medians["alignkit"], medians["trl"]
+        ratios = {"steps_per_s": ratio(ours["steps_per_s"], theirs["steps_per_s"]),
+                  "tokens_per_s": ratio(ours["tokens_per_s"], theirs["tokens_per_s"]),
+                  "end_to_end_speedup": ratio(theirs["end_to_end_s"], ours["end_to_end_s"]),
+                  "peak_rss": ratio(ours["peak_rss_mib"], theirs["peak_rss_mib"])}
+        print_table(["pair", "steps/s", "tokens/s", "e2e speed-up", "peak RSS"],
+                    [["alignkit / trl", *ratios.values()]],
+                    title="ratios (speed: >1 = alignkit faster; memory: <1 = alignkit smaller)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"spec": spec, "runs": results, "medians": medians,
+                                               "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
