@@ -27,7 +27,7 @@ def train(
     `model`: a local directory, hub id, `smollm2-135m`, or a loaded `PreTrainedModel` (pass its
     `tokenizer` too). `data` / `eval_data`: a path, hub id, `datasets.Dataset` or a list of
     dicts. `overrides`: any `TrainConfig` field (`batch_size=4`, `lora_r=8`) or an algorithm
-    hyper-parameter (`beta=0.1`). `reward` (online algorithms): a callable
+    hyper-parameter (`beta=0.1`). `reward` (online algorithms and A-LoL): a callable
     `(prompts, completions, **columns) -> Tensor (B,) | list[float]` or a spec string
     (`module:function`, `file.py:function`, a built-in); `reward_model=DIR` uses a reward model.
     """
@@ -59,6 +59,8 @@ def train(
         return run_online(
             config, model=loaded_model, tokenizer=tokenizer, data=data, reward=reward, callbacks=callbacks
         )
+    if reward is not None:  # A-LoL scores the reference's own samples with it
+        config.reward = str(reward) if isinstance(reward, Path) else reward
     return run_offline(
         config, model=loaded_model, tokenizer=tokenizer, data=data, eval_data=eval_data, callbacks=callbacks
     )

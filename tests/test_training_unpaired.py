@@ -159,3 +159,17 @@ def test_ift_lowers_held_out_nll(tiny_model_dir, tmp_path):
     evals = [r["eval/nll"] for r in metrics if "eval/nll" in r]
     assert evals[-1] < 0.7 * evals[0]
     assert {"loss", "nll", "nll/mixed"} <= set(metrics[0])
+
+
+def test_alol_takes_a_python_reward_through_the_api(tiny_model_dir, tmp_path):
+    import yaml
+
+    from alignkit.testing import planted_reward, synthetic_rewarded
+
+    result = alignkit.train(
+        "alol", model=str(tiny_model_dir), data=synthetic_rewarded(16), output_dir=tmp_path / "alol",
+        reward=planted_reward, batch_size=4, max_steps=2, progress=False,
+    )
+    assert result.final_dir.exists()
+    saved = yaml.safe_load((tmp_path / "alol" / "config.yaml").read_text())
+    assert "planted_reward" in saved["reward"]
