@@ -1,6 +1,22 @@
-"""Evaluation: statistics (bootstrap intervals, win rate, diversity) and sentence embeddings."""
+"""Evaluation: statistics, sampled KL, win rates, diversity, over-optimisation curves, reports.
 
+Pure metrics: `stats`, `kl`, `winrate`, `diversity`, `overopt`. Drivers that sample models:
+`generation_eval.evaluate_model`, `overopt_lab.run_overopt`. Reports: `report.write_report`.
+"""
+
+from alignkit.eval.diversity import diversity_metrics, lexical_diversity
 from alignkit.eval.embeddings import MiniLMEmbedder, embedding_diversity, minilm_model_dir
+from alignkit.eval.generation_eval import evaluate_model
+from alignkit.eval.kl import sequence_kl
+from alignkit.eval.overopt import (
+    CurveFit,
+    best_of_n_values,
+    bon_curve,
+    bon_kl,
+    bon_weights,
+    fit_overoptimization,
+)
+from alignkit.eval.report import MethodResult, ReportInput, curve_from_metrics, write_report
 from alignkit.eval.stats import (
     bootstrap_ci,
     distinct_n,
@@ -11,8 +27,32 @@ from alignkit.eval.stats import (
     paired_bootstrap_diff,
     win_rate,
 )
+from alignkit.eval.winrate import (
+    PairwiseJudge,
+    RewardJudge,
+    judged_win_rate,
+    length_controlled_win_rate,
+)
 
 __all__ = [
+    "CurveFit",
+    "MethodResult",
+    "PairwiseJudge",
+    "ReportInput",
+    "RewardJudge",
+    "best_of_n_values",
+    "bon_curve",
+    "bon_kl",
+    "bon_weights",
+    "curve_from_metrics",
+    "diversity_metrics",
+    "evaluate_model",
+    "fit_overoptimization",
+    "judged_win_rate",
+    "length_controlled_win_rate",
+    "lexical_diversity",
+    "sequence_kl",
+    "write_report",
     "MiniLMEmbedder",
     "bootstrap_ci",
     "distinct_n",

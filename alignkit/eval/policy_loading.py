@@ -1,0 +1,122 @@
+"""Load the policy an evaluation talks about, whatever form it was saved in.
+
+`load_policy(path)` accepts
+- anything `load_model` loads: a directory with config.json + safetensors (e.g. a run's
+  `final/`), a hub id, the embedded alias `smollm2-135m`;
+- a peft LoRA adapter directory (`adapter_config.json`): the base model named there, wrapped
+  with the adapter, so `adapter_disabled` gives back the base as the reference;
+- an alignkit training checkpoint `RUN/checkpoints/step-000012/` holding only the trainable
+  weights (`weights.safetensors`): the run's `config.yaml` says which base model and which
+  LoRA settings to rebuild before the weights are copied in by name.
+
+`base_model_of(path)` names the model a policy was trained from (the reference for KL):
+the run's `config.yaml` `ref_model` or `model` for `final/` and checkpoint directories, the
+adapter's base for LoRA directories, else None.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+
+def _run_config(run_dir: Path) -> dict[str, Any] | None:
+    import yaml
+
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        return None
+    return yaml.safe_load(config_file.read_text()) or {}
+
+
+def _run_dir_of(path: Path) -> Path | None:
+    """RUN for RUN/final and RUN/checkpoints/step-N, when RUN holds a config.yaml."""
+    for candidate in (path.parent, path.parent.parent):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    return None
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """12 for `.../step-000012`; the last logged step of the run for `.../final`; else None."""
+    path = Path(path)
+    match = re.fullmatch(r"step-(\d+)", path.name)
+    if match:
+        return int(match.group(1))
+    run_dir = _run_dir_of(path)
+    metrics = run_dir / "metrics.jsonl" if run_dir is not None else None
+    if metrics is not None and metrics.is_file():
+        steps = [
+            json.loads(line).get("step")
+            for line in metrics.read_text().splitlines()
+            if line.strip()
+        ]
+        steps = [s for s in steps if isinstance(s, int)]
+        return max(steps) if steps else None
+    return None
+
+
+def base_model_of(path: str | Path) -> str | None:
+    """The model `path` was trained from, when its directory records it (see module doc)."""
+    path = Path(path)
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        return json.loads(adapter.read_text()).get("base_model_name_or_path")
+    run_dir = _run_dir_of(path) if path.is_dir() else None
+    config = _run_config(run_dir) if run_dir is not None else None
+    if config:
+        return config.get("ref_model") or config.get("model")
+    return None
+
+
+def load_policy(
+    path: str | Path, *, device: str | None = None, dtype: Any = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) for any of the forms in the module docstring."""
+    from alignkit.models import load_model
+
+    local = Path(path)
+    if (local / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base, tokenizer = load_model(base_model_of(local), device=device, dtype=dtype)
+        return PeftModel.from_pretrained(base, str(local)).eval(), tokenizer
+    if (local / "weights.safetensors").is_file() and not (local / "config.json").is_file():
+        return _load_training_checkpoint(local, device=device, dtype=dtype)
+    return load_model(str(path), device=device, dtype=dtype)
+
+
+def _load_training_checkpoint(path: Path, *, device: str | None, dtype: Any) -> tuple[Any, Any]:
+    import torch
+    from safetensors.torch import load_file
+
+    from alignkit.models import apply_lora, load_model
+
+    run_dir = _run_dir_of(path)
+    config = _run_config(run_dir) if run_dir is not None else None
+    if config is None:
+        raise FileNotFoundError(
+            f"{path} holds only trainable weights; its run directory (two levels up) must hold "
+            f"the run's config.yaml to rebuild the model"
+        )
+    model, tokenizer = load_model(config.get("model", "smollm2-135m"), device=device, dtype=dtype)
+    if int(config.get("lora_r") or 0) > 0:
+        targets = config.get("lora_target_modules") or "all-linear"
+        model = apply_lora(
+            model,
+            r=int(config["lora_r"]),
+            alpha=config.get("lora_alpha"),
+            dropout=float(config.get("lora_dropout") or 0.0),
+            target_modules=targets if targets == "all-linear" else targets.split(","),
+        )
+    weights = load_file(str(path / "weights.safetensors"))
+    params = dict(model.named_parameters())
+    unknown = [name for name in weights if name not in params]
+    if unknown:
+        raise ValueError(f"{path}: checkpoint parameters not in the rebuilt model: {unknown[:3]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].dtype))
+    return model.eval(), tokenizer
