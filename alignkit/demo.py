@@ -1,11 +1,11 @@
-"""`alignkit demo`: align SmolLM2-135M-Instruct towards positive movie reviews with DPO.
+"""`alignkit demo`: align SmolLM2-135M-Instruct towards positive movie reviews, two ways.
 
 1. load the embedded model and the built-in movie-review prompts (train / held-out split)
-2. score the base model on held-out prompts with the gold reward (VADER compound sentiment)
-3. sample reviews for each training prompt; the most positive (VADER) is chosen, the least
-   positive rejected
-4. train DPO with LoRA on those self-generated pairs
-5. score the aligned model on the same held-out prompts; print and save the comparison
+2. evaluate the base model on held-out prompts: gold reward (VADER), length, diversity
+3. GRPO with LoRA, rewarded online by VADER; evaluate it (gold reward, KL to the base, win rate)
+4. DPO with LoRA on self-generated pairs (per training prompt the most and the least positive of
+   a few samples); evaluate it the same way
+5. write the report (report.html, PNGs, results.json) and print the table
 """
 
 from __future__ import annotations
@@ -20,40 +20,51 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("alignkit")
+METHODS = ("grpo", "dpo")
 
 
 @dataclass
 class DemoOptions:
-    """`alignkit demo` options; defaults finish within 10 minutes on 2 CPU cores."""
+    """`alignkit demo` options; the defaults finish within 10 minutes on 2 CPU cores."""
 
     output: str = "alignkit-demo"
-    """Directory for results.json, the DPO run and its final/ checkpoint."""
+    """Directory for the report, results.json and each method's run with its final/ model."""
     model: str = "smollm2-135m"
     """Policy to align: the embedded default, a local directory or a hub id."""
-    train_prompts: int = 100
-    """Training prompts (each gives one self-generated pair)."""
-    samples_per_prompt: int = 4
-    """Reviews sampled per training prompt; the best and the worst by VADER form its pair."""
+    methods: tuple[str, ...] = METHODS
+    """Which alignment methods to run (grpo, dpo)."""
+    train_prompts: int = 96
+    """Training prompts."""
     eval_prompts: int = 25
-    """Held-out prompts used to score the model before and after."""
-    eval_samples: int = 8
+    """Held-out prompts used to score every model."""
+    eval_samples: int = 6
     """Samples per held-out prompt."""
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     """Length limit of every generated review."""
-    temperature: float = 1.0
-    """Sampling temperature for the training pairs."""
     eval_temperature: float = 0.7
-    """Sampling temperature when scoring a model (the same before and after)."""
-    epochs: float = 2.0
-    """DPO passes over the pairs."""
-    batch_size: int = 8
-    """Pairs per DPO step."""
-    lr: float = 5e-4
-    """DPO learning rate for the LoRA adapter."""
-    beta: float = 0.1
-    """DPO inverse temperature."""
+    """Sampling temperature when scoring a model (the same for every model)."""
     lora_r: int = 16
-    """LoRA rank."""
+    """LoRA rank for both methods."""
+    grpo_steps: int = 12
+    """GRPO optimizer steps."""
+    grpo_prompts_per_step: int = 8
+    """Prompts per GRPO step."""
+    grpo_group_size: int = 4
+    """Samples per prompt in a GRPO group."""
+    grpo_lr: float = 2e-4
+    """GRPO learning rate for the LoRA adapter."""
+    grpo_beta: float = 0.0
+    """GRPO KL coefficient (0 loads no reference model while training; KL is still reported)."""
+    dpo_samples_per_prompt: int = 4
+    """Reviews sampled per training prompt; the best and the worst by VADER form its pair."""
+    dpo_epochs: float = 2.0
+    """DPO passes over the pairs."""
+    dpo_batch_size: int = 8
+    """Pairs per DPO step."""
+    dpo_lr: float = 5e-4
+    """DPO learning rate for the LoRA adapter."""
+    dpo_beta: float = 0.1
+    """DPO inverse temperature."""
     seed: int = 0
     """Seed for sampling and training."""
     progress: bool = True
@@ -66,53 +77,34 @@ def load_prompts() -> dict[str, list[str]]:
     return json.loads(text)
 
 
+def as_chat(prompts: list[str]) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": p}] for p in prompts]
+
+
 def render_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Chat-template token ids of each user prompt, ready for generation."""
-    messages = [[{"role": "user", "content": p}] for p in prompts]
-    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in as_chat(prompts)]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def sample_completions(
-    model, tokenizer, prompts: list[str], n: int, options: DemoOptions, seed: int, temperature: float
-):
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """End-of-turn and end-of-text ids: a review stops at either."""
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    return tuple(sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id))
+
+
+def sample_completions(model, tokenizer, prompts: list[str], n: int, *, max_new_tokens: int,
+                       temperature: float, seed: int) -> list[list[str]]:
     """n sampled completions per prompt, as text, grouped prompt by prompt."""
     from alignkit.rollout import HFEngine, SamplingParams
 
-    eos_ids = tuple({tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids("<|endoftext|>")} - {None})
-    engine = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_ids=eos_ids, max_batch_size=64)
-    sampling = SamplingParams(
-        max_new_tokens=options.max_new_tokens,
-        temperature=temperature,
-        stop_token_ids=eos_ids,
-        seed=seed,
-    )
+    eos = stop_ids(tokenizer)
+    engine = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_ids=eos, max_batch_size=64)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=eos, seed=seed)
     rollout = engine.generate(render_prompts(tokenizer, prompts), n, sampling)
-    texts = []
-    for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True):
-        texts.append(tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True).strip())
+    texts = [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True).strip()
+             for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)]
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
-
-
-def score_model(model, tokenizer, prompts: list[str], options: DemoOptions, reward) -> dict:
-    """Gold reward with a 95% bootstrap interval, mean length and two samples."""
-    from alignkit.eval import bootstrap_ci
-
-    groups = sample_completions(
-        model, tokenizer, prompts, options.eval_samples, options, options.seed + 1, options.eval_temperature
-    )
-    flat_prompts = [p for p, group in zip(prompts, groups, strict=True) for _ in group]
-    flat = [c for group in groups for c in group]
-    scores = reward(flat_prompts, flat).tolist()
-    mean, low, high = bootstrap_ci(scores, confidence=0.95, seed=options.seed)
-    return {
-        "gold_reward": mean,
-        "ci_low": low,
-        "ci_high": high,
-        "mean_length_words": sum(len(c.split()) for c in flat) / len(flat),
-        "n": len(flat),
-        "samples": [{"prompt": flat_prompts[i], "completion": flat[i], "reward": scores[i]} for i in (0, 1)],
-    }
 
 
 def build_pairs(prompts: list[str], groups: list[list[str]], reward) -> tuple[list[dict], int]:
@@ -132,16 +124,14 @@ def build_pairs(prompts: list[str], groups: list[list[str]], reward) -> tuple[li
         if group_scores[best] == group_scores[worst] or group[best] == group[worst]:
             ties += 1
             continue
-        pairs.append(
-            {"prompt": [{"role": "user", "content": prompt}],
-             "chosen": [{"role": "assistant", "content": group[best]}],
-             "rejected": [{"role": "assistant", "content": group[worst]}]}
-        )
+        pairs.append({"prompt": as_chat([prompt])[0],
+                      "chosen": [{"role": "assistant", "content": group[best]}],
+                      "rejected": [{"role": "assistant", "content": group[worst]}]})
     return pairs, ties
 
 
 class StageClock:
-    """Seconds spent in each numbered step, logged as each one ends."""
+    """Seconds spent in each step, logged as each one ends."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -160,93 +150,141 @@ class StageClock:
             self.current = None
 
 
+def train_grpo(options: DemoOptions, prompts: list[str], reward, output: Path):
+    from alignkit.api import train
+    from alignkit.models import load_model
+
+    model, tokenizer = load_model(options.model)
+    steps, per_step = options.grpo_steps, options.grpo_prompts_per_step
+    data = [{"prompt": chat} for chat in as_chat(prompts)]
+    return train(
+        "grpo", model=model, tokenizer=tokenizer, data=data, reward=reward, output_dir=output / "grpo",
+        batch_size=per_step, max_steps=steps, lr=options.grpo_lr, lora_r=options.lora_r, seed=options.seed,
+        warmup_ratio=0.0, progress=options.progress, group_size=options.grpo_group_size,
+        max_new_tokens=options.max_new_tokens, beta=options.grpo_beta, temperature=1.0,
+    )
+
+
+def train_dpo(options: DemoOptions, prompts: list[str], reward, output: Path):
+    from alignkit.api import train
+    from alignkit.models import load_model
+
+    model, tokenizer = load_model(options.model)
+    groups = sample_completions(model, tokenizer, prompts, options.dpo_samples_per_prompt,
+                                max_new_tokens=options.max_new_tokens, temperature=1.0, seed=options.seed + 2)
+    pairs, ties = build_pairs(prompts, groups, reward)
+    log.info("      %d pairs (%d prompts left out: all their samples scored the same)", len(pairs), ties)
+    result = train(
+        "dpo", model=model, tokenizer=tokenizer, data=pairs, output_dir=output / "dpo",
+        batch_size=options.dpo_batch_size, epochs=options.dpo_epochs, lr=options.dpo_lr, lora_r=options.lora_r,
+        seed=options.seed, max_length=256, warmup_ratio=0.1, progress=options.progress, beta=options.dpo_beta,
+    )
+    return result, {"pairs": len(pairs), "pairs_left_out": ties}
+
+
+def evaluate(model, tokenizer, prompts, options: DemoOptions, reward, embedder, *, reference, base=None):
+    from alignkit.eval.generation_eval import evaluate_model
+
+    return evaluate_model(
+        model, tokenizer, as_chat(prompts), reward=reward, reference=reference, samples=options.eval_samples,
+        max_new_tokens=options.max_new_tokens, temperature=options.eval_temperature, seed=options.seed + 1,
+        embedder=embedder, reference_completions=base, n_examples=2,
+    )
+
+
 def run_demo(options: DemoOptions) -> dict:
     """Run the five steps in the module docstring; return the results dict."""
-    from alignkit.api import train
     from alignkit.eval import format_table, intervals_overlap
+    from alignkit.eval.diversity import default_embedder
+    from alignkit.eval.report import curve_from_metrics, write_report
     from alignkit.models import load_model
     from alignkit.rewards import VaderSentiment
 
+    unknown = set(options.methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown demo method(s) {sorted(unknown)}; choose from {METHODS}")
     started = time.perf_counter()
     output = Path(options.output)
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)
-    reward = VaderSentiment()
-    clock = StageClock()
+    reward, clock = VaderSentiment(), StageClock()
 
     # 1. model and prompts
-    clock.start("load", "[1/5] loading %s", options.model)
+    clock.start("load", "[1/5] loading %s and the built-in prompts", options.model)
     model, tokenizer = load_model(options.model)
     prompts = load_prompts()
     train_prompts = prompts["train"][: options.train_prompts]
     eval_prompts = prompts["heldout"][: options.eval_prompts]
+    embedder = default_embedder()
 
-    # 2. the base model on held-out prompts
-    clock.start("score_base", "[2/5] scoring the base model on %d held-out prompts", len(eval_prompts))
-    before = score_model(model, tokenizer, eval_prompts, options, reward)
+    # 2. the base model
+    clock.start("eval_base", "[2/5] evaluating the base model on %d held-out prompts", len(eval_prompts))
+    methods = {"base": evaluate(model, tokenizer, eval_prompts, options, reward, embedder, reference=None)}
+    base_completions = methods["base"]["completions"]
+    del model
 
-    # 3. self-generated pairs labelled by the gold reward
-    n = options.samples_per_prompt
-    clock.start("sample_pairs", "[3/5] sampling %d reviews for each of %d training prompts", n, len(train_prompts))
-    groups = sample_completions(model, tokenizer, train_prompts, n, options, options.seed + 2, options.temperature)
-    pairs, ties = build_pairs(train_prompts, groups, reward)
-    log.info("      %d pairs (%d prompts left out: all their samples scored the same)", len(pairs), ties)
-
-    # 4. DPO with LoRA
-    clock.start("train_dpo", "[4/5] training DPO with LoRA (r=%d) on %d pairs", options.lora_r, len(pairs))
-    result = train(
-        "dpo",
-        model=model,
-        tokenizer=tokenizer,
-        data=pairs,
-        output_dir=output / "dpo",
-        batch_size=options.batch_size,
-        epochs=options.epochs,
-        lr=options.lr,
-        lora_r=options.lora_r,
-        seed=options.seed,
-        max_length=256,
-        warmup_ratio=0.1,
-        progress=options.progress,
-        beta=options.beta,
-    )
-
-    # 5. the aligned model on the same held-out prompts
-    clock.start("score_dpo", "[5/5] scoring the DPO model")
-    after = score_model(result.model, tokenizer, eval_prompts, options, reward)
+    # 3.-4. each alignment method, then its evaluation against the base
+    extras: dict[str, dict] = {}
+    for step, name in enumerate(options.methods, start=3):
+        clock.start(f"train_{name}", "[%d/5] training %s with LoRA (r=%d)", step, name.upper(), options.lora_r)
+        if name == "grpo":
+            result = train_grpo(options, train_prompts, reward, output)
+            curve = curve_from_metrics(result.output_dir / "metrics.jsonl")
+        else:
+            result, extras[name] = train_dpo(options, train_prompts, reward, output)
+            curve = curve_from_metrics(result.output_dir / "metrics.jsonl", reward_key="rewards/margins")
+        clock.start(f"eval_{name}", "      evaluating %s", name.upper())
+        methods[name] = evaluate(result.model, tokenizer, eval_prompts, options, reward, embedder,
+                                 reference="adapter", base=base_completions)
+        methods[name]["curve"] = curve
+        methods[name]["final"] = str(result.final_dir)
+        del result
     clock.stop()
-    separated = not intervals_overlap((before["ci_low"], before["ci_high"]), (after["ci_low"], after["ci_high"]))
+
+    # 5. report
+    base_ci = (methods["base"]["ci_low"], methods["base"]["ci_high"])
+    beats_base = {name: bool(methods[name]["gold_reward"] > methods["base"]["gold_reward"]
+                             and not intervals_overlap(base_ci, (methods[name]["ci_low"], methods[name]["ci_high"])))
+                  for name in options.methods}
     results = {
-        "task": "movie reviews, gold reward = VADER compound sentiment",
+        "title": "alignkit demo: positive movie reviews",
+        "task": "short movie reviews; gold reward = VADER compound sentiment in [-1, 1]",
         "model": options.model,
-        "methods": {"base": before, "dpo": after},
-        "dpo_final": str(result.final_dir),
-        "pairs": len(pairs),
-        "pairs_left_out": ties,
-        "train_metrics": result.metrics,
-        "improved_with_separated_intervals": bool(after["gold_reward"] > before["gold_reward"] and separated),
+        "methods": methods,
+        "beats_base_with_separated_intervals": beats_base,
+        "extras": extras,
         "seconds": time.perf_counter() - started,
         "stage_seconds": clock.seconds,
         "options": asdict(options),
+        "notes": [f"{len(eval_prompts)} held-out prompts x {options.eval_samples} samples per model, "
+                  f"temperature {options.eval_temperature}; intervals: 95% bootstrap over prompts",
+                  "KL: sampled KL(policy || base), k1 summed over response tokens"],
     }
-    (output / "results.json").write_text(json.dumps(results, indent=2))
-    rows = [
-        {"method": name, "VADER": f"{r['gold_reward']:+.3f}", "95% CI": f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]",
-         "length (words)": f"{r['mean_length_words']:.1f}", "n": r["n"]}
-        for name, r in results["methods"].items()
-    ]
-    print()
-    print(format_table(rows, ["method", "VADER", "95% CI", "length (words)", "n"]))
-    for name, r in results["methods"].items():
-        for sample in r["samples"]:
-            print(f"\n[{name}] {sample['prompt']}\n  -> {sample['completion']!r} (VADER {sample['reward']:+.3f})")
-    print(f"\nDPO model: {result.final_dir}  |  results: {output / 'results.json'}  |  {results['seconds']:.0f} s")
+    paths = write_report(results, output)
+    print_summary(results, format_table)
+    print(f"\nreport: {paths.get('report.html', output / 'report.html')}  |  {results['seconds']:.0f} s")
     return results
+
+
+def print_summary(results: dict, format_table) -> None:
+    rows = []
+    for name, r in results["methods"].items():
+        kl = r.get("kl")
+        rows.append({
+            "method": name, "VADER": f"{r['gold_reward']:+.3f}", "95% CI": f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]",
+            "KL": "-" if kl is None else f"{kl:.2f}", "win rate": "-" if r.get("win_rate") is None else f"{r['win_rate']:.2f}",
+            "length": f"{r['mean_length_words']:.1f}",
+            "distinct-2": f"{r['diversity']['across_input'].get('distinct_2', float('nan')):.2f}" if r.get("diversity") else "-",
+        })
+    print()
+    print(format_table(rows, ["method", "VADER", "95% CI", "KL", "win rate", "length", "distinct-2"]))
+    for name, r in results["methods"].items():
+        for sample in r.get("samples", [])[:1]:
+            print(f"\n[{name}] {sample['prompt']}\n  -> {sample['completion']!r} (VADER {sample['reward']:+.3f})")
 
 
 def main(argv: list[str]) -> int:
     import tyro
 
-    options = tyro.cli(DemoOptions, args=argv, prog="alignkit demo")
-    run_demo(options)
+    run_demo(tyro.cli(DemoOptions, args=argv, prog="alignkit demo"))
     return 0

@@ -27,17 +27,29 @@ def test_build_pairs_takes_best_and_worst_and_counts_ties():
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
+    out = tmp_path / "demo"
     options = DemoOptions(
-        output=str(tmp_path / "demo"), model=str(tiny_model_dir), train_prompts=8, samples_per_prompt=2,
-        eval_prompts=3, eval_samples=2, max_new_tokens=6, epochs=1, batch_size=4, progress=False,
+        output=str(out), model=str(tiny_model_dir), train_prompts=8, eval_prompts=3, eval_samples=2,
+        max_new_tokens=6, grpo_steps=2, grpo_prompts_per_step=4, grpo_group_size=2, dpo_samples_per_prompt=2,
+        dpo_epochs=1, dpo_batch_size=4, progress=False,
     )
     results = run_demo(options)
-    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert saved["methods"].keys() == {"base", "dpo"}
-    for method in saved["methods"].values():
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["methods"]) == ["base", "grpo", "dpo"]
+    for name, method in saved["methods"].items():
         assert method["ci_low"] <= method["gold_reward"] <= method["ci_high"]
         assert method["n"] == 6 and len(method["samples"]) == 2
-    assert set(saved["stage_seconds"]) == {"load", "score_base", "sample_pairs", "train_dpo", "score_dpo"}
-    assert isinstance(saved["improved_with_separated_intervals"], bool)
-    assert results["pairs"] + results["pairs_left_out"] == 8
-    AutoModelForCausalLM.from_pretrained(saved["dpo_final"])
+        assert {"mean_length_words", "diversity", "kl", "win_rate"} <= set(method)
+        if name != "base":
+            assert method["kl"] is not None and 0.0 <= method["win_rate"] <= 1.0
+            assert method["curve"], name
+            AutoModelForCausalLM.from_pretrained(method["final"])
+            assert (out / name / "final" / "model.safetensors").exists()
+    assert set(saved["stage_seconds"]) == {"load", "eval_base", "train_grpo", "eval_grpo", "train_dpo", "eval_dpo"}
+    assert set(saved["beats_base_with_separated_intervals"]) == {"grpo", "dpo"}
+    for name in ("report.html", "reward_bars.png", "reward_vs_kl.png"):
+        assert (out / name).stat().st_size > 1000, name
+    html = (out / "report.html").read_text()
+    assert "grpo" in html and "dpo" in html
+    extras = results["extras"]["dpo"]
+    assert extras["pairs"] + extras["pairs_left_out"] == 8

@@ -215,8 +215,8 @@ def evaluate_model(
     gold_reward_std, kl, kl_k3, kl_ci_low, kl_ci_high, kl_estimator, mean_length_words,
     mean_length_tokens, median_length_tokens, truncated_fraction, win_rate, win_rate_ci_low,
     win_rate_ci_high, lc_win_rate, win_rate_details, diversity, reference_metrics,
-    reward_diff_vs_reference, samples, n, prompts, samples_per_prompt, model, reference,
-    settings.
+    reward_diff_vs_reference, samples, completions (all texts, grouped by prompt), n, prompts,
+    samples_per_prompt, model, reference, settings.
     """
     from alignkit.models import is_peft
     from alignkit.rewards import score_safely
@@ -378,4 +378,5 @@ def evaluate_model(
             )
         examples.append(row)
     result["samples"] = examples
+    result["completions"] = [list(group) for group in policy.texts]  # grouped by prompt, k each
     return result
