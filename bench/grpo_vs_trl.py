@@ -1,14 +1,24 @@
 """GRPO training throughput and memory: alignkit against TRL's GRPOTrainer, side by side.
 
-Same random tiny Llama, prompts, rule reward (count of the letter "e"), prompts per step,
-group size, completion length, temperature 1, learning rate (constant), beta (KL to the
-reference, k3 in the loss for both) and GRPO's per-sequence token-mean loss (TRL
-loss_type="grpo"), float32 on CPU. One generation per optimizer step on both sides
+Same model, prompts, rule reward (count of the letter "e"), prompts per step, group size,
+completion length, temperature 1, learning rate (constant), beta (KL to the reference, k3 in
+the loss for both), clip epsilon 0.2, rewards scaled by the group std (TRL scale_rewards=
+"group") and GRPO's per-sequence token-mean loss (TRL loss_type="grpo"), float32 on CPU.
+Prompts are plain text (no chat template on either side) and far below any length cap.
+
+Model (default): a random Llama with SmolLM2-135M's shape -- its 49,152-token vocabulary
+(tied embeddings), GQA, 8/3 MLP -- but `--hidden-size` 256 and `--num-layers` 4, saved with
+SmolLM2's tokenizer when `~/.cache/alignkit/smollm2-135m-instruct` exists (else a tiny BPE
+tokenizer padded to 49,152 ids; see `_common.build_smollm2_shaped`). A realistic vocabulary
+matters: the (tokens x vocab) LM-head work dominates at this size, as in real small models.
+`--model smollm2` uses the real SmolLM2-135M-Instruct (30 layers; slow on CPU); `--model DIR`
+any local model. Random weights rarely emit EOS, so completions run to `--max-new-tokens`. One generation per optimizer step on both sides
 (TRL steps_per_generation=1, num_iterations=1: exactly on-policy). Each framework runs in a
 fresh child process (this script with `--worker NAME`), in alternating A/B order over
 `--rounds`; medians are reported.
 
-    python bench/grpo_vs_trl.py                        # hidden 256, 4 layers, 4 prompts x 8, 32 tokens
+    python bench/grpo_vs_trl.py                        # SmolLM2-shaped, 8 prompts x 8, 64 tokens
+    python bench/grpo_vs_trl.py --model smollm2 --steps 3
     python bench/grpo_vs_trl.py --steps 4 --rounds 1   # quick smoke run
 
 Measured per child: `steps/s` over the loop without step 1 (warm-up), `tokens/s` = generated
@@ -31,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    build_smollm2_shaped,
     current_rss_mib,
     emit_result,
     median_of,
@@ -39,6 +50,7 @@ from _common import (  # noqa: E402
     ratio,
     run_rounds,
     run_worker,
+    smollm2_dir,
 )
 
 FRAMEWORKS = ("alignkit", "trl")
@@ -61,13 +73,15 @@ def count_e(prompts, completions, **kwargs):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="local model dir (default: build a random tiny Llama)")
+    parser.add_argument("--model", help="smollm2 (cached SmolLM2-135M-Instruct) or a local model dir "
+                        "(default: build a random SmolLM2-shaped Llama)")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=4)
-    parser.add_argument("--prompts-per-step", type=int, default=4)
+    parser.add_argument("--num-kv-heads", type=int, default=2)
+    parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps (>= 2)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient (0: no reference)")
@@ -114,7 +128,7 @@ def worker_alignkit(spec: dict) -> dict:
         reward=count_e, callbacks=(on_step,), batch_size=spec["prompts_per_step"], max_steps=spec["steps"],
         lr=spec["lr"], warmup_ratio=0.0, scheduler="constant", seed=spec["seed"], dtype="float32",
         device="cpu", progress=False, group_size=spec["group_size"], max_new_tokens=spec["max_new_tokens"],
-        beta=spec["beta"], temperature=1.0,
+        beta=spec["beta"], temperature=1.0, eps_low=0.2, scale_by_std=True,
     )
     return {"end_to_end_s": time.perf_counter() - begin, **loop_stats(stamps, lengths, spec),
             "first_reward": rewards[0], "final_reward": rewards[-1]}
@@ -145,7 +159,7 @@ def worker_trl(spec: dict) -> dict:
         output_dir=spec["out"], per_device_train_batch_size=samples, num_generations=spec["group_size"],
         steps_per_generation=1, num_iterations=1, max_completion_length=spec["max_new_tokens"],
         max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
-        beta=spec["beta"], loss_type="grpo", temperature=1.0, logging_steps=1, save_strategy="no",
+        beta=spec["beta"], loss_type="grpo", temperature=1.0, epsilon=0.2, scale_rewards="group", logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=spec["seed"],
         disable_tqdm=True, **({"gradient_checkpointing": False} if spec["trl_no_gc"] else {}),
     )
@@ -182,11 +196,15 @@ def main() -> None:
     os.environ.update(WORKER_ENV)
     workdir = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     model_dir = args.model
-    if model_dir is None:
-        from alignkit.testing import build_tiny_model
-
-        model_dir = build_tiny_model(workdir / "model", hidden_size=args.hidden_size,
-                                     num_layers=args.num_layers, num_heads=args.num_heads, seed=args.seed)
+    if model_dir == "smollm2":
+        model_dir = smollm2_dir()
+        if model_dir is None:
+            sys.exit("--model smollm2: no ~/.cache/alignkit/smollm2-135m-instruct; create it with "
+                     "alignkit.models.resolve_model_path('smollm2-135m')")
+    elif model_dir is None:
+        model_dir = build_smollm2_shaped(workdir / "model", hidden_size=args.hidden_size,
+                                         num_layers=args.num_layers, num_heads=args.num_heads,
+                                         num_kv_heads=args.num_kv_heads, seed=args.seed)
     spec = {"model": str(model_dir), "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
             "max_new_tokens": args.max_new_tokens, "steps": args.steps, "lr": args.lr, "beta": args.beta,
             "seed": args.seed, "threads": args.threads, "trl_no_gc": args.trl_no_gc}

@@ -229,3 +229,138 @@ def sequence_logps(
     per_token = token_logps(model, input_ids, attention_mask, response_mask, **kwargs)
     scored = (response_mask.bool() & attention_mask.bool())[:, 1:]
     return per_token.sum(-1), scored.sum(-1).float()
+
+
+# --------------------------------------------------------------------------- fused linear head
+
+
+class _LinearLogps(torch.autograd.Function):
+    """log p(target) and entropy of `softmax((hidden @ W.T + b) / tau)`, `chunk_size` rows at a
+    time, with a hand-written backward.
+
+    Saves only hidden, W, b, targets and the per-row log-normaliser (N,): backward recomputes
+    each chunk's logits once and turns them into the logits gradient in place,
+    d log p_x / dz_v = (1[v = x] - p_v) / tau (entropy: dH/dz_v = -p_v (log p_v + H) / tau),
+    then accumulates grad_hidden = G W and grad_W = G^T hidden. Same three matmuls per chunk
+    as checkpointing `_chunk_logps`, but every (chunk, V) pass writes into one or two buffers
+    reused across chunks (a fresh 200 MB tensor per op costs more in page faults on CPU than
+    the op itself), the entropy is never recomputed, and autograd keeps nothing of size V.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, temperature, with_entropy):
+        ctx.set_materialize_grads(False)
+        n_rows = hidden.shape[0]
+        logps = hidden.new_zeros(n_rows, dtype=torch.float32)
+        entropy = hidden.new_zeros(n_rows, dtype=torch.float32)
+        log_z = hidden.new_zeros(n_rows, dtype=torch.float32)
+        buffers = _Buffers()
+        for start in range(0, n_rows, chunk_size):
+            rows = slice(start, start + chunk_size)
+            z = _logits_into(buffers, hidden[rows], weight, bias, temperature)  # (n, V) float32
+            shift = z.amax(-1, keepdim=True)  # (n, 1)
+            target_z = z.gather(-1, targets[rows].unsqueeze(-1))  # (n, 1)
+            if with_entropy:  # H = log s - sum_v e_v (z_v - max) / s, e = exp(z - max), s = sum e
+                z.sub_(shift)
+                e = torch.exp(z, out=buffers.get("e", z.shape))
+                sums = e.sum(-1, keepdim=True)
+                dot = e.mul_(z).sum(-1, keepdim=True)
+                entropy[rows] = (sums.log() - dot / sums).squeeze(-1)
+            else:
+                sums = z.sub_(shift).exp_().sum(-1, keepdim=True)
+            log_z[rows] = (shift + sums.log()).squeeze(-1)
+            logps[rows] = target_z.squeeze(-1) - log_z[rows]
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):
+        hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        acc = torch.promote_types(weight.dtype, torch.float32)  # gradient GEMMs accumulate in >= fp32
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=acc) if need_bias else None
+        if grad_logps is None and grad_entropy is None:
+            return None, None, None, None, None, None, None
+        tau = ctx.temperature
+        buffers = _Buffers()
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            h = hidden[rows]
+            log_p = _logits_into(buffers, h, weight, bias, tau).sub_(log_z[rows].unsqueeze(-1))
+            if grad_entropy is not None:  # dH/dz = -p (log p + H), from log p before it becomes p
+                g_ent = grad_entropy[rows].float().unsqueeze(-1)
+                extra = log_p.add(entropy[rows].unsqueeze(-1)).mul_(log_p.exp()).mul_(-g_ent)
+            grad = log_p.exp_()  # in place: p
+            if grad_logps is not None:
+                g = grad_logps[rows].float().unsqueeze(-1)
+                grad.mul_(-g).scatter_add_(-1, targets[rows].unsqueeze(-1), g)
+            else:
+                grad.zero_()
+            if grad_entropy is not None:
+                grad.add_(extra)
+            if tau != 1.0:
+                grad.div_(tau)
+            grad = grad.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.to(acc).t(), h.to(acc))
+            if grad_bias is not None:
+                grad_bias += grad.sum(0).to(acc)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None)
+
+
+class _Buffers:
+    """Scratch tensors reused across the chunks of one call (views of the first allocation)."""
+
+    def __init__(self) -> None:
+        self._store: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: torch.Size, like: Tensor | None = None) -> Tensor:
+        buffer = self._store.get(name)
+        if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1:] != shape[1:]:
+            source = like if like is not None else self._store.get("z")
+            buffer = torch.empty(shape, dtype=torch.float32, device=source.device)
+            self._store[name] = buffer
+        return buffer[: shape[0]]
+
+
+def _logits_into(buffers: _Buffers, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                 temperature: float) -> Tensor:
+    """(hidden @ W.T + b) / tau as float32 (n, V), written into the reused "z" buffer."""
+    shape = torch.Size((hidden.shape[0], weight.shape[0]))
+    z = buffers.get("z", shape, like=hidden)
+    if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
+        if bias is None:
+            torch.mm(hidden, weight.t(), out=z)
+        else:
+            torch.addmm(bias, hidden, weight.t(), out=z)
+    else:
+        z.copy_(torch.nn.functional.linear(hidden, weight, bias))
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+def linear_head_logps(
+    head: nn.Module,
+    hidden: Tensor,
+    targets: Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """`_chunked` with the same outputs, through `_LinearLogps` when `head` is a plain
+    `nn.Linear` (faster backward, less memory); any other head goes through `_chunked`.
+
+    Shapes: hidden (N, H), targets (N,) -> log-probs (N,), entropies (N,) (zeros unless asked).
+    """
+    if type(head) is not nn.Linear or hidden.shape[0] == 0:
+        return _chunked(head, hidden, targets, chunk_size, temperature, with_entropy)
+    return _LinearLogps.apply(hidden, head.weight, head.bias, targets, chunk_size, temperature, with_entropy)

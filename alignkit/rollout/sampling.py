@@ -5,7 +5,9 @@ on the device, so a sample's draws do not depend on which other samples share it
 (finished rows dropped, chunking by `max_batch_size`) nor on any global RNG state. Each
 step needs one uniform per sample: the token is drawn by inverting the cumulative
 distribution of the filtered probabilities (exact for any distribution; a Gumbel-max
-draw would need V uniforms per sample and step).
+draw would need V uniforms per sample and step). Unfiltered, the inversion runs in two levels
+(blocks of 256 tokens, then the token in its block), so no step pays a sequential float64
+cumulative sum over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -50,9 +52,35 @@ def counter_uniform(seed: int, sample_ids: Tensor, step: int) -> Tensor:
     return bits53.double() / float(2**53)
 
 
+_BLOCK = 256  # vocabulary block of the two-level inverse CDF
+
+
+def _draw_from_weights(weights: Tensor, uniforms: Tensor) -> Tensor:
+    """Inverse-CDF draw from unnormalised weights (A, V) >= 0 in two levels: the vocabulary
+    block whose cumulative mass passes u * total, then the token inside it. The same token as
+    one float64 cumulative sum over V up to rounding of the sums, but the sequential cumsum runs
+    over V / 256 block sums and one block of 256 instead of all V entries."""
+    rows, vocab = weights.shape
+    padded = -(-vocab // _BLOCK) * _BLOCK
+    if padded != vocab:
+        weights = torch.nn.functional.pad(weights, (0, padded - vocab))  # zero mass: never drawn
+    blocks = weights.view(rows, padded // _BLOCK, _BLOCK)  # (A, nb, 256)
+    block_cdf = blocks.sum(-1).double().cumsum(-1)  # (A, nb)
+    target = (uniforms * block_cdf[:, -1]).unsqueeze(-1)  # (A, 1), strictly below the total
+    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[-1] - 1)  # (A, 1)
+    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), 0.0)  # earlier blocks
+    inner_cdf = blocks.gather(1, block.unsqueeze(-1).expand(-1, 1, _BLOCK)).squeeze(1).double().cumsum(-1)
+    # keep the remainder strictly inside the chosen block despite rounding between the two sums
+    rest = torch.minimum(target - before, inner_cdf[:, -1:] * (1 - 2.0**-40))
+    position = torch.searchsorted(inner_cdf, rest, right=True).clamp_(max=_BLOCK - 1)
+    return (block * _BLOCK + position).squeeze(-1).clamp_(max=vocab - 1)
+
+
 def _filter_and_draw(logprobs: Tensor, sampling: SamplingParams, uniforms: Tensor) -> Tensor:
     """Apply top-k, top-p, min-p to `logprobs` (A, V) and draw one token per row by inverse CDF."""
     vocab = logprobs.shape[-1]
+    if not (0 < sampling.top_k < vocab) and sampling.top_p >= 1.0 and sampling.min_p <= 0.0:
+        return _draw_from_weights(logprobs.exp(), uniforms)  # nothing filtered: float32 probs
     index: Tensor | None = None  # maps filtered column -> token id when columns are reordered
     values = logprobs
     if 0 < sampling.top_k < vocab:
@@ -87,7 +115,8 @@ def sample_next_tokens(
     (temperature 1 when temperature is 0).
     """
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # (A, V)
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature  # (A, V)
+    logprobs = torch.log_softmax(scaled, dim=-1)  # (A, V)
     if sampling.is_greedy:
         tokens = logits.argmax(-1)
     else:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from alignkit.models import adapter_disabled, is_peft, reward_scores
 from alignkit.models.heads import _score_head
-from alignkit.models.logprobs import _chunked, decoder_and_head, position_ids_from_mask
+from alignkit.models.logprobs import decoder_and_head, linear_head_logps, position_ids_from_mask
 from alignkit.rewards import score_safely
 from alignkit.rollout import HFEngine, Rollout, SamplingParams
 
@@ -107,7 +107,7 @@ def response_logps(
         )
     decoder, head = parts
     predictors, targets = batch.predictor_rows(_forward_hidden(decoder, batch))  # (M, H), (M,)
-    logps, entropy = _chunked(head, predictors, targets, chunk_size, 1.0, with_entropy)
+    logps, entropy = linear_head_logps(head, predictors, targets, chunk_size, 1.0, with_entropy)
     values = None
     if value_head is not None:
         values = batch.scatter(value_head(predictors).squeeze(-1).float())
