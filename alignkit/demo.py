@@ -51,10 +51,10 @@ class DemoOptions:
     """Prompts per GRPO step."""
     grpo_group_size: int = 4
     """Samples per prompt in a GRPO group."""
-    grpo_lr: float = 2e-4
+    grpo_lr: float = 7e-4
     """GRPO learning rate for the LoRA adapter."""
-    grpo_beta: float = 0.0
-    """GRPO KL coefficient (0 loads no reference model while training; KL is still reported)."""
+    grpo_beta: float = 0.02
+    """GRPO KL coefficient (k3 in the loss; the reference is the base with the adapter off)."""
     dpo_samples_per_prompt: int = 4
     """Reviews sampled per training prompt; the best and the worst by VADER form its pair."""
     dpo_epochs: float = 2.0
