@@ -90,7 +90,7 @@ def plot_reward_vs_kl(
         points = sorted(points, key=lambda p: p.get("step", 0))
         kl = [float(p["kl"]) for p in points]
         reward = [float(p["reward"]) for p in points]
-        ax.plot(kl, reward, "-o", color=COLORS[i % len(COLORS)], markersize=3, label=method)
+        ax.plot(kl, reward, "-o", color=COLORS[i % len(COLORS)], markersize=3, label=_curve_label(method, points))
         for p in (points[0], points[-1]):
             ax.annotate(
                 f"step {p.get('step')}",
@@ -116,13 +116,19 @@ def plot_reward_vs_kl(
                 "-o",
                 color=COLORS[(i + len(with_kl)) % len(COLORS)],
                 markersize=3,
-                label=method,
+                label=_curve_label(method, points),
             )
         ax2.set_xlabel("training step")
         ax2.set_ylabel(reward_label)
         ax2.set_title("Methods without a logged KL: reward against step")
         ax2.legend(loc="best", fontsize=8)
     return _save(fig, path)
+
+
+def _curve_label(method: str, points: Sequence[dict]) -> str:
+    """Legend entry: the method and, when recorded, which logged metric its curve shows."""
+    metric = points[0].get("metric") if points else None
+    return f"{method} ({metric})" if metric else method
 
 
 def plot_overoptimization(

@@ -35,6 +35,7 @@ class CurvePoint(TypedDict, total=False):
     step: int
     kl: float | None  # KL(policy || reference) at that step; None when not logged (DPO)
     reward: float  # the reward logged at that step (online: reward/mean)
+    metric: str  # which logged metric `reward` is, shown in the plot legend
 
 
 class MethodResult(TypedDict, total=False):
@@ -70,7 +71,9 @@ def curve_from_metrics(
         row = json.loads(line)
         if reward_key in row:
             points.append(
-                CurvePoint(step=row.get("step"), kl=row.get(kl_key), reward=row[reward_key])
+                CurvePoint(
+                    step=row.get("step"), kl=row.get(kl_key), reward=row[reward_key], metric=reward_key
+                )
             )
     return points
 
