@@ -57,6 +57,7 @@ def test_write_report_files_table_and_samples(tmp_path):
         "step": 3,
         "kl": 0.30000000000000004,
         "reward": 0.6000000000000001,
+        "metric": "reward/mean",
     }
     for png in ("reward_bars.png", "reward_vs_kl.png"):
         assert (tmp_path / "out" / png).stat().st_size > 10_000
