@@ -21,7 +21,7 @@ def default_lr(algorithm: str, *, lora: bool) -> float:
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over trainable parameters; no weight decay on biases and norm weights."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [

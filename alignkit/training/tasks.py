@@ -16,12 +16,14 @@ from torch import Tensor
 
 from alignkit.data import (
     PairExample,
+    RankedExample,
     RowTable,
     SeqExample,
     TruncationStats,
     collate_pairs,
     collate_sequences,
     tokenize_pairwise,
+    tokenize_ranked,
     tokenize_sft,
 )
 from alignkit.models import load_model, reward_scores, sequence_logps, token_logps
@@ -62,8 +64,44 @@ def check_hparams(algorithm: str, given: dict[str, Any], accepted: dict[str, Any
         )
 
 
+def tokenize_options(config: TrainConfig) -> dict[str, Any]:
+    """The keyword arguments every `tokenize_*` call takes from the training config."""
+    return {
+        "max_length": config.max_length,
+        "max_prompt_length": config.max_prompt_length,
+        "chat": bool(config.chat_template),
+    }
+
+
+class SequenceData:
+    """Tokenising and collating prompt + completion rows (SFT, unpaired, pointwise tasks)."""
+
+    config: TrainConfig
+
+    def tokenize(self, table: RowTable, tokenizer) -> tuple[list[SeqExample], TruncationStats]:
+        return tokenize_sft(table, tokenizer, **tokenize_options(self.config))
+
+    def length(self, example: SeqExample) -> int:
+        return example.length
+
+    def collate(self, examples: list[SeqExample], pad_id: int) -> dict[str, Tensor]:
+        return collate_sequences(examples, pad_id)
+
+
+class RankedData:
+    """Tokenising ranked rows (prompt + completions + scores); each user collates its own way."""
+
+    config: TrainConfig
+
+    def tokenize(self, table: RowTable, tokenizer) -> tuple[list[RankedExample], TruncationStats]:
+        return tokenize_ranked(table, tokenizer, **tokenize_options(self.config))
+
+    def length(self, example: RankedExample) -> int:
+        return example.length
+
+
 @dataclass
-class SFTTask:
+class SFTTask(SequenceData):
     """Supervised fine-tuning: NLL on completion tokens only (prompt tokens masked).
 
     L = -sum_t m_t log p(y_t | x, y_<t) / sum_t m_t  (token mean over the micro-batch)
@@ -76,22 +114,6 @@ class SFTTask:
 
     def __post_init__(self) -> None:
         check_hparams("sft", self.config.hparams, {})
-
-    def tokenize(self, table: RowTable, tokenizer) -> tuple[list[SeqExample], TruncationStats]:
-        c = self.config
-        return tokenize_sft(
-            table,
-            tokenizer,
-            max_length=c.max_length,
-            max_prompt_length=c.max_prompt_length,
-            chat=bool(c.chat_template),
-        )
-
-    def length(self, example: SeqExample) -> int:
-        return len(example.prompt_ids) + len(example.completion_ids)
-
-    def collate(self, examples: list[SeqExample], pad_id: int) -> dict[str, Tensor]:
-        return collate_sequences(examples, pad_id)
 
     def loss(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         logps, counts = sequence_logps(
@@ -112,14 +134,7 @@ class PairData:
     config: TrainConfig
 
     def tokenize(self, table: RowTable, tokenizer) -> tuple[list[PairExample], TruncationStats]:
-        c = self.config
-        return tokenize_pairwise(
-            table,
-            tokenizer,
-            max_length=c.max_length,
-            max_prompt_length=c.max_prompt_length,
-            chat=bool(c.chat_template),
-        )
+        return tokenize_pairwise(table, tokenizer, **tokenize_options(self.config))
 
     def length(self, example: PairExample) -> int:
         return len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))

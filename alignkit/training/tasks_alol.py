@@ -30,14 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.data import (
-    RowTable,
-    SeqExample,
-    TruncationStats,
-    collate_sequences,
-    pad_left,
-    tokenize_sft,
-)
+from alignkit.data import RowTable, SeqExample, pad_left
 from alignkit.models import position_ids_from_mask, token_logps
 from alignkit.objectives.alol import ALOL, REFERENCE_FREE_ALOL, fit_value_head, r_squared
 from alignkit.rewards import load_reward, reward_name, score_safely
@@ -45,7 +38,7 @@ from alignkit.rollout import HFEngine, SamplingParams
 from alignkit.training.config import TrainConfig
 from alignkit.training.reference_values import attach_reference_values, load_reference
 from alignkit.training.registry import AlgorithmSpec, register_algorithm
-from alignkit.training.tasks import Metrics, accepted_hparams, check_hparams
+from alignkit.training.tasks import Metrics, SequenceData, accepted_hparams, check_hparams
 
 log = logging.getLogger("alignkit")
 
@@ -66,7 +59,7 @@ def response_span(values: Tensor, batch: dict[str, Tensor]) -> list[Tensor]:
 
 
 @dataclass
-class AlolTask:
+class AlolTask(SequenceData):
     config: TrainConfig
     variant: str = "alol"
     model_kind: str = "causal_lm"
@@ -103,18 +96,9 @@ class AlolTask:
     def needs_reference(self) -> bool:
         return self.variant not in REFERENCE_FREE_ALOL
 
-    def tokenize(self, table: RowTable, tokenizer) -> tuple[list[SeqExample], TruncationStats]:
-        c = self.config
-        return tokenize_sft(
-            table, tokenizer, max_length=c.max_length, max_prompt_length=c.max_prompt_length,
-            chat=bool(c.chat_template),
-        )
-
-    def length(self, example: SeqExample) -> int:
-        return example.length
-
     def collate(self, examples: list[SeqExample], pad_id: int) -> dict[str, Tensor]:
-        batch = collate_sequences(examples, pad_id)
+        """`collate_sequences`, plus `ref_token_logps` (B, T) once they are cached."""
+        batch = super().collate(examples, pad_id)
         if all("ref_token_logps" in ex.extras for ex in examples):
             grid = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
             grid[batch["response_mask"]] = torch.cat([ex.extras["ref_token_logps"] for ex in examples])

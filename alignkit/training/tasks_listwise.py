@@ -15,21 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.data import (
-    RankedExample,
-    RowTable,
-    SeqExample,
-    TruncationStats,
-    collate_sequences,
-    tokenize_ranked,
-)
+from alignkit.data import RankedExample, SeqExample, collate_sequences
 from alignkit.models import sequence_logps
 from alignkit.objectives import LISTWISE
 from alignkit.objectives.listwise import rank_by_score
 from alignkit.training.config import TrainConfig
 from alignkit.training.reference_values import attach_reference_values
 from alignkit.training.registry import AlgorithmSpec, first_docstring_line, register_algorithm
-from alignkit.training.tasks import Metrics, accepted_hparams, check_hparams
+from alignkit.training.tasks import Metrics, RankedData, accepted_hparams, check_hparams
 
 REFERENCE_FREE_LISTWISE = {"pro"}
 PAPERS = {
@@ -73,7 +66,7 @@ def to_grid(flat: Tensor, mask: Tensor) -> Tensor:
 
 
 @dataclass
-class ListwiseTask:
+class ListwiseTask(RankedData):
     """Any `LISTWISE` loss; rows need >= 2 completions (validation checks it)."""
 
     config: TrainConfig
@@ -94,16 +87,6 @@ class ListwiseTask:
     @property
     def needs_reference(self) -> bool:
         return self.loss_name not in REFERENCE_FREE_LISTWISE
-
-    def tokenize(self, table: RowTable, tokenizer) -> tuple[list[RankedExample], TruncationStats]:
-        c = self.config
-        return tokenize_ranked(
-            table, tokenizer, max_length=c.max_length, max_prompt_length=c.max_prompt_length,
-            chat=bool(c.chat_template),
-        )
-
-    def length(self, example: RankedExample) -> int:
-        return example.length
 
     def collate(self, examples: list[RankedExample], pad_id: int) -> dict[str, Tensor]:
         return collate_ranked(examples, pad_id)

@@ -11,35 +11,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignkit.data import RowTable, SeqExample, TruncationStats, collate_sequences, tokenize_sft
+from alignkit.data import RowTable, SeqExample, TruncationStats
 from alignkit.models import position_ids_from_mask, token_logps
 from alignkit.models.logprobs import _chunked, _scatter, decoder_and_head
 from alignkit.objectives.crlft import crlft
 from alignkit.objectives.ift import ift
 from alignkit.training.config import TrainConfig
 from alignkit.training.registry import AlgorithmSpec, register_algorithm
-from alignkit.training.tasks import Metrics, check_hparams
+from alignkit.training.tasks import Metrics, SequenceData, check_hparams
 
 log = logging.getLogger("alignkit")
-
-
-class SeqData:
-    """Tokenising and collating prompt + completion rows."""
-
-    config: TrainConfig
-
-    def tokenize(self, table: RowTable, tokenizer) -> tuple[list[SeqExample], TruncationStats]:
-        c = self.config
-        return tokenize_sft(
-            table, tokenizer, max_length=c.max_length, max_prompt_length=c.max_prompt_length,
-            chat=bool(c.chat_template),
-        )
-
-    def length(self, example: SeqExample) -> int:
-        return example.length
-
-    def collate(self, examples: list[SeqExample], pad_id: int) -> dict[str, Tensor]:
-        return collate_sequences(examples, pad_id)
 
 
 CRLFT_DEFAULTS: dict[str, Any] = {
@@ -51,7 +32,7 @@ CRLFT_DEFAULTS: dict[str, Any] = {
 
 
 @dataclass
-class CRLFTTask(SeqData):
+class CRLFTTask(SequenceData):
     """C-RLFT (Wang et al. 2023): the prompt of a row of class c is rendered with
     `prompt_template.format(condition=conditions.get(c, c), prompt=prompt)` and its response
     tokens weigh r_c = `class_rewards[c]`:
@@ -103,7 +84,7 @@ class CRLFTTask(SeqData):
 
 
 @dataclass
-class IFTTask(SeqData):
+class IFTTask(SequenceData):
     """IFT (Hua et al. 2024); see `alignkit.objectives.ift`. Cost per step: 2 forwards (the
     first without gradients) + 1 backward, vs SFT's 1 + 1. Input embeddings are used detached,
     as the reference code reads them from a frozen copy of the embedding table (so they are not

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.data import RankedExample, RowTable, TruncationStats, tokenize_ranked
+from alignkit.data import RankedExample, RowTable, TruncationStats
 from alignkit.models import reward_scores
 from alignkit.objectives.reward_losses import (
     RANKED_LOSSES,
@@ -39,7 +39,7 @@ from alignkit.rewards.preference import DEFAULT_TEMPLATE, encode_preference
 from alignkit.rewards.process import GRANULARITIES, encode_segments, token_scores
 from alignkit.training.config import TrainConfig
 from alignkit.training.schedule import default_lr
-from alignkit.training.tasks import Metrics, PairData, check_hparams
+from alignkit.training.tasks import Metrics, PairData, RankedData, check_hparams
 
 Batch = dict[str, Tensor]
 
@@ -80,7 +80,7 @@ def _pair_metrics(loss: Tensor, chosen: Tensor, rejected: Tensor) -> Metrics:
 
 
 @dataclass
-class RankedRewardTask:
+class RankedRewardTask(RankedData):
     """Reward model on ranked data (prompt + completions + scores), one prompt per element.
 
     ranked_loss="plackett_luce": L = -log P(ranking) (Breslow ties); "all_pairs": the mean
@@ -98,19 +98,6 @@ class RankedRewardTask:
         if self.hparams["ranked_loss"] not in RANKED_LOSSES:
             raise ValueError(f"rm_ranked: ranked_loss must be one of {sorted(RANKED_LOSSES)}")
         self.loss_fn = RANKED_LOSSES[self.hparams["ranked_loss"]]
-
-    def tokenize(self, table: RowTable, tokenizer) -> tuple[list[RankedExample], TruncationStats]:
-        c = self.config
-        return tokenize_ranked(
-            table,
-            tokenizer,
-            max_length=c.max_length,
-            max_prompt_length=c.max_prompt_length,
-            chat=bool(c.chat_template),
-        )
-
-    def length(self, example: RankedExample) -> int:
-        return example.length
 
     def collate(self, examples: list[RankedExample], pad_id: int) -> Batch:
         sequences = [ex.prompt_ids + ids for ex in examples for ids in ex.response_ids]

@@ -27,13 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.data import RowTable, SeqExample, TruncationStats, collate_sequences, tokenize_sft
+from alignkit.data import SeqExample, collate_sequences
 from alignkit.models import adapter_disabled, is_peft, sequence_logps
 from alignkit.objectives import UNPAIRED, kto_kl_estimate
 from alignkit.training.config import TrainConfig
 from alignkit.training.reference_values import attach_reference_values, load_reference
 from alignkit.training.registry import AlgorithmSpec, register_algorithm
-from alignkit.training.tasks import Metrics, accepted_hparams, check_hparams
+from alignkit.training.tasks import Metrics, SequenceData, accepted_hparams, check_hparams
 
 
 def collate_unpaired(examples: list[SeqExample], pad_id: int, max_length: int) -> dict[str, Tensor]:
@@ -55,7 +55,7 @@ def collate_unpaired(examples: list[SeqExample], pad_id: int, max_length: int) -
 
 
 @dataclass
-class UnpairedTask:
+class UnpairedTask(SequenceData):
     """Any `UNPAIRED` loss; batch mean of the per-example losses (TRL's `losses.nanmean()`)."""
 
     config: TrainConfig
@@ -79,16 +79,6 @@ class UnpairedTask:
                 f"{self.loss_name}: batch_size must be > 1; with one example the KL estimate "
                 "is the example's own log-ratio"
             )
-
-    def tokenize(self, table: RowTable, tokenizer) -> tuple[list[SeqExample], TruncationStats]:
-        c = self.config
-        return tokenize_sft(
-            table, tokenizer, max_length=c.max_length, max_prompt_length=c.max_prompt_length,
-            chat=bool(c.chat_template),
-        )
-
-    def length(self, example: SeqExample) -> int:
-        return example.length
 
     def collate(self, examples: list[SeqExample], pad_id: int) -> dict[str, Tensor]:
         return collate_unpaired(examples, pad_id, self.config.max_length)
