@@ -70,7 +70,8 @@ def cmd_train(argv: list[str]) -> int:
         raise SystemExit("alignkit train: name an algorithm (alignkit algorithms lists them) or pass --config")
     description = (
         f"Train {default.algorithm}. Algorithm hyper-parameters: --set key=value "
-        "(e.g. --set beta=0.1), repeatable; --config recipe.yaml loads a recipe first."
+        "(e.g. --set beta=0.1), repeatable; --config recipe.yaml loads a recipe first. "
+        + hparams_help(default.algorithm, ALGORITHMS)
     )
     config = tyro.cli(TrainConfig, args=argv, default=default, prog="alignkit train", description=description)
     config.hparams = dict(default.hparams)
@@ -90,6 +91,33 @@ def cmd_train(argv: list[str]) -> int:
     print(f"final model: {result.final_dir}")
     print(f"last metrics: {shown}")
     return 0
+
+
+def hparams_help(name: str, algorithms) -> str:
+    """One line naming the algorithm's `--set` hyper-parameters and their defaults."""
+    import dataclasses
+
+    from alignkit.training.config import TrainConfig
+
+    if name not in algorithms:
+        return ""
+    spec = algorithms[name]
+    try:
+        task = spec.make_task(TrainConfig(algorithm=name))
+    except ValueError as error:  # required hyper-parameters: the error says which
+        return f"Required: {error}"
+    if spec.runner == "online" and dataclasses.is_dataclass(task):
+        values = dataclasses.asdict(task)
+    else:
+        values = dict(getattr(task, "hparams", None) or {})
+    shown = ", ".join(f"{key}={value!r}" for key, value in values.items())
+    text = f"{name} hyper-parameters (defaults): {shown or 'none'}."
+    if spec.kind == "pairwise":
+        from alignkit.training.pairwise_options import PairwiseOptions
+
+        options = ", ".join(f.name for f in dataclasses.fields(PairwiseOptions))
+        text += f" Pairwise family options: {options}."
+    return text
 
 
 def cmd_algorithms(argv: list[str]) -> int:

@@ -72,3 +72,14 @@ def test_shipped_recipes_parse_and_name_registered_algorithms():
     for path in recipes:
         config = TrainConfig.from_yaml(path)
         assert config.algorithm in ALGORITHMS, path
+
+
+def test_train_help_names_each_algorithms_hyper_parameters():
+    from alignkit.cli import hparams_help
+
+    assert "beta=0.1" in hparams_help("dpo", ALGORITHMS) and "ref_sync" in hparams_help("dpo", ALGORITHMS)
+    assert "gamma=0.5" in hparams_help("simpo", ALGORITHMS)
+    assert "group_size=" in hparams_help("grpo", ALGORITHMS)
+    assert "heads" in hparams_help("rm_bayes", ALGORITHMS)  # required ones are named
+    for name in ALGORITHMS:
+        assert hparams_help(name, ALGORITHMS), name
