@@ -279,7 +279,7 @@ def print_summary(results: dict, format_table) -> None:
     print()
     print(format_table(rows, ["method", "VADER", "95% CI", "KL", "win rate", "length", "distinct-2"]))
     for name, r in results["methods"].items():
-        for sample in r.get("samples", [])[:1]:
+        for sample in r.get("samples", [])[:2]:
             print(f"\n[{name}] {sample['prompt']}\n  -> {sample['completion']!r} (VADER {sample['reward']:+.3f})")
 
 
