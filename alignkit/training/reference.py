@@ -65,39 +65,51 @@ def compute_reference_logps(task, model, examples, pad_id: int, config: TrainCon
     return chosen, rejected
 
 
+def load_cached_tensors(path: Path, fingerprint: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors cache whose metadata fingerprint matches; {} otherwise."""
+    if not path.exists():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        stored = (handle.metadata() or {}).get("fingerprint")
+    if stored != fingerprint:
+        return {}
+    log.info("reference outputs loaded from %s", path)
+    return load_file(str(path))
+
+
+def load_reference(config: TrainConfig, model, tokenizer):
+    """`(reference, owned)`: `--ref-model` loaded next to the policy, or the policy itself."""
+    if not config.ref_model:
+        return model, False
+    reference, ref_tokenizer = load_model(
+        config.ref_model,
+        dtype=None if config.dtype == "auto" else config.dtype,
+        device=str(next(model.parameters()).device),
+        trust_remote_code=config.trust_remote_code,
+    )
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"--ref-model {config.ref_model}: its tokenizer differs from the policy's")
+    reference.eval().requires_grad_(False)
+    return reference, True
+
+
 def attach_reference_logps(task, model, tokenizer, examples, eval_examples, config, run_dir):
     """Fill `extras['ref_chosen'|'ref_rejected']` of every train and eval example."""
     splits = {"train": examples, "eval": eval_examples}
     cache = Path(run_dir) / CACHE_NAME
     fingerprint = _fingerprint(config, splits, getattr(task, "reference_key", None))
-    tensors: dict[str, torch.Tensor] = {}
-    if cache.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(cache), framework="pt") as handle:
-            stored = (handle.metadata() or {}).get("fingerprint")
-        if stored == fingerprint:
-            tensors = load_file(str(cache))
-            log.info("reference log-probs loaded from %s", cache)
+    tensors = load_cached_tensors(cache, fingerprint)
     if not tensors:
-        reference, ref_pad = model, tokenizer.pad_token_id
-        if config.ref_model:
-            reference, ref_tokenizer = load_model(
-                config.ref_model,
-                dtype=None if config.dtype == "auto" else config.dtype,
-                device=str(next(model.parameters()).device),
-                trust_remote_code=config.trust_remote_code,
-            )
-            if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-                raise ValueError(f"--ref-model {config.ref_model}: its tokenizer differs from the policy's")
-            ref_pad = tokenizer.pad_token_id
+        reference, owned = load_reference(config, model, tokenizer)
         for name, split in splits.items():
             if split:
                 chosen, rejected = compute_reference_logps(
-                    task, reference, split, ref_pad, config, f"reference log-probs ({name})"
+                    task, reference, split, tokenizer.pad_token_id, config, f"reference log-probs ({name})"
                 )
                 tensors[f"{name}_chosen"], tensors[f"{name}_rejected"] = chosen, rejected
-        if reference is not model:
+        if owned:
             del reference
             gc.collect()
         save_file(tensors, str(cache), metadata={"fingerprint": fingerprint})

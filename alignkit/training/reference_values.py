@@ -20,30 +20,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from alignkit.models import adapter_disabled, is_peft, load_model
+from alignkit.models import adapter_disabled, is_peft
 from alignkit.training.config import TrainConfig
+from alignkit.training.reference import load_cached_tensors, load_reference
 
 log = logging.getLogger("alignkit")
-
-
-def load_reference(config: TrainConfig, model, tokenizer):
-    """`(reference, owned)`: `--ref-model` loaded next to the policy, or the policy itself."""
-    if not config.ref_model:
-        return model, False
-    reference, ref_tokenizer = load_model(
-        config.ref_model,
-        dtype=None if config.dtype == "auto" else config.dtype,
-        device=str(next(model.parameters()).device),
-        trust_remote_code=config.trust_remote_code,
-    )
-    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"--ref-model {config.ref_model}: its tokenizer differs from the policy's")
-    reference.eval().requires_grad_(False)
-    return reference, True
 
 
 @torch.no_grad()
@@ -88,13 +72,7 @@ def attach_reference_values(task, model, tokenizer, examples, eval_examples, con
     splits = {"train": examples, "eval": eval_examples}
     path = Path(run_dir) / f"{cache}.safetensors"
     fingerprint = _fingerprint(config, f"{config.algorithm}:{cache}", splits)
-    tensors: dict[str, torch.Tensor] = {}
-    if path.exists():
-        with safe_open(str(path), framework="pt") as handle:
-            stored = (handle.metadata() or {}).get("fingerprint")
-        if stored == fingerprint:
-            tensors = load_file(str(path))
-            log.info("reference values loaded from %s", path)
+    tensors = load_cached_tensors(path, fingerprint)
     if not tensors:
         reference, owned = load_reference(config, model, tokenizer)
         for name, split in splits.items():

@@ -64,6 +64,17 @@ def check_hparams(algorithm: str, given: dict[str, Any], accepted: dict[str, Any
         )
 
 
+def score_pair_metrics(loss: Tensor, chosen: Tensor, rejected: Tensor) -> Metrics:
+    """Loss and the `rewards/*` metrics of chosen vs rejected scores (B,), detached."""
+    return {
+        "loss": loss.detach(),
+        "rewards/chosen": chosen.mean().detach(),
+        "rewards/rejected": rejected.mean().detach(),
+        "rewards/margins": (chosen - rejected).mean().detach(),
+        "rewards/accuracies": (chosen > rejected).float().mean().detach(),
+    }
+
+
 def tokenize_options(config: TrainConfig) -> dict[str, Any]:
     """The keyword arguments every `tokenize_*` call takes from the training config."""
     return {
@@ -167,13 +178,7 @@ class RewardModelTask(PairData):
         chosen, rejected = scores[:half], scores[half:]
         per_pair = bradley_terry(chosen, rejected, batch.get("margin"), self.center_coef)
         loss = per_pair.mean()
-        return loss, {
-            "loss": loss.detach(),
-            "rewards/chosen": chosen.mean().detach(),
-            "rewards/rejected": rejected.mean().detach(),
-            "rewards/margins": (chosen - rejected).mean().detach(),
-            "rewards/accuracies": (chosen > rejected).float().mean().detach(),
-        }
+        return loss, score_pair_metrics(loss, chosen, rejected)
 
 
 @dataclass

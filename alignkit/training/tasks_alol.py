@@ -36,7 +36,8 @@ from alignkit.objectives.alol import ALOL, REFERENCE_FREE_ALOL, fit_value_head, 
 from alignkit.rewards import load_reward, reward_name, score_safely
 from alignkit.rollout import HFEngine, SamplingParams
 from alignkit.training.config import TrainConfig
-from alignkit.training.reference_values import attach_reference_values, load_reference
+from alignkit.training.reference import load_reference
+from alignkit.training.reference_values import attach_reference_values
 from alignkit.training.registry import AlgorithmSpec, register_algorithm
 from alignkit.training.tasks import Metrics, SequenceData, accepted_hparams, check_hparams
 

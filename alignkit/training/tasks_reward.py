@@ -39,7 +39,7 @@ from alignkit.rewards.preference import DEFAULT_TEMPLATE, encode_preference
 from alignkit.rewards.process import GRANULARITIES, encode_segments, token_scores
 from alignkit.training.config import TrainConfig
 from alignkit.training.schedule import default_lr
-from alignkit.training.tasks import Metrics, PairData, RankedData, check_hparams
+from alignkit.training.tasks import Metrics, PairData, RankedData, check_hparams, score_pair_metrics
 
 Batch = dict[str, Tensor]
 
@@ -67,16 +67,6 @@ def _pad_rows(sequences: list[list[int]], pad_id: int) -> Batch:
         input_ids[n, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[n, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def _pair_metrics(loss: Tensor, chosen: Tensor, rejected: Tensor) -> Metrics:
-    return {
-        "loss": loss.detach(),
-        "rewards/chosen": chosen.mean().detach(),
-        "rewards/rejected": rejected.mean().detach(),
-        "rewards/margins": (chosen - rejected).mean().detach(),
-        "rewards/accuracies": (chosen > rejected).float().mean().detach(),
-    }
 
 
 @dataclass
@@ -204,7 +194,7 @@ class BayesRewardTask(PairData):
         loss = per_pair.mean()
         with torch.no_grad():
             reward = brme_reward(means, log_stds, float(self.hparams["lambda_"]))
-        metrics = _pair_metrics(loss, reward[:half], reward[half:])
+        metrics = score_pair_metrics(loss, reward[:half], reward[half:])
         metrics["sigma/mean"] = log_stds.exp().mean().detach()
         return loss, metrics
 

@@ -31,7 +31,8 @@ from alignkit.data import SeqExample, collate_sequences
 from alignkit.models import adapter_disabled, is_peft, sequence_logps
 from alignkit.objectives import UNPAIRED, kto_kl_estimate
 from alignkit.training.config import TrainConfig
-from alignkit.training.reference_values import attach_reference_values, load_reference
+from alignkit.training.reference import load_reference
+from alignkit.training.reference_values import attach_reference_values
 from alignkit.training.registry import AlgorithmSpec, register_algorithm
 from alignkit.training.tasks import Metrics, SequenceData, accepted_hparams, check_hparams
 
