@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -211,7 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
-    return commands[verb](rest)
+    try:
+        return commands[verb](rest)
+    except (ValueError, FileNotFoundError) as error:  # bad input: the message names the problem
+        if os.environ.get("ALIGNKIT_DEBUG"):
+            raise
+        print(f"alignkit {verb}: error: {error}", file=sys.stderr)
+        print("(set ALIGNKIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -44,6 +44,20 @@ def test_train_verb_writes_metrics_config_and_final(tiny_model_dir, tmp_path):
     assert (out / "final" / "model.safetensors").exists()
 
 
+def test_bad_input_is_one_clear_error_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ALIGNKIT_DEBUG", raising=False)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": 3}) + "\n")
+    args = ["train", "dpo", "--model", str(tiny_model_dir), "--output", str(tmp_path / "r"), "--no-progress"]
+    assert main([*args, "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "alignkit train: error:" in err and "pairs.jsonl" in err and "Traceback" not in err
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(4)))
+    assert main([*args, "--data", str(good), "--set", "betta=0.2"]) == 2
+    assert "unknown hyper-parameter(s) ['betta']" in capsys.readouterr().err
+
+
 def test_recipe_with_set_override(tiny_model_dir, tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(8)))

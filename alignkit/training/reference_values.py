@@ -67,11 +67,14 @@ def _fingerprint(config: TrainConfig, task_key: str, splits: dict[str, list]) ->
 
 
 def attach_reference_values(task, model, tokenizer, examples, eval_examples, config, run_dir,
-                            cache: str = "reference_values") -> None:
-    """Fill `extras[name]` of every train and eval example with the task's reference values."""
+                            cache: str = "reference_values", key: str = "") -> None:
+    """Fill `extras[name]` of every train and eval example with the task's reference values.
+
+    `key` names whatever else the values depend on (e.g. T-REG's prompt templates), so a run
+    with other settings in the same directory recomputes them instead of reusing the cache."""
     splits = {"train": examples, "eval": eval_examples}
     path = Path(run_dir) / f"{cache}.safetensors"
-    fingerprint = _fingerprint(config, f"{config.algorithm}:{cache}", splits)
+    fingerprint = _fingerprint(config, f"{config.algorithm}:{cache}:{key}", splits)
     tensors = load_cached_tensors(path, fingerprint)
     if not tensors:
         reference, owned = load_reference(config, model, tokenizer)

@@ -75,6 +75,22 @@ def score_pair_metrics(loss: Tensor, chosen: Tensor, rejected: Tensor) -> Metric
     }
 
 
+def implicit_reward_metrics(loss: Tensor, logps: PairLogps, beta: float) -> Metrics:
+    """`rewards/*` from DPO's implicit rewards beta * (logp - ref_logp), or beta * mean token
+    logp without a reference, plus `logps/chosen|rejected`; all detached."""
+    if logps.ref_chosen is not None and logps.ref_rejected is not None:
+        chosen = beta * (logps.chosen - logps.ref_chosen)
+        rejected = beta * (logps.rejected - logps.ref_rejected)
+    else:
+        chosen = beta * logps.chosen / logps.chosen_tokens.clamp(min=1)
+        rejected = beta * logps.rejected / logps.rejected_tokens.clamp(min=1)
+    return {
+        **score_pair_metrics(loss, chosen, rejected),
+        "logps/chosen": logps.chosen.mean().detach(),
+        "logps/rejected": logps.rejected.mean().detach(),
+    }
+
+
 def tokenize_options(config: TrainConfig) -> dict[str, Any]:
     """The keyword arguments every `tokenize_*` call takes from the training config."""
     return {
@@ -389,22 +405,7 @@ class PairwiseTask(PairData):
         )
 
     def pair_metrics(self, loss: Tensor, logps: PairLogps) -> Metrics:
-        """DPO's implicit rewards beta * (logp - ref_logp); beta * mean token logp without a reference."""
-        if logps.ref_chosen is not None and logps.ref_rejected is not None:
-            chosen = self.beta * (logps.chosen - logps.ref_chosen)
-            rejected = self.beta * (logps.rejected - logps.ref_rejected)
-        else:
-            chosen = self.beta * logps.chosen / logps.chosen_tokens.clamp(min=1)
-            rejected = self.beta * logps.rejected / logps.rejected_tokens.clamp(min=1)
-        return {
-            "loss": loss.detach(),
-            "rewards/chosen": chosen.mean().detach(),
-            "rewards/rejected": rejected.mean().detach(),
-            "rewards/margins": (chosen - rejected).mean().detach(),
-            "rewards/accuracies": (chosen > rejected).float().mean().detach(),
-            "logps/chosen": logps.chosen.mean().detach(),
-            "logps/rejected": logps.rejected.mean().detach(),
-        }
+        return implicit_reward_metrics(loss, logps, self.beta)
 
     @torch.no_grad()
     def reference_logps(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
