@@ -8,8 +8,8 @@ step time = median over rounds of (end of step N - end of step 1) / (N - 1), fro
     python bench/offline_methods.py --steps 4 --rounds 1         # quick smoke run
     python bench/offline_methods.py --methods ipo,simpo,kto,pro --json /tmp/offline.json
 
-Methods: every registered `pairwise`, `listwise`, `unpaired` and `pointwise` algorithm, `ift`
-and `sft` (a no-reference baseline), plus the DPO options wpo (use_weighting), tr_dpo (soft
+Methods: every registered `pairwise`, `listwise`, `unpaired` and `pointwise` algorithm, `ift`,
+`treg` and `sft` (a no-reference baseline), plus the DPO options wpo (use_weighting), tr_dpo (soft
 reference sync every steps/4), ld_dpo (ld_alpha 0.5), dpo_lnorm (length_normalize) and dpo_sft
 (loss_weights dpo 1 + sft 0.5).
 
@@ -27,9 +27,11 @@ Real tokens per step are counted from each method's own rows and printed; `x dpo
 by them, so a method whose rows hold slightly different tokens is still compared fairly (alol
 trains only positive-advantage rows, so its token count is that of the mean row).
 
-A method is flagged when its step takes > `--flag` (1.15) x dpo's by both the mean step time
-(loop) and the median single-step time (robust to a stall on a shared CPU), unless its trainer
-documents extra forward passes (EXTRA_FORWARDS below, quoted from the docstrings).
+A method is flagged when its step takes > `--flag` (1.15) x dpo's by the mean step time (loop),
+the median single-step time (robust to a stall on a shared CPU) and the time per real token
+(a method whose own prompt template lengthens the rows, like crlft's class conditions, is
+compared per token), unless its trainer documents extra forward passes (EXTRA_FORWARDS below,
+quoted from the docstrings).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from _common import (  # noqa: E402
 )
 
 KINDS = ("pairwise", "listwise", "unpaired", "pointwise")
-EXTRA = ("ift", "sft")
+EXTRA = ("ift", "sft", "treg")
 VARIANTS = {  # name -> (algorithm, hyper-parameters); tr_dpo's period is set from --steps
     "wpo": ("dpo", {"use_weighting": True}),
     "tr_dpo": ("dpo", {"ref_sync": "soft", "ref_sync_alpha": 0.6}),
@@ -158,6 +160,18 @@ def build_data(pairs: list[dict], batch_size: int) -> dict[str, tuple[list[dict]
     }
 
 
+def as_trained(kind: str, rows: list[dict]) -> list[dict]:
+    """The rows as the trainer tokenises them: crlft's prompts carry their class condition
+    (`CRLFT_DEFAULTS["prompt_template"]`), which makes its sequences longer than sft's."""
+    if kind != "crlft":
+        return rows
+    from alignkit.training.tasks_pointwise import CRLFT_DEFAULTS
+
+    template, conditions = CRLFT_DEFAULTS["prompt_template"], CRLFT_DEFAULTS["conditions"]
+    return [{**r, "prompt": template.format(condition=conditions.get(r["source"], r["source"]), prompt=r["prompt"])}
+            for r in rows]
+
+
 def method_run(name: str, kind: str, steps: int) -> tuple[str, str, dict]:
     """(algorithm, data kind, hyper-parameters) of a benchmarked method."""
     if name in VARIANTS:
@@ -167,6 +181,8 @@ def method_run(name: str, kind: str, steps: int) -> tuple[str, str, dict]:
         return algorithm, "pairwise", hparams
     if name == "modpo":
         return name, "modpo", {"weights": [1.0, 0.5]}
+    if name == "treg":  # its token rewards are computed before step 1, like the reference sums
+        return name, "pairwise", {"accept_unverified": True}
     if name.startswith("alol"):
         return name, "rewarded", dict(ALOL_OPTIONS)
     return name, data_kind(name, kind), {}
@@ -214,8 +230,9 @@ def report(results: dict[str, list[dict]], names: list[str], meta: dict, flag: f
         m["x_dpo_token"] = ratio(base["tokens_per_s"], m["tokens_per_s"])
         declared = EXTRA_FORWARDS.get(name, "")
         note = declared
-        # flag on both the mean and the median step, so one stall (shared CPU) cannot flag alone
-        slower = min(m["x_dpo_step"] or 0.0, m["x_dpo_step_median"] or 0.0)
+        # flag on the mean and the median step (one stall on a shared CPU cannot flag alone) and
+        # per real token (crlft's class-conditioned prompts are longer than the same rows' prompts)
+        slower = min(m["x_dpo_step"] or 0.0, m["x_dpo_step_median"] or 0.0, m["x_dpo_token"] or 0.0)
         if slower > flag and not declared:
             flagged.append(name)
             note = f"FLAG > {flag}x dpo, no extra forward declared"
@@ -259,7 +276,7 @@ def main() -> None:
         path = workdir / f"{kind}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         datasets[kind] = {"data": str(path), "batch_size": batch_size,
-                          **count_tokens(rows, tokenizer, args.max_length, args.max_prompt_length)}
+                          **count_tokens(as_trained(kind, rows), tokenizer, args.max_length, args.max_prompt_length)}
     base = {"model": str(model), "steps": args.steps, "lr": args.lr, "max_length": args.max_length,
             "max_prompt_length": args.max_prompt_length, "lora_r": 0, "seed": args.seed, "threads": args.threads}
     meta = {}
