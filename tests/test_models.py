@@ -140,6 +140,28 @@ def test_token_logps_gradients_match_full_forward(causal):
         torch.testing.assert_close(got, want, **TOL)
 
 
+def test_tempered_logps_and_entropy_gradients_match_full_forward(causal):
+    """Gradients through both outputs of the fused head (log-probs and entropies, tau = 0.7)
+    equal those of the full (B, T, V) forward."""
+    model, tokenizer = causal
+    batch = make_batch(len(tokenizer), [9, 6, 4], [2, 3, 1], seed=2)
+    g = torch.Generator().manual_seed(3)
+    w_logp, w_ent = torch.randn(batch[0].shape, generator=g), torch.randn(batch[0].shape, generator=g)
+    mask = (batch[2] & batch[1].bool())[:, 1:]
+
+    def full():
+        logits = model(input_ids=batch[0], attention_mask=batch[1]).logits[:, :-1].float() / 0.7
+        logp = log_softmax(logits, -1)
+        entropy = -(logp.exp() * logp).sum(-1) * mask
+        picked = logp.gather(-1, batch[0][:, 1:, None]).squeeze(-1) * mask
+        return (picked * w_logp[:, 1:]).sum() + (entropy * w_ent[:, 1:]).sum()
+
+    logps, entropy = token_logps_and_entropy(model, *batch, chunk_size=2, temperature=0.7)
+    actual = grads_of(model, (logps * w_logp).sum() + (entropy * w_ent).sum())
+    for got, want in zip(actual, grads_of(model, full()), strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
 def test_chunk_size_does_not_change_values(causal):
     model, tokenizer = causal
     batch = make_batch(len(tokenizer), [9, 9, 6, 3], [1, 5, 2, 1])
@@ -151,15 +173,30 @@ def test_chunk_size_does_not_change_values(causal):
     torch.testing.assert_close(no_grad, huge, **TOL)
 
 
-def test_no_full_logits_tensor_is_made_or_saved(causal):
-    """The head only ever sees <= chunk_size response rows, and nothing of width V is saved
-    for backward outside the checkpointed chunks (their logits are recomputed instead)."""
+@pytest.mark.parametrize("head_path", ["fused", "checkpointed"])
+def test_no_full_logits_tensor_is_made_or_saved(causal, monkeypatch, head_path):
+    """The head only ever sees <= chunk_size response rows, forward and backward, and nothing
+    of width V is saved for backward (each chunk's logits are recomputed instead): through the
+    fused `_LinearLogps` (a plain nn.Linear head, the default) and through the checkpointed
+    chunks (any other head)."""
+    from alignkit.models import logprobs
+
     model, tokenizer = causal
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
     batch = make_batch(len(tokenizer), [10, 7, 5], [3, 4, 2])
     n_response = int((batch[2] & batch[1].bool())[:, 1:].sum())
     head_inputs: list[tuple[int, ...]] = []
-    hook = model.lm_head.register_forward_hook(lambda m, a, o: head_inputs.append(a[0].shape))
+    if head_path == "fused":
+        original = logprobs._logits_into
+
+        def recording(buffers, rows, weight, bias, temperature):
+            head_inputs.append(tuple(rows.shape))
+            return original(buffers, rows, weight, bias, temperature)
+
+        monkeypatch.setattr(logprobs, "_logits_into", recording)
+    else:
+        monkeypatch.setattr(logprobs, "linear_head_logps", logprobs._chunked)
+    hook = model.lm_head.register_forward_hook(lambda m, a, o: head_inputs.append(tuple(a[0].shape)))
     saved_widths: list[int] = []
 
     def pack(tensor):
@@ -169,12 +206,15 @@ def test_no_full_logits_tensor_is_made_or_saved(causal):
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logps = token_logps(model, *batch, chunk_size=4)
+        forward_rows = [shape[0] for shape in head_inputs]
+        logps.sum().backward()  # recomputation in backward works
     finally:
         hook.remove()
-    assert all(len(s) == 2 and s[0] <= 4 and s[1] == hidden for s in head_inputs)
-    assert sum(s[0] for s in head_inputs) == n_response
+    assert all(len(shape) == 2 and shape[0] <= 4 and shape[1] == hidden for shape in head_inputs)
+    assert sum(forward_rows) == n_response
+    assert sum(shape[0] for shape in head_inputs) == 2 * n_response  # each chunk once more in backward
     assert vocab not in saved_widths and saved_widths
-    logps.sum().backward()  # recomputation in backward works
+    assert model.lm_head.weight.grad is not None
     model.zero_grad(set_to_none=True)
 
 

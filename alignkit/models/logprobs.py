@@ -11,9 +11,10 @@ sampling temperature. Only response positions need it, so we
 1. run the decoder once: h (B, T, H);
 2. gather the N predictor rows h_{t-1} for which `response_mask[b, t]` is True: (N, H) --
    prompt and padding positions cost nothing past the decoder;
-3. project `chunk_size` rows at a time: (chunk, V) logits live for one chunk only, and with
-   gradients enabled each chunk runs under `torch.utils.checkpoint`, so backward recomputes
-   the chunk's logits instead of keeping N x V floats alive;
+3. project `chunk_size` rows at a time: (chunk, V) logits live for one chunk only. A plain
+   `nn.Linear` head goes through `_LinearLogps`, whose hand-written backward recomputes each
+   chunk's logits once into reused buffers; any other head runs each chunk under
+   `torch.utils.checkpoint`. Either way no N x V floats stay alive for backward;
 4. scatter the N values back into a (B, T) tensor that is 0 off the response.
 
 Models whose logits are not `W h` (soft-capping as in Gemma 2, logit scaling as in Cohere or
@@ -182,7 +183,7 @@ def token_logps_and_entropy(
         hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     predictors = hidden[:, :-1][predict_mask]  # (N, H)
     del hidden
-    logps, entropy = _chunked(head, predictors, targets, chunk_size, temperature, with_entropy)
+    logps, entropy = linear_head_logps(head, predictors, targets, chunk_size, temperature, with_entropy)
     return _scatter(logps, predict_mask), _scatter(entropy, predict_mask)
 
 
