@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import alignkit
 from alignkit.objectives import PAIRWISE, PairLogps
@@ -233,3 +235,63 @@ def test_token_rewards_are_cached_and_recomputed_when_the_templates_change(tiny_
     alignkit.train("treg", model=str(tiny_model_dir), data=data, output_dir=tmp_path,
                    better_template="{prompt} Please answer well.", **settings)
     assert calls
+
+
+# ---------------------------------------------------------------- properties
+
+
+@given(seed=st.integers(0, 10_000), scale=st.sampled_from([1e-3, 1.0, 50.0, 500.0]), base=st.sampled_from(["dpo", "simpo"]))
+@settings(max_examples=40, deadline=None)
+def test_finite_loss_and_gradients_on_random_inputs(seed, scale, base):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 30, (2, 4), generator=gen)
+    per_token = [-torch.rand(int(n), generator=gen, dtype=torch.float64).mul(scale).requires_grad_() for n in tokens.flatten()]
+    rewards = [torch.rand(len(t), generator=gen, dtype=torch.float64) - 0.5 for t in per_token]
+    sums = torch.stack([t.sum() for t in per_token]).view(2, 4)
+    weighted = torch.stack([(r * t).sum() for r, t in zip(rewards, per_token, strict=True)]).view(2, 4)
+    refs = -torch.rand(2, 4, generator=gen, dtype=torch.float64) * scale
+    logps = PairLogps(sums[0], sums[1], tokens[0].double(), tokens[1].double(), refs[0], refs[1])
+    loss = treg(logps, weighted[0], weighted[1], beta=0.1 if base == "dpo" else 2.0, alpha=0.5, base=base)
+    assert loss.shape == (4,) and torch.isfinite(loss).all()
+    grads = torch.autograd.grad(loss.sum(), per_token)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_log2_plus_half_the_regulariser_when_policy_equals_reference():
+    """delta_h = 0: L_DPO = log 2 and w = sigma(0) = 1/2, so L = log 2 + alpha/2 (L_REG_w + L_REG_l)."""
+    logps = pair(-7.0, -3.0, -7.0, -3.0)
+    zero = torch.zeros(1, dtype=torch.float64)
+    assert treg(logps, zero, zero).item() == pytest.approx(math.log(2), abs=1e-12)
+    weighted_w, weighted_l = torch.tensor([-2.0], dtype=torch.float64), torch.tensor([1.5], dtype=torch.float64)
+    expected = math.log(2) + 0.3 / 2 * (-0.1 * -2.0 + -0.1 * 1.5)
+    assert treg(logps, weighted_w, weighted_l, alpha=0.3).item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_padding_and_rewards_off_the_response_are_ignored(tiny_model_dir):
+    """Extra padding columns, with garbage token rewards written at padded and prompt positions,
+    leave the task's loss unchanged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.data import RowTable
+    from alignkit.training.config import TrainConfig
+
+    task = TRegTask(TrainConfig(algorithm="treg", hparams={"accept_unverified": True}))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    examples, _ = task.tokenize(RowTable(synthetic_pairs(3, seed=5)), tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    for ex in examples:
+        ex.extras.update(ref_chosen=-30.0, ref_rejected=-31.0,
+                         chosen_token_rewards=torch.rand(len(ex.chosen_ids), generator=gen) - 0.5,
+                         rejected_token_rewards=torch.rand(len(ex.rejected_ids), generator=gen) - 0.5)
+    batch = task.collate(examples, tokenizer.pad_token_id)
+    loss, _ = task.loss(model, batch)
+    extra = 5
+    padded = {k: v for k, v in batch.items()}
+    for key, fill in (("input_ids", tokenizer.pad_token_id), ("attention_mask", 0), ("response_mask", False)):
+        padded[key] = torch.cat([batch[key], torch.full((batch[key].shape[0], extra), fill, dtype=batch[key].dtype)], 1)
+    garbage = torch.rand(batch["token_rewards"].shape[0], batch["token_rewards"].shape[1] + extra, generator=gen) - 0.5
+    response = padded["response_mask"].bool() & padded["attention_mask"].bool()
+    padded["token_rewards"] = torch.where(response, torch.cat([batch["token_rewards"], torch.zeros(garbage.shape[0], extra)], 1), garbage)
+    padded_loss, _ = task.loss(model, padded)
+    torch.testing.assert_close(padded_loss, loss, atol=1e-6, rtol=1e-6)
