@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
+from reward_helpers import QUIET, eval_rm, train_tiny, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
-import alignkit
-from alignkit.cli import main
 from alignkit.rewards import EnsembleScorer, load_reward
 from alignkit.rewards.multi_objective import spearman
 from alignkit.testing import synthetic_pairs
@@ -92,14 +91,13 @@ def test_rm_ensemble_trains_members_saves_and_loads(tiny_model_dir, tmp_path, sh
     pairs = synthetic_pairs(120, seed=2)
     k = 3 if shared_trunk else 2
     settings = {"lr": 2e-3, "epochs": 3} if not shared_trunk else {"lr": 5e-2, "epochs": 10}
-    result = alignkit.train(
+    result = train_tiny(
         "rm_ensemble",
-        model=str(tiny_model_dir),
-        data=pairs[:96],
-        eval_data=pairs[96:],
-        output_dir=tmp_path / "ens",
-        batch_size=8,
-        progress=False,
+        pairs,
+        tmp_path / "ens",
+        model_dir=tiny_model_dir,
+        split=96,
+        options=QUIET,
         members=k,
         shared_trunk=shared_trunk,
         aggregation="uwo",
@@ -129,35 +127,17 @@ def test_rm_ensemble_trains_members_saves_and_loads(tiny_model_dir, tmp_path, sh
 
 def test_eval_rm_on_an_ensemble_directory(tiny_model_dir, tmp_path):
     pairs = synthetic_pairs(48, seed=3)
-    alignkit.train(
+    train_tiny(
         "rm_ensemble",
-        model=str(tiny_model_dir),
-        data=pairs,
-        output_dir=tmp_path / "ens",
-        batch_size=8,
-        progress=False,
+        pairs,
+        tmp_path / "ens",
+        model_dir=tiny_model_dir,
+        options=QUIET,
         members=2,
         shared_trunk=True,
         lr=5e-2,
         epochs=5,
     )
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in pairs[:16]))
-    assert (
-        main(
-            [
-                "eval-rm",
-                "--model",
-                str(tmp_path / "ens" / "final"),
-                "--data",
-                str(data),
-                "--output",
-                str(tmp_path / "out.json"),
-                "--n-bootstrap",
-                "200",
-            ]
-        )
-        == 0
-    )
-    results = json.loads((tmp_path / "out.json").read_text())
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs[:16])
+    results = eval_rm(tmp_path / "ens" / "final", data, tmp_path / "out.json", 200)
     assert results["kind"] == "ensemble" and 0.0 <= results["accuracy"] <= 1.0

@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from reward_helpers import eval_rm, train_tiny, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
-import alignkit
 from alignkit.algorithms import ALGORITHMS
-from alignkit.cli import main
 from alignkit.rewards import (
     BayesRewardScorer,
     EmbeddingRewardModel,
@@ -29,12 +26,16 @@ from alignkit.testing import (
     synthetic_segments,
 )
 
-COMMON = {"batch_size": 8, "progress": False, "warmup_ratio": 0.0}
 
+@pytest.fixture
+def train_tiny_rm(tiny_model_dir, tmp_path):
+    """`train_tiny` on the tiny model: train_tiny_rm(algorithm, rows, NAME, **settings) runs
+    in tmp_path / NAME."""
 
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    def train(algorithm: str, rows: list, name: str, **settings):
+        return train_tiny(algorithm, rows, tmp_path / name, model_dir=tiny_model_dir, **settings)
+
+    return train
 
 
 def test_every_reward_algorithm_is_registered_with_kind_data_models_paper():
@@ -53,37 +54,20 @@ def test_every_reward_algorithm_is_registered_with_kind_data_models_paper():
 
 
 @pytest.mark.parametrize("ranked_loss", ["plackett_luce", "all_pairs"])
-def test_rm_ranked_learns_the_ranking(tiny_model_dir, tmp_path, ranked_loss):
+def test_rm_ranked_learns_the_ranking(train_tiny_rm, ranked_loss):
     """Held-out ordered-pair accuracy >= 0.9 (measured 1.0 for both losses)."""
     rows = synthetic_ranked(96, seed=1)
-    result = alignkit.train(
-        "rm_ranked",
-        model=str(tiny_model_dir),
-        data=rows[:72],
-        eval_data=rows[72:],
-        output_dir=tmp_path / "rk",
-        epochs=3,
-        lr=2e-3,
-        ranked_loss=ranked_loss,
-        **COMMON,
+    result = train_tiny_rm(
+        "rm_ranked", rows, "rk", split=72, epochs=3, lr=2e-3, ranked_loss=ranked_loss
     )
     assert result.eval_metrics["eval/rewards/accuracies"] >= 0.9
     AutoModelForSequenceClassification.from_pretrained(result.final_dir)
 
 
-def test_cost_model_orders_pairs_and_signs_costs(tiny_model_dir, tmp_path):
+def test_cost_model_orders_pairs_and_signs_costs(train_tiny_rm):
     """Held-out: C(unsafer) > C(safer) >= 0.9 and sign(C) = harmful >= 0.85 (measured 1.0, 1.0)."""
     rows = synthetic_safety_pairs(120, seed=4)
-    result = alignkit.train(
-        "cost",
-        model=str(tiny_model_dir),
-        data=rows[:96],
-        eval_data=rows[96:],
-        output_dir=tmp_path / "cost",
-        epochs=3,
-        lr=2e-3,
-        **COMMON,
-    )
+    result = train_tiny_rm("cost", rows, "cost", split=96, epochs=3, lr=2e-3)
     assert result.eval_metrics["eval/rewards/accuracies"] >= 0.9
     assert result.eval_metrics["eval/costs/sign_accuracy"] >= 0.85
     cost = load_reward(str(result.final_dir), device="cpu")
@@ -92,44 +76,21 @@ def test_cost_model_orders_pairs_and_signs_costs(tiny_model_dir, tmp_path):
     assert harmful.item() > 0 > safe.item()
 
 
-def test_cost_model_rejects_missing_safety_labels(tiny_model_dir, tmp_path):
+def test_cost_model_rejects_missing_safety_labels(train_tiny_rm):
     rows = synthetic_safety_pairs(6)
     del rows[3]["rejected_is_safe"]
     with pytest.raises(Exception, match="row 4"):
-        alignkit.train(
-            "cost",
-            model=str(tiny_model_dir),
-            data=rows,
-            output_dir=tmp_path / "c",
-            max_steps=1,
-            **COMMON,
-        )
+        train_tiny_rm("cost", rows, "c", max_steps=1)
 
 
-def test_rm_bayes_requires_heads_and_lambda_and_learns(tiny_model_dir, tmp_path):
+def test_rm_bayes_requires_heads_and_lambda_and_learns(train_tiny_rm):
     """BRME with 3 heads: held-out accuracy of lambda * nominal + (1 - lambda) * min >= 0.9
     (measured 1.0); the scorer reads brme.json."""
     pairs = synthetic_pairs(120, seed=2)
     with pytest.raises(ValueError, match="required"):
-        alignkit.train(
-            "rm_bayes",
-            model=str(tiny_model_dir),
-            data=pairs,
-            output_dir=tmp_path / "x",
-            heads=3,
-            **COMMON,
-        )
-    result = alignkit.train(
-        "rm_bayes",
-        model=str(tiny_model_dir),
-        data=pairs[:96],
-        eval_data=pairs[96:],
-        output_dir=tmp_path / "bayes",
-        epochs=3,
-        lr=2e-3,
-        heads=3,
-        lambda_=0.5,
-        **COMMON,
+        train_tiny_rm("rm_bayes", pairs, "x", heads=3)
+    result = train_tiny_rm(
+        "rm_bayes", pairs, "bayes", split=96, epochs=3, lr=2e-3, heads=3, lambda_=0.5
     )
     assert result.eval_metrics["eval/rewards/accuracies"] >= 0.9
     scorer = load_reward(f"rm:{result.final_dir}", device="cpu")
@@ -142,20 +103,11 @@ def test_rm_bayes_requires_heads_and_lambda_and_learns(tiny_model_dir, tmp_path)
     assert (chosen > rejected).float().mean() >= 0.9
 
 
-def test_preference_model_learns_and_is_antisymmetric(tiny_model_dir, tmp_path):
+def test_preference_model_learns_and_is_antisymmetric(train_tiny_rm):
     """Held-out symmetrised P(chosen > rejected) > 0.5 on >= 0.9 of pairs (measured 1.0);
     prob(a, b) = 1 - prob(b, a) exactly."""
     pairs = synthetic_pairs(120, seed=5)
-    result = alignkit.train(
-        "preference_model",
-        model=str(tiny_model_dir),
-        data=pairs[:96],
-        eval_data=pairs[96:],
-        output_dir=tmp_path / "pm",
-        epochs=3,
-        lr=2e-3,
-        **COMMON,
-    )
+    result = train_tiny_rm("preference_model", pairs, "pm", split=96, epochs=3, lr=2e-3)
     assert result.eval_metrics["eval/rewards/accuracies"] >= 0.9
     judge = PreferenceJudge(result.final_dir, device="cpu")
     test = pairs[96:]
@@ -175,20 +127,11 @@ def test_segment_splitting_and_token_mapping_across_tokenizers():
     assert len(split_segments(text, "subsentence")) == 4
 
 
-def test_rm_segment_learns_per_segment_labels_and_places_token_rewards(tiny_model_dir, tmp_path):
+def test_rm_segment_learns_per_segment_labels_and_places_token_rewards(train_tiny_rm):
     """Held-out segment accuracy >= 0.9 (measured 0.98); rewards sit on the last token of
     each sentence under the policy's own tokenizer."""
     rows = synthetic_segments(120, seed=6)
-    result = alignkit.train(
-        "rm_segment",
-        model=str(tiny_model_dir),
-        data=rows[:96],
-        eval_data=rows[96:],
-        output_dir=tmp_path / "seg",
-        epochs=6,
-        lr=2e-3,
-        **COMMON,
-    )
+    result = train_tiny_rm("rm_segment", rows, "seg", split=96, epochs=6, lr=2e-3)
     assert result.eval_metrics["eval/rewards/accuracies"] >= 0.9
     scorer = SegmentRewardScorer(result.final_dir, device="cpu")
     text = "The movie was good. The film was awful."
@@ -213,14 +156,7 @@ def test_rm_segment_learns_per_segment_labels_and_places_token_rewards(tiny_mode
 def test_rm_embedding_trains_a_minilm_head_and_round_trips(tmp_path):
     """Frozen all-MiniLM-L6-v2 + linear head: held-out accuracy >= 0.9 (measured 1.0)."""
     pairs = synthetic_pairs(120, seed=7)
-    result = alignkit.train(
-        "rm_embedding",
-        data=pairs[:96],
-        eval_data=pairs[96:],
-        output_dir=tmp_path / "emb",
-        epochs=5,
-        **COMMON,
-    )
+    result = train_tiny("rm_embedding", pairs, tmp_path / "emb", split=96, epochs=5)
     assert result.eval_metrics["eval/rewards/accuracies"] >= 0.9
     loaded = load_reward(str(tmp_path / "emb" / "final"))
     assert isinstance(loaded, EmbeddingRewardModel)
@@ -230,60 +166,18 @@ def test_rm_embedding_trains_a_minilm_head_and_round_trips(tmp_path):
     )
     assert scores[0] > scores[1]
     data = write_jsonl(tmp_path / "test.jsonl", synthetic_pairs(16, seed=8))
-    out = tmp_path / "emb.json"
-    assert (
-        main(
-            [
-                "eval-rm",
-                "--model",
-                str(tmp_path / "emb" / "final"),
-                "--data",
-                data,
-                "--output",
-                str(out),
-                "--n-bootstrap",
-                "200",
-            ]
-        )
-        == 0
-    )
-    results = json.loads(out.read_text())
+    results = eval_rm(tmp_path / "emb" / "final", data, tmp_path / "emb.json", 200)
     assert results["kind"] == "embedding_rm" and results["accuracy"] >= 0.9
 
 
-def test_eval_rm_writes_accuracy_ci_ece_scores_and_consistency(tiny_model_dir, tmp_path):
+def test_eval_rm_writes_accuracy_ci_ece_scores_and_consistency(train_tiny_rm, tmp_path):
     pairs = synthetic_pairs(96, seed=2)
-    alignkit.train(
-        "rm",
-        model=str(tiny_model_dir),
-        data=pairs,
-        output_dir=tmp_path / "rm",
-        epochs=3,
-        lr=2e-3,
-        **COMMON,
-    )
+    train_tiny_rm("rm", pairs, "rm", epochs=3, lr=2e-3)
     data = write_jsonl(tmp_path / "test.jsonl", synthetic_pairs(24, seed=9))
     contrast = write_jsonl(tmp_path / "contrast.jsonl", synthetic_consistency(12))
-    out = tmp_path / "results.json"
-    assert (
-        main(
-            [
-                "eval-rm",
-                "--model",
-                str(tmp_path / "rm" / "final"),
-                "--data",
-                data,
-                "--consistency",
-                contrast,
-                "--output",
-                str(out),
-                "--n-bootstrap",
-                "300",
-            ]
-        )
-        == 0
+    results = eval_rm(
+        tmp_path / "rm" / "final", data, tmp_path / "results.json", 300, "--consistency", contrast
     )
-    results = json.loads(out.read_text())
     for key in ("accuracy", "accuracy_ci", "ece", "scores", "consistency", "n_pairs"):
         assert key in results, key
     assert (

@@ -9,7 +9,8 @@
 Algorithms with their own loop (ensembles, frozen-feature heads) are in
 `tasks_reward_runners.py`. A task may define `num_labels` (outputs of the score head) and
 `write_final(final_dir)` (extra files next to the checkpoint, e.g. `brme.json`); the offline
-loop honours both.
+loop honours both. Every reward task (runners included) takes its fields from `RewardTask` and
+is registered by `register_reward_algorithms`.
 
 Design choice for ranked data: a separate `rm_ranked` algorithm rather than `rm` reading
 ranked data, so `rm` keeps its one data kind and `--set ranked_loss=...` is only accepted
@@ -70,18 +71,34 @@ def _pad_rows(sequences: list[list[int]], pad_id: int) -> Batch:
 
 
 @dataclass
-class RankedRewardTask(RankedData):
+class RewardTask:
+    """The fields every reward-model task shares: a reward (score-head) model on pairwise data
+    by default, no reference model; `__post_init__` fills `hparams` with `resolve_hparams`."""
+
+    config: TrainConfig
+    model_kind: str = "reward"
+    data_kinds: tuple[str, ...] = ("pairwise",)
+    needs_reference: bool = False
+    hparams: dict[str, Any] = field(init=False, default_factory=dict)
+
+
+def register_reward_algorithms(specs: list[tuple[str, str, str, str, Any]]) -> None:
+    """Register (name, data, models, paper, task class) rows as algorithms of kind "reward"."""
+    from alignkit.training.registry import AlgorithmSpec, register_algorithm
+
+    for name, data, models, paper, task in specs:
+        register_algorithm(AlgorithmSpec(name, "reward", data, models, paper, task))
+
+
+@dataclass
+class RankedRewardTask(RewardTask, RankedData):
     """Reward model on ranked data (prompt + completions + scores), one prompt per element.
 
     ranked_loss="plackett_luce": L = -log P(ranking) (Breslow ties); "all_pairs": the mean
     Bradley-Terry loss over the C(K, 2) ordered pairs of the prompt (InstructGPT).
     """
 
-    config: TrainConfig
-    model_kind: str = "reward"
     data_kinds: tuple[str, ...] = ("ranked",)
-    needs_reference: bool = False
-    hparams: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.hparams = resolve_hparams("rm_ranked", self.config, {"ranked_loss": "plackett_luce"})
@@ -117,15 +134,9 @@ class RankedRewardTask(RankedData):
 
 
 @dataclass
-class CostModelTask(PairData):
+class CostModelTask(RewardTask, PairData):
     """Safe RLHF cost model: chosen = safer, rejected = less safe, `chosen_is_safe` and
     `rejected_is_safe` per-response labels; cost > 0 means harmful (see `cost_model_loss`)."""
-
-    config: TrainConfig
-    model_kind: str = "reward"
-    data_kinds: tuple[str, ...] = ("pairwise",)
-    needs_reference: bool = False
-    hparams: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.hparams = resolve_hparams("cost", self.config, {"reg": 0.0})
@@ -161,17 +172,11 @@ class CostModelTask(PairData):
 
 
 @dataclass
-class BayesRewardTask(PairData):
+class BayesRewardTask(RewardTask, PairData):
     """BRME: H Gaussian heads (mu_i, log sigma_i) on one backbone, reparameterised samples
     trained with Bradley-Terry. `heads` and `lambda_` are required (addendum §8: the paper's
     values are not pinned down); lambda_ is only used for the logged accuracy and saved in
     `brme.json` for `BayesRewardScorer`. log sigma is clamped to [-7, 3] for stability."""
-
-    config: TrainConfig
-    model_kind: str = "reward"
-    data_kinds: tuple[str, ...] = ("pairwise",)
-    needs_reference: bool = False
-    hparams: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.hparams = resolve_hparams("rm_bayes", self.config, {"heads": ..., "lambda_": ...})
@@ -208,15 +213,9 @@ class BayesRewardTask(PairData):
 
 
 @dataclass
-class PreferenceModelTask:
+class PreferenceModelTask(RewardTask):
     """Pairwise preference model: one sequence per (prompt, A, B) from `template`; each pair
     in both orders, labels 1 (chosen first) and 0, BCE (`preference_bce`)."""
-
-    config: TrainConfig
-    model_kind: str = "reward"
-    data_kinds: tuple[str, ...] = ("pairwise",)
-    needs_reference: bool = False
-    hparams: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.hparams = resolve_hparams(
@@ -275,16 +274,12 @@ class PreferenceModelTask:
 
 
 @dataclass
-class SegmentRewardTask:
+class SegmentRewardTask(RewardTask):
     """Per-segment reward model (fine-grained RLHF): rows `prompt`, `completion`,
     `segment_labels` (one per segment of the completion at `granularity`), or `prompt`,
     `segments` (list of strings, concatenated into the completion), `segment_labels`."""
 
-    config: TrainConfig
-    model_kind: str = "reward"
     data_kinds: tuple[str, ...] = ("sft", "prompt")
-    needs_reference: bool = False
-    hparams: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.hparams = resolve_hparams(
@@ -357,8 +352,6 @@ class SegmentRewardTask:
 
 
 def _register() -> None:
-    from alignkit.training.registry import AlgorithmSpec, register_algorithm
-
     specs = [
         (
             "rm_ranked",
@@ -396,8 +389,7 @@ def _register() -> None:
             SegmentRewardTask,
         ),
     ]
-    for name, data, models, paper, task in specs:
-        register_algorithm(AlgorithmSpec(name, "reward", data, models, paper, task))
+    register_reward_algorithms(specs)
 
 
 _register()

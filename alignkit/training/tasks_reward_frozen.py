@@ -32,7 +32,7 @@ from alignkit.rewards.multi_objective import (
     verbosity_penalties,
 )
 from alignkit.training.metrics import MetricsWriter
-from alignkit.training.tasks_reward import resolve_hparams
+from alignkit.training.tasks_reward import register_reward_algorithms
 from alignkit.training.tasks_reward_runners import HEAD_LR, _Runner, pair_columns, train_pairwise
 
 log = logging.getLogger("alignkit")
@@ -52,10 +52,8 @@ class MultiObjectiveTask(_Runner):
     data_kinds: tuple[str, ...] = ("ratings",)
 
     def __post_init__(self) -> None:
-        self.user_lr = self.config.lr
-        self.hparams = resolve_hparams(
+        self._resolve_hparams(
             "rm_multi",
-            self.config,
             {
                 "pairs": ...,
                 "attributes": None,
@@ -210,10 +208,8 @@ class EmbeddingRewardTask(_Runner):
     `--set encoder_dir=DIR` uses another sentence-transformers checkpoint)."""
 
     def __post_init__(self) -> None:
-        self.user_lr = self.config.lr
-        self.hparams = resolve_hparams(
+        self._resolve_hparams(
             "rm_embedding",
-            self.config,
             {
                 "hidden": 0,
                 "template": DEFAULT_TEMPLATE,
@@ -251,20 +247,11 @@ class EmbeddingRewardTask(_Runner):
         writer.close()
         head.eval()
         reward_model.save(run_dir / "final")
-        eval_metrics = {}
-        if eval_data is not None or c.eval_data:
-            eval_table = self._table(
-                eval_data if eval_data is not None else c.eval_data, "evaluation"
-            )
-            p, w, lo = pair_columns(eval_table)
-            accuracy = (reward_model(p, w) > reward_model(p, lo)).float().mean()
-            eval_metrics = {"eval/rewards/accuracies": float(accuracy)}
+        eval_metrics = self._held_out_accuracy(eval_data, lambda: reward_model)
         return self._result(run_dir, last, eval_metrics)
 
 
 def _register() -> None:
-    from alignkit.training.registry import AlgorithmSpec, register_algorithm
-
     specs = [
         (
             "rm_multi",
@@ -281,8 +268,7 @@ def _register() -> None:
             EmbeddingRewardTask,
         ),
     ]
-    for name, data, models, paper, task in specs:
-        register_algorithm(AlgorithmSpec(name, "reward", data, models, paper, task))
+    register_reward_algorithms(specs)
 
 
 _register()

@@ -17,7 +17,7 @@ import logging
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from alignkit.rewards.scorer import RewardModelScorer
 from alignkit.training.config import TrainConfig
 from alignkit.training.metrics import MetricsWriter
 from alignkit.training.schedule import lr_multiplier
-from alignkit.training.tasks_reward import resolve_hparams
+from alignkit.training.tasks_reward import RewardTask, register_reward_algorithms, resolve_hparams
 
 log = logging.getLogger("alignkit")
 HEAD_LR = 1e-2  # default for heads on frozen features (the RM default 1e-5 is for whole models)
@@ -121,12 +121,14 @@ def merge_member_metrics(run_dir: Path, member_dirs: list[Path]) -> dict[str, fl
 
 
 @dataclass
-class _Runner:
-    config: TrainConfig
-    model_kind: str = "reward"
-    data_kinds: tuple[str, ...] = ("pairwise",)
-    needs_reference: bool = False
-    hparams: dict[str, Any] = field(init=False, default_factory=dict)
+class _Runner(RewardTask):
+    """A reward-model task that trains in its own loop (`run`), with the pieces runs share."""
+
+    def _resolve_hparams(self, name: str, accepted: dict[str, Any]) -> None:
+        """`hparams` from `resolve_hparams`; `user_lr` keeps the --lr given (None when not
+        given), read before `resolve_hparams` fills in the whole-model RM default."""
+        self.user_lr = self.config.lr
+        self.hparams = resolve_hparams(name, self.config, accepted)
 
     def _begin(self) -> Path:
         run_dir = Path(self.config.output)
@@ -173,6 +175,20 @@ class _Runner:
             device=None if c.device == "auto" else c.device,
         )
 
+    def _held_out_accuracy(
+        self, eval_data: Any, make_scorer: Callable[[], Callable[[list, list], Tensor]]
+    ) -> dict[str, float]:
+        """{"eval/rewards/accuracies": mean of 1[r(x, y_w) > r(x, y_l)]} over the pairs of
+        `eval_data` (else --eval-data) scored by `make_scorer()`; {} when there are none (the
+        scorer is then not built)."""
+        if eval_data is None and not self.config.eval_data:
+            return {}
+        source = eval_data if eval_data is not None else self.config.eval_data
+        prompts, chosen, rejected = pair_columns(self._table(source, "evaluation"))
+        score = make_scorer()
+        accuracy = (score(prompts, chosen) > score(prompts, rejected)).float().mean()
+        return {"eval/rewards/accuracies": float(accuracy)}
+
     def _result(self, run_dir: Path, last: dict, eval_metrics: dict, tokenizer=None):
         from alignkit.training.offline import TrainResult
 
@@ -196,10 +212,8 @@ class EnsembleRewardTask(_Runner):
     """
 
     def __post_init__(self) -> None:
-        self.user_lr = self.config.lr
-        self.hparams = resolve_hparams(
+        self._resolve_hparams(
             "rm_ensemble",
-            self.config,
             {
                 "members": 5,
                 "shared_trunk": False,
@@ -267,15 +281,7 @@ class EnsembleRewardTask(_Runner):
         last = merge_member_metrics(run_dir, member_dirs)
         last["steps"] = last.get("step", 0)
         self._write_manifest(final, table, k)
-        eval_metrics = {}
-        if eval_data is not None or self.config.eval_data:
-            eval_table = self._table(
-                eval_data if eval_data is not None else self.config.eval_data, "evaluation"
-            )
-            prompts, chosen, rejected = pair_columns(eval_table)
-            ensemble = EnsembleScorer(final)
-            accuracy = (ensemble(prompts, chosen) > ensemble(prompts, rejected)).float().mean()
-            eval_metrics = {"eval/rewards/accuracies": float(accuracy)}
+        eval_metrics = self._held_out_accuracy(eval_data, lambda: EnsembleScorer(final))
         return self._result(run_dir, last, eval_metrics, tokenizer)
 
     def _write_manifest(self, final: Path, table, k: int) -> None:
@@ -318,18 +324,16 @@ class EnsembleRewardTask(_Runner):
 
 
 def _register() -> None:
-    from alignkit.training.registry import AlgorithmSpec, register_algorithm
-
-    register_algorithm(
-        AlgorithmSpec(
+    specs = [
+        (
             "rm_ensemble",
-            "reward",
             "prompt+chosen+rejected",
             "k reward models (or frozen trunk + k heads)",
             "Reward model ensembles, mean/WCO/UWO (Coste et al. 2023)",
             EnsembleRewardTask,
-        )
-    )
+        ),
+    ]
+    register_reward_algorithms(specs)
 
 
 _register()
