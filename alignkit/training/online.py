@@ -1,18 +1,22 @@
 """The online loop: PPO, GRPO, Dr. GRPO, DAPO, RLOO, ReMax, REINFORCE++ and online DPO are
 presets (`online_presets.py`) of this one loop. Each step:
 
-1. generate   B prompts x G samples from the current policy (engine seed = f(seed, step))
+1. generate   B prompts x G samples from the current policy (engine seed = f(seed, step, round))
 2. score      decode, reward function or reward model; missing-EOS penalty; PPO-max
-              normalisation/clipping; ReMax scores a greedy response as its baseline
+              normalisation/clipping; ReMax scores a greedy response as its baseline.
+              DAPO's dynamic sampling keeps only groups whose rewards are not all equal and
+              repeats 1-2 on the next B prompts until B groups are kept (`online_sampling.py`)
 3. log-probs  reference log-probs (none when beta = 0), old log-probs (taken from the
               engine when the update is exactly on-policy at temperature 1), critic values
 4. KL         per-token k1/k2/k3 of old vs reference; beta x KL shapes the reward
               (kl_in="reward") or is added to the loss (kl_in="loss")
-5. advantages one registered estimator (alignkit.advantages); whitening/clipping; DAPO's
-              dynamic sampling drops groups whose rewards are all equal
+5. advantages one registered estimator (alignkit.advantages); whitening/clipping
 6. update     K epochs x M minibatches (x micro-batches): policy loss + aggregation
               (+ beta KL) (+ vf_coef clipped value loss); grad clip; optimizer step
-7. log        metrics.jsonl, KL controller, atomic checkpoint
+7. log        metrics.jsonl, KL controller, atomic checkpoint (with the data cursor)
+
+A step left without training rows (dynamic sampling with rounds_exhausted="train") skips 3-6
+but still steps the LR schedule, logs and checkpoints.
 
 Old log-probs and the temperature: the engine returns log softmax(logits / T). With T = 1
 those ARE the policy's log-probs, so an exactly on-policy update (epochs_per_batch = 1,
@@ -27,8 +31,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from alignkit.advantages import group_stats
 from alignkit.data import DataError, detect_kind, load_rows, tokenize_prompts, validate_rows
 from alignkit.models import (
     apply_lora,
@@ -47,7 +50,6 @@ from alignkit.models import (
 )
 from alignkit.objectives import KL
 from alignkit.rewards import load_reward
-from alignkit.rollout import SamplingParams
 from alignkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.training.config import TrainConfig
 from alignkit.training.kl_control import RunningMeanStd, make_kl_controller
@@ -62,40 +64,20 @@ from alignkit.training.online_roles import (
     ModelReward,
     SequenceBatch,
     ValueModel,
-    decode_completions,
     zero_value_head,
 )
+from alignkit.training.online_sampling import PromptSampler, step_seed
 from alignkit.training.online_steps import (
     best_worst_pairs,
     compute_advantages,
-    greedy_baseline,
     in_chunks,
     pairwise_update,
     policy_gradient_update,
-    shape_rewards,
     summary_stats,
 )
 from alignkit.training.schedule import build_scheduler, default_lr
 
 log = logging.getLogger("alignkit")
-
-
-def step_seed(seed: int, step: int) -> int:
-    """Engine seed of a step: a function of (seed, step) only, so a resumed run regenerates
-    exactly the samples the interrupted run drew."""
-    return (seed * 1_000_003 + step * 7_919) % 2**62
-
-
-def prompt_indices(n_prompts: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Prompts of step `step` (1-based): epoch e is a permutation seeded by (seed, e)."""
-    start = (step - 1) * batch_size
-    out = []
-    for position in range(start, start + batch_size):
-        epoch, offset = divmod(position, n_prompts)
-        order = list(range(n_prompts))
-        random.Random(seed * 7_777 + epoch).shuffle(order)
-        out.append(order[offset])
-    return out
 
 
 class Trainable(nn.Module):
@@ -215,49 +197,61 @@ def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = N
     config.save(run_dir / "config.yaml")
     kl_control = make_kl_controller(s.beta, s.kl_target, s.kl_horizon)
     reward_stats = RunningMeanStd()
-    start_step = 0
+    start_step, extras = 0, {}
     if resume_from is not None:
         meta = load_checkpoint(resume_from, trainable, optimizer, scheduler)
-        start_step = int(meta["step"])
-        kl_control.value = float(meta["extras"]["beta"])
-        reward_stats = RunningMeanStd(**meta["extras"]["reward_stats"])
+        start_step, extras = int(meta["step"]), meta["extras"]
+        kl_control.value = float(extras["beta"])
+        reward_stats = RunningMeanStd(**extras["reward_stats"])
         log.info("resumed from %s (step %d)", resume_from, start_step)
+    device = next(model.parameters()).device
+    sampler = PromptSampler(policy, scorer, tokenizer, prompt_ids, prompt_texts, columns, s,
+                            batch_size=config.batch_size, seed=config.seed, device=device,
+                            reward_stats=reward_stats)
+    sampler.load_state(extras, start_step)  # the data cursor
     writer = MetricsWriter(run_dir, resume_step=start_step if resume_from is not None else None,
                            tensorboard=config.tensorboard)
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
     on_policy = s.epochs_per_batch == 1 and s.minibatches == 1
     last: dict[str, float] = {}
     bar = tqdm(total=total_steps, initial=start_step, desc=config.algorithm, disable=not config.progress,
                dynamic_ncols=True)
+
+    def end_step(step: int, metrics: dict[str, float]) -> None:
+        """Step 7's bookkeeping: metrics.jsonl, progress bar, checkpoint, callbacks."""
+        nonlocal last
+        if step % config.logging_steps == 0 or step == total_steps:
+            last = writer.write(step, metrics)
+        bar.set_postfix({**progress_postfix(metrics), "reward": f"{metrics['reward/mean']:.3f}"})
+        bar.update(1)
+        if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+            save_checkpoint(run_dir, step, trainable, optimizer, scheduler, keep=config.save_total_limit,
+                            extras={"beta": kl_control.value, "reward_stats": reward_stats.state(),
+                                    **sampler.state()})
+        for callback in callbacks:
+            callback(step, metrics)
+
     try:
         for step in range(start_step + 1, total_steps + 1):
             started = time.perf_counter()
             metrics: dict[str, float] = {"beta": kl_control.value}
 
-            # 1. generate
-            indices = prompt_indices(len(prompt_ids), config.batch_size, step, config.seed)
-            sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                      top_p=s.top_p, top_k=s.top_k, seed=step_seed(config.seed, step))
-            rollout = policy.generate([prompt_ids[i] for i in indices], s.group_size, sampling)
-            batch = SequenceBatch.from_rollout(rollout, pad_id).to(device)
+            # 1-2. generate and score (dynamic sampling: rounds until B groups with signal)
+            samples = sampler.collect(step)
+            metrics.update(samples.metrics(s.dynamic_sampling))
+            rollout, rewards = samples.rollout, samples.rewards
+            scored = time.perf_counter()
+            if rollout is None:
+                log.warning("step %d: no prompt group with reward variance in %d generation round(s); "
+                            "update skipped", step, samples.rounds)
+                metrics.update({"loss": 0.0, "lr": scheduler.get_last_lr()[0], "time/step_s": scored - started})
+                with warnings.catch_warnings():  # the schedule stays a function of the step
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                    scheduler.step()
+                end_step(step, metrics)
+                continue
+            batch = SequenceBatch.from_rollout(rollout, tokenizer.pad_token_id).to(device)
             mask = batch.response_mask  # (N, L)
             group_index = rollout.group_index.to(device)  # (N,)
-            rows = [indices[g] for g in rollout.group_index.tolist()]
-            generated = time.perf_counter()
-
-            # 2. score
-            completions = decode_completions(tokenizer, rollout)
-            row_columns = {k: [columns[r].get(k) for r in rows] for k in {k for c in columns for k in c}}
-            raw, penalised = scorer.score(batch, [prompt_texts[r] for r in rows], completions, row_columns)
-            no_eos = torch.tensor([reason != "stop" for reason in rollout.finish_reason])
-            rewards = shape_rewards(raw.to(device), no_eos.to(device), s, reward_stats, update=True)
-            baseline = None
-            if s.advantage == "remax" and s.objective == "policy_gradient":
-                baseline = greedy_baseline(policy, scorer, tokenizer, prompt_ids, prompt_texts, columns,
-                                            indices, s, pad_id, device, reward_stats)
-                baseline = baseline.repeat_interleave(s.group_size)
-            scored = time.perf_counter()
 
             # 3. reference and old log-probs, values (no gradients)
             with torch.no_grad():
@@ -281,15 +275,10 @@ def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = N
                     kl_penalty = kl_control.value * kl_tokens
 
             # 5. advantages
-            keep = torch.arange(len(rewards), device=device)
             if s.objective == "policy_gradient":
-                advantages, returns = compute_advantages(s, rewards, group_index, mask, kl_penalty, old_values, baseline)
-                if s.dynamic_sampling:
-                    _, _, std = group_stats(rewards, group_index)
-                    keep = (std > 0).nonzero().squeeze(-1)
-                    metrics["dynamic_sampling/kept_fraction"] = len(keep) / len(rewards)
-                valid = mask & torch.isin(torch.arange(len(mask), device=device), keep).unsqueeze(-1)
-                metrics.update(summary_stats("advantages", advantages, valid))
+                advantages, returns = compute_advantages(s, rewards, group_index, mask, kl_penalty, old_values,
+                                                         samples.baseline)
+                metrics.update(summary_stats("advantages", advantages, mask))
 
             # 6. K epochs of minibatch updates
             updates: list[dict[str, float]] = []
@@ -299,7 +288,7 @@ def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = N
                 if s.objective == "pairwise":
                     units = best_worst_pairs(rewards, group_index)
                 else:
-                    units = keep[torch.randperm(len(keep), generator=generator).to(device)]
+                    units = torch.randperm(len(rewards), generator=generator).to(device)
                 for minibatch in units.chunk(s.minibatches) if len(units) else []:
                     optimizer.zero_grad(set_to_none=True)
                     if s.objective == "pairwise":
@@ -328,27 +317,12 @@ def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = N
             for key in {k for u in updates for k in u}:
                 metrics[key] = sum(u[key] for u in updates if key in u) / sum(key in u for u in updates)
             metrics.setdefault("loss", 0.0)
-            lengths = rollout.lengths.float()
-            tokens = int(batch.attention_mask.sum())
             metrics.update({
-                "reward/mean": raw.mean().item(), "reward/std": raw.std().item() if len(raw) > 1 else 0.0,
-                "reward/shaped_mean": rewards.mean().item(), "reward/penalised_rows": penalised,
-                "response_length": lengths.mean().item(), "rollout/eos_fraction": 1.0 - no_eos.float().mean().item(),
-                "throughput/tokens_per_s": tokens / max(trained_at - started, 1e-9),
-                "throughput/generated_tokens_per_s": lengths.sum().item() / max(generated - started, 1e-9),
-                "time/generation_s": generated - started, "time/scoring_s": scored - generated,
+                "throughput/tokens_per_s": int(batch.attention_mask.sum()) / max(trained_at - started, 1e-9),
                 "time/logprobs_s": referenced - scored, "time/training_s": trained_at - referenced,
                 "time/step_s": trained_at - started,
             })
-            if step % config.logging_steps == 0 or step == total_steps:
-                last = writer.write(step, metrics)
-            bar.set_postfix({**progress_postfix(metrics), "reward": f"{metrics['reward/mean']:.3f}"})
-            bar.update(1)
-            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                save_checkpoint(run_dir, step, trainable, optimizer, scheduler, keep=config.save_total_limit,
-                                extras={"beta": kl_control.value, "reward_stats": reward_stats.state()})
-            for callback in callbacks:
-                callback(step, metrics)
+            end_step(step, metrics)
     finally:
         bar.close()
         writer.close()

@@ -5,11 +5,15 @@
 | ppo          | gae (+whitening)     | ppo_clip             | token_mean          | 0.05, k1, reward (per token)        | yes    |
 | grpo         | grpo (std-scaled)    | ppo_clip             | seq_mean_token_mean | 0.04, k3, loss                      | no     |
 | dr_grpo      | grpo (no std)        | ppo_clip             | constant_norm       | 0.0 (none)                          | no     |
-| dapo         | grpo (std-scaled)    | ppo_clip 0.2/0.28    | token_mean          | 0.0 (none); dynamic sampling        | no     |
+| dapo         | grpo (std-scaled)    | ppo_clip 0.2/0.28    | token_mean          | 0.0 (none); dynamic sampling refill | no     |
 | rloo         | rloo                 | ppo_clip             | token_mean          | 0.05, k1, reward (sequence sum)     | no     |
 | remax        | remax (greedy base)  | reinforce            | token_mean          | 0.05, k1, reward (per token)        | no     |
 | reinforce_pp | reinforce_pp         | ppo_clip             | token_mean          | 0.01, k1, reward (return-to-go)     | no     |
 | online_dpo   | - (pairs best/worst) | dpo (PAIRWISE)       | mean over pairs     | beta 0.1 is DPO's; live reference   | no     |
+
+Dynamic sampling (dapo): groups whose rewards are all equal are dropped and further prompt
+batches are generated until --batch-size groups remain (at most max_generation_rounds batches;
+see `online_sampling.py`).
 
 Any choice can be overridden with `--set key=value`; `OnlineSettings` lists every key.
 """
@@ -72,7 +76,16 @@ class OnlineSettings:
     remax_clip: float | None = None
     """remax: clip R - R_greedy to [-c, c]."""
     dynamic_sampling: bool = False
-    """DAPO: drop prompt groups whose rewards are all equal (they carry no signal)."""
+    """DAPO: train only on prompt groups whose rewards are not all equal (the others have zero
+    advantage), generating further batches of prompts until --batch-size such groups are kept."""
+    max_generation_rounds: int = 10
+    """Dynamic sampling: most prompt batches generated per step (verl's max_num_gen_batches;
+    0 = no limit). verl defaults to 0, but its data loader ends with the epoch, while our prompt
+    stream cycles, so a reward that never varies would generate forever: we bound it at 10, the
+    value of verl's DAPO example scripts."""
+    rounds_exhausted: str = "raise"
+    """Dynamic sampling, max_generation_rounds reached with too few groups: raise (verl), or
+    train (on the groups kept so far; with none the step skips its update)."""
     # policy loss
     policy_loss: str = "ppo_clip"
     eps_low: float = 0.2
@@ -142,6 +155,7 @@ CHOICES = {
     "critic": ("none", "separate", "shared"),
     "objective": ("policy_gradient", "pairwise"),
     "reward_on_error": ("raise", "penalty"),
+    "rounds_exhausted": ("raise", "train"),
 }
 
 
@@ -178,6 +192,8 @@ def _validate(s: OnlineSettings, preset: str) -> None:
             raise ValueError(f"{preset}: rloo needs group_size >= 2")
     if s.beta < 0:
         raise ValueError(f"{preset}: beta must be >= 0")
+    if s.max_generation_rounds < 0:
+        raise ValueError(f"{preset}: max_generation_rounds must be >= 0 (0 = no limit)")
 
 
 def needs_reference(s: OnlineSettings) -> bool:
