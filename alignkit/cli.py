@@ -177,14 +177,14 @@ def cmd_eval_rm(argv: list[str]) -> int:
 
 def cmd_eval(argv: list[str]) -> int:
     """alignkit eval --model M [--ref R] --prompts P --reward SPEC [--judge SPEC] ..."""
-    from alignkit.eval.eval_command import main as eval_main
+    from alignkit.lab.eval_command import main as eval_main
 
     return eval_main(argv)
 
 
 def cmd_overopt(argv: list[str]) -> int:
     """alignkit overopt --proxy SPEC --gold SPEC [--model M] [--checkpoints DIR ...] ..."""
-    from alignkit.eval.overopt_lab import main as overopt_main
+    from alignkit.lab.overopt_lab import main as overopt_main
 
     return overopt_main(argv)
 

@@ -10,14 +10,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
+
+from alignkit.data import builtin_prompts
 
 log = logging.getLogger("alignkit")
 METHODS = ("grpo", "dpo")
@@ -72,9 +72,9 @@ class DemoOptions:
 
 
 def load_prompts() -> dict[str, list[str]]:
-    """The built-in prompt set shipped as package data: {'train': [...], 'heldout': [...]}."""
-    text = resources.files("alignkit").joinpath("assets/movie_review_prompts.json").read_text()
-    return json.loads(text)
+    """The built-in prompt set shipped as package data: {'train': [...], 'heldout': [...]}
+    (`alignkit.data.builtin_prompts`, which `alignkit eval/overopt --prompts builtin` use)."""
+    return builtin_prompts()
 
 
 def as_chat(prompts: list[str]) -> list[list[dict[str, str]]]:
@@ -183,7 +183,7 @@ def train_dpo(options: DemoOptions, prompts: list[str], reward, output: Path):
 
 
 def evaluate(model, tokenizer, prompts, options: DemoOptions, reward, embedder, *, reference, base=None):
-    from alignkit.eval.generation_eval import evaluate_model
+    from alignkit.lab import evaluate_model
 
     return evaluate_model(
         model, tokenizer, as_chat(prompts), reward=reward, reference=reference, samples=options.eval_samples,

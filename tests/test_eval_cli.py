@@ -79,7 +79,7 @@ def test_alignkit_eval_writes_eval_json(tiny_model_dir, tmp_path, capsys):
 
 
 def test_evaluate_model_kl_against_disabled_adapter(tiny_model_dir):
-    from alignkit.eval import evaluate_model
+    from alignkit.lab import evaluate_model
     from alignkit.models import apply_lora, load_model
     from alignkit.rewards import load_reward
 
@@ -178,7 +178,7 @@ def test_alignkit_overopt_on_tiny_model_with_checkpoints(tiny_model_dir, tmp_pat
 
 
 def test_load_policy_from_checkpoint_and_base_model(tiny_model_dir, tmp_path):
-    from alignkit.eval.policy_loading import base_model_of, checkpoint_step, load_policy
+    from alignkit.lab.policy_loading import base_model_of, checkpoint_step, load_policy
 
     (path,) = _training_run(tmp_path, tiny_model_dir, steps=(3,))
     model, _ = load_policy(path)

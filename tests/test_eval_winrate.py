@@ -68,6 +68,45 @@ def test_reward_judge_counts_ties_half_and_scores_each_text_once():
     assert result["order_consistency"] == 1.0
 
 
+def test_reward_judge_uses_the_scorer_it_is_given():
+    """eval/ does not import rewards/: a caller passes its scorer (the lab passes score_safely)."""
+    seen = []
+
+    def score(fn, prompts, responses):
+        seen.append(fn)
+        return torch.tensor([[float(len(r)), 0.0] for r in responses])  # (B, K): first objective
+
+    def reward(prompts, completions):
+        raise AssertionError("the judge must score through `score`")
+
+    judge = RewardJudge(reward, score=score)
+    result = judged_win_rate(judge, ["p", "q"], ["aaa", "b"], ["a", "bbb"])
+    assert result["win_rate"] == pytest.approx(0.5) and seen == [reward]
+
+
+def test_reward_judge_default_scorer_refuses_non_finite_scores():
+    def reward(prompts, completions):
+        return [float("nan") if c == "bad" else 1.0 for c in completions]
+
+    with pytest.raises(ValueError, match="non-finite score to row 1"):
+        judged_win_rate(RewardJudge(reward), ["p", "q"], ["ok", "bad"], ["x", "y"])
+
+
+def test_lab_reward_judge_names_the_failing_row():
+    from alignkit.lab.generation_eval import safe_scores
+    from alignkit.rewards import RewardError
+
+    def reward(prompts, completions):
+        if any(c == "bad" for c in completions):
+            raise RuntimeError("boom")
+        return [1.0] * len(completions)
+
+    with pytest.raises(RewardError, match="boom"):
+        judged_win_rate(
+            RewardJudge(reward, score=safe_scores), ["p", "q"], ["ok", "bad"], ["x", "y"]
+        )
+
+
 def _planted(theta0, theta1, n, mean_shift, seed=0):
     rng = np.random.default_rng(seed)
     delta = rng.normal(loc=mean_shift, scale=20.0, size=n)  # A is longer on average

@@ -22,7 +22,7 @@ from alignkit.data.formats import (
     split_implicit_prompt,
     validate_rows,
 )
-from alignkit.data.loading import load_rows
+from alignkit.data.loading import builtin_prompts, load_rows
 from alignkit.data.table import RowTable
 from alignkit.data.tokenize import (
     PairExample,
@@ -45,6 +45,7 @@ __all__ = [
     "RowTable",
     "SeqExample",
     "TruncationStats",
+    "builtin_prompts",
     "collate_pairs",
     "collate_sequences",
     "detect_kind",

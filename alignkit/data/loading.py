@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,14 @@ def load_rows(source: Any, *, split: str = "train") -> RowTable:
     if len(table) == 0:
         raise DataError(os.fspath(source), None, "the dataset has no rows")
     return table
+
+
+def builtin_prompts() -> dict[str, list[str]]:
+    """The built-in movie-review prompts shipped as package data: {'train': [...],
+    'heldout': [...]} (the demo trains on the first, `alignkit eval/overopt --prompts
+    builtin` score the second)."""
+    text = resources.files("alignkit").joinpath("assets/movie_review_prompts.json").read_text()
+    return json.loads(text)
 
 
 def _looks_like_path(text: str) -> bool:

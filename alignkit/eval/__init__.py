@@ -1,12 +1,13 @@
 """Evaluation: statistics, sampled KL, win rates, diversity, over-optimisation curves, reports.
 
-Pure metrics: `stats`, `kl`, `winrate`, `diversity`, `overopt`. Drivers that sample models:
-`generation_eval.evaluate_model`, `overopt_lab.run_overopt`. Reports: `report.write_report`.
+Pure metrics: `stats`, `kl`, `winrate`, `diversity`, `overopt`, `reward_eval`. Reports:
+`report.write_report`. This layer imports only `data/`, `models/` and `objectives/`; the
+drivers that sample a policy and score it with rewards (`evaluate_model`, `alignkit eval`,
+`alignkit overopt`) live one layer up, in `alignkit.lab`.
 """
 
 from alignkit.eval.diversity import diversity_metrics, lexical_diversity
 from alignkit.eval.embeddings import MiniLMEmbedder, embedding_diversity, minilm_model_dir
-from alignkit.eval.generation_eval import evaluate_model
 from alignkit.eval.kl import sequence_kl
 from alignkit.eval.overopt import (
     CurveFit,
@@ -46,7 +47,6 @@ __all__ = [
     "bon_weights",
     "curve_from_metrics",
     "diversity_metrics",
-    "evaluate_model",
     "fit_overoptimization",
     "judged_win_rate",
     "length_controlled_win_rate",

@@ -2,7 +2,7 @@
 Overoptimization"): unbiased best-of-n curves, the analytic best-of-n KL, and the two
 functional forms fitted to gold reward against the distance d = sqrt(KL(pi || pi_init)).
 
-Pure numpy; the driver that samples models and writes plots is `alignkit.eval.overopt_lab`.
+Pure numpy; the driver that samples models and writes plots is `alignkit.lab.overopt_lab`.
 
 Best-of-n from a fixed pool (Gao et al. §3.1, appendix): draw N >= n samples per prompt once,
 score them with the proxy and the gold reward, sort them ascending by proxy score

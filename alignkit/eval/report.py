@@ -9,8 +9,8 @@
   results.json           `results` as given (NaN/inf written as null).
 
 The input schema is `ReportInput` below. A method's entry may be exactly what
-`evaluate_model` returns (its flat keys are the `MethodResult` keys) or the demo's smaller
-dict; only `gold_reward` is required.
+`alignkit.lab.evaluate_model` returns (its flat keys are the `MethodResult` keys) or the
+demo's smaller dict; only `gold_reward` is required.
 """
 
 from __future__ import annotations

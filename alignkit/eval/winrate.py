@@ -3,7 +3,9 @@
 A judge answers P(a beats b | x) for a batch of (prompt, a, b) triples (`PairwiseJudge`):
 a trained preference model (`alignkit.rewards.preference.PreferenceJudge`, or anything with
 `prob(prompts, a, b)`), or a reward function / reward model wrapped by `RewardJudge`, which
-compares the two scores.
+compares the two scores. This module knows nothing of `alignkit.rewards`: a caller that wants
+failing rows isolated passes its scorer (`RewardJudge(reward, score=...)`, as `alignkit.lab`
+does with `score_safely`).
 
 Win rate of A against B (ALGORITHMS.md §5.4): each pair is judged in both orders and each
 order gives a verdict v = 1 (first wins, p > 1/2), 1/2 (tie, p = 1/2) or 0, so a judge that
@@ -47,22 +49,55 @@ class PairwiseJudge(Protocol):
     ) -> Tensor: ...
 
 
+def call_reward(reward: Callable[..., Any], prompts: list[str], responses: list[str]) -> Tensor:
+    """`reward(prompts, responses)` as a float32 tensor (B,) or (B, K). A plain call: an
+    exception propagates as is; a wrong length or a NaN/inf score raises ValueError (a
+    non-finite score must not pass for a tie)."""
+    values = reward(prompts, responses)
+    if isinstance(values, Tensor):
+        scores = values.detach().to(device="cpu", dtype=torch.float32)
+    else:
+        scores = torch.as_tensor(np.asarray(values, dtype=np.float64), dtype=torch.float32)
+    scores = scores.reshape(1) if scores.ndim == 0 else scores
+    if scores.ndim > 2 or scores.shape[0] != len(responses):
+        raise ValueError(
+            f"reward returned shape {tuple(scores.shape)} for {len(responses)} responses"
+        )
+    bad = torch.nonzero(~torch.isfinite(scores.reshape(len(responses), -1)).all(dim=1)).flatten()
+    if bad.numel():
+        row = int(bad[0])
+        raise ValueError(f"reward gave a non-finite score to row {row} ({prompts[row][:60]!r})")
+    return scores
+
+
 class RewardJudge:
     """A reward function as a judge: prob = 1 if r(a) - r(b) > tol, 1/2 if |r(a) - r(b)| <= tol,
-    else 0. Scores are cached by (prompt, response), so judging both orders scores once."""
+    else 0. Scores are cached by (prompt, response), so judging both orders scores once.
 
-    def __init__(self, reward: Callable[..., Any], tie_tolerance: float = 0.0) -> None:
+    `score(reward, prompts, responses) -> (B,) or (B, K)` computes the scores (the first
+    objective is compared); default `call_reward`, a plain call. Pass e.g.
+    `lambda fn, p, r: score_safely(fn, p, r)[0]` to isolate failing rows.
+    """
+
+    def __init__(
+        self,
+        reward: Callable[..., Any],
+        tie_tolerance: float = 0.0,
+        *,
+        score: Callable[[Callable[..., Any], list[str], list[str]], Any] | None = None,
+    ) -> None:
         self.reward = reward
         self.tie_tolerance = tie_tolerance
+        self.score = score if score is not None else call_reward
         self._cache: dict[tuple[str, str], float] = {}
 
     def scores(self, prompts: list[Any], responses: list[Any]) -> Tensor:
-        from alignkit.rewards import score_safely
-
         keys = [(str(p), str(r)) for p, r in zip(prompts, responses, strict=True)]
         todo = [key for key in dict.fromkeys(keys) if key not in self._cache]
         if todo:
-            values, _ = score_safely(self.reward, [k[0] for k in todo], [k[1] for k in todo])
+            values = torch.as_tensor(
+                self.score(self.reward, [k[0] for k in todo], [k[1] for k in todo])
+            )
             self._cache.update(zip(todo, values.reshape(len(todo), -1)[:, 0].tolist(), strict=True))
         return torch.tensor([self._cache[key] for key in keys], dtype=torch.float64)
 

@@ -21,6 +21,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from alignkit.models import apply_lora, load_model
+
 
 def _run_config(run_dir: Path) -> dict[str, Any] | None:
     import yaml
@@ -75,8 +77,6 @@ def load_policy(
     path: str | Path, *, device: str | None = None, dtype: Any = None
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for any of the forms in the module docstring."""
-    from alignkit.models import load_model
-
     local = Path(path)
     if (local / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -91,8 +91,6 @@ def load_policy(
 def _load_training_checkpoint(path: Path, *, device: str | None, dtype: Any) -> tuple[Any, Any]:
     import torch
     from safetensors.torch import load_file
-
-    from alignkit.models import apply_lora, load_model
 
     run_dir = _run_dir_of(path)
     config = _run_config(run_dir) if run_dir is not None else None

@@ -30,7 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignkit.data import builtin_prompts, load_rows
+from alignkit.eval.kl import response_logps, sequence_kl
 from alignkit.eval.overopt import bon_curve, fit_overoptimization
+from alignkit.eval.plots import plot_overoptimization
+from alignkit.eval.stats import format_table
+from alignkit.lab.generation_eval import encode_prompts, first_scores, prompt_text, sample
+from alignkit.lab.policy_loading import checkpoint_step, load_policy
+from alignkit.models import load_model
+from alignkit.rewards import VaderSentiment, load_reward
+from alignkit.rewards.scorer import load_reward_model
 
 log = logging.getLogger("alignkit")
 
@@ -88,14 +97,10 @@ class PrefixReward:
 
 def load_scorer(spec: str) -> Any:
     """A reward function from `vader_prefix:WORDS`, a reward-model directory or a reward spec."""
-    from alignkit.rewards import VaderSentiment, load_reward
-
     name, _, argument = spec.partition(":")
     if name == "vader_prefix":
         return PrefixReward(VaderSentiment(), int(argument or 8))
     if Path(spec).is_dir():
-        from alignkit.rewards.scorer import load_reward_model
-
         return load_reward_model(spec)
     return load_reward(spec)
 
@@ -103,25 +108,14 @@ def load_scorer(spec: str) -> Any:
 def load_prompt_list(source: str, limit: int | None = None) -> list[Any]:
     """`builtin` -> the demo's held-out movie prompts; else the `prompt` column of a dataset."""
     if source == "builtin":
-        from alignkit.demo import load_prompts
-
-        prompts: list[Any] = list(load_prompts()["heldout"])
+        prompts: list[Any] = list(builtin_prompts()["heldout"])
     else:
-        from alignkit.data import load_rows
-
         table = load_rows(source)
         missing = [i for i, row in enumerate(table.rows) if "prompt" not in row]
         if missing:
             raise table.error(missing[0], "a prompt-only dataset needs a 'prompt' column")
         prompts = [row["prompt"] for row in table.rows]
     return prompts[:limit] if limit else prompts
-
-
-def _scores(fn: Any, prompts: list[str], texts: list[str]) -> np.ndarray:
-    from alignkit.rewards import score_safely
-
-    values, _ = score_safely(fn, prompts, texts)
-    return values.reshape(len(texts), -1)[:, 0].double().numpy()
 
 
 def _rl_point(
@@ -133,10 +127,6 @@ def _rl_point(
     gold: Any,
     options: OveroptOptions,
 ) -> dict[str, Any]:
-    from alignkit.eval.generation_eval import encode_prompts, prompt_text, sample
-    from alignkit.eval.kl import response_logps, sequence_kl
-    from alignkit.eval.policy_loading import checkpoint_step, load_policy
-
     model, _ = load_policy(path, device=str(next(initial.parameters()).device))
     ids = encode_prompts(tokenizer, prompts)
     drawn = sample(
@@ -165,8 +155,8 @@ def _rl_point(
         "kl": k1,
         "kl_k3": float(kl["k3"].mean()),
         "d": float(np.sqrt(max(k1, 0.0))),
-        "proxy": float(_scores(proxy, flat_prompts, flat).mean()),
-        "gold": float(_scores(gold, flat_prompts, flat).mean()),
+        "proxy": float(first_scores(proxy, flat_prompts, flat).mean()),
+        "gold": float(first_scores(gold, flat_prompts, flat).mean()),
     }
 
 
@@ -181,10 +171,6 @@ def _fits(d: np.ndarray, proxy: np.ndarray, gold: np.ndarray, form: str) -> dict
 
 def run_overopt(options: OveroptOptions) -> dict[str, Any]:
     """Run steps 1-5 of the module docstring; write DIR/overopt.json, pool.jsonl, PNGs."""
-    from alignkit.eval.generation_eval import encode_prompts, prompt_text, sample
-    from alignkit.eval.plots import plot_overoptimization
-    from alignkit.models import load_model
-
     started = time.perf_counter()
     output = Path(options.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -211,8 +197,8 @@ def run_overopt(options: OveroptOptions) -> dict[str, Any]:
     )
     texts = [t for g in pool.texts for t in g]
     flat_prompts = [prompt_text(p) for p in prompts for _ in range(options.n_max)]
-    proxy_pool = _scores(proxy, flat_prompts, texts).reshape(len(prompts), options.n_max)
-    gold_pool = _scores(gold, flat_prompts, texts).reshape(len(prompts), options.n_max)
+    proxy_pool = first_scores(proxy, flat_prompts, texts).reshape(len(prompts), options.n_max)
+    gold_pool = first_scores(gold, flat_prompts, texts).reshape(len(prompts), options.n_max)
     with open(output / "pool.jsonl", "w") as handle:
         for i, (prompt, text) in enumerate(zip(flat_prompts, texts, strict=True)):
             row = {
@@ -309,8 +295,6 @@ def _json_safe(value: Any) -> Any:
 
 
 def _print_summary(result: dict[str, Any]) -> None:
-    from alignkit.eval.stats import format_table
-
     bon = result["bon"]
     rows = []
     for n in sorted({1, 2, 4, 8, 16, 32, 64, len(bon["n"])} & set(bon["n"])):

@@ -10,14 +10,15 @@
    (`alignkit.eval.winrate`), and a paired reward difference;
 5. length statistics and Kirk et al.'s per-input / across-input diversity.
 
-Runs in-process on loaded models (the demo passes its models, nothing is reloaded). Sits
-above `rollout/` and `rewards/` (imported lazily) although it lives in `eval/`: the metrics
-it calls are the pure modules beside it.
+Runs in-process on loaded models (the demo passes its models, nothing is reloaded). Lives in
+`lab/`, above `rollout/` (sampling), `rewards/` (`score_safely`) and `eval/` (the pure metrics
+it calls).
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alignkit.eval.diversity import diversity_metrics
+from alignkit.eval.diversity import default_embedder, diversity_metrics
 from alignkit.eval.kl import response_logps, sequence_kl
 from alignkit.eval.stats import bootstrap_ci, paired_bootstrap_diff
-from alignkit.eval.winrate import judged_win_rate, length_controlled_win_rate
+from alignkit.eval.winrate import RewardJudge, judged_win_rate, length_controlled_win_rate
+from alignkit.models import adapter_disabled, is_peft
+from alignkit.rewards import score_safely
+from alignkit.rollout import HFEngine, SamplingParams
 
 log = logging.getLogger("alignkit")
 
@@ -36,6 +40,17 @@ KL_ESTIMATOR = (
     "k1 = sum_t (log pi - log pi_ref) per sampled response, mean over samples "
     "(unbiased); k3 = sum_t (exp(-u_t) - 1 + u_t) (unbiased, non-negative terms)"
 )
+
+
+def safe_scores(fn: Any, prompts: list[str], texts: list[str]) -> Tensor:
+    """`score_safely(fn, prompts, texts)` scores, (B,) or (B, K): a failing row raises
+    `RewardError` naming it."""
+    return score_safely(fn, prompts, texts)[0]
+
+
+def first_scores(fn: Any, prompts: list[str], texts: list[str]) -> np.ndarray:
+    """The first objective of `safe_scores` as float64 numpy, (B,)."""
+    return safe_scores(fn, prompts, texts).reshape(len(texts), -1)[:, 0].double().numpy()
 
 
 def prompt_text(prompt: Any) -> str:
@@ -98,11 +113,6 @@ def sample(
     disable_adapter: bool = False,
 ) -> Samples:
     """`n` samples per prompt with `HFEngine` (rows grouped by prompt)."""
-    from contextlib import nullcontext
-
-    from alignkit.models import adapter_disabled
-    from alignkit.rollout import HFEngine, SamplingParams
-
     stops = stop_token_ids(tokenizer)
     engine = HFEngine(
         model, pad_id=tokenizer.pad_token_id, eos_ids=stops, max_batch_size=max_batch_size
@@ -218,12 +228,7 @@ def evaluate_model(
     reward_diff_vs_reference, samples, completions (all texts, grouped by prompt), n, prompts,
     samples_per_prompt, model, reference, settings.
     """
-    from alignkit.models import is_peft
-    from alignkit.rewards import score_safely
-
     if embedder == "minilm":  # load once for the policy and the reference
-        from alignkit.eval.diversity import default_embedder
-
         embedder = default_embedder()
     if reference == "auto":
         reference = "adapter" if model is not None and is_peft(model) else None
@@ -256,9 +261,7 @@ def evaluate_model(
     flat = [t for g in policy.texts for t in g]
 
     # 2. gold reward
-    scores = (
-        score_safely(reward, flat_prompts, flat)[0].reshape(len(flat), -1)[:, 0].double().numpy()
-    )
+    scores = first_scores(reward, flat_prompts, flat)
     result: dict[str, Any] = {
         "model": name,
         "reference": None,
@@ -317,12 +320,7 @@ def evaluate_model(
             raise ValueError(
                 f"{len(ref_flat)} reference completions for {len(flat)} policy completions"
             )
-        ref_scores = (
-            score_safely(reward, flat_prompts, ref_flat)[0]
-            .reshape(len(flat), -1)[:, 0]
-            .double()
-            .numpy()
-        )
+        ref_scores = first_scores(reward, flat_prompts, ref_flat)
         ref_metrics = _reward_summary(ref_scores, k, confidence, seed)
         ref_metrics.update(_length_summary(ref_policy))
         ref_metrics["diversity"] = (
@@ -339,8 +337,11 @@ def evaluate_model(
             "ci_low": diff[1],
             "ci_high": diff[2],
         }
+        win_judge = judge if judge is not None else reward
+        if not hasattr(win_judge, "prob") and callable(win_judge):  # a reward: isolate bad rows
+            win_judge = RewardJudge(win_judge, score=safe_scores)
         details = judged_win_rate(
-            judge if judge is not None else reward,
+            win_judge,
             flat_prompts,
             flat,
             ref_flat,

@@ -9,6 +9,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from alignkit.eval.stats import format_table
+from alignkit.lab.generation_eval import evaluate_model
+from alignkit.lab.overopt_lab import load_prompt_list, load_scorer
+from alignkit.lab.policy_loading import base_model_of, load_policy
+from alignkit.models import is_peft
+from alignkit.rewards.preference import PreferenceJudge
+
 log = logging.getLogger("alignkit")
 
 
@@ -53,21 +60,12 @@ class EvalOptions:
 
 def load_judge(spec: str) -> Any:
     """A preference-model directory -> `PreferenceJudge`; anything else -> a reward scorer."""
-    from alignkit.eval.overopt_lab import load_scorer
-
     if (Path(spec) / "preference_model.json").is_file():
-        from alignkit.rewards.preference import PreferenceJudge
-
         return PreferenceJudge(spec)
     return load_scorer(spec)
 
 
 def run_eval(options: EvalOptions) -> dict[str, Any]:
-    from alignkit.eval.generation_eval import evaluate_model
-    from alignkit.eval.overopt_lab import load_prompt_list, load_scorer
-    from alignkit.eval.policy_loading import base_model_of, load_policy
-    from alignkit.models import is_peft
-
     prompts = load_prompt_list(options.prompts, options.num_prompts)
     model, tokenizer = load_policy(options.model)
     reference: Any = None
@@ -113,7 +111,6 @@ def _ci(point: Any, low: Any, high: Any) -> str:
 
 def summary_table(result: dict[str, Any]) -> str:
     """The policy (and reference) side by side: reward, KL, win rate, length, diversity."""
-    from alignkit.eval.stats import format_table
 
     def row(name: str, r: dict[str, Any], is_policy: bool) -> dict[str, Any]:
         div = (r.get("diversity") or {}) if isinstance(r.get("diversity"), dict) else {}
