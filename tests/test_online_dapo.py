@@ -22,14 +22,6 @@ ROWS = [{"prompt": p} for p in PROMPTS * 4]
 FLAT = {"The movie", "Tell me"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def half_flat(prompts, completions, **columns):
     """Two of the four prompts always score 0 (no signal); the others count the letter e."""
     return [0.0 if p in FLAT else float(c.count("e")) for p, c in zip(prompts, completions, strict=True)]
