@@ -10,6 +10,7 @@ medians are reported, and one alignkit/TRL ratio row per method.
     python bench/dpo_vs_trl.py --methods all --steps 4 --rounds 1 --json /tmp/methods.json
     python bench/dpo_vs_trl.py --methods ipo,simpo,orpo,kto
     python bench/dpo_vs_trl.py --model ~/.cache/alignkit/smollm2-135m-instruct --batch-size 4
+    python bench/dpo_vs_trl.py --model smollm2-shaped --steps 8 --batch-size 4   # 49k vocabulary
 
 Methods (`--methods`, alignkit name -> TRL): the DPOTrainer losses dpo (sigmoid), cdpo
 (sigmoid + label_smoothing 0.1), ipo, hinge, rdpo (robust, label_smoothing 0.1), exo (exo_pair,
@@ -49,6 +50,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     WORKER_ENV,
+    build_smollm2_shaped,
     child_env,
     count_tokens,
     current_rss_mib,
@@ -128,7 +130,8 @@ def method_spec(name: str, beta: float, steps: int) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="local model dir (default: build a random tiny Llama)")
+    parser.add_argument("--model", help="local model dir, or smollm2-shaped (a random Llama with SmolLM2's "
+                        "49k vocabulary, hidden/layers as given); default: a random tiny Llama (320-token vocabulary)")
     parser.add_argument("--hidden-size", type=int, default=256, help="random model width")
     parser.add_argument("--num-layers", type=int, default=4, help="random model depth")
     parser.add_argument("--num-heads", type=int, default=4, help="random model attention heads")
@@ -286,6 +289,9 @@ def prepare(args: argparse.Namespace, workdir: Path, methods: list[str]) -> dict
 
         model_dir = build_tiny_model(workdir / "model", hidden_size=args.hidden_size,
                                      num_layers=args.num_layers, num_heads=args.num_heads, seed=args.seed)
+    elif model_dir == "smollm2-shaped":
+        model_dir = build_smollm2_shaped(workdir / "model", hidden_size=args.hidden_size,
+                                         num_layers=args.num_layers, seed=args.seed)
     model_dir = str(Path(model_dir).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pairs = long_pairs(args.pairs or args.batch_size * args.steps, seed=args.seed)
