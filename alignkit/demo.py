@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from alignkit.data import builtin_prompts
+from alignkit.lab import evaluate_model
+from alignkit.lab.generation_eval import encode_prompts, sample
 
 log = logging.getLogger("alignkit")
 METHODS = ("grpo", "dpo")
@@ -79,32 +81,6 @@ def load_prompts() -> dict[str, list[str]]:
 
 def as_chat(prompts: list[str]) -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": p}] for p in prompts]
-
-
-def render_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Chat-template token ids of each user prompt, ready for generation."""
-    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in as_chat(prompts)]
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-
-
-def stop_ids(tokenizer) -> tuple[int, ...]:
-    """End-of-turn and end-of-text ids: a review stops at either."""
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
-    return tuple(sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id))
-
-
-def sample_completions(model, tokenizer, prompts: list[str], n: int, *, max_new_tokens: int,
-                       temperature: float, seed: int) -> list[list[str]]:
-    """n sampled completions per prompt, as text, grouped prompt by prompt."""
-    from alignkit.rollout import HFEngine, SamplingParams
-
-    eos = stop_ids(tokenizer)
-    engine = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_ids=eos, max_batch_size=64)
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=eos, seed=seed)
-    rollout = engine.generate(render_prompts(tokenizer, prompts), n, sampling)
-    texts = [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True).strip()
-             for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)]
-    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 def build_pairs(prompts: list[str], groups: list[list[str]], reward) -> tuple[list[dict], int]:
@@ -170,8 +146,8 @@ def train_dpo(options: DemoOptions, prompts: list[str], reward, output: Path):
     from alignkit.models import load_model
 
     model, tokenizer = load_model(options.model)
-    groups = sample_completions(model, tokenizer, prompts, options.dpo_samples_per_prompt,
-                                max_new_tokens=options.max_new_tokens, temperature=1.0, seed=options.seed + 2)
+    groups = sample(model, tokenizer, encode_prompts(tokenizer, prompts), options.dpo_samples_per_prompt,
+                    max_new_tokens=options.max_new_tokens, temperature=1.0, seed=options.seed + 2).texts
     pairs, ties = build_pairs(prompts, groups, reward)
     log.info("      %d pairs (%d prompts left out: all their samples scored the same)", len(pairs), ties)
     result = train(
@@ -183,7 +159,6 @@ def train_dpo(options: DemoOptions, prompts: list[str], reward, output: Path):
 
 
 def evaluate(model, tokenizer, prompts, options: DemoOptions, reward, embedder, *, reference, base=None):
-    from alignkit.lab import evaluate_model
 
     return evaluate_model(
         model, tokenizer, as_chat(prompts), reward=reward, reference=reference, samples=options.eval_samples,
@@ -279,8 +254,8 @@ def print_summary(results: dict, format_table) -> None:
     print()
     print(format_table(rows, ["method", "VADER", "95% CI", "KL", "win rate", "length", "distinct-2"]))
     for name, r in results["methods"].items():
-        for sample in r.get("samples", [])[:2]:
-            print(f"\n[{name}] {sample['prompt']}\n  -> {sample['completion']!r} (VADER {sample['reward']:+.3f})")
+        for example in r.get("samples", [])[:2]:
+            print(f"\n[{name}] {example['prompt']}\n  -> {example['completion']!r} (VADER {example['reward']:+.3f})")
 
 
 def main(argv: list[str]) -> int:
