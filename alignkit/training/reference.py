@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -40,28 +41,34 @@ def _fingerprint(config: TrainConfig, splits: dict[str, list], task_key: Any = N
     return json.dumps(values, sort_keys=True)
 
 
+def reference_batches(task, model, examples, pad_id: int, config: TrainConfig, desc: str) -> Iterator:
+    """(indices, batch on the model's device) over `examples` ordered by length, `batch_size`
+    at a time, with a progress bar; while it runs the model is in eval mode with any LoRA
+    adapter disabled (the reference is the initial policy), and its mode is restored after."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: task.length(examples[i]))
+    size = max(1, config.batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with adapter_disabled(model) if is_peft(model) else nullcontext():
+            for start in tqdm(range(0, len(order), size), desc=desc, disable=not config.progress, leave=False):
+                indices = order[start : start + size]
+                batch = task.collate([examples[i] for i in indices], pad_id)
+                yield indices, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def compute_reference_logps(task, model, examples, pad_id: int, config: TrainConfig, desc: str):
     """(chosen, rejected) summed log-probs (N,) of every example under `model`."""
-    device = next(model.parameters()).device
     chosen = torch.zeros(len(examples))
     rejected = torch.zeros(len(examples))
-    order = sorted(range(len(examples)), key=lambda i: task.length(examples[i]))
-    size = max(1, config.batch_size)
-    context = adapter_disabled(model) if is_peft(model) else nullcontext()
-    was_training = model.training
-    model.eval()
-    with context:
-        for start in tqdm(
-            range(0, len(order), size), desc=desc, disable=not config.progress, leave=False
-        ):
-            indices = order[start : start + size]
-            batch = task.collate([examples[i] for i in indices], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-            ref_chosen, ref_rejected = task.reference_logps(model, batch)
-            chosen[indices] = ref_chosen.float().cpu()
-            rejected[indices] = ref_rejected.float().cpu()
-    model.train(was_training)
+    for indices, batch in reference_batches(task, model, examples, pad_id, config, desc):
+        ref_chosen, ref_rejected = task.reference_logps(model, batch)
+        chosen[indices] = ref_chosen.float().cpu()
+        rejected[indices] = ref_rejected.float().cpu()
     return chosen, rejected
 
 

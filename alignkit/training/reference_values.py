@@ -16,16 +16,13 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from alignkit.models import adapter_disabled, is_peft
 from alignkit.training.config import TrainConfig
-from alignkit.training.reference import load_cached_tensors, load_reference
+from alignkit.training.reference import load_cached_tensors, load_reference, reference_batches
 
 log = logging.getLogger("alignkit")
 
@@ -33,23 +30,12 @@ log = logging.getLogger("alignkit")
 @torch.no_grad()
 def compute_reference_values(task, model, examples, pad_id: int, config: TrainConfig, desc: str):
     """{name: [tensor per example]} in the order of `examples` (batched by length)."""
-    device = next(model.parameters()).device
     values: dict[str, list] = {}
-    order = sorted(range(len(examples)), key=lambda i: task.length(examples[i]))
-    size = max(1, config.batch_size)
-    context = adapter_disabled(model) if is_peft(model) else nullcontext()
-    was_training = model.training
-    model.eval()
-    with context:
-        for start in tqdm(range(0, len(order), size), desc=desc, disable=not config.progress, leave=False):
-            indices = order[start : start + size]
-            batch = task.collate([examples[i] for i in indices], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-            for name, per_example in task.reference_values(model, batch).items():
-                column = values.setdefault(name, [None] * len(examples))
-                for i, value in zip(indices, per_example, strict=True):
-                    column[i] = value.detach().float().cpu().reshape(-1)
-    model.train(was_training)
+    for indices, batch in reference_batches(task, model, examples, pad_id, config, desc):
+        for name, per_example in task.reference_values(model, batch).items():
+            column = values.setdefault(name, [None] * len(examples))
+            for i, value in zip(indices, per_example, strict=True):
+                column[i] = value.detach().float().cpu().reshape(-1)
     return values
 
 
