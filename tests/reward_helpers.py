@@ -1,5 +1,5 @@
 """Scaffolding shared by the reward-model trainer tests: a quiet tiny training run (optionally
-split into training and held-out rows), JSONL files, and the eval-rm verb."""
+split into training and held-out rows) and the eval-rm verb (JSONL files: run_helpers)."""
 
 from __future__ import annotations
 
@@ -33,11 +33,6 @@ def train_tiny(
     else:
         kwargs.update(data=rows[:split], eval_data=rows[split:])
     return alignkit.train(algorithm, output_dir=output_dir, **kwargs, **options, **settings)
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def eval_rm(model: Path, data: str, output: Path, n_bootstrap: int, *extra: str) -> dict:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+from run_helpers import read_metrics, write_jsonl
 
 from alignkit.algorithms import ALGORITHMS, readme_with_table
 from alignkit.cli import main
@@ -31,39 +31,35 @@ def test_algorithms_verb_lists_every_algorithm(capsys):
 
 
 def test_train_verb_writes_metrics_config_and_final(tiny_model_dir, tmp_path):
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(8)))
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(8))
     out = tmp_path / "run"
-    code = main(["train", "dpo", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
+    code = main(["train", "dpo", "--model", str(tiny_model_dir), "--data", data, "--output", str(out),
                  "--max-steps", "2", "--batch-size", "4", "--set", "beta=0.25", "--no-progress"])
     assert code == 0
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["hparams"] == {"beta": 0.25} and config["max_steps"] == 2
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and all("loss" in r for r in rows)
     assert (out / "final" / "model.safetensors").exists()
 
 
 def test_bad_input_is_one_clear_error_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("ALIGNKIT_DEBUG", raising=False)
-    data = tmp_path / "pairs.jsonl"
-    data.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": 3}) + "\n")
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": 3}])
     args = ["train", "dpo", "--model", str(tiny_model_dir), "--output", str(tmp_path / "r"), "--no-progress"]
-    assert main([*args, "--data", str(data)]) == 2
+    assert main([*args, "--data", data]) == 2
     err = capsys.readouterr().err
     assert "alignkit train: error:" in err and "pairs.jsonl" in err and "Traceback" not in err
-    good = tmp_path / "good.jsonl"
-    good.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(4)))
-    assert main([*args, "--data", str(good), "--set", "betta=0.2"]) == 2
+    good = write_jsonl(tmp_path / "good.jsonl", synthetic_pairs(4))
+    assert main([*args, "--data", good, "--set", "betta=0.2"]) == 2
     assert "unknown hyper-parameter(s) ['betta']" in capsys.readouterr().err
 
 
 def test_recipe_with_set_override(tiny_model_dir, tmp_path):
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(8)))
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(8))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
-        "algorithm": "dpo", "model": str(tiny_model_dir), "data": str(data), "output": str(tmp_path / "r"),
+        "algorithm": "dpo", "model": str(tiny_model_dir), "data": data, "output": str(tmp_path / "r"),
         "max_steps": 1, "batch_size": 4, "progress": False, "hparams": {"beta": 0.1},
     }))
     assert main(["train", "--config", str(recipe), "--set", "beta=0.3", "--set", "lr=0.001"]) == 0

@@ -5,10 +5,17 @@ forward."""
 
 from __future__ import annotations
 
-import json
+from functools import partial
 
 import pytest
 import torch
+from run_helpers import (
+    assert_resumed_matches,
+    assert_same_parameters,
+    read_metrics,
+    run_interrupted_and_resumed,
+    write_jsonl,
+)
 from transformers import AutoModelForCausalLM
 
 import alignkit
@@ -35,15 +42,12 @@ def count_e(prompts, completions, **columns):
     return [float(text.count("e")) for text in completions]
 
 
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def run(algorithm, model_dir, out, steps=30, **overrides):
+def run(algorithm, model_dir, output_dir, steps=30, **overrides):
     settings = dict(batch_size=4, max_steps=steps, lr=1e-2, warmup_ratio=0.0, scheduler="constant",
                     progress=False, max_new_tokens=8, group_size=4)
     settings.update(overrides)
-    return alignkit.train(algorithm, model=str(model_dir), data=ROWS, output_dir=out, reward=count_e, **settings)
+    return alignkit.train(algorithm, model=str(model_dir), data=ROWS, output_dir=output_dir, reward=count_e,
+                          **settings)
 
 
 # preset -> (extra settings, minimum rise of the mean reward, last 5 steps vs first 5, in e's
@@ -93,18 +97,6 @@ def test_kl_penalty_keeps_the_policy_closer_to_the_reference(tiny_model_dir, tmp
     assert kl[1.0] < 3.0, kl
 
 
-class Interrupt(Exception):
-    pass
-
-
-def _interrupt_at(step_to_fail):
-    def callback(step, metrics):
-        if step == step_to_fail:
-            raise Interrupt
-
-    return callback
-
-
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_resumed_run_matches_the_uninterrupted_run(algorithm, tiny_model_dir, tmp_path):
     """PPO with a critic, 2 epochs x 2 minibatches, running reward normalisation and an adaptive
@@ -112,19 +104,12 @@ def test_resumed_run_matches_the_uninterrupted_run(algorithm, tiny_model_dir, tm
     extra = dict(steps=6, save_steps=3, lr=5e-3, scheduler="cosine")
     if algorithm == "ppo":
         extra.update(epochs_per_batch=2, minibatches=2, reward_norm=True, kl_target=1.0)
-    full = run(algorithm, tiny_model_dir, tmp_path / "full", **extra)
-    with pytest.raises(Interrupt):
-        run(algorithm, tiny_model_dir, tmp_path / "cut", callbacks=(_interrupt_at(5),), **extra)
-    resumed = run(algorithm, tiny_model_dir, tmp_path / "ignored", resume=str(tmp_path / "cut"), **extra)
-    assert resumed.output_dir == tmp_path / "cut"
-    full_rows, resumed_rows = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
-    assert [r["step"] for r in resumed_rows] == list(range(1, 7))
-    for a, b in zip(full_rows, resumed_rows, strict=True):
-        for key in ("loss", "reward/mean", "kl", "beta", "response_length", "grad_norm"):
-            if key in a:
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
-    for (name, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters(), strict=True):
-        torch.testing.assert_close(p, q, msg=name)
+    runs = run_interrupted_and_resumed(partial(run, algorithm, tiny_model_dir, **extra), tmp_path, at=5)
+    assert runs.resumed_result.output_dir == tmp_path / "cut"
+    keys = ("loss", "reward/mean", "kl", "beta", "response_length", "grad_norm")
+    assert_resumed_matches(runs.full, runs.resumed, keys, steps=6, tolerance=dict(rel=1e-5, abs=1e-6),
+                           skip_missing=True)  # a key the full run does not log is not compared
+    assert_same_parameters(runs.full_result.model, runs.resumed_result.model)
 
 
 def test_lora_policy_uses_the_adapter_off_reference_and_saves_merged(tiny_model_dir, tmp_path):
@@ -161,9 +146,8 @@ def test_on_policy_steps_reuse_the_engine_logprobs(tiny_model_dir, tmp_path, mon
 def test_cli_trains_an_online_preset_with_a_reward_file(tiny_model_dir, tmp_path):
     reward_file = tmp_path / "my_reward.py"
     reward_file.write_text("def reward(prompts, completions, **kw):\n    return [len(c) / 10 for c in completions]\n")
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    code = cli_main(["train", "rloo", "--model", str(tiny_model_dir), "--data", str(data), "--output",
+    data = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    code = cli_main(["train", "rloo", "--model", str(tiny_model_dir), "--data", data, "--output",
                      str(tmp_path / "cli"), "--max-steps", "2", "--batch-size", "2", "--reward",
                      f"{reward_file}:reward", "--set", "group_size=2", "--set", "max_new_tokens=4",
                      "--set", "beta=0.0", "--no-progress"])

@@ -5,10 +5,16 @@ skipping the update when nothing is left), and interrupted runs resume exactly."
 
 from __future__ import annotations
 
-import json
+from functools import partial
 
 import pytest
 import torch
+from run_helpers import (
+    assert_resumed_matches,
+    assert_same_parameters,
+    read_metrics,
+    run_interrupted_and_resumed,
+)
 from transformers import AutoModelForCausalLM
 
 import alignkit
@@ -31,15 +37,11 @@ def flat(prompts, completions, **columns):
     return [1.0] * len(completions)
 
 
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def run(model_dir, out, reward=half_flat, steps=4, **overrides):
+def run(model_dir, output_dir, reward=half_flat, steps=4, **overrides):
     settings = dict(batch_size=4, max_steps=steps, lr=1e-2, warmup_ratio=0.0, scheduler="constant",
                     progress=False, max_new_tokens=8, group_size=4)
     settings.update(overrides)
-    return alignkit.train("dapo", model=str(model_dir), data=ROWS, output_dir=out, reward=reward, **settings)
+    return alignkit.train("dapo", model=str(model_dir), data=ROWS, output_dir=output_dir, reward=reward, **settings)
 
 
 @pytest.fixture
@@ -108,8 +110,7 @@ def test_exhausted_rounds_with_no_group_skip_the_update(tiny_model_dir, tmp_path
         assert r["loss"] == 0.0 and r["reward/mean"] == 1.0 and "grad_norm" not in r
         assert all(torch.isfinite(torch.tensor(float(v))) for k, v in r.items() if k != "step"), r
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    for (name, p), (_, q) in zip(initial.named_parameters(), result.model.named_parameters(), strict=True):
-        torch.testing.assert_close(p, q, msg=name)  # no update happened
+    assert_same_parameters(initial, result.model)  # no update happened
 
 
 def test_exhausted_rounds_train_on_the_groups_kept(tiny_model_dir, tmp_path, spy):
@@ -122,31 +123,15 @@ def test_exhausted_rounds_train_on_the_groups_kept(tiny_model_dir, tmp_path, spy
     assert [next(trained) if k else 0 for k in kept] == [4 * k for k in kept]
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_dapo_resumed_run_matches_the_uninterrupted_run(tiny_model_dir, tmp_path):
     """Refills move the data cursor past B prompts per step: the checkpoint must carry it."""
     extra = dict(steps=6, save_steps=3, lr=5e-3, scheduler="cosine")
-
-    def stop_at_5(step, metrics):
-        if step == 5:
-            raise Interrupt
-
-    full = run(tiny_model_dir, tmp_path / "full", **extra)
-    with pytest.raises(Interrupt):
-        run(tiny_model_dir, tmp_path / "cut", callbacks=(stop_at_5,), **extra)
-    resumed = run(tiny_model_dir, tmp_path / "ignored", resume=str(tmp_path / "cut"), **extra)
-    full_rows, resumed_rows = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
-    assert sum(r["dynamic_sampling/generation_rounds"] for r in full_rows[:3]) > 3  # cursor != 3 x B
-    assert [r["step"] for r in resumed_rows] == list(range(1, 7))
-    for a, b in zip(full_rows, resumed_rows, strict=True):
-        for key in ("loss", "reward/mean", "response_length", "grad_norm", "dynamic_sampling/generation_rounds",
-                    "dynamic_sampling/kept_fraction", "advantages/std"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
-    for (name, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters(), strict=True):
-        torch.testing.assert_close(p, q, msg=name)
+    runs = run_interrupted_and_resumed(partial(run, tiny_model_dir, **extra), tmp_path, at=5)
+    assert sum(r["dynamic_sampling/generation_rounds"] for r in runs.full[:3]) > 3  # cursor != 3 x B
+    keys = ("loss", "reward/mean", "response_length", "grad_norm", "dynamic_sampling/generation_rounds",
+            "dynamic_sampling/kept_fraction", "advantages/std")
+    assert_resumed_matches(runs.full, runs.resumed, keys, steps=6, tolerance=dict(rel=1e-5, abs=1e-6))
+    assert_same_parameters(runs.full_result.model, runs.resumed_result.model)
 
 
 def test_signal_groups_and_merge_rows():

@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from reward_helpers import QUIET, eval_rm, train_tiny, write_jsonl
+from reward_helpers import QUIET, eval_rm, train_tiny
+from run_helpers import read_metrics, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
 from alignkit.rewards import EnsembleScorer, load_reward
@@ -112,9 +113,7 @@ def test_rm_ensemble_trains_members_saves_and_loads(tiny_model_dir, tmp_path, sh
         for i in range(k)
     ]
     assert not torch.allclose(heads[0], heads[1])
-    rows = [
-        json.loads(line) for line in (tmp_path / "ens" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = read_metrics(tmp_path / "ens")
     assert "loss" in rows[0] and "member_1/loss" in rows[0]
     floor = 0.75 if shared_trunk else 0.9
     assert result.eval_metrics["eval/rewards/accuracies"] >= floor

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from run_helpers import write_jsonl
 from transformers import AutoModelForSequenceClassification
 
 import alignkit
@@ -79,16 +80,14 @@ def test_rm_multi_end_to_end(tiny_model_dir, tmp_path):
     """Ridge heads on a frozen random tiny backbone + gate trained on pairs. The stored score
     head gives the raw attribute vector; the gated reward is beta * sum g * PENALISED r.
     Held-out pair accuracy of the gated reward >= 0.75 (measured 1.0)."""
-    ratings = tmp_path / "ratings.jsonl"
-    ratings.write_text("".join(json.dumps(r) + "\n" for r in synthetic_ratings(200, seed=0)))
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(96, seed=1)))
+    ratings = write_jsonl(tmp_path / "ratings.jsonl", synthetic_ratings(200, seed=0))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(96, seed=1))
     alignkit.train(
         "rm_multi",
         model=str(tiny_model_dir),
-        data=str(ratings),
+        data=ratings,
         output_dir=tmp_path / "armo",
-        pairs=str(pairs),
+        pairs=pairs,
         gate_width=32,
         gate_hidden_layers=1,
         gate_dropout=0.0,

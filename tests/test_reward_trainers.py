@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reward_helpers import eval_rm, train_tiny, write_jsonl
+from reward_helpers import eval_rm, train_tiny
+from run_helpers import write_jsonl
 from transformers import AutoModelForSequenceClassification
 
 from alignkit.algorithms import ALGORITHMS

@@ -3,24 +3,22 @@ contract, resumed runs match uninterrupted ones step for step, bad input fails c
 
 from __future__ import annotations
 
-import json
+from functools import partial
 
 import pytest
 import torch
+from run_helpers import (
+    PAIRWISE_DETERMINISTIC,
+    assert_resumed_matches,
+    read_metrics,
+    run_interrupted_and_resumed,
+    write_jsonl,
+)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import alignkit
 from alignkit.data import DataError
 from alignkit.testing import synthetic_pairs, synthetic_sft
-
-
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def test_dpo_learns_the_preference_and_writes_the_contract_files(tiny_model_dir, tmp_path):
@@ -78,36 +76,14 @@ def test_lora_dpo_saves_a_merged_checkpoint(tiny_model_dir, tmp_path):
         assert torch.allclose(merged(ids).logits, result.model(input_ids=ids).logits, atol=1e-5)
 
 
-class Interrupt(Exception):
-    pass
-
-
-def interrupt_at(step_to_fail: int):
-    def callback(step, metrics):
-        if step == step_to_fail:
-            raise Interrupt
-
-    return callback
-
-
-DETERMINISTIC = ("loss", "lr", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen")
-
-
 @pytest.mark.parametrize("lora_r", [0, 4])
 def test_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, lora_r):
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(24, seed=3))
     common = dict(model=str(tiny_model_dir), data=data, batch_size=4, max_steps=8, lr=5e-3,
                   save_steps=3, lora_r=lora_r, lora_dropout=0.1 if lora_r else 0.0, progress=False)
-    alignkit.train("dpo", output_dir=tmp_path / "full", **common)
-    with pytest.raises(Interrupt):
-        alignkit.train("dpo", output_dir=tmp_path / "cut", callbacks=(interrupt_at(5),), **common)
-    # the step-6 checkpoint was never written; the run continues from step 3
-    alignkit.train("dpo", output_dir=tmp_path / "ignored", resume=str(tmp_path / "cut"), **common)
-    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
-    assert [r["step"] for r in resumed] == list(range(1, 9))
-    for a, b in zip(full, resumed, strict=True):
-        for key in DETERMINISTIC:
-            assert a[key] == b[key], (a["step"], key)
+    # cut at step 5: the step-6 checkpoint was never written; the run continues from step 3
+    runs = run_interrupted_and_resumed(partial(alignkit.train, "dpo", **common), tmp_path, at=5)
+    assert_resumed_matches(runs.full, runs.resumed, PAIRWISE_DETERMINISTIC, steps=8)
 
 
 def test_non_finite_loss_skips_the_step_without_touching_weights(tiny_model_dir, tmp_path, monkeypatch):

@@ -3,20 +3,16 @@ the top-ranked completion's log-prob rises relative to the bottom one, bad input
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
+from run_helpers import read_metrics
 
 import alignkit
 from alignkit.data import DataError, RankedExample
 from alignkit.testing import synthetic_pairs, synthetic_ranked
 from alignkit.training.tasks_listwise import collate_ranked, to_grid
-
-
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_collate_ranked_flattens_ragged_lists():

@@ -4,11 +4,12 @@ shift, MODPO margins, reference-free runs). TR-DPO lives in test_training_pairwi
 
 from __future__ import annotations
 
-import json
 import math
+from functools import partial
 
 import pytest
 import torch
+from run_helpers import assert_resumed_matches, read_metrics, run_interrupted_and_resumed
 
 import alignkit
 from alignkit.objectives import PAIRWISE, REFERENCE_FREE
@@ -18,10 +19,6 @@ from alignkit.testing import synthetic_pairs
 COMMON = dict(batch_size=8, max_steps=24, lr=3e-3, warmup_ratio=0.0, progress=False)
 # Extra settings per loss: modpo needs objective weights and margins (a zero `margins` column).
 EXTRA = {"modpo": {"weights": [1.0, 0.5]}}
-
-
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def pairs(n: int = 48, seed: int = 1, margins: list[float] | None = None) -> list[dict]:
@@ -36,10 +33,10 @@ def mean(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 
 
-def train(name, tiny_model_dir, out, data=None, **overrides):
+def train(name, tiny_model_dir, output_dir, data=None, **overrides):
     settings = {**COMMON, **EXTRA.get(name, {}), **overrides}
     data = data if data is not None else pairs(margins=[0.0] if name == "modpo" else None)
-    result = alignkit.train(name, model=str(tiny_model_dir), data=data, output_dir=out, **settings)
+    result = alignkit.train(name, model=str(tiny_model_dir), data=data, output_dir=output_dir, **settings)
     return result, read_metrics(result.output_dir)
 
 
@@ -194,22 +191,14 @@ def test_loss_weights_sum_the_weighted_component_losses(tiny_model_dir, tmp_path
 def test_bco_delta_is_the_running_mean_of_batch_rewards_and_survives_resume(tiny_model_dir, tmp_path):
     """delta_n = mean_{k <= n} x_k with x_k = (mean beta h_w + mean beta h_l) / 2 of batch k
     (TRL's RunningMoments), updated before batch n's loss."""
-    from test_training import Interrupt, interrupt_at
-
     common = dict(max_steps=8, save_steps=3, batch_size=4, data=pairs(24, seed=3))
-    _, full = train("bco", tiny_model_dir, tmp_path / "full", **common)
+    runs = run_interrupted_and_resumed(partial(train, "bco", tiny_model_dir, **common), tmp_path, at=5)
+    full = runs.full
     batch_rewards = [(r["rewards/chosen"] + r["rewards/rejected"]) / 2 for r in full]
     for n, r in enumerate(full, start=1):
         assert r["bco/delta"] == pytest.approx(sum(batch_rewards[:n]) / n, rel=1e-4, abs=1e-6)
     assert full[-1]["bco/delta"] != 0.0
-    with pytest.raises(Interrupt):
-        train("bco", tiny_model_dir, tmp_path / "cut", callbacks=(interrupt_at(5),), **common)
-    train("bco", tiny_model_dir, tmp_path / "ignored", resume=str(tmp_path / "cut"), **common)
-    resumed = read_metrics(tmp_path / "cut")
-    assert [r["step"] for r in resumed] == list(range(1, 9))
-    for a, b in zip(full, resumed, strict=True):
-        for key in ("loss", "bco/delta", "grad_norm", "rewards/margins"):
-            assert a[key] == b[key], (a["step"], key)
+    assert_resumed_matches(full, runs.resumed, ("loss", "bco/delta", "grad_norm", "rewards/margins"), steps=8)
 
 
 def test_modpo_margins_come_from_a_frozen_reward_model(tiny_model_dir, tmp_path):

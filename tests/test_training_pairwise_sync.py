@@ -4,11 +4,12 @@ fine-tuning (a deep copy) and LoRA (a copy of the adapter), checkpointed and res
 
 from __future__ import annotations
 
-import json
 import math
+from functools import partial
 
 import pytest
 import torch
+from run_helpers import assert_resumed_matches, read_metrics, run_interrupted_and_resumed
 from safetensors.torch import load_file
 
 import alignkit
@@ -18,10 +19,6 @@ from alignkit.testing import synthetic_pairs
 from alignkit.training.config import TrainConfig
 from alignkit.training.pairwise_options import LiveReference
 from alignkit.training.tasks import make_task
-
-
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:
@@ -89,18 +86,6 @@ def test_after_a_hard_sync_the_reference_equals_the_policy(tiny_model_dir, tmp_p
         assert rows[step]["rewards/margins"] > 0.01, step  # learned since the last sync
 
 
-class Interrupt(Exception):
-    pass
-
-
-def interrupt_at(step_to_fail: int):
-    def callback(step, metrics):
-        if step == step_to_fail:
-            raise Interrupt
-
-    return callback
-
-
 @pytest.mark.parametrize("lora_r", [0, 4])
 def test_resume_with_ref_sync_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, lora_r):
     """Checkpoints at steps 3 and 6 carry the reference (synced after steps 2 and 4 by then);
@@ -110,19 +95,17 @@ def test_resume_with_ref_sync_matches_an_uninterrupted_run(tiny_model_dir, tmp_p
         lr=5e-3, save_steps=3, lora_r=lora_r, progress=False,
         ref_sync="soft", ref_sync_alpha=0.5, ref_sync_steps=2,
     )
-    alignkit.train("dpo", output_dir=tmp_path / "full", **common)
-    with pytest.raises(Interrupt):
-        alignkit.train("dpo", output_dir=tmp_path / "cut", callbacks=(interrupt_at(5),), **common)
-    saved = load_file(str(tmp_path / "cut" / "checkpoints" / "step-000003" / "extra.safetensors"))
-    assert saved and all(key.startswith("ref_model.") for key in saved)
-    if lora_r:
-        assert all("lora" in key for key in saved)  # LoRA keeps only the reference adapter
-    alignkit.train("dpo", output_dir=tmp_path / "ignored", resume=str(tmp_path / "cut"), **common)
-    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
-    assert [r["step"] for r in resumed] == list(range(1, 9))
-    for a, b in zip(full, resumed, strict=True):
-        for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "logps/chosen"):
-            assert a[key] == b[key], (a["step"], key)
+
+    def reference_is_checkpointed(cut_dir):
+        saved = load_file(str(cut_dir / "checkpoints" / "step-000003" / "extra.safetensors"))
+        assert saved and all(key.startswith("ref_model.") for key in saved)
+        if lora_r:
+            assert all("lora" in key for key in saved)  # LoRA keeps only the reference adapter
+
+    runs = run_interrupted_and_resumed(partial(alignkit.train, "dpo", **common), tmp_path, at=5,
+                                       inspect_cut=reference_is_checkpointed)
+    keys = ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "logps/chosen")
+    assert_resumed_matches(runs.full, runs.resumed, keys, steps=8)
 
 
 def test_ref_sync_options_are_checked(tiny_model_dir, tmp_path):

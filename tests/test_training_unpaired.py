@@ -5,10 +5,9 @@ weighted NLL falls on held-out data, bad input fails naming the row."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from run_helpers import read_metrics
 
 import alignkit
 from alignkit.data import DataError, RowTable, SeqExample, collate_sequences, tokenize_sft
@@ -24,10 +23,6 @@ from alignkit.testing import (
 from alignkit.training.config import TrainConfig
 from alignkit.training.tasks import make_task
 from alignkit.training.tasks_unpaired import collate_unpaired
-
-
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @torch.no_grad()

@@ -3,13 +3,19 @@ rewards against a plain teacher-forced forward, the cache, and end-to-end runs."
 
 from __future__ import annotations
 
-import json
 import math
+from functools import partial
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from run_helpers import (
+    PAIRWISE_DETERMINISTIC,
+    assert_resumed_matches,
+    read_metrics,
+    run_interrupted_and_resumed,
+)
 
 import alignkit
 from alignkit.objectives import PAIRWISE, PairLogps
@@ -18,10 +24,6 @@ from alignkit.testing import synthetic_pairs
 from alignkit.training.tasks_treg import TRegTask, contrast_table, response_aligned, wrap_prompt
 
 COMMON = dict(batch_size=8, max_steps=24, lr=3e-3, warmup_ratio=0.0, progress=False, accept_unverified=True)
-
-
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def mean(rows: list[dict], key: str) -> float:
@@ -300,16 +302,8 @@ def test_padding_and_rewards_off_the_response_are_ignored(tiny_model_dir):
 def test_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
     """Token rewards and reference sums come back from the run's caches; the resumed run's
     metrics equal the uninterrupted run's, step for step."""
-    from test_training import DETERMINISTIC, Interrupt, interrupt_at
-
     common = dict(model=str(tiny_model_dir), data=synthetic_pairs(24, seed=3),
                   **{**COMMON, "batch_size": 4, "max_steps": 8, "lr": 5e-3, "save_steps": 3})
-    alignkit.train("treg", output_dir=tmp_path / "full", **common)
-    with pytest.raises(Interrupt):
-        alignkit.train("treg", output_dir=tmp_path / "cut", callbacks=(interrupt_at(5),), **common)
-    alignkit.train("treg", output_dir=tmp_path / "ignored", resume=str(tmp_path / "cut"), **common)
-    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
-    assert [r["step"] for r in resumed] == list(range(1, 9))
-    for a, b in zip(full, resumed, strict=True):
-        for key in (*DETERMINISTIC, "loss/regulariser", "token_rewards/chosen"):
-            assert a[key] == b[key], (a["step"], key)
+    runs = run_interrupted_and_resumed(partial(alignkit.train, "treg", **common), tmp_path, at=5)
+    keys = (*PAIRWISE_DETERMINISTIC, "loss/regulariser", "token_rewards/chosen")
+    assert_resumed_matches(runs.full, runs.resumed, keys, steps=8)
