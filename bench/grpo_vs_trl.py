@@ -41,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    WORKER_ENV,
     build_smollm2_shaped,
     current_rss_mib,
     emit_result,
@@ -54,14 +55,6 @@ from _common import (  # noqa: E402
 )
 
 FRAMEWORKS = ("alignkit", "trl")
-WORKER_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TQDM_DISABLE": "1",
-    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "WANDB_DISABLED": "true",
-}
 PROMPTS = ["Write a short review.", "The movie", "Tell me about the film.", "What is two plus two?",
            "Please answer the question briefly.", "The story", "I loved the music", "The quick brown fox"]
 
