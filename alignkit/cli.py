@@ -212,14 +212,25 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
+    # under torchrun every rank may print an error: say which one
+    where = f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
     try:
         return commands[verb](rest)
     except (ValueError, FileNotFoundError) as error:  # bad input: the message names the problem
         if os.environ.get("ALIGNKIT_DEBUG"):
             raise
-        print(f"alignkit {verb}: error: {error}", file=sys.stderr)
+        print(f"alignkit {verb}{where}: error: {error}", file=sys.stderr)
         print("(set ALIGNKIT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Close the torchrun process group, if this process joined one."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

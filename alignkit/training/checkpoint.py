@@ -8,6 +8,11 @@ Layout of `DIR/checkpoints/step-000012/`:
   extra.safetensors      tensors a task keeps across steps (e.g. a live reference), if any
 Each checkpoint is written to a temporary directory and renamed into place, so a killed run
 leaves either the previous checkpoint or the new one, never half of one.
+
+Data-parallel runs write the same layout: FSDP2 shards (weights and optimizer state) are
+gathered into full tensors and rank 0 writes them, keyed exactly as one process keys them, so a
+checkpoint resumes at any world size and under either strategy; rng.safetensors holds every
+rank's torch RNG state (`torch_cpu`, `torch_cpu.rank1`, ...).
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from alignkit.training import distributed
+from alignkit.training.distributed import Ranks, full_tensor, like_parameter
 
 CHECKPOINT_PREFIX = "step-"
 EXTRA_TENSORS = "extra.safetensors"
@@ -47,25 +55,35 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of the whole tensor (FSDP2 shards gathered: every rank must call this)."""
+    return full_tensor(value.detach()).contiguous().cpu().clone()
+
+
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for index, values in state["state"].items():
-        for name, value in values.items():
+    for index, values in sorted(state["state"].items()):
+        for name, value in sorted(values.items()):
             if torch.is_tensor(value):
-                tensors[f"state.{index}.{name}"] = value.detach().contiguous().clone()
+                tensors[f"state.{index}.{name}"] = _full(value)
             else:
                 scalars.setdefault(str(index), {})[name] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def _rng_tensors(ranks: Ranks) -> dict[str, torch.Tensor]:
+    """This process's RNG states; under torchrun every rank's CPU state (rank 0's unsuffixed)."""
     tensors = {"torch_cpu": torch.get_rng_state()}
+    if ranks.distributed:
+        states = distributed.all_gather_equal(torch.get_rng_state())
+        tensors.update({f"torch_cpu.rank{r}": state for r, state in enumerate(states) if r > 0})
+        tensors["torch_cpu"] = states[0]
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = s
@@ -88,20 +106,28 @@ def save_checkpoint(
     extras: dict[str, Any] | None = None,
     keep: int = 2,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    ranks: Ranks | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and prune to the newest `keep` checkpoints.
 
     `extras` (JSON) and `extra_tensors` (safetensors) hold a task's own state, written inside
     the same temporary directory so they appear together with the weights or not at all.
+    Under torchrun every rank calls this (shards are gathered); rank 0 writes.
     """
+    ranks = ranks or distributed.current()
     final = checkpoint_dir(run_dir, step)
+    weights = _trainable_state(model)
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    rng = _rng_tensors(ranks)
+    if not ranks.is_main:
+        distributed.barrier()  # rank 0 has written the checkpoint when this returns
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
     try:
-        save_file(_trainable_state(model), str(tmp / "weights.safetensors"))
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+        save_file(weights, str(tmp / "weights.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
+        save_file(rng, str(tmp / "rng.safetensors"))
         if extra_tensors:
             tensors = {k: v.detach().contiguous().cpu().clone() for k, v in extra_tensors.items()}
             save_file(tensors, str(tmp / EXTRA_TENSORS))
@@ -125,6 +151,7 @@ def save_checkpoint(
     _atomic_write_text(final.parent / "latest", final.name + "\n")
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
@@ -134,7 +161,11 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG states; return the state metadata."""
+    """Restore weights, optimizer, scheduler and RNG states; return the state metadata.
+
+    Full tensors are laid out like each parameter (its shard under FSDP2), so a checkpoint of
+    any world size and strategy loads."""
+    ranks = distributed.current()
     path = Path(path)
     meta = json.loads((path / "state.json").read_text())
     weights = load_file(str(path / "weights.safetensors"))
@@ -146,7 +177,7 @@ def load_checkpoint(
         for name, value in weights.items():
             if name not in params:
                 raise ValueError(f"{path}: checkpoint parameter {name!r} is not in the model")
-            params[name].copy_(value)
+            params[name].copy_(like_parameter(value, params[name]))
 
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
     state: dict[int, dict[str, Any]] = {}
@@ -155,11 +186,17 @@ def load_checkpoint(
         state.setdefault(int(index), {})[name] = value
     for index, values in meta["optimizer"]["scalars"].items():
         state.setdefault(int(index), {}).update(values)
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in state.items():
+        param = ordered[index]
+        for name, value in values.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.ndim > 0:
+                values[name] = like_parameter(value, param)
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
 
     rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
+    torch.set_rng_state(rng.get(f"torch_cpu.rank{ranks.rank}", rng["torch_cpu"]))
     if torch.cuda.is_available():
         cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
         if cuda_states:

@@ -94,6 +94,9 @@ class TrainConfig:
     """Show a progress bar."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
+    strategy: str = "ddp"
+    """Data parallelism under torchrun: ddp (replicated weights) or fsdp2 (weights, gradients and
+    optimizer state sharded per decoder block). Ignored in one process."""
     logp_chunk_size: int = 1024
     """Response positions per chunk when computing log-probs from hidden states."""
     hparams: Annotated[dict[str, Any], tyro.conf.Suppress] = field(default_factory=dict)

@@ -63,6 +63,21 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
+class RecordOnly:
+    """The writer of ranks other than 0: builds the same records, writes nothing."""
+
+    def write(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+        return {"step": step, **{k: to_float(v) for k, v in metrics.items()}}
+
+    def close(self) -> None:
+        pass
+
+
+def open_metrics(run_dir: Path, is_main: bool, **options: Any) -> MetricsWriter | RecordOnly:
+    """`MetricsWriter` on rank 0 (or one process), `RecordOnly` elsewhere."""
+    return MetricsWriter(run_dir, **options) if is_main else RecordOnly()
+
+
 def mean_metrics(parts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Average each metric over the micro-batches of one optimizer step."""
     keys = {k for part in parts for k in part}

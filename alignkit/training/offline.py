@@ -8,6 +8,10 @@
    non-finite steps without touching the weights; log, evaluate, checkpoint atomically
    (with the task's own state, if it keeps one)
 6. write `final/` (LoRA merged) that `from_pretrained` loads
+
+Under torchrun every rank runs this same loop (`distributed.py`): each global micro-batch is
+split by rows, the task's loss runs inside the DDP/FSDP2-wrapped `TaskForward`, losses are
+scaled to global normalisers, metrics are averaged over ranks, and rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -41,7 +45,24 @@ from alignkit.training.checkpoint import (
     save_checkpoint,
 )
 from alignkit.training.config import TrainConfig
-from alignkit.training.metrics import MetricsWriter, mean_metrics, progress_postfix
+from alignkit.training.distributed import (
+    Ranks,
+    Shard,
+    TaskForward,
+    all_ranks_true,
+    all_reduce_sum,
+    barrier,
+    default_device,
+    full_tensor,
+    global_scale,
+    gradient_sync,
+    init_ranks,
+    reduce_metrics,
+    shard_rows,
+    unshard_parameters,
+    wrap,
+)
+from alignkit.training.metrics import MetricsWriter, mean_metrics, open_metrics, progress_postfix, to_float
 from alignkit.training.reference import attach_reference_logps
 from alignkit.training.schedule import build_optimizer, build_scheduler, default_lr
 from alignkit.training.tasks import make_task
@@ -83,6 +104,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def loss_units(task, batch: dict[str, torch.Tensor], n_rows: int) -> float:
+    """What the task's loss is a mean over in this micro-batch: its scored tokens when the task
+    defines `loss_tokens` (SFT), otherwise its rows (pairs, examples, prompts)."""
+    count_tokens = getattr(task, "loss_tokens", None)
+    return float(count_tokens(batch)) if count_tokens is not None else float(n_rows)
+
+
+def collate_shard(task, examples: list, indices: list[int], shard: Shard, pad_id: int) -> dict[str, torch.Tensor]:
+    """This rank's rows of the global micro-batch `indices`. A task whose rows depend on the
+    whole batch (KTO's mismatched pairs) collates the global batch with `collate_shard`."""
+    hook = getattr(task, "collate_shard", None)
+    if hook is not None:
+        return hook([examples[i] for i in indices], shard.positions, pad_id)
+    return task.collate([examples[i] for i in shard.take(indices)], pad_id)
+
+
+def micro_step(engine, task, examples, indices, pad_id, ranks: Ranks, device, scale_by: float = 1.0):
+    """One micro-batch on this rank: (loss already scaled to the global normaliser, global
+    metrics, tokens of the global micro-batch). `scale_by` divides by grad_accum."""
+    shard = shard_rows(len(indices), ranks)
+    batch = to_device(collate_shard(task, examples, indices, shard, pad_id), device)
+    units = shard.weight * loss_units(task, batch, len(shard.positions))
+    scale, _ = global_scale(units, ranks)
+    loss, metrics = engine(batch)
+    local = {k: to_float(v) for k, v in metrics.items()}
+    tokens = int(batch["attention_mask"].sum()) if shard.weight > 0 else 0
+    if ranks.distributed:
+        tokens = int(all_reduce_sum(torch.tensor([float(tokens)]))[0])
+    scaled = loss if scale == 1.0 and scale_by == 1.0 else loss * scale / scale_by
+    return scaled, reduce_metrics(local, units), tokens
+
+
 def load_table(source: Any, task, config: TrainConfig, role: str) -> RowTable:
     table = load_rows(source)
     if len(table) == 0:
@@ -119,19 +172,32 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def evaluate(model, task, examples, pad_id: int, config: TrainConfig) -> dict[str, float]:
-    """Mean of the task's metrics over held-out examples, prefixed `eval/`."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+def evaluate(engine, task, examples, pad_id: int, config: TrainConfig, device, ranks: Ranks) -> dict[str, float]:
+    """Mean of the task's metrics over held-out examples, prefixed `eval/` (rows split over ranks)."""
+    was_training = engine.training
+    engine.eval()
     parts = []
     order = sorted(range(len(examples)), key=lambda i: task.length(examples[i]))
     for start in range(0, len(order), config.batch_size):
-        batch = task.collate([examples[i] for i in order[start : start + config.batch_size]], pad_id)
-        _, metrics = task.loss(model, to_device(batch, device))
+        _, metrics, _ = micro_step(engine, task, examples, order[start : start + config.batch_size], pad_id,
+                                   ranks, device)
         parts.append(metrics)
-    model.train(was_training)
+    engine.train(was_training)
     return {f"eval/{k}": v for k, v in mean_metrics(parts).items()}
+
+
+def write_final(model, tokenizer, run_dir: Path, ranks: Ranks, task=None) -> Path:
+    """`run_dir/final` (LoRA merged) from rank 0; FSDP2 shards are gathered first."""
+    final_dir = run_dir / "final"
+    if ranks.distributed and ranks.strategy == "fsdp2":
+        unshard_parameters(model)
+    if ranks.is_main:
+        final_dir = save_pretrained_merged(model, tokenizer, final_dir)
+        if hasattr(task, "write_final"):  # extra files a scorer needs (e.g. brme.json)
+            task.write_final(final_dir)
+        log.info("final model written to %s", final_dir)
+    barrier()
+    return final_dir
 
 
 def run_offline(
@@ -144,6 +210,7 @@ def run_offline(
     callbacks: tuple[Callback, ...] = (),
 ) -> TrainResult:
     """Train `config.algorithm`; see the module docstring for the steps."""
+    ranks = init_ranks(config.strategy, config.device)
     # 1. run directory
     run_dir = Path(config.output)
     resume_from = None
@@ -157,6 +224,9 @@ def run_offline(
     seed_everything(config.seed)
     task = make_task(config)
     if hasattr(task, "run"):  # algorithms with their own loop (reward ensembles, frozen-feature heads)
+        if ranks.distributed:
+            raise ValueError(f"{config.algorithm} trains in its own loop, which runs in one process: "
+                             "launch it without torchrun")
         return task.run(model=model, tokenizer=tokenizer, data=data, eval_data=eval_data, callbacks=callbacks)
 
     # 2. data
@@ -174,7 +244,7 @@ def run_offline(
             config.model,
             kind=task.model_kind,
             dtype=None if config.dtype == "auto" else config.dtype,
-            device=None if config.device == "auto" else config.device,
+            device=default_device(ranks, config.device),
             trust_remote_code=config.trust_remote_code,
             num_labels=getattr(task, "num_labels", 1),
         )
@@ -210,7 +280,12 @@ def run_offline(
             model.enable_input_require_grads()  # frozen embeddings: let gradients reach the adapters
     if _hook(task, "attach_model"):
         task.attach_model(model)
-    model.train()
+    device = next(model.parameters()).device
+    forward = TaskForward(model, task.loss)
+    engine = wrap(forward, ranks, device) if ranks.distributed else forward
+    if ranks.distributed and config.algorithm == "aot":
+        log.warning("aot sorts log-ratios within each rank's rows, not across the global batch")
+    engine.train()
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s", f"{trainable:,}", f"{total:,}")
     if config.lr is None:
@@ -220,7 +295,8 @@ def run_offline(
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * steps_per_epoch)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total_steps)
-    config.save(run_dir / "config.yaml")
+    if ranks.is_main:
+        config.save(run_dir / "config.yaml")
 
     start_step = 0
     if resume_from is not None:
@@ -229,35 +305,36 @@ def run_offline(
         if _hook(task, "restore_state"):
             task.restore_state(meta["extras"].get("task", {}), load_extra_tensors(resume_from))
         log.info("resumed from %s (step %d)", resume_from, start_step)
-    writer = MetricsWriter(
-        run_dir, resume_step=start_step if resume_from is not None else None, tensorboard=config.tensorboard
+    writer = open_metrics(
+        run_dir, ranks.is_main, resume_step=start_step if resume_from is not None else None,
+        tensorboard=config.tensorboard,
     )
 
     # 5. the loop
-    device = next(model.parameters()).device
     stream = micro_batches(lengths, config, start_step * config.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     skipped = 0
     bar = tqdm(
-        total=total_steps, initial=start_step, desc=config.algorithm, disable=not config.progress, dynamic_ncols=True
+        total=total_steps, initial=start_step, desc=config.algorithm,
+        disable=not (config.progress and ranks.is_main), dynamic_ncols=True,
     )
     try:
         for step in range(start_step + 1, total_steps + 1):
             started = time.perf_counter()
             parts, tokens = [], 0
-            for _ in range(config.grad_accum):
-                indices = next(stream)
-                batch = to_device(task.collate([examples[i] for i in indices], pad_id), device)
-                loss, metrics = task.loss(model, batch)
-                (loss / config.grad_accum).backward()
+            for micro in range(config.grad_accum):
+                with gradient_sync(engine, micro == config.grad_accum - 1):
+                    loss, metrics, micro_tokens = micro_step(
+                        engine, task, examples, next(stream), pad_id, ranks, device, config.grad_accum)
+                    loss.backward()
                 parts.append(metrics)
-                tokens += int(batch["attention_mask"].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(
+                tokens += micro_tokens
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
                 params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-            )
-            finite = all(torch.isfinite(m["loss"]) for m in parts) and torch.isfinite(grad_norm)
+            ))
+            finite = all_ranks_true(all(math.isfinite(m["loss"]) for m in parts) and bool(torch.isfinite(grad_norm)))
             if finite:
                 optimizer.step()
             else:
@@ -283,7 +360,7 @@ def run_offline(
             )
             every = config.eval_steps and step % config.eval_steps == 0
             if eval_examples and (every or step == total_steps):
-                eval_metrics = evaluate(model, task, eval_examples, pad_id, config)
+                eval_metrics = evaluate(engine, task, eval_examples, pad_id, config, device, ranks)
                 metrics.update(eval_metrics)
             if step % config.logging_steps == 0 or step == total_steps:
                 last = writer.write(step, metrics)
@@ -293,7 +370,7 @@ def run_offline(
                 state, tensors = task.checkpoint_state() if _hook(task, "checkpoint_state") else ({}, {})
                 save_checkpoint(
                     run_dir, step, model, optimizer, scheduler,
-                    extras={"task": state}, keep=config.save_total_limit, extra_tensors=tensors,
+                    extras={"task": state}, keep=config.save_total_limit, extra_tensors=tensors, ranks=ranks,
                 )
             for callback in callbacks:
                 callback(step, metrics)
@@ -302,8 +379,5 @@ def run_offline(
         writer.close()
 
     # 6. the final checkpoint
-    final_dir = save_pretrained_merged(model, tokenizer, run_dir / "final")
-    if hasattr(task, "write_final"):  # extra files a scorer needs (e.g. brme.json)
-        task.write_final(final_dir)
-    log.info("final model written to %s", final_dir)
+    final_dir = write_final(model, tokenizer, run_dir, ranks, task)
     return TrainResult(run_dir, final_dir, total_steps, last, eval_metrics, model, tokenizer)

@@ -3,7 +3,8 @@
 The reference is the initial policy (or `--ref-model`); its summed response log-probs for
 every pair (the task's `reference_logps`, e.g. LD-DPO sums when `ld_alpha` is set) are stored in each example's extras (`ref_chosen`, `ref_rejected`) and cached in
 `DIR/reference_logps.safetensors`, so no reference model stays in memory while training and
-a resumed run does not recompute them.
+a resumed run does not recompute them. Under torchrun each rank computes every W-th batch, the
+values are all-reduced (zeros elsewhere, so the sums are exact) and rank 0 writes the cache.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from alignkit.models import adapter_disabled, is_peft, load_model
+from alignkit.training import distributed
 from alignkit.training.config import TrainConfig
 
 log = logging.getLogger("alignkit")
@@ -44,7 +46,8 @@ def _fingerprint(config: TrainConfig, splits: dict[str, list], task_key: Any = N
 def reference_batches(task, model, examples, pad_id: int, config: TrainConfig, desc: str) -> Iterator:
     """(indices, batch on the model's device) over `examples` ordered by length, `batch_size`
     at a time, with a progress bar; while it runs the model is in eval mode with any LoRA
-    adapter disabled (the reference is the initial policy), and its mode is restored after."""
+    adapter disabled (the reference is the initial policy), and its mode is restored after.
+    Under torchrun a rank yields only its share of the batches (every W-th)."""
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: task.length(examples[i]))
     size = max(1, config.batch_size)
@@ -52,7 +55,9 @@ def reference_batches(task, model, examples, pad_id: int, config: TrainConfig, d
     model.eval()
     try:
         with adapter_disabled(model) if is_peft(model) else nullcontext():
-            for start in tqdm(range(0, len(order), size), desc=desc, disable=not config.progress, leave=False):
+            starts = distributed.shard_items(range(0, len(order), size), distributed.current())
+            shown = config.progress and distributed.current().is_main
+            for start in tqdm(starts, desc=desc, disable=not shown, leave=False):
                 indices = order[start : start + size]
                 batch = task.collate([examples[i] for i in indices], pad_id)
                 yield indices, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
@@ -69,7 +74,7 @@ def compute_reference_logps(task, model, examples, pad_id: int, config: TrainCon
         ref_chosen, ref_rejected = task.reference_logps(model, batch)
         chosen[indices] = ref_chosen.float().cpu()
         rejected[indices] = ref_rejected.float().cpu()
-    return chosen, rejected
+    return distributed.all_reduce_sum(chosen), distributed.all_reduce_sum(rejected)
 
 
 def load_cached_tensors(path: Path, fingerprint: str) -> dict[str, torch.Tensor]:
@@ -119,7 +124,8 @@ def attach_reference_logps(task, model, tokenizer, examples, eval_examples, conf
         if owned:
             del reference
             gc.collect()
-        save_file(tensors, str(cache), metadata={"fingerprint": fingerprint})
+        if distributed.current().is_main:
+            save_file(tensors, str(cache), metadata={"fingerprint": fingerprint})
     for name, split in splits.items():
         for i, example in enumerate(split):
             example.extras["ref_chosen"] = float(tensors[f"{name}_chosen"][i])

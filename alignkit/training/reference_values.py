@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from alignkit.training import distributed
 from alignkit.training.config import TrainConfig
 from alignkit.training.reference import load_cached_tensors, load_reference, reference_batches
 
@@ -36,6 +37,9 @@ def compute_reference_values(task, model, examples, pad_id: int, config: TrainCo
             column = values.setdefault(name, [None] * len(examples))
             for i, value in zip(indices, per_example, strict=True):
                 column[i] = value.detach().float().cpu().reshape(-1)
+    if distributed.current().distributed:  # each rank filled its share of the batches
+        names = sorted(set().union(*distributed.all_gather_json(sorted(values))))
+        values = {name: distributed.gather_by_index(values.get(name, [None] * len(examples))) for name in names}
     return values
 
 
@@ -76,7 +80,8 @@ def attach_reference_values(task, model, tokenizer, examples, eval_examples, con
         if owned:
             del reference
             gc.collect()
-        save_file(tensors, str(path), metadata={"fingerprint": fingerprint})
+        if distributed.current().is_main:
+            save_file(tensors, str(path), metadata={"fingerprint": fingerprint})
     for name, split in splits.items():
         keys = {k.split("/")[1] for k in tensors if k.startswith(f"{name}/")}
         for key in keys:

@@ -31,6 +31,7 @@ from alignkit.objectives import PAIRWISE, PairLogps, combine_losses, ld_dpo, wpo
 from alignkit.objectives.pairwise import log_ratios
 from alignkit.objectives.registry import REFERENCE_FREE
 from alignkit.objectives.reward_model import bradley_terry
+from alignkit.training import distributed
 from alignkit.training.config import TrainConfig
 from alignkit.training.pairwise_options import (
     SFT_COMPONENT,
@@ -62,6 +63,11 @@ def check_hparams(algorithm: str, given: dict[str, Any], accepted: dict[str, Any
             f"{algorithm}: unknown hyper-parameter(s) {unknown}; "
             f"accepted: {sorted(accepted) or 'none'}"
         )
+
+
+def scored_tokens(batch: dict[str, Tensor]) -> Tensor:
+    """Response tokens a token-mean loss averages over: response & attention, t >= 1."""
+    return (batch["response_mask"].bool() & batch["attention_mask"].bool())[:, 1:].sum()
 
 
 def score_pair_metrics(loss: Tensor, chosen: Tensor, rejected: Tensor) -> Metrics:
@@ -141,6 +147,8 @@ class SFTTask(SequenceData):
 
     def __post_init__(self) -> None:
         check_hparams("sft", self.config.hparams, {})
+
+    loss_tokens = staticmethod(scored_tokens)  # a token mean: data parallelism normalises by tokens
 
     def loss(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         logps, counts = sequence_logps(
@@ -375,7 +383,7 @@ class PairwiseTask(PairData):
                 bco_beta = float(hparams["bco"].get("beta", accepted_hparams(PAIRWISE["bco"])["beta"]))
                 chosen_logratio, rejected_logratio = log_ratios(logps)
                 rewards = bco_beta * torch.cat([chosen_logratio, rejected_logratio]).detach()
-                self.bco_delta.update(float(rewards.mean()))
+                self.bco_delta.update(float(distributed.global_mean(rewards)))
             hparams["bco"]["delta"] = self.bco_delta.mean
             extra["bco/delta"] = torch.tensor(self.bco_delta.mean)
         pairwise = {name: w for name, w in self.weights.items() if name != SFT_COMPONENT}

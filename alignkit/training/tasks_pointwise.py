@@ -18,7 +18,7 @@ from alignkit.objectives.crlft import crlft
 from alignkit.objectives.ift import ift
 from alignkit.training.config import TrainConfig
 from alignkit.training.registry import AlgorithmSpec, register_algorithm
-from alignkit.training.tasks import Metrics, SequenceData, check_hparams
+from alignkit.training.tasks import Metrics, SequenceData, check_hparams, scored_tokens
 
 log = logging.getLogger("alignkit")
 
@@ -72,6 +72,8 @@ class CRLFTTask(SequenceData):
             rows.append({**row, "prompt": self.condition_prompt(row["prompt"], str(source)),
                          "class_reward": float(rewards[str(source)])})
         return super().tokenize(RowTable(rows, list(table.origins)), tokenizer)
+
+    loss_tokens = staticmethod(scored_tokens)  # a token mean
 
     def loss(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         per_token = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],

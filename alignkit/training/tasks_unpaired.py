@@ -33,22 +33,27 @@ from alignkit.objectives import UNPAIRED, kto_kl_estimate
 from alignkit.training.config import TrainConfig
 from alignkit.training.reference import load_reference
 from alignkit.training.reference_values import attach_reference_values
+from alignkit.training import distributed
 from alignkit.training.registry import AlgorithmSpec, register_algorithm
 from alignkit.training.tasks import Metrics, SequenceData, accepted_hparams, check_hparams
 
 
-def collate_unpaired(examples: list[SeqExample], pad_id: int, max_length: int) -> dict[str, Tensor]:
+def collate_unpaired(examples: list[SeqExample], pad_id: int, max_length: int,
+                     keep: list[int] | None = None) -> dict[str, Tensor]:
     """`collate_sequences` of the examples (with `label` (B,) and, once cached, `ref_logps` (B,)),
     plus the mismatched KL rows under `kl_input_ids`, `kl_attention_mask`, `kl_response_mask`:
-    row i is prompt i with the completion of example i - 1 (cyclically), cut to `max_length`."""
-    batch = collate_sequences(examples, pad_id)
-    if all("ref_logps" in ex.extras for ex in examples):
-        batch["ref_logps"] = torch.cat([ex.extras["ref_logps"] for ex in examples])
+    row i is prompt i with the completion of example i - 1 (cyclically), cut to `max_length`.
+    `keep`: only these positions (a rank's rows), mismatched within the whole `examples`."""
     shifted = examples[-1:] + examples[:-1]
     mismatched = [
         SeqExample(ex.prompt_ids, other.completion_ids[: max(1, max_length - len(ex.prompt_ids))], ex.row)
         for ex, other in zip(examples, shifted, strict=True)
     ]
+    if keep is not None:
+        examples, mismatched = [examples[p] for p in keep], [mismatched[p] for p in keep]
+    batch = collate_sequences(examples, pad_id)
+    if all("ref_logps" in ex.extras for ex in examples):
+        batch["ref_logps"] = torch.cat([ex.extras["ref_logps"] for ex in examples])
     kl = collate_sequences(mismatched, pad_id)
     for key in ("input_ids", "attention_mask", "response_mask"):
         batch[f"kl_{key}"] = kl[key]
@@ -84,6 +89,10 @@ class UnpairedTask(SequenceData):
     def collate(self, examples: list[SeqExample], pad_id: int) -> dict[str, Tensor]:
         return collate_unpaired(examples, pad_id, self.config.max_length)
 
+    def collate_shard(self, examples: list[SeqExample], positions: list[int], pad_id: int) -> dict[str, Tensor]:
+        """A rank's rows, with the mismatched KL rows of the global micro-batch (as one process)."""
+        return collate_unpaired(examples, pad_id, self.config.max_length, keep=positions)
+
     def prepare(self, model, tokenizer, splits, run_dir) -> None:
         attach_reference_values(self, model, tokenizer, splits["train"][1], splits["eval"][1], self.config, run_dir)
         reference, owned = load_reference(self.config, model, tokenizer)
@@ -116,6 +125,8 @@ class UnpairedTask(SequenceData):
             raise RuntimeError("kto: no reference model for the KL term (prepare() was not called)")
         with context:
             ref_kl, _ = self._logps(reference, batch, "kl_")
+        if distributed.current().distributed:  # z_0 over the global micro-batch (TRL gathers it too)
+            return distributed.global_mean(policy_kl - ref_kl).clamp(min=0)
         return kto_kl_estimate(policy_kl, ref_kl)
 
     def loss(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:

@@ -1,0 +1,401 @@
+"""Data parallelism on PyTorch's own engines: one process, or W torchrun ranks under DDP or FSDP2.
+
+`torchrun --nproc-per-node=W -m alignkit train ALGO ...` starts W copies of the same program
+(SPMD). Every rank tokenises the same data and walks the same global batch order; each global
+micro-batch of `--batch-size` rows is split by rows (`shard_rows`), so `--batch-size` means the
+same thing at any world size. Three rules keep W ranks equal to one process:
+
+1. Global normalisers. A task's loss is a mean over its units (rows, or tokens for SFT-like
+   tasks). Rank r turns its local mean into L_r = mean_r * n_r * W / N with N = sum_r n_r
+   (all-reduced); DDP/FSDP2 average gradients over ranks, so the update follows
+   (1/W) sum_r L_r = sum_r mean_r n_r / N, the global mean. A per-rank mean would weight ranks
+   with few tokens as much as ranks with many (12.5% gradient error measured, SCALE.md).
+2. Every training forward runs through the wrapper. The task's computation sits in one
+   `nn.Module.forward` (`TaskForward`) and DDP or `fully_shard` wraps that module, never the
+   bare model: otherwise DDP skips its gradient all-reduce and FSDP2 never unshards the root
+   parameters. `guard_model` makes a forward that bypasses the wrapper raise.
+3. Collectives in lockstep. A rank whose share of a micro-batch is empty runs one row with
+   weight 0, so every rank makes the same forwards and backwards (FSDP2 hangs otherwise).
+
+Rank 0 writes metrics.jsonl, config.yaml, caches, checkpoints and final/; other ranks log
+warnings and errors only, prefixed with their rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+log = logging.getLogger("alignkit")
+STRATEGIES = ("ddp", "fsdp2")
+# A rank that died makes the survivors' next collective fail within this many seconds.
+DEFAULT_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands: rank r of W (W = 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    strategy: str = "ddp"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_current = Ranks()
+
+
+def current() -> Ranks:
+    """The ranks of this process (set up by `init_ranks`)."""
+    return _current
+
+
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init_ranks(strategy: str = "ddp", device: str = "auto") -> Ranks:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA), once per process.
+
+    Without torchrun this is one process and nothing is initialised.
+    """
+    global _current
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if not launched_by_torchrun():
+        _current = Ranks(strategy=strategy)
+        return _current
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        timeout = datetime.timedelta(seconds=float(os.environ.get("ALIGNKIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+    _current = Ranks(rank=rank, world=world, local_rank=local_rank, strategy=strategy)
+    _configure_logging(_current)
+    return _current
+
+
+def default_device(ranks: Ranks, requested: str) -> str | None:
+    """The device a rank loads its model on: its own GPU under torchrun, else as asked."""
+    if requested != "auto":
+        return requested
+    if ranks.distributed and torch.cuda.is_available():
+        return f"cuda:{ranks.local_rank}"
+    return None
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, ranks: Ranks) -> None:
+        super().__init__()
+        self.ranks = ranks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.ranks.is_main and record.levelno < logging.WARNING:
+            return False
+        if not getattr(record, "_rank_prefixed", False):
+            record.msg = f"[rank {self.ranks.rank}] {record.msg}"
+            record._rank_prefixed = True
+        return True
+
+
+def _configure_logging(ranks: Ranks) -> None:
+    logger = logging.getLogger("alignkit")
+    if not any(isinstance(f, _RankFilter) for f in logger.filters):
+        logger.addFilter(_RankFilter(ranks))
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def _device_for_collectives() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: Tensor) -> Tensor:
+    """Sum of `values` over ranks (a copy; float64 so counts and sums add exactly)."""
+    if not current().distributed:
+        return values.clone()
+    buffer = values.detach().to(_device_for_collectives(), torch.float64)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    return buffer.to(values.device, values.dtype)
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """True when `flag` holds on every rank (one MIN all-reduce)."""
+    if not current().distributed:
+        return flag
+    buffer = torch.tensor([1.0 if flag else 0.0], device=_device_for_collectives())
+    dist.all_reduce(buffer, op=dist.ReduceOp.MIN)
+    return bool(buffer.item() > 0)
+
+
+def global_mean(values: Tensor) -> Tensor:
+    """mean over every rank's elements of `values` (detached): sum all-reduced / count all-reduced."""
+    total = all_reduce_sum(torch.stack([values.detach().sum().double(), torch.tensor(float(values.numel()))
+                                        .to(values.device, torch.float64)]))
+    return (total[0] / total[1].clamp(min=1)).to(values.dtype)
+
+
+def gather_by_index(column: list[Tensor | None]) -> list[Tensor]:
+    """Fill a list of 1-D tensors that each rank filled in part (None elsewhere): every rank
+    gets every entry. Two all-reduces of zero-padded buffers (lengths, then values), exact."""
+    if not current().distributed:
+        return column  # type: ignore[return-value]
+    lengths = torch.tensor([0 if v is None else v.numel() for v in column], dtype=torch.float64)
+    lengths = all_reduce_sum(lengths).long()
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    flat = torch.zeros(int(offsets[-1]), dtype=torch.float64)
+    for i, value in enumerate(column):
+        if value is not None:
+            flat[int(offsets[i]) : int(offsets[i + 1])] = value.double().reshape(-1)
+    flat = all_reduce_sum(flat).float()
+    return [flat[int(offsets[i]) : int(offsets[i + 1])].clone() for i in range(len(column))]
+
+
+def all_gather_equal(value: Tensor) -> list[Tensor]:
+    """Every rank's `value` (same shape and dtype on all ranks), in rank order."""
+    if not current().distributed:
+        return [value]
+    local = value.to(_device_for_collectives())
+    gathered = [torch.empty_like(local) for _ in range(current().world)]
+    dist.all_gather(gathered, local)
+    return [t.to(value.device) for t in gathered]
+
+
+def all_gather_json(value) -> list:
+    """Every rank's JSON-serialisable `value`, in rank order (no pickle: UTF-8 bytes)."""
+    import json
+
+    if not current().distributed:
+        return [value]
+    device = _device_for_collectives()
+    encoded = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=device)
+    size = torch.tensor([encoded.numel()], dtype=torch.int64, device=device)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX)
+    padded = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    padded[: encoded.numel()] = encoded
+    gathered = [torch.empty_like(padded) for _ in range(current().world)]
+    dist.all_gather(gathered, padded)
+    return [json.loads(bytes(t.cpu().tolist()).rstrip(b"\0").decode()) for t in gathered]
+
+
+def barrier() -> None:
+    if current().distributed:
+        dist.barrier()
+
+
+def reduce_metrics(metrics: dict[str, float], weight: float) -> dict[str, float]:
+    """Weighted mean of each metric over the ranks that report it: sum_r w_r m_r / sum_r w_r
+    (w = the rank's loss units). Ranks may report different keys (a KTO micro-batch can hold
+    one class only): the key sets are gathered first."""
+    if not current().distributed:
+        return metrics
+    keys = sorted({k for ks in all_gather_json(sorted(metrics)) for k in ks})
+    packed = torch.zeros(2, len(keys), dtype=torch.float64)
+    for i, key in enumerate(keys):
+        if key in metrics:
+            packed[0, i], packed[1, i] = weight * metrics[key], weight
+    total = all_reduce_sum(packed)
+    return {k: float(total[0, i] / total[1, i]) if total[1, i] > 0 else float("nan") for i, k in enumerate(keys)}
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's rows of a global micro-batch: `positions` within it; `weight` 0 marks a
+    stand-in row that only keeps the collectives in step (fewer rows than ranks)."""
+
+    positions: list[int]
+    weight: float
+
+    def take(self, items: Sequence) -> list:
+        return [items[p] for p in self.positions]
+
+
+def shard_rows(n_rows: int, ranks: Ranks) -> Shard:
+    """Rows r, r + W, r + 2W, ... of a global micro-batch of `n_rows` (one process: all)."""
+    if not ranks.distributed:
+        return Shard(list(range(n_rows)), 1.0)
+    mine = list(range(ranks.rank, n_rows, ranks.world))
+    if not mine:
+        return Shard([0], 0.0)
+    return Shard(mine, 1.0)
+
+
+def shard_items(items: Sequence, ranks: Ranks) -> list:
+    """Items r, r + W, ... (work split across ranks, e.g. reference-cache batches)."""
+    return list(items[ranks.rank :: ranks.world]) if ranks.distributed else list(items)
+
+
+def global_scale(local_units: float, ranks: Ranks) -> tuple[float, float]:
+    """(factor for the local mean loss, global unit count): n_r * W / N, N = sum_r n_r.
+
+    One process: (1.0, n) so its loss is used exactly as computed.
+    """
+    if not ranks.distributed:
+        return 1.0, local_units
+    total = float(all_reduce_sum(torch.tensor([local_units], dtype=torch.float64))[0])
+    if total <= 0:
+        return 0.0, 0.0
+    return local_units * ranks.world / total, total
+
+
+# --------------------------------------------------------------------------- wrapping
+
+
+class _GuardState:
+    def __init__(self) -> None:
+        self.depth = 0
+
+
+class TaskForward(nn.Module):
+    """The one module a data-parallel engine wraps: `forward(batch)` runs
+    `compute(model, batch)` (a task's loss, a role's log-probs) on the model it owns."""
+
+    def __init__(self, model: nn.Module, compute) -> None:
+        super().__init__()
+        self.model = model
+        self._compute = compute
+        self._guard: _GuardState | None = None
+
+    def forward(self, *args, **kwargs):
+        guard = self._guard
+        if guard is None:
+            return self._compute(self.model, *args, **kwargs)
+        guard.depth += 1
+        try:
+            return self._compute(self.model, *args, **kwargs)
+        finally:
+            guard.depth -= 1
+
+
+class WrapperBypassed(RuntimeError):
+    """A forward reached a data-parallel model without going through its wrapper."""
+
+
+def guard_model(forward: TaskForward, strategy: str) -> None:
+    """Make forwards that bypass the wrapper raise instead of training wrong.
+
+    The hook sits on the input embedding, which every forward path (full logits, decoder +
+    fused head, score head) passes. Under DDP a gradient-enabled forward outside the wrapper
+    would skip the all-reduce; under FSDP2 any forward outside it meets sharded root weights.
+    """
+    state = _GuardState()
+    forward._guard = state
+    embedding = forward.model.get_input_embeddings()
+
+    def check(_module, _inputs):
+        if state.depth > 0:
+            return
+        if strategy == "fsdp2" or torch.is_grad_enabled():
+            raise WrapperBypassed(
+                f"a forward reached the model outside its {strategy.upper()} wrapper: gradients would "
+                "not be synchronised across ranks. Call the wrapped TaskForward, not the model inside it."
+            )
+
+    embedding.register_forward_pre_hook(check)
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks FSDP2 shards one by one (the largest ModuleList)."""
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (best is None or len(module) > len(best)):
+            best = module
+    return list(best) if best is not None else []
+
+
+def wrap(forward: TaskForward, ranks: Ranks, device: torch.device) -> nn.Module:
+    """DDP or FSDP2 (`fully_shard` per decoder block, then the root, on an explicit mesh)."""
+    guard_model(forward, ranks.strategy)
+    if ranks.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(forward, device_ids=device_ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (ranks.world,))
+    for block in decoder_blocks(forward.model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(forward, mesh=mesh)
+    return forward
+
+
+@contextlib.contextmanager
+def gradient_sync(wrapped: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on all but the last accumulated micro-batch."""
+    if enabled or not current().distributed:
+        yield
+        return
+    no_sync = getattr(wrapped, "no_sync", None)
+    if no_sync is not None:  # DDP
+        with no_sync():
+            yield
+        return
+    setter = getattr(wrapped, "set_requires_gradient_sync", None)  # FSDP2
+    if setter is None:
+        yield
+        return
+    setter(False)
+    try:
+        yield
+    finally:
+        setter(True)
+
+
+# --------------------------------------------------------------------------- full tensors
+
+
+def full_tensor(value: Tensor) -> Tensor:
+    """The whole tensor behind a DTensor shard (a collective: every rank must call it)."""
+    to_full = getattr(value, "full_tensor", None)
+    return to_full() if to_full is not None else value
+
+
+def like_parameter(value: Tensor, param: Tensor) -> Tensor:
+    """A full tensor laid out like `param`: its local shard when `param` is a DTensor."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:
+        return value.to(param.device, param.dtype)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.dtype), mesh, param.placements, src_data_rank=None)
+
+
+def unshard_parameters(model: nn.Module) -> None:
+    """Replace every DTensor parameter by a plain full one in place (ties kept), so the model
+    saves and generates like an unwrapped one. A collective; used once, after training."""
+    replaced: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if getattr(param, "device_mesh", None) is None:
+                continue
+            if id(param) not in replaced:
+                replaced[id(param)] = nn.Parameter(param.full_tensor().detach().clone(),
+                                                   requires_grad=param.requires_grad)
+            setattr(module, name, replaced[id(param)])
