@@ -1,0 +1,73 @@
+"""Launching `torchrun` from tests: loopback only, inside a private network namespace when the
+machine allows one (root: `unshare -n`), one thread per rank, and a spec file for
+tests/dist_worker.py so that one launch serves many checks."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+@functools.cache
+def private_network() -> bool:
+    """Whether `unshare -n` works here (then nothing can leave loopback)."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return False
+    probe = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True)
+    return probe.returncode == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(WORKER.parent), env.get("PYTHONPATH")])))
+    return env
+
+
+def in_namespace(command: list[str]) -> list[str]:
+    """`command` inside a fresh network namespace with loopback up (if the machine allows)."""
+    if not private_network():
+        return command
+    return ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]
+
+
+def torchrun_args(nproc: int, port: int) -> list[str]:
+    return [*TORCHRUN, f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}"]
+
+
+def launch(spec: dict, tmp: Path, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run tests/dist_worker.py on `nproc` ranks with `spec`; fails the test on a non-zero exit."""
+    path = tmp / "spec.json"
+    path.write_text(json.dumps(spec))
+    command = in_namespace([*torchrun_args(nproc, free_port()), str(WORKER), str(path)])
+    done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        pytest.fail(f"torchrun exited {done.returncode}:\n{done.stderr[-6000:]}")
+    return done
+
+
+def read_params(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def relative_error(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
