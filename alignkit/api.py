@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,11 @@ def train(
     from alignkit.training.registry import ALGORITHMS
 
     if algorithm in ALGORITHMS and ALGORITHMS[algorithm].runner == "online":
+        from alignkit.training.distributed import launched_by_torchrun
+
+        if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+            raise ValueError(f"{algorithm}: the online loop does not run data-parallel yet; "
+                             "launch it without torchrun (one process)")
         from alignkit.training.online import run_online
 
         if isinstance(reward, str | Path):

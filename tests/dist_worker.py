@@ -3,11 +3,12 @@
 
     torchrun --nproc-per-node=2 tests/dist_worker.py SPEC.json
 
-SPEC: {"cases": [{"name", "algorithm", "model", "data", "overrides", "interrupt_at"?}],
+SPEC: {"cases": [{"name", "algorithm", "model", "data", "overrides", "interrupt_at"?, "expect_error"?}],
        "out": DIR, "guard": bool, "die_at": {"rank": r, "step": k}?}
 Each case trains into OUT/NAME/run and every rank saves its final parameters to
 OUT/NAME/params-rank{r}.safetensors; with `interrupt_at` the run is cut at that step (after its
-checkpoint) and resumed in the same directory. `guard` checks the wrapper-bypass guard;
+checkpoint) and resumed in the same directory; with `expect_error` the ValueError's message is
+written to OUT/NAME/error-rank{r}.txt. `guard` checks the wrapper-bypass guard;
 `die_at` kills one rank (SIGKILL) at a step of the first case.
 """
 
@@ -44,6 +45,14 @@ def run_case(case: dict, out: Path, rank: int, die_at: dict | None) -> None:
             raise Interrupt
 
     train = dict(model=case["model"], data=case["data"], output_dir=run_dir, progress=False, **overrides)
+    if case.get("expect_error"):  # a refusal: record the message instead of training
+        try:
+            alignkit.train(case["algorithm"], **train)
+            message = "no error"
+        except ValueError as error:
+            message = str(error)
+        (case_dir / f"error-rank{rank}.txt").write_text(message)
+        return
     try:
         result = alignkit.train(case["algorithm"], callbacks=(callback,), **train)
     except Interrupt:

@@ -69,6 +69,9 @@ def runs(tmp_path_factory, tiny_model_dir):
               "overrides": {**BASE, "strategy": s, "lora_r": r}} for a, s, r in CASES]
     cases.append({"name": "dpo-resumed", "algorithm": "dpo", "model": str(tiny_model_dir), "data": data["pairs"],
                   "overrides": {**BASE, **RESUME}, "interrupt_at": 3})
+    for name, algorithm in (("grpo-refused", "grpo"), ("ensemble-refused", "rm_ensemble")):
+        cases.append({"name": name, "algorithm": algorithm, "model": str(tiny_model_dir), "data": data["pairs"],
+                      "overrides": {**BASE, "reward": "alignkit.testing:planted_reward"}, "expect_error": True})
     launch({"cases": cases, "out": str(tmp / "out"), "guard": True}, tmp)
     return tmp / "out", data
 
@@ -153,6 +156,16 @@ def test_a_forward_around_the_wrapper_raises(runs):
         outcome = json.loads((out / f"guard-rank{rank}.json").read_text())
         assert outcome["through_wrapper"] == "ok"
         assert "outside its DDP wrapper" in outcome["bypass"]
+
+
+def test_loops_that_are_not_data_parallel_yet_refuse_torchrun(runs):
+    """The online loop and the reward ensembles' own loop would run W independent copies into
+    one directory: under torchrun they refuse with a one-line error instead."""
+    out, _ = runs
+    for name, phrase in (("grpo-refused", "online loop does not run data-parallel"),
+                         ("ensemble-refused", "launch it without torchrun")):
+        for rank in (0, 1):
+            assert phrase in (out / name / f"error-rank{rank}.txt").read_text()
 
 
 def test_a_killed_rank_ends_the_run_with_an_error_naming_it(tmp_path, tiny_model_dir):

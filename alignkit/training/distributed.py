@@ -118,9 +118,14 @@ class _RankFilter(logging.Filter):
 
 
 def _configure_logging(ranks: Ranks) -> None:
+    """Rank-prefixed warnings everywhere, info and library progress bars on rank 0 only."""
     logger = logging.getLogger("alignkit")
     if not any(isinstance(f, _RankFilter) for f in logger.filters):
         logger.addFilter(_RankFilter(ranks))
+    if not ranks.is_main:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 # --------------------------------------------------------------------------- collectives
