@@ -201,3 +201,19 @@ def test_invalid_inputs_are_refused(engine):
         engine.generate([[]], 1, SamplingParams())
     with pytest.raises(ValueError):
         engine.generate([[5]], 0, SamplingParams())
+
+
+def test_a_shard_of_the_prompts_draws_the_samples_one_call_draws(engine):
+    """Rank 1 of 2 samples prompts 2..3 of a batch of 4 with first_sample = 2 x n: the noise is
+    keyed on the global sample index, so its rows are rows 4..7 of the whole batch's call (up to
+    float-level logit differences from other left padding, none on this model)."""
+    prompts = PROMPTS + [[18, 19, 20, 21, 22]]
+    n = 2
+    whole = engine.generate(prompts, n, SamplingParams(max_new_tokens=10, seed=3, stop_token_ids=STOP_IDS))
+    shard = engine.generate(prompts[2:], n, SamplingParams(max_new_tokens=10, seed=3, stop_token_ids=STOP_IDS,
+                                                           first_sample=2 * n))
+    width = shard.response_ids.shape[1]
+    assert torch.equal(shard.response_mask, whole.response_mask[4:, :width])
+    assert torch.equal(shard.response_ids * shard.response_mask, whole.response_ids[4:, :width] * shard.response_mask)
+    unkeyed = engine.generate(prompts[2:], n, SamplingParams(max_new_tokens=10, seed=3, stop_token_ids=STOP_IDS))
+    assert not torch.equal(unkeyed.response_ids[:, :4], whole.response_ids[4:, :4])  # the offset matters

@@ -207,7 +207,8 @@ class HFEngine:
         full_mask = full_mask.repeat_interleave(n, dim=0)  # (N, P + max_new)
         prompt_lengths = prompt_mask.sum(-1).repeat_interleave(n)  # (N,)
         rows = batch * n
-        sample_ids = first_prompt * n + torch.arange(rows, device=device)  # global sample index
+        # global sample index: a data-parallel rank's samples draw the noise one process draws
+        sample_ids = sampling.first_sample + first_prompt * n + torch.arange(rows, device=device)
         stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
 
         out_tokens = torch.full((rows, max_new), self.pad_id, dtype=torch.long, device=device)

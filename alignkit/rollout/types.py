@@ -41,6 +41,10 @@ class SamplingParams:
     """Seed of the sampling noise; None draws one from torch's global generator."""
     ignore_eos: bool = False
     """Do not stop on the engine's `eos_ids` (only on `stop_token_ids`); for benchmarks."""
+    first_sample: int = 0
+    """Global index of this call's first sample. Noise is keyed on (seed, sample index, step),
+    so a data-parallel rank that samples rows k.. of a batch passes k and draws the same noise
+    one process would."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
