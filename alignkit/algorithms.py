@@ -7,7 +7,7 @@ neither can drift from the code.
 from __future__ import annotations
 
 import alignkit.training  # noqa: F401  (registers every algorithm)
-from alignkit.training.registry import ALGORITHMS, AlgorithmSpec
+from alignkit.training.run.registry import ALGORITHMS, AlgorithmSpec
 
 __all__ = ["ALGORITHMS", "AlgorithmSpec", "algorithms_table", "readme_with_table"]
 

@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alignkit.training.config import TrainConfig
-from alignkit.training.offline import TrainResult, run_offline
+from alignkit.training.offline.loop import run_offline
+from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.result import TrainResult
 
 
 def train(
@@ -50,15 +51,15 @@ def train(
         config.eval_data = str(eval_data)
         eval_data = None
     config.apply_overrides(overrides)
-    from alignkit.training.registry import ALGORITHMS
+    from alignkit.training.run.registry import ALGORITHMS
 
     if algorithm in ALGORITHMS and ALGORITHMS[algorithm].runner == "online":
-        from alignkit.training.distributed import launched_by_torchrun
+        from alignkit.training.run.distributed import launched_by_torchrun
 
         if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
             raise ValueError(f"{algorithm}: the online loop does not run data-parallel yet; "
                              "launch it without torchrun (one process)")
-        from alignkit.training.online import run_online
+        from alignkit.training.online.loop import run_online
 
         if isinstance(reward, str | Path):
             config.reward, reward = str(reward), None

@@ -49,7 +49,7 @@ def cmd_train(argv: list[str]) -> int:
     import tyro
 
     from alignkit.algorithms import ALGORITHMS
-    from alignkit.training.config import TrainConfig, parse_set_values
+    from alignkit.training.run.config import TrainConfig, parse_set_values
 
     argv = list(argv)
     sets = _pop_option(argv, "--set", repeat=True)
@@ -83,9 +83,9 @@ def cmd_train(argv: list[str]) -> int:
         raise SystemExit("alignkit train: --data is required")
 
     if ALGORITHMS[config.algorithm].runner == "online":
-        from alignkit.training.online import run_online as run
+        from alignkit.training.online.loop import run_online as run
     else:
-        from alignkit.training.offline import run_offline as run
+        from alignkit.training.offline.loop import run_offline as run
 
     result = run(config)
     shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
@@ -98,7 +98,7 @@ def hparams_help(name: str, algorithms) -> str:
     """One line naming the algorithm's `--set` hyper-parameters and their defaults."""
     import dataclasses
 
-    from alignkit.training.config import TrainConfig
+    from alignkit.training.run.config import TrainConfig
 
     if name not in algorithms:
         return ""
@@ -114,7 +114,7 @@ def hparams_help(name: str, algorithms) -> str:
     shown = ", ".join(f"{key}={value!r}" for key, value in values.items())
     text = f"{name} hyper-parameters (defaults): {shown or 'none'}."
     if spec.kind == "pairwise":
-        from alignkit.training.pairwise_options import PairwiseOptions
+        from alignkit.training.offline.pairwise_options import PairwiseOptions
 
         options = ", ".join(f.name for f in dataclasses.fields(PairwiseOptions))
         text += f" Pairwise family options: {options}."

@@ -232,7 +232,7 @@ def train_alignkit(spec: dict, method: str, rows: list[dict], hparams: dict | No
     no warm-up), timed per optimizer step by a callback: import, end-to-end and loop stats."""
     started = time.perf_counter()
     import alignkit
-    import alignkit.training.offline  # noqa: F401  (alignkit imports lazily)
+    import alignkit.training.offline.loop  # noqa: F401  (alignkit imports lazily)
 
     import_s = time.perf_counter() - started
     stamps, losses, peaks = [], [], []

@@ -12,7 +12,7 @@ Models use random weights from real configs (no hub access). Expected run time o
 
 1. fsdp2_equal   FSDP2 (world 1, nccl/gloo) with alignkit's fused log-prob head inside its
                  `TaskForward` root module, sharded per decoder block as `--strategy fsdp2` does
-                 (`alignkit.training.distributed`), == the unwrapped module (fp32, 3 AdamW steps);
+                 (`alignkit.training.run.distributed`), == the unwrapped module (fp32, 3 AdamW steps);
                  accept at max_abs_diff <= 1e-5
 2. fsdp2_speed   bf16 MixedPrecisionPolicy train steps on a SmolLM2-135M-shaped model: tokens/s,
                  MFU against the dense bf16 peak (989 TFLOP/s for H100/H200 SXM), peak memory
@@ -71,7 +71,7 @@ def response_logps(model, ids, mask):
 def Logps(model):
     """alignkit's seam: the whole log-prob computation inside one module forward (the
     `TaskForward` that `--strategy ddp|fsdp2` wraps), so FSDP/DDP hooks fire."""
-    from alignkit.training.distributed import TaskForward
+    from alignkit.training.run.distributed import TaskForward
 
     return TaskForward(model, response_logps)
 
@@ -80,7 +80,7 @@ def shard(root, mesh, **options):
     """`fully_shard` per decoder block, then the root: what alignkit's FSDP2 strategy does."""
     from torch.distributed.fsdp import fully_shard
 
-    from alignkit.training.distributed import decoder_blocks
+    from alignkit.training.run.distributed import decoder_blocks
 
     for block in decoder_blocks(root.model):
         fully_shard(block, mesh=mesh, **options)
@@ -122,7 +122,7 @@ def check_fsdp2():
         return losses
 
     plain, sharded = run(False), run(True)
-    emit("fsdp2_equal", plain=plain, fsdp2=sharded, max_abs_diff=max(abs(a - b) for a, b in zip(plain, sharded)))
+    emit("fsdp2_equal", plain=plain, fsdp2=sharded, max_abs_diff=max(abs(a - b) for a, b in zip(plain, sharded, strict=True)))
 
     # bf16 mixed precision speed (the GPU number CPU cannot give)
     root = Logps(llama(shape))

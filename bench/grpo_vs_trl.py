@@ -106,7 +106,7 @@ def loop_stats(stamps: list[float], lengths: list[float], spec: dict) -> dict:
 
 def worker_alignkit(spec: dict) -> dict:
     import alignkit
-    import alignkit.training.online  # noqa: F401
+    import alignkit.training.online.loop  # noqa: F401
 
     stamps, lengths, rewards = [], [], []
 

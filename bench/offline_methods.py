@@ -82,8 +82,8 @@ ALOL_OPTIONS = {"value_samples": 2, "value_max_new_tokens": 16}
 
 def registered() -> dict[str, str]:
     """Method name -> data kind, from alignkit's registry (plus the DPO option variants)."""
-    import alignkit.training.offline  # noqa: F401  (fills the registry)
-    from alignkit.training.registry import ALGORITHMS
+    import alignkit.training.offline.loop  # noqa: F401  (fills the registry)
+    from alignkit.training.run.registry import ALGORITHMS
 
     names = {n: s.kind for n, s in ALGORITHMS.items() if s.kind in KINDS or n in EXTRA}
     return {"dpo": "pairwise", **names, **dict.fromkeys(VARIANTS, "pairwise")}
@@ -165,7 +165,7 @@ def as_trained(kind: str, rows: list[dict]) -> list[dict]:
     (`CRLFT_DEFAULTS["prompt_template"]`), which makes its sequences longer than sft's."""
     if kind != "crlft":
         return rows
-    from alignkit.training.tasks_pointwise import CRLFT_DEFAULTS
+    from alignkit.training.offline.pointwise import CRLFT_DEFAULTS
 
     template, conditions = CRLFT_DEFAULTS["prompt_template"], CRLFT_DEFAULTS["conditions"]
     return [{**r, "prompt": template.format(condition=conditions.get(r["source"], r["source"]), prompt=r["prompt"])}
@@ -202,7 +202,7 @@ def run_as_worker(args: argparse.Namespace) -> None:
     if spec["algorithm"].startswith("alol"):
         # A callable passed as alignkit.train(reward=...) reaches only the online loop; a spec
         # string on the config reaches the A-LoL value head.
-        from alignkit.training.config import TrainConfig
+        from alignkit.training.run.config import TrainConfig
 
         extra["config"] = TrainConfig(reward="alignkit.testing:planted_reward")
     result = train_alignkit(spec, spec["algorithm"], rows, spec["hparams"], **extra)

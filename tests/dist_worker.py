@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 import alignkit
-from alignkit.training import distributed
+from alignkit.training.run import distributed
 
 torch.set_num_threads(1)
 
@@ -65,9 +65,9 @@ def run_case(case: dict, out: Path, rank: int, die_at: dict | None) -> None:
 def check_guard(spec: dict, out: Path, rank: int) -> None:
     """A gradient-enabled forward on the model inside the DDP wrapper must raise."""
     from alignkit.models import load_model
-    from alignkit.training.config import TrainConfig
-    from alignkit.training.distributed import TaskForward, WrapperBypassed, wrap
-    from alignkit.training.tasks import make_task
+    from alignkit.training.offline.tasks import make_task
+    from alignkit.training.run.config import TrainConfig
+    from alignkit.training.run.distributed import TaskForward, WrapperBypassed, wrap
 
     config = TrainConfig(algorithm="sft", strategy="ddp")
     ranks = distributed.init_ranks("ddp")

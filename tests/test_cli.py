@@ -75,7 +75,7 @@ def test_console_script_help_runs():
 
 
 def test_shipped_recipes_parse_and_name_registered_algorithms():
-    from alignkit.training.config import TrainConfig
+    from alignkit.training.run.config import TrainConfig
 
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     assert recipes

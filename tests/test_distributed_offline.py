@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 from dist_helpers import (
+    TORCHRUN,
+    WORKER,
     environment,
     free_port,
+    in_namespace,
     launch,
     private_network,
     read_params,
     relative_error,
-    TORCHRUN,
-    WORKER,
-    in_namespace,
     torchrun_args,
 )
 from run_helpers import read_metrics, write_jsonl

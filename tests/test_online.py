@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 import alignkit
 from alignkit.cli import main as cli_main
 from alignkit.training import ALGORITHMS
-from alignkit.training.online_presets import PRESETS
+from alignkit.training.online.presets import PRESETS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -126,16 +126,16 @@ def test_lora_policy_uses_the_adapter_off_reference_and_saves_merged(tiny_model_
 def test_on_policy_steps_reuse_the_engine_logprobs(tiny_model_dir, tmp_path, monkeypatch):
     """epochs_per_batch = 1, one minibatch, temperature 1, beta = 0: one policy forward per step
     (the training one); with 2 epochs the old log-probs cost one more (no-grad) forward."""
-    from alignkit.training.online_roles import HFPolicy
+    from alignkit.training.online.trainer import PolicyTrainer
 
     calls = []
-    original = HFPolicy.forward
+    original = PolicyTrainer.forward
 
     def counting(self, batch, **kwargs):
         calls.append(torch.is_grad_enabled())
         return original(self, batch, **kwargs)
 
-    monkeypatch.setattr(HFPolicy, "forward", counting)
+    monkeypatch.setattr(PolicyTrainer, "forward", counting)
     run("dr_grpo", tiny_model_dir, tmp_path / "on", steps=2)
     assert calls == [True, True]
     calls.clear()
@@ -190,3 +190,28 @@ def test_reward_model_critic_from_it_and_shared_critic_options(tiny_model_dir, t
     rows = read_metrics(tmp_path / "b")
     assert rows[0]["reward/shaped_mean"] <= rows[0]["reward/mean"]
     assert "explained_variance" in rows[0]
+
+
+def test_policy_trainer_weights_are_hf_names_with_lora_merged(tiny_model_dir):
+    """`weights()` yields the plain model's parameter names; a fresh adapter (B = 0) merges to
+    the base weights. The colocated engine takes no weight source, only a version."""
+    from alignkit.models import apply_lora, load_model
+    from alignkit.training.online.presets import OnlineSettings
+    from alignkit.training.online.roles import HFRollout
+    from alignkit.training.online.trainer import PolicyTrainer
+    from alignkit.training.run.config import TrainConfig
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    plain = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    trainer = PolicyTrainer(model, OnlineSettings(), TrainConfig(lr=1e-3), total_steps=1)
+    assert list(dict(trainer.weights())) == list(plain)
+    lora = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    merged = dict(PolicyTrainer(lora, OnlineSettings(), TrainConfig(lr=1e-3), total_steps=1).weights())
+    assert sorted(merged) == sorted(plain)
+    for name, tensor in plain.items():
+        torch.testing.assert_close(merged[name], tensor)
+    rollout = HFRollout(lora, tokenizer)
+    rollout.update_weights(None, 3)
+    assert rollout.shares_policy and rollout.version == 3
+    with pytest.raises(ValueError, match="source=None"):
+        rollout.update_weights(iter(merged.items()), 4)

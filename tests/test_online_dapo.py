@@ -19,9 +19,9 @@ from transformers import AutoModelForCausalLM
 
 import alignkit
 from alignkit.rollout import Rollout
-from alignkit.training import online
-from alignkit.training.online_roles import HFPolicy
-from alignkit.training.online_sampling import merge_rows, signal_groups
+from alignkit.training.online import loop, trainer
+from alignkit.training.online.roles import HFRollout
+from alignkit.training.online.sampling import merge_rows, signal_groups
 
 PROMPTS = ["Write a short review.", "The movie", "Tell me", "What is two plus two?"]
 ROWS = [{"prompt": p} for p in PROMPTS * 4]
@@ -48,7 +48,7 @@ def run(model_dir, output_dir, reward=half_flat, steps=4, **overrides):
 def spy(monkeypatch):
     """Counts engine calls and records the rewards/groups each step's advantages and updates see."""
     seen = {"generate": 0, "advantages": [], "trained_rows": []}
-    generate, advantages, update = HFPolicy.generate, online.compute_advantages, online.policy_gradient_update
+    generate, advantages, update = HFRollout.generate, loop.compute_advantages, trainer.policy_gradient_update
 
     def counting_generate(self, *args, **kwargs):
         seen["generate"] += 1
@@ -64,9 +64,9 @@ def spy(monkeypatch):
         seen["trained_rows"].append(len(rows))
         return update(policy, critic, batch, rows, *args)
 
-    monkeypatch.setattr(HFPolicy, "generate", counting_generate)
-    monkeypatch.setattr(online, "compute_advantages", recording_advantages)
-    monkeypatch.setattr(online, "policy_gradient_update", recording_update)
+    monkeypatch.setattr(HFRollout, "generate", counting_generate)
+    monkeypatch.setattr(loop, "compute_advantages", recording_advantages)
+    monkeypatch.setattr(trainer, "policy_gradient_update", recording_update)
     return seen
 
 

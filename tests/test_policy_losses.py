@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES, dual_clip, ppo_clip, reinforce
-from alignkit.training.kl_control import AdaptiveKL, RunningMeanStd, make_kl_controller
+from alignkit.training.online.kl_control import AdaptiveKL, RunningMeanStd, make_kl_controller
 
 
 def test_clip_loss_at_ratio_one_is_minus_advantage():

@@ -87,7 +87,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, lora_r):
 
 
 def test_non_finite_loss_skips_the_step_without_touching_weights(tiny_model_dir, tmp_path, monkeypatch):
-    from alignkit.training import tasks
+    from alignkit.training.offline import tasks
 
     original = tasks.PairwiseTask.loss
     calls = {"n": 0}

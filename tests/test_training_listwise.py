@@ -12,7 +12,7 @@ from run_helpers import read_metrics
 import alignkit
 from alignkit.data import DataError, RankedExample
 from alignkit.testing import synthetic_pairs, synthetic_ranked
-from alignkit.training.tasks_listwise import collate_ranked, to_grid
+from alignkit.training.offline.listwise import collate_ranked, to_grid
 
 
 def test_collate_ranked_flattens_ragged_lists():

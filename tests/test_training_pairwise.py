@@ -69,7 +69,7 @@ def test_discopop_at_the_paper_tau_descends_into_its_negative_margin_basin(tiny_
 
 
 def test_reference_free_losses_never_compute_a_reference(tiny_model_dir, tmp_path, monkeypatch):
-    from alignkit.training import pairwise_options, reference, tasks
+    from alignkit.training.offline import pairwise_options, reference, tasks
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a reference-free loss touched the reference")
@@ -117,8 +117,8 @@ def full_logit_token_logps(model, batch) -> torch.Tensor:
 def one_batch(tiny_model_dir, name, rows, **hparams):
     """The task, the tiny model and every pair of `rows` as one collated batch."""
     from alignkit.models import load_model
-    from alignkit.training.config import TrainConfig
-    from alignkit.training.tasks import make_task
+    from alignkit.training.offline.tasks import make_task
+    from alignkit.training.run.config import TrainConfig
 
     config = TrainConfig(algorithm=name, model=str(tiny_model_dir)).apply_overrides(hparams)
     task = make_task(config)

@@ -16,9 +16,9 @@ import alignkit
 from alignkit.data import load_rows
 from alignkit.models import apply_lora, load_model
 from alignkit.testing import synthetic_pairs
-from alignkit.training.config import TrainConfig
-from alignkit.training.pairwise_options import LiveReference
-from alignkit.training.tasks import make_task
+from alignkit.training.offline.pairwise_options import LiveReference
+from alignkit.training.offline.tasks import make_task
+from alignkit.training.run.config import TrainConfig
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:

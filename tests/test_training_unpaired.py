@@ -20,9 +20,9 @@ from alignkit.testing import (
     synthetic_sourced,
     synthetic_unpaired,
 )
-from alignkit.training.config import TrainConfig
-from alignkit.training.tasks import make_task
-from alignkit.training.tasks_unpaired import collate_unpaired
+from alignkit.training.offline.tasks import make_task
+from alignkit.training.offline.unpaired import collate_unpaired
+from alignkit.training.run.config import TrainConfig
 
 
 @torch.no_grad()

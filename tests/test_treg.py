@@ -21,7 +21,7 @@ import alignkit
 from alignkit.objectives import PAIRWISE, PairLogps
 from alignkit.objectives.treg import contrastive_token_rewards, treg
 from alignkit.testing import synthetic_pairs
-from alignkit.training.tasks_treg import TRegTask, contrast_table, response_aligned, wrap_prompt
+from alignkit.training.offline.treg import TRegTask, contrast_table, response_aligned, wrap_prompt
 
 COMMON = dict(batch_size=8, max_steps=24, lr=3e-3, warmup_ratio=0.0, progress=False, accept_unverified=True)
 
@@ -128,7 +128,7 @@ def test_treg_needs_an_explicit_acknowledgement(tiny_model_dir, tmp_path):
 
 
 def test_templates_are_checked():
-    from alignkit.training.config import TrainConfig
+    from alignkit.training.run.config import TrainConfig
 
     with pytest.raises(ValueError, match=r"must contain \{prompt\}"):
         TRegTask(TrainConfig(algorithm="treg", hparams={"accept_unverified": True, "better_template": "no slot"}))
@@ -143,8 +143,8 @@ def test_token_rewards_equal_a_plain_forward_after_each_wrapped_prompt(tiny_mode
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignkit.data import RowTable, tokenize_pairwise
-    from alignkit.training.config import TrainConfig
-    from alignkit.training.tasks import tokenize_options
+    from alignkit.training.offline.tasks import tokenize_options
+    from alignkit.training.run.config import TrainConfig
 
     rows = synthetic_pairs(5, seed=3)
     config = TrainConfig(algorithm="treg", model=str(tiny_model_dir), batch_size=2, progress=False,
@@ -275,7 +275,7 @@ def test_padding_and_rewards_off_the_response_are_ignored(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignkit.data import RowTable
-    from alignkit.training.config import TrainConfig
+    from alignkit.training.run.config import TrainConfig
 
     task = TRegTask(TrainConfig(algorithm="treg", hparams={"accept_unverified": True}))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -12,7 +12,7 @@ same form); the choices they leave open are options here, with the default we de
 
    in (-1/2, 1/2); x_better / x_worse wrap the prompt with opposite instructions (helpful,
    correct, coherent, concise vs unhelpful, incorrect, incoherent, verbose). The exact
-   templates are not known: ours are in `alignkit.training.tasks_treg` and can be replaced.
+   templates are not known: ours are in `alignkit.training.offline.treg` and can be replaced.
 
 2. The regulariser makes the implicit token reward of the base loss, c_t log pi_theta(y_t)
    (c_t = beta for DPO, whose token reward is beta log pi/pi_ref), agree with r_t by maximising

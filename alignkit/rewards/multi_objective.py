@@ -15,7 +15,7 @@ With a FROZEN backbone and e(x, y) its last-token hidden state:
    rewards; `GatingNetwork` is always fed the PENALISED rewards.
 
 The fits below are closed-form statistics on precomputed features; the gradient training of
-the gate lives in `alignkit.training.tasks_reward`.
+the gate lives in `alignkit.training.offline.reward`.
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ from alignkit.rewards.multi_objective import (
     score_head,
     verbosity_penalties,
 )
-from alignkit.training.metrics import MetricsWriter
-from alignkit.training.tasks_reward import register_reward_algorithms
-from alignkit.training.tasks_reward_runners import HEAD_LR, _Runner, pair_columns, train_pairwise
+from alignkit.training.offline.reward import register_reward_algorithms
+from alignkit.training.offline.reward_runners import HEAD_LR, _Runner, pair_columns, train_pairwise
+from alignkit.training.run.metrics import MetricsWriter
 
 log = logging.getLogger("alignkit")
 
@@ -94,7 +94,7 @@ class MultiObjectiveTask(_Runner):
 
     def run(self, model=None, tokenizer=None, data=None, eval_data=None, callbacks=()):
         from alignkit.models import save_pretrained_merged
-        from alignkit.training.offline import seed_everything
+        from alignkit.training.run.seed import seed_everything
 
         run_dir, c = self._begin(), self.config
         seed_everything(c.seed)
@@ -218,7 +218,7 @@ class EmbeddingRewardTask(_Runner):
         )
 
     def run(self, model=None, tokenizer=None, data=None, eval_data=None, callbacks=()):
-        from alignkit.training.offline import seed_everything
+        from alignkit.training.run.seed import seed_everything
 
         run_dir, c = self._begin(), self.config
         seed_everything(c.seed)

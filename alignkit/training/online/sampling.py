@@ -1,4 +1,5 @@
-"""Steps 1-2 of the online loop (generate, score) and DAPO's dynamic sampling.
+"""Steps 1-2 of the online loop (generate, score) and DAPO's dynamic sampling: the sampler
+calls the rollout engine (`RolloutEngine.generate`) and the reward role (`RewardRole.score`).
 
 The prompt stream is one deterministic sequence: position p (0-based, over the whole run) is
 prompt `perm_e[p mod n]` of epoch e = p // n, where perm_e is a permutation seeded by
@@ -44,10 +45,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignkit.rollout import Rollout, SamplingParams
-from alignkit.training.kl_control import RunningMeanStd
-from alignkit.training.online_presets import OnlineSettings
-from alignkit.training.online_roles import SequenceBatch, decode_completions
-from alignkit.training.online_steps import greedy_baseline, shape_rewards
+from alignkit.training.online.kl_control import RunningMeanStd
+from alignkit.training.online.presets import OnlineSettings
+from alignkit.training.online.roles import SequenceBatch, decode_completions
+from alignkit.training.online.steps import greedy_baseline, shape_rewards
 
 log = logging.getLogger("alignkit")
 
@@ -154,10 +155,10 @@ class PromptSampler:
     resumed run restores it (`load_state`).
     """
 
-    def __init__(self, policy, scorer, tokenizer, prompt_ids: list[list[int]], prompt_texts: list[str],
+    def __init__(self, engine, scorer, tokenizer, prompt_ids: list[list[int]], prompt_texts: list[str],
                  columns: list[dict], s: OnlineSettings, *, batch_size: int, seed: int, device,
                  reward_stats: RunningMeanStd) -> None:
-        self.policy, self.scorer, self.tokenizer = policy, scorer, tokenizer
+        self.engine, self.scorer, self.tokenizer = engine, scorer, tokenizer
         self.prompt_ids, self.prompt_texts, self.columns = prompt_ids, prompt_texts, columns
         self.s, self.batch_size, self.seed, self.device = s, batch_size, seed, device
         self.reward_stats = reward_stats
@@ -165,6 +166,7 @@ class PromptSampler:
         self.position = 0
 
     def state(self) -> dict[str, int]:
+        """The data cursor, as checkpoint extras."""
         return {"prompt_position": self.position}
 
     def load_state(self, extras: dict, step: int) -> None:
@@ -182,7 +184,7 @@ class PromptSampler:
         started = time.perf_counter()
         sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                   top_k=s.top_k, seed=step_seed(self.seed, step, round_))
-        rollout = self.policy.generate([self.prompt_ids[i] for i in indices], s.group_size, sampling)
+        rollout = self.engine.generate([self.prompt_ids[i] for i in indices], s.group_size, sampling)
         generated = time.perf_counter()
         batch = SequenceBatch.from_rollout(rollout, self.pad_id).to(self.device)
         rows = [indices[g] for g in rollout.group_index.tolist()]
@@ -195,7 +197,7 @@ class PromptSampler:
         rewards = shape_rewards(raw, no_eos, s, self.reward_stats, update=True)
         baseline = None
         if s.advantage == "remax" and s.objective == "policy_gradient":
-            baseline = greedy_baseline(self.policy, self.scorer, self.tokenizer, self.prompt_ids,
+            baseline = greedy_baseline(self.engine, self.scorer, self.tokenizer, self.prompt_ids,
                                        self.prompt_texts, self.columns, indices, s, self.pad_id, self.device,
                                        self.reward_stats).repeat_interleave(s.group_size)
         scored = time.perf_counter()

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from alignkit.training.config import TrainConfig
+from alignkit.training.run.config import TrainConfig
 
 # Peak learning rates that work out of the box: full fine-tuning vs LoRA adapters.
 DEFAULT_LR = {"sft": (2e-5, 2e-4), "rm": (1e-5, 1e-4)}

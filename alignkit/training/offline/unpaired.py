@@ -30,12 +30,12 @@ from torch import Tensor
 from alignkit.data import SeqExample, collate_sequences
 from alignkit.models import adapter_disabled, is_peft, sequence_logps
 from alignkit.objectives import UNPAIRED, kto_kl_estimate
-from alignkit.training.config import TrainConfig
-from alignkit.training.reference import load_reference
-from alignkit.training.reference_values import attach_reference_values
-from alignkit.training import distributed
-from alignkit.training.registry import AlgorithmSpec, register_algorithm
-from alignkit.training.tasks import Metrics, SequenceData, accepted_hparams, check_hparams
+from alignkit.training.offline.reference import load_reference
+from alignkit.training.offline.reference_values import attach_reference_values
+from alignkit.training.offline.tasks import Metrics, SequenceData, accepted_hparams, check_hparams
+from alignkit.training.run import distributed
+from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.registry import AlgorithmSpec, register_algorithm
 
 
 def collate_unpaired(examples: list[SeqExample], pad_id: int, max_length: int,

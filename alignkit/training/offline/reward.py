@@ -38,9 +38,15 @@ from alignkit.objectives.reward_losses import (
 )
 from alignkit.rewards.preference import DEFAULT_TEMPLATE, encode_preference
 from alignkit.rewards.process import GRANULARITIES, encode_segments, token_scores
-from alignkit.training.config import TrainConfig
-from alignkit.training.schedule import default_lr
-from alignkit.training.tasks import Metrics, PairData, RankedData, check_hparams, score_pair_metrics
+from alignkit.training.offline.tasks import (
+    Metrics,
+    PairData,
+    RankedData,
+    check_hparams,
+    score_pair_metrics,
+)
+from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.schedule import default_lr
 
 Batch = dict[str, Tensor]
 
@@ -84,7 +90,7 @@ class RewardTask:
 
 def register_reward_algorithms(specs: list[tuple[str, str, str, str, Any]]) -> None:
     """Register (name, data, models, paper, task class) rows as algorithms of kind "reward"."""
-    from alignkit.training.registry import AlgorithmSpec, register_algorithm
+    from alignkit.training.run.registry import AlgorithmSpec, register_algorithm
 
     for name, data, models, paper, task in specs:
         register_algorithm(AlgorithmSpec(name, "reward", data, models, paper, task))

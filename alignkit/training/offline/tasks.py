@@ -1,7 +1,7 @@
 """What the offline trainer optimises: one small `Task` per family (SFT, reward model,
 pairwise preference losses). A task tokenises rows, collates batches, precomputes what it
 caches (reference log-probs) and turns a batch into a scalar loss plus detached metrics.
-The loop in `offline.py` is the same for all of them."""
+The loop in `loop.py` is the same for all of them."""
 
 from __future__ import annotations
 
@@ -31,9 +31,7 @@ from alignkit.objectives import PAIRWISE, PairLogps, combine_losses, ld_dpo, wpo
 from alignkit.objectives.pairwise import log_ratios
 from alignkit.objectives.registry import REFERENCE_FREE
 from alignkit.objectives.reward_model import bradley_terry
-from alignkit.training import distributed
-from alignkit.training.config import TrainConfig
-from alignkit.training.pairwise_options import (
+from alignkit.training.offline.pairwise_options import (
     SFT_COMPONENT,
     LiveReference,
     PairwiseOptions,
@@ -45,7 +43,9 @@ from alignkit.training.pairwise_options import (
     scored_mask,
     wpo_token_statistics,
 )
-from alignkit.training.reference import attach_reference_logps
+from alignkit.training.offline.reference import attach_reference_logps
+from alignkit.training.run import distributed
+from alignkit.training.run.config import TrainConfig
 
 Metrics = dict[str, Tensor]
 
@@ -425,7 +425,7 @@ class PairwiseTask(PairData):
 
 def make_task(config: TrainConfig):
     """The task behind an algorithm name."""
-    from alignkit.training.registry import ALGORITHMS
+    from alignkit.training.run.registry import ALGORITHMS
 
     if config.algorithm not in ALGORITHMS:
         known = ", ".join(sorted(ALGORITHMS))
@@ -436,7 +436,11 @@ def make_task(config: TrainConfig):
 def _register_offline_family() -> None:
     from functools import partial
 
-    from alignkit.training.registry import AlgorithmSpec, first_docstring_line, register_algorithm
+    from alignkit.training.run.registry import (
+        AlgorithmSpec,
+        first_docstring_line,
+        register_algorithm,
+    )
 
     register_algorithm(AlgorithmSpec(
         "sft", "sft", "prompt+completion | messages", "policy",

@@ -32,10 +32,10 @@ from alignkit.rewards.multi_objective import (
     score_head,
 )
 from alignkit.rewards.scorer import RewardModelScorer
-from alignkit.training.config import TrainConfig
-from alignkit.training.metrics import MetricsWriter
-from alignkit.training.schedule import lr_multiplier
-from alignkit.training.tasks_reward import RewardTask, register_reward_algorithms, resolve_hparams
+from alignkit.training.offline.reward import RewardTask, register_reward_algorithms, resolve_hparams
+from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.metrics import MetricsWriter
+from alignkit.training.run.schedule import lr_multiplier
 
 log = logging.getLogger("alignkit")
 HEAD_LR = 1e-2  # default for heads on frozen features (the RM default 1e-5 is for whole models)
@@ -141,7 +141,7 @@ class _Runner(RewardTask):
         return run_dir
 
     def _table(self, source: Any, role: str, kinds: tuple[str, ...] | None = None):
-        from alignkit.training.offline import load_table
+        from alignkit.training.offline.loop import load_table
 
         saved, self.data_kinds = self.data_kinds, kinds or self.data_kinds
         try:
@@ -190,7 +190,7 @@ class _Runner(RewardTask):
         return {"eval/rewards/accuracies": float(accuracy)}
 
     def _result(self, run_dir: Path, last: dict, eval_metrics: dict, tokenizer=None):
-        from alignkit.training.offline import TrainResult
+        from alignkit.training.run.result import TrainResult
 
         return TrainResult(
             run_dir,
@@ -226,7 +226,8 @@ class EnsembleRewardTask(_Runner):
         )
 
     def run(self, model=None, tokenizer=None, data=None, eval_data=None, callbacks=()):
-        from alignkit.training.offline import run_offline, seed_everything
+        from alignkit.training.offline.loop import run_offline
+        from alignkit.training.run.seed import seed_everything
 
         run_dir, k = self._begin(), int(self.hparams["members"])
         final = run_dir / "final"

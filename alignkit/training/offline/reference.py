@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from alignkit.models import adapter_disabled, is_peft, load_model
-from alignkit.training import distributed
-from alignkit.training.config import TrainConfig
+from alignkit.training.run import distributed
+from alignkit.training.run.config import TrainConfig
 
 log = logging.getLogger("alignkit")
 CACHE_NAME = "reference_logps.safetensors"

@@ -21,9 +21,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from alignkit.training import distributed
-from alignkit.training.config import TrainConfig
-from alignkit.training.reference import load_cached_tensors, load_reference, reference_batches
+from alignkit.training.offline.reference import (
+    load_cached_tensors,
+    load_reference,
+    reference_batches,
+)
+from alignkit.training.run import distributed
+from alignkit.training.run.config import TrainConfig
 
 log = logging.getLogger("alignkit")
 

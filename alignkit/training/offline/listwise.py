@@ -19,10 +19,10 @@ from alignkit.data import RankedExample, SeqExample, collate_sequences
 from alignkit.models import sequence_logps
 from alignkit.objectives import LISTWISE
 from alignkit.objectives.listwise import rank_by_score
-from alignkit.training.config import TrainConfig
-from alignkit.training.reference_values import attach_reference_values
-from alignkit.training.registry import AlgorithmSpec, first_docstring_line, register_algorithm
-from alignkit.training.tasks import Metrics, RankedData, accepted_hparams, check_hparams
+from alignkit.training.offline.reference_values import attach_reference_values
+from alignkit.training.offline.tasks import Metrics, RankedData, accepted_hparams, check_hparams
+from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.registry import AlgorithmSpec, first_docstring_line, register_algorithm
 
 REFERENCE_FREE_LISTWISE = {"pro"}
 PAPERS = {

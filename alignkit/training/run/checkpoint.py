@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignkit.training import distributed
-from alignkit.training.distributed import Ranks, full_tensor, like_parameter
+from alignkit.training.run import distributed
+from alignkit.training.run.distributed import Ranks, full_tensor, like_parameter
 
 CHECKPOINT_PREFIX = "step-"
 EXTRA_TENSORS = "extra.safetensors"

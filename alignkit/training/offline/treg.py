@@ -26,12 +26,10 @@ from alignkit.data.formats import split_implicit_prompt
 from alignkit.models import token_logps
 from alignkit.objectives.registry import PairLogps
 from alignkit.objectives.treg import BASES, contrastive_token_rewards, treg
-from alignkit.training.config import TrainConfig
-from alignkit.training.pairwise_options import scored_mask
-from alignkit.training.reference import attach_reference_logps
-from alignkit.training.reference_values import attach_reference_values
-from alignkit.training.registry import AlgorithmSpec, register_algorithm
-from alignkit.training.tasks import (
+from alignkit.training.offline.pairwise_options import scored_mask
+from alignkit.training.offline.reference import attach_reference_logps
+from alignkit.training.offline.reference_values import attach_reference_values
+from alignkit.training.offline.tasks import (
     Metrics,
     PairData,
     accepted_hparams,
@@ -39,6 +37,8 @@ from alignkit.training.tasks import (
     implicit_reward_metrics,
     tokenize_options,
 )
+from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.registry import AlgorithmSpec, register_algorithm
 
 log = logging.getLogger("alignkit")
 

@@ -35,11 +35,11 @@ from alignkit.models import position_ids_from_mask, token_logps
 from alignkit.objectives.alol import ALOL, REFERENCE_FREE_ALOL, fit_value_head, r_squared
 from alignkit.rewards import load_reward, reward_name, score_safely
 from alignkit.rollout import HFEngine, SamplingParams
-from alignkit.training.config import TrainConfig
-from alignkit.training.reference import load_reference
-from alignkit.training.reference_values import attach_reference_values
-from alignkit.training.registry import AlgorithmSpec, register_algorithm
-from alignkit.training.tasks import Metrics, SequenceData, accepted_hparams, check_hparams
+from alignkit.training.offline.reference import load_reference
+from alignkit.training.offline.reference_values import attach_reference_values
+from alignkit.training.offline.tasks import Metrics, SequenceData, accepted_hparams, check_hparams
+from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.registry import AlgorithmSpec, register_algorithm
 
 log = logging.getLogger("alignkit")
 

@@ -1,4 +1,4 @@
-"""Online algorithms as data: each preset is a dict of choices over ONE loop (`online.py`).
+"""Online algorithms as data: each preset is a dict of choices over ONE loop (`loop.py`).
 
 | preset       | advantage            | policy loss          | aggregation         | KL (default beta, estimator, place) | critic |
 |--------------|----------------------|----------------------|---------------------|-------------------------------------|--------|
@@ -13,7 +13,7 @@
 
 Dynamic sampling (dapo): groups whose rewards are all equal are dropped and further prompt
 batches are generated until --batch-size groups remain (at most max_generation_rounds batches;
-see `online_sampling.py`).
+see `sampling.py`).
 
 Any choice can be overridden with `--set key=value`; `OnlineSettings` lists every key.
 """
@@ -210,7 +210,7 @@ def _reference_free() -> set[str]:
 
 
 def register_online_family() -> None:
-    from alignkit.training.registry import AlgorithmSpec, register_algorithm
+    from alignkit.training.run.registry import AlgorithmSpec, register_algorithm
 
     for name, preset in PRESETS.items():
         models = ["policy"]

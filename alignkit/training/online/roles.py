@@ -1,8 +1,21 @@
-"""The roles the online loop talks to: policy (+ engine), reference, reward, critic.
+"""The roles the online loop talks to: rollout engine, policy, reference, reward, critic.
 
-Each role is a small interface (a `Protocol`) with an in-process implementation here. The
-loop in `online.py` only calls these methods, so a later version can put a role on another
-process or machine (Ray actors, torchrun groups) by implementing the same methods.
+Each role is a small interface (a `Protocol`) with an in-process implementation. Its methods
+take and return a *global* batch (all N samples of the step) and split it into micro-batches
+themselves; only `PolicyRole.forward`, the micro-batch forward the update is built from, sees
+one micro-batch. The driver in `loop.py` only calls these methods, so a later version can put
+a role on another process or machine (Ray actors, torchrun groups) by implementing them.
+
+| role          | methods                                                   | in process              |
+|---------------|-----------------------------------------------------------|-------------------------|
+| RolloutEngine | generate, update_weights(source, version), shares_policy  | HFRollout               |
+| PolicyRole    | forward, logps, update(experience), weights, save, load   | PolicyTrainer           |
+| ReferenceRole | logps                                                     | AdapterReference, ModelReference |
+| RewardRole    | score                                                     | FunctionReward, ModelReward |
+| CriticRole    | values                                                    | PolicyTrainer           |
+
+The critic's parameters are trained by the policy role: the policy and value losses share one
+backward, one gradient clip and one optimizer step, so the critic role only reads values.
 
 Token-level tensors use *response coordinates*: (N, L) with position 0 the first generated
 token, exactly like `Rollout.response_ids`; `SequenceBatch` holds the full prompt + response
@@ -12,9 +25,9 @@ rows a teacher-forced forward needs and converts between the two.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -117,19 +130,51 @@ def response_logps(
 # --------------------------------------------------------------------------- roles
 
 
-class PolicyRole(Protocol):
-    """The trained policy: samples, and scores its own samples (with gradients if enabled)."""
+class RolloutEngine(Protocol):
+    """Samples the policy: B prompts x n samples, with the sampled tokens' log-probs."""
+
+    shares_policy: bool
+    """True when the engine samples the trained module itself: its log-probs at temperature 1
+    are then exactly the policy's, and `update_weights` needs no source."""
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout: ...
 
+    def update_weights(self, source: Iterable[tuple[str, Tensor]] | None, version: int) -> None:
+        """Sample from the policy's weights after optimizer step `version` from now on; `source`
+        yields (HF parameter name, full tensor) pairs, or is None when `shares_policy`."""
+        ...
+
+
+class PolicyRole(Protocol):
+    """The trained policy (and critic parameters): log-probs, the update, weights, checkpoints."""
+
     def forward(
         self, batch: SequenceBatch, *, with_entropy: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor | None]: ...
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(N, L) log-probs, entropies and values (None without a shared value head) of one
+        micro-batch, with gradients when enabled."""
+        ...
+
+    def logps(self, batch: SequenceBatch) -> Tensor:
+        """(N, L) log-probs at temperature 1 of a global batch, no gradient."""
+        ...
+
+    def update(self, experience: Any) -> dict[str, float]:
+        """Step 6 on one step's `Experience`: every optimizer step of it; returns its metrics."""
+        ...
+
+    def weights(self) -> Iterator[tuple[str, Tensor]]:
+        """(HF parameter name, full tensor) of the policy, LoRA merged."""
+        ...
+
+    def save(self, run_dir: Path, step: int, *, keep: int | None, extras: dict) -> None: ...
+
+    def load(self, checkpoint: Path) -> dict[str, Any]: ...
 
 
 class ReferenceRole(Protocol):
     def logps(self, batch: SequenceBatch) -> Tensor:
-        """(N, L) log-probs of the frozen reference, no gradient."""
+        """(N, L) log-probs of the frozen reference over a global batch, no gradient."""
         ...
 
 
@@ -143,22 +188,28 @@ class RewardRole(Protocol):
 
 class CriticRole(Protocol):
     def values(self, batch: SequenceBatch) -> Tensor:
-        """(N, L) V(s_t) for each response token (gradients when enabled)."""
+        """(N, L) V(s_t) for each response token of a global batch, no gradient."""
         ...
 
 
-class HFPolicy:
-    """A transformers causal LM (peft too) sampled in process by `HFEngine`.
+def in_chunks(fn: Callable[[SequenceBatch], Tensor], batch: SequenceBatch, size: int) -> Tensor:
+    """fn over row chunks of at most `size` rows of `batch` (0: one chunk), reassembled to a
+    float32 (N, L) tensor."""
+    out = torch.zeros(batch.response_mask.shape, device=batch.input_ids.device)
+    for rows in chunks(torch.arange(len(batch), device=batch.input_ids.device), size):
+        part = fn(batch.select(rows))
+        out[rows, : part.shape[1]] = part.float()
+    return out
 
-    With `value_head` set the critic shares the policy's backbone: one forward gives
-    log-probs and values (the "shared" critic option).
-    """
 
-    def __init__(
-        self, model: nn.Module, tokenizer: Any, *, chunk_size: int = 1024,
-        max_batch_size: int | None = None, value_head: nn.Module | None = None,
-    ) -> None:
-        self.model, self.chunk_size, self.value_head = model, chunk_size, value_head
+class HFRollout:
+    """The rollout engine colocated with the policy: `HFEngine` sampling the trained module
+    itself (a transformers causal LM, peft too), so weights never need copying."""
+
+    shares_policy = True
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch_size: int | None = None) -> None:
+        self.model, self.version = model, 0
         eos = {tokenizer.eos_token_id}
         generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if isinstance(generation_eos, int):
@@ -172,21 +223,26 @@ class HFPolicy:
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
         return self.engine.generate(prompt_ids, n, sampling)
 
-    def forward(self, batch: SequenceBatch, *, with_entropy: bool = False):
-        return response_logps(self.model, batch, chunk_size=self.chunk_size,
-                              with_entropy=with_entropy, value_head=self.value_head)
+    def update_weights(self, source: Iterable[tuple[str, Tensor]] | None, version: int) -> None:
+        """The engine samples the live module: nothing to copy, only the version is recorded."""
+        if source is not None:
+            raise ValueError("HFRollout samples the trained module itself: pass source=None")
+        self.version = version
 
 
 class AdapterReference:
     """Reference = the policy's base weights with its LoRA adapter switched off (no copy)."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, micro_batch_size: int = 0) -> None:
         if not is_peft(model):
             raise ValueError("AdapterReference needs a peft model")
-        self.model, self.chunk_size = model, chunk_size
+        self.model, self.chunk_size, self.micro_batch_size = model, chunk_size, micro_batch_size
 
     @torch.no_grad()
     def logps(self, batch: SequenceBatch) -> Tensor:
+        return in_chunks(self._logps, batch, self.micro_batch_size)
+
+    def _logps(self, batch: SequenceBatch) -> Tensor:
         with adapter_disabled(self.model):
             return response_logps(self.model, batch, chunk_size=self.chunk_size)[0]
 
@@ -194,11 +250,15 @@ class AdapterReference:
 class ModelReference:
     """Reference = a separate frozen copy of the initial policy (or --ref-model)."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, micro_batch_size: int = 0) -> None:
         self.model, self.chunk_size = model.eval().requires_grad_(False), chunk_size
+        self.micro_batch_size = micro_batch_size
 
     @torch.no_grad()
     def logps(self, batch: SequenceBatch) -> Tensor:
+        return in_chunks(self._logps, batch, self.micro_batch_size)
+
+    def _logps(self, batch: SequenceBatch) -> Tensor:
         return response_logps(self.model, batch, chunk_size=self.chunk_size)[0]
 
 
@@ -264,11 +324,13 @@ class ValueModel(nn.Module):
         return cls(backbone, head)
 
     def values(self, batch: SequenceBatch) -> Tensor:
+        """(N, L) V(s_t) of one micro-batch, with gradients when enabled."""
         predictors, _ = batch.predictor_rows(_forward_hidden(self.backbone, batch))
         return batch.scatter(self.head(predictors).squeeze(-1).float())
 
 
 def zero_value_head(hidden_size: int) -> nn.Linear:
+    """A hidden -> 1 linear head with zero weight and bias (V = 0 at the start)."""
     head = nn.Linear(hidden_size, 1)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
@@ -280,10 +342,6 @@ def decode_completions(tokenizer: Any, rollout: Rollout) -> list[str]:
     lengths = rollout.lengths.tolist()
     rows = [rollout.response_ids[i, :n].tolist() for i, n in enumerate(lengths)]
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
-
-
-def no_grad_if(condition: bool):
-    return torch.no_grad() if condition else nullcontext()
 
 
 def chunks(indices: Tensor, size: int) -> Sequence[Tensor]:

@@ -16,9 +16,9 @@ from alignkit.models import position_ids_from_mask, token_logps
 from alignkit.models.logprobs import _chunked, _scatter, decoder_and_head
 from alignkit.objectives.crlft import crlft
 from alignkit.objectives.ift import ift
-from alignkit.training.config import TrainConfig
-from alignkit.training.registry import AlgorithmSpec, register_algorithm
-from alignkit.training.tasks import Metrics, SequenceData, check_hparams, scored_tokens
+from alignkit.training.offline.tasks import Metrics, SequenceData, check_hparams, scored_tokens
+from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.registry import AlgorithmSpec, register_algorithm
 
 log = logging.getLogger("alignkit")
 

@@ -22,7 +22,7 @@ class AlgorithmSpec:
     make_task: Callable[[Any], Any]
     """config -> task object for the loop named by `runner`."""
     runner: str = "offline"
-    """Which loop trains it: offline (alignkit.training.offline) or online."""
+    """Which loop trains it: offline (alignkit.training.offline.loop) or online."""
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {}

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -38,14 +35,16 @@ from alignkit.data import (
     validate_rows,
 )
 from alignkit.models import apply_lora, count_parameters, load_model, save_pretrained_merged
-from alignkit.training.checkpoint import (
+from alignkit.training.offline.reference import attach_reference_logps
+from alignkit.training.offline.tasks import make_task
+from alignkit.training.run.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_extra_tensors,
     save_checkpoint,
 )
-from alignkit.training.config import TrainConfig
-from alignkit.training.distributed import (
+from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.distributed import (
     Ranks,
     Shard,
     TaskForward,
@@ -62,10 +61,15 @@ from alignkit.training.distributed import (
     unshard_parameters,
     wrap,
 )
-from alignkit.training.metrics import MetricsWriter, mean_metrics, open_metrics, progress_postfix, to_float
-from alignkit.training.reference import attach_reference_logps
-from alignkit.training.schedule import build_optimizer, build_scheduler, default_lr
-from alignkit.training.tasks import make_task
+from alignkit.training.run.metrics import (
+    mean_metrics,
+    open_metrics,
+    progress_postfix,
+    to_float,
+)
+from alignkit.training.run.result import TrainResult
+from alignkit.training.run.schedule import build_optimizer, build_scheduler, default_lr
+from alignkit.training.run.seed import seed_everything
 
 log = logging.getLogger("alignkit")
 Callback = Callable[[int, dict[str, float]], None]
@@ -84,24 +88,6 @@ Callback = Callable[[int, dict[str, float]], None]
 
 def _hook(task, name: str) -> Callable[..., Any] | None:
     return getattr(task, name, None)
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    final_dir: Path
-    steps: int
-    metrics: dict[str, float]
-    eval_metrics: dict[str, float]
-    model: Any = field(default=None, repr=False)
-    """The trained model in memory (LoRA still attached, not merged)."""
-    tokenizer: Any = field(default=None, repr=False)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def loss_units(task, batch: dict[str, torch.Tensor], n_rows: int) -> float:

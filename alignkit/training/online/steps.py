@@ -1,6 +1,7 @@
 """The pieces of one online step that are more than a line: reward shaping, advantages,
-the policy-gradient and pairwise minibatch updates, the clipped value loss. Used by
-`online.py`; each works on tensors and the roles, never on files or the run."""
+the policy-gradient and pairwise minibatch updates, the clipped value loss. Used by the
+driver (`loop.py`), the sampler (`sampling.py`) and the trainer (`trainer.py`); each works on
+tensors and the roles, never on files or the run."""
 
 from __future__ import annotations
 
@@ -21,24 +22,15 @@ from alignkit.advantages import (
 from alignkit.objectives import KL, PAIRWISE, PairLogps
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
 from alignkit.rollout import SamplingParams
-from alignkit.training.kl_control import RunningMeanStd
-from alignkit.training.online_presets import OnlineSettings
-from alignkit.training.online_roles import SequenceBatch, chunks, decode_completions
+from alignkit.training.online.kl_control import RunningMeanStd
+from alignkit.training.online.presets import OnlineSettings
+from alignkit.training.online.roles import SequenceBatch, chunks, decode_completions
 
 
 def kwargs_for(fn, values: dict[str, Any]) -> dict[str, Any]:
     """The entries of `values` that `fn` takes as keyword arguments."""
     names = set(inspect.signature(fn).parameters)
     return {k: v for k, v in values.items() if k in names}
-
-
-def in_chunks(fn, batch: SequenceBatch, size: int) -> Tensor:
-    """fn over row chunks of `batch`, reassembled to (N, L)."""
-    out = torch.zeros(batch.response_mask.shape, device=batch.input_ids.device)
-    for rows in chunks(torch.arange(len(batch), device=batch.input_ids.device), size):
-        part = fn(batch.select(rows))
-        out[rows, : part.shape[1]] = part.float()
-    return out
 
 
 def shape_rewards(raw: Tensor, no_eos: Tensor, s: OnlineSettings, stats: RunningMeanStd,
@@ -56,11 +48,11 @@ def shape_rewards(raw: Tensor, no_eos: Tensor, s: OnlineSettings, stats: Running
     return rewards
 
 
-def greedy_baseline(policy, scorer, tokenizer, prompt_ids, prompt_texts, columns, indices, s,
+def greedy_baseline(engine, scorer, tokenizer, prompt_ids, prompt_texts, columns, indices, s,
                      pad_id, device, stats) -> Tensor:
     """ReMax: reward of the greedy response to each prompt, post-processed like the samples."""
     sampling = SamplingParams(max_new_tokens=s.max_new_tokens, greedy=True)
-    rollout = policy.generate([prompt_ids[i] for i in indices], 1, sampling)
+    rollout = engine.generate([prompt_ids[i] for i in indices], 1, sampling)
     batch = SequenceBatch.from_rollout(rollout, pad_id).to(device)
     row_columns = {k: [columns[i].get(k) for i in indices] for k in {k for c in columns for k in c}}
     raw, _ = scorer.score(batch, [prompt_texts[i] for i in indices], decode_completions(tokenizer, rollout),
@@ -88,6 +80,7 @@ def compute_advantages(s: OnlineSettings, rewards, group_index, mask, kl_penalty
 
 
 def summary_stats(prefix: str, values: Tensor, mask: Tensor) -> dict[str, float]:
+    """mean/std/min/max of `values` over the True entries of `mask`, keyed `prefix/...`."""
     if not bool(mask.any()):
         return {}
     valid = values[mask]
@@ -140,6 +133,7 @@ def policy_gradient_update(policy, critic, batch, rows, s, old_logp, ref_logp, a
 
 
 def add(sums: dict[str, float], key: str, value: float) -> None:
+    """sums[key] += value (from 0)."""
     sums[key] = sums.get(key, 0.0) + float(value)
 
 

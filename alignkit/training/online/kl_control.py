@@ -81,3 +81,7 @@ class RunningMeanStd:
 
     def state(self) -> dict[str, float]:
         return asdict(self)
+
+    def load_state(self, state: dict[str, float]) -> None:
+        """Restore what `state()` returned, in place (the sampler shares this object)."""
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]

@@ -1,0 +1,155 @@
+"""Building the online loop's roles from a config: `build_online_roles(config, settings) ->
+OnlineRoles` loads the policy (+ LoRA), the reference, the reward and the critic, and makes the
+rollout engine and the trainer (optimizer, LR schedule) around them.
+
+The order is part of the result: the critic's head and the LoRA adapters draw their initial
+weights from the seeded torch RNG, critic first, and the reference copies the policy before
+adapters are attached.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.models import apply_lora, count_parameters, is_peft, load_model
+from alignkit.rewards import load_reward
+from alignkit.training.online.presets import OnlineSettings, needs_reference
+from alignkit.training.online.roles import (
+    AdapterReference,
+    CriticRole,
+    FunctionReward,
+    HFRollout,
+    ModelReference,
+    ModelReward,
+    ReferenceRole,
+    RewardRole,
+    RolloutEngine,
+    ValueModel,
+    zero_value_head,
+)
+from alignkit.training.online.trainer import PolicyTrainer
+from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.schedule import default_lr
+
+log = logging.getLogger("alignkit")
+
+
+@dataclass
+class OnlineRoles:
+    """Everything the driver calls: one object per role, plus the model and tokenizer that
+    `final/` is written from."""
+
+    model: nn.Module
+    """The trained policy model (LoRA still attached)."""
+    tokenizer: Any
+    rollout: RolloutEngine
+    trainer: PolicyTrainer
+    """The policy role: log-probs, step 6, weights, checkpoints."""
+    reference: ReferenceRole | None
+    """None when the settings need no reference (beta = 0, reference-free pairwise losses)."""
+    reward: RewardRole
+    critic: CriticRole | None
+    """The trainer itself when the settings train a critic, else None."""
+    device: torch.device
+
+
+def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: int, model=None,
+                       tokenizer=None, reward: Any = None) -> OnlineRoles:
+    """Load and wire every role of the online loop; sets `config.lr` when it was None."""
+    model, tokenizer = load_policy(config, model, tokenizer)
+    reference_copy = copy_reference(config, s, model)
+    critic, value_head = build_critic(config, s, model)
+    model = attach_adapters(config, model)
+    model.eval()  # dropout off for sampling, old, reference and training log-probs alike
+    rollout = HFRollout(model, tokenizer, max_batch_size=s.generation_batch_size or None)
+    reference = make_reference(config, s, model, reference_copy)
+    scorer = load_reward_role(config, reward, tokenizer, s)
+    if config.lr is None:
+        config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
+    trainer = PolicyTrainer(model, s, config, total_steps=total_steps, critic=critic, value_head=value_head)
+    trained, total = count_parameters(trainer.module)
+    log.info("parameters: %s trainable of %s", f"{trained:,}", f"{total:,}")
+    return OnlineRoles(model, tokenizer, rollout, trainer, reference, scorer,
+                       trainer if trainer.has_critic else None, trainer.device)
+
+
+def load_policy(config: TrainConfig, model, tokenizer):
+    """(model, tokenizer): the ones passed in, or `config.model` loaded."""
+    if model is None:
+        return load_model(config.model, dtype=_dtype(config), device=_device(config),
+                          trust_remote_code=config.trust_remote_code)
+    if tokenizer is None:
+        raise ValueError("pass the tokenizer together with a loaded model")
+    return model, tokenizer
+
+
+def copy_reference(config: TrainConfig, s: OnlineSettings, model: nn.Module) -> nn.Module | None:
+    """A frozen reference model (--ref-model, or a copy of the initial policy), when one is
+    needed and no LoRA adapter can stand in for it (without LoRA)."""
+    if not needs_reference(s) or config.lora_r != 0:
+        return None
+    if config.ref_model:
+        return load_model(config.ref_model, dtype=_dtype(config), device=_device(config))[0]
+    return copy.deepcopy(model)
+
+
+def build_critic(config: TrainConfig, s: OnlineSettings, model: nn.Module):
+    """(separate ValueModel or None, shared value head or None) for `s.critic`."""
+    if s.critic == "separate":
+        if s.critic_init:
+            rm, _ = load_model(s.critic_init, kind="reward", dtype=_dtype(config), device=_device(config))
+            return ValueModel.from_reward_model(rm), None
+        return ValueModel.from_policy(model), None
+    if s.critic == "shared":
+        return None, zero_value_head(model.config.hidden_size).to(next(model.parameters()).device)
+    return None, None
+
+
+def attach_adapters(config: TrainConfig, model: nn.Module) -> nn.Module:
+    """The policy with LoRA adapters (when --lora-r > 0) and gradient checkpointing (if asked)."""
+    if config.lora_r > 0:
+        targets = config.lora_target_modules
+        model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                           target_modules=targets if targets == "all-linear" else targets.split(","))
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.lora_r > 0:
+            model.enable_input_require_grads()
+    return model
+
+
+def make_reference(config: TrainConfig, s: OnlineSettings, model: nn.Module,
+                   reference_copy: nn.Module | None) -> ReferenceRole | None:
+    """The reference role: the policy with its adapter off (LoRA), else the frozen copy."""
+    if not needs_reference(s):
+        return None
+    if is_peft(model):
+        return AdapterReference(model, config.logp_chunk_size, s.micro_batch_size)
+    return ModelReference(reference_copy, config.logp_chunk_size, s.micro_batch_size)
+
+
+def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSettings) -> RewardRole:
+    """The reward role: a callable or spec given in Python, --reward, or --reward-model DIR."""
+    spec = reward if reward is not None else config.reward
+    if spec is not None:
+        fn = load_reward(spec) if isinstance(spec, str) else spec
+        return FunctionReward(fn, on_error=s.reward_on_error)
+    if config.reward_model is None:
+        raise ValueError(f"{config.algorithm} needs a reward: --reward module:function or --reward-model DIR")
+    model, rm_tokenizer = load_model(config.reward_model, kind="reward", dtype=_dtype(config),
+                                     device=_device(config), trust_remote_code=config.trust_remote_code)
+    return ModelReward(model, rm_tokenizer, tokenizer)
+
+
+def _dtype(config: TrainConfig):
+    return None if config.dtype == "auto" else config.dtype
+
+
+def _device(config: TrainConfig):
+    return None if config.device == "auto" else config.device

@@ -1,0 +1,117 @@
+"""Online batches across torchrun ranks: whole prompt groups per rank, gathered back whole.
+
+The online driver is replicated: every rank holds the global batch of rollouts, rewards,
+advantages (steps 2, 4, 5 are cheap and computed identically everywhere, so they need no
+collective of their own). Only the expensive steps are split by rows:
+
+- step 1: rank r samples a contiguous block of the B prompts (`prompt_block`), all G samples of
+  each, with `first_sample` = its first global row, so the counter-based noise is the noise one
+  process draws; `gather_rollout` gives every rank the global `Rollout`, row order unchanged;
+- step 3: log-probs and values of a rank's rows, gathered with `gather_rows`;
+- step 6: each minibatch's rows are split again (`distributed.shard_rows`) and the loss is
+  normalised by the minibatch's global token or sequence count, which every rank can compute
+  from the global masks.
+
+All gathers pad to the largest rank's rows and widths and pack into float64 (token ids
+< 2^53 and float32 log-probs are exact in it), one all-gather per tensor family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from alignkit.rollout import Rollout, SamplingParams
+from alignkit.training.run.distributed import Ranks, all_reduce_sum
+
+
+def prompt_block(n_prompts: int, rank: int, world: int) -> range:
+    """The prompts rank `rank` samples: a contiguous block of ceil(B / W) (the last may be
+    shorter or empty)."""
+    per_rank = math.ceil(n_prompts / world)
+    start = min(rank * per_rank, n_prompts)
+    return range(start, min(start + per_rank, n_prompts))
+
+
+def _all_gather_padded(local: Tensor, ranks: Ranks) -> list[Tensor]:
+    """Every rank's `local` (rows may differ; trailing dims padded to the largest), float64."""
+    shape = torch.tensor(list(local.shape), dtype=torch.float64)
+    sizes = [torch.zeros_like(shape) for _ in range(ranks.world)]
+    dist.all_gather(sizes, shape)
+    largest = torch.stack(sizes).amax(0).long().tolist()
+    padded = torch.zeros(largest, dtype=torch.float64)
+    padded[tuple(slice(0, n) for n in local.shape)] = local.double().cpu()
+    gathered = [torch.empty_like(padded) for _ in range(ranks.world)]
+    dist.all_gather(gathered, padded)
+    return [g[tuple(slice(0, int(n)) for n in size.tolist())] for g, size in zip(gathered, sizes, strict=True)]
+
+
+def gather_rows(local: Tensor, ranks: Ranks, width: int | None = None) -> Tensor:
+    """Concatenate every rank's rows (N_r, L_r) in rank order -> (N, L), zero padded."""
+    if not ranks.distributed:
+        return local
+    parts = _all_gather_padded(local, ranks)
+    width = width if width is not None else max(p.shape[1] for p in parts)
+    out = torch.zeros((sum(p.shape[0] for p in parts), width), dtype=local.dtype)
+    row = 0
+    for part in parts:
+        out[row : row + part.shape[0], : part.shape[1]] = part.to(local.dtype)
+        row += part.shape[0]
+    return out.to(local.device)
+
+
+def generate_sharded(generate, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
+                     ranks: Ranks, device: torch.device | None = None) -> Rollout:
+    """`generate(prompts, n, sampling)` of this rank's block of prompts, gathered into the global
+    `Rollout` every rank then holds (one process: a plain call)."""
+    if not ranks.distributed:
+        return generate(prompt_ids, n, sampling)
+    block = prompt_block(len(prompt_ids), ranks.rank, ranks.world)
+    local = None
+    if len(block):
+        local = generate([prompt_ids[i] for i in block], n,
+                         dataclasses.replace(sampling, first_sample=sampling.first_sample + block.start * n))
+    return gather_rollout(local, prompt_ids, n, ranks, device)
+
+
+def gather_rollout(local: Rollout | None, prompt_ids: list[list[int]], n: int, ranks: Ranks,
+                   device: torch.device | None = None) -> Rollout:
+    """The global rollout from each rank's block (`local` None on a rank without prompts)."""
+    if local is None:
+        packed = torch.zeros((0, 1, 3), dtype=torch.float64)
+        stopped = torch.zeros((0, 1), dtype=torch.float64)
+        stats = torch.zeros(3, dtype=torch.float64)
+    else:
+        packed = torch.stack([local.response_ids.double(), local.response_logprobs.double(),
+                              local.response_mask.double()], dim=-1).cpu()  # (N_r, L_r, 3)
+        stopped = torch.tensor([[reason == "stop"] for reason in local.finish_reason], dtype=torch.float64)
+        stats = torch.tensor([float(local.extras.get("generated_tokens", 0)),
+                              float(local.extras.get("decoded_rows", 0)), float(local.extras.get("seconds", 0.0))],
+                             dtype=torch.float64)
+    parts = _all_gather_padded(packed, ranks)
+    width = max(1, max(p.shape[1] for p in parts))
+    rows = torch.zeros((sum(p.shape[0] for p in parts), width, 3), dtype=torch.float64)
+    start = 0
+    for part in parts:
+        rows[start : start + part.shape[0], : part.shape[1]] = part
+        start += part.shape[0]
+    finished = torch.cat(_all_gather_padded(stopped, ranks)).reshape(-1)
+    totals = all_reduce_sum(stats)
+    target = device if device is not None else (local.response_ids.device if local is not None else None)
+    mask = rows[..., 2] > 0.5
+    width = max(1, int(mask.sum(-1).max().item())) if len(rows) else 1
+    return Rollout(
+        prompt_ids=[list(prompt) for prompt in prompt_ids for _ in range(n)],
+        response_ids=rows[:, :width, 0].long().to(target),
+        response_logprobs=rows[:, :width, 1].float().to(target),
+        response_mask=mask[:, :width].to(target),
+        finish_reason=["stop" if hit > 0.5 else "length" for hit in finished.tolist()],
+        group_index=torch.arange(len(prompt_ids), device=target).repeat_interleave(n),
+        extras={"generated_tokens": int(totals[0]), "decoded_rows": int(totals[1]),
+                "seconds": float(totals[2]) / ranks.world,
+                "seed": None if local is None else local.extras.get("seed")},
+    )

@@ -1,0 +1,238 @@
+"""The online loop: PPO, GRPO, Dr. GRPO, DAPO, RLOO, ReMax, REINFORCE++ and online DPO are
+presets (`presets.py`) of this one loop. `build_online_roles` (`build.py`) makes the roles
+(`roles.py`); `OnlineDriver` runs each step as calls to them, over the step's global batch:
+
+1. generate   B prompts x G samples from the rollout engine (engine seed = f(seed, step, round))
+2. score      decode, reward role (function or reward model); missing-EOS penalty; PPO-max
+              normalisation/clipping; ReMax scores a greedy response as its baseline.
+              DAPO's dynamic sampling keeps only groups whose rewards are not all equal and
+              repeats 1-2 on the next B prompts until B groups are kept (`sampling.py`)
+3. log-probs  reference log-probs (none when beta = 0), old log-probs (taken from the
+              engine when the update is exactly on-policy at temperature 1 and the engine
+              samples the trained module), critic values
+4. KL         per-token k1/k2/k3 of old vs reference; beta x KL shapes the reward
+              (kl_in="reward") or is added to the loss (kl_in="loss")
+5. advantages one registered estimator (alignkit.advantages); whitening/clipping
+6. update     the policy role (`PolicyTrainer.update`, `trainer.py`): K epochs x M minibatches
+              (x micro-batches) of policy loss + aggregation (+ beta KL) (+ vf_coef clipped
+              value loss); grad clip; optimizer step; one LR-schedule step
+7. log        rollout engine weight sync, metrics.jsonl, KL controller, atomic checkpoint
+              (trainer state + beta, reward statistics and the data cursor)
+
+The driver keeps the run's own state: beta (the KL controller), the running reward statistics
+and the prompt cursor (in `PromptSampler`). A step left without training rows (dynamic
+sampling with rounds_exhausted="train") skips 3-6 but still steps the LR schedule, logs and
+checkpoints.
+
+Old log-probs and the temperature: the engine returns log softmax(logits / T). With T = 1
+those ARE the policy's log-probs, so an exactly on-policy update (epochs_per_batch = 1,
+minibatches = 1) reuses them (for the reward-shaping KL) and takes the ratio against the
+detached current log-probs (rho = 1 exactly, as TRL). With T != 1, or several updates per
+batch, the old log-probs are recomputed by a no-grad forward at temperature 1: the loss,
+the KL and the reference always use the untempered policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.data import (
+    DataError,
+    RowTable,
+    detect_kind,
+    load_rows,
+    tokenize_prompts,
+    validate_rows,
+)
+from alignkit.models import save_pretrained_merged
+from alignkit.objectives import KL
+from alignkit.training.online.build import OnlineRoles, build_online_roles
+from alignkit.training.online.kl_control import RunningMeanStd, make_kl_controller
+from alignkit.training.online.presets import OnlineSettings
+from alignkit.training.online.roles import SequenceBatch
+from alignkit.training.online.sampling import PromptSampler, StepSamples
+from alignkit.training.online.steps import compute_advantages, summary_stats
+from alignkit.training.online.trainer import Experience
+from alignkit.training.run.checkpoint import latest_checkpoint
+from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.metrics import MetricsWriter, progress_postfix
+from alignkit.training.run.result import TrainResult
+from alignkit.training.run.seed import seed_everything
+
+log = logging.getLogger("alignkit")
+
+
+def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = None, reward: Any = None,
+               callbacks: tuple = ()) -> TrainResult:
+    """Train an online preset; see the module docstring for the steps."""
+    from alignkit.training.run.registry import ALGORITHMS
+
+    s: OnlineSettings = ALGORITHMS[config.algorithm].make_task(config)
+    run_dir = Path(config.resume or config.output)
+    resume_from = latest_checkpoint(run_dir) if config.resume else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.output = str(run_dir)
+    config.hparams = dataclasses.asdict(s)  # config.yaml records every resolved choice
+    seed_everything(config.seed)
+
+    table = load_prompt_table(data if data is not None else config.data)
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(
+        config.epochs * len(table) / config.batch_size)
+    roles = build_online_roles(config, s, total_steps=total_steps, model=model, tokenizer=tokenizer,
+                               reward=reward)
+    config.save(run_dir / "config.yaml")
+    driver = OnlineDriver(config, s, roles, table, run_dir, total_steps)
+    start_step = driver.resume(resume_from) if resume_from is not None else 0
+    driver.run(start_step, callbacks)
+
+    final_dir = save_pretrained_merged(roles.model, roles.tokenizer, run_dir / "final")
+    log.info("final model written to %s", final_dir)
+    return TrainResult(run_dir, final_dir, total_steps, driver.last, {}, roles.model, roles.tokenizer)
+
+
+def load_prompt_table(source: Any) -> RowTable:
+    """Prompt rows (other formats' prompts work too; extra columns reach the reward), validated."""
+    table = load_rows(source)
+    if len(table) == 0:
+        raise DataError(str(source), None, "the prompt data has no rows")
+    validate_rows(table, detect_kind(table))
+    return table
+
+
+def prompt_rows(table: RowTable, tokenizer, config: TrainConfig) -> tuple[list[list[int]], list[str], list[dict]]:
+    """(token ids, text, extra columns) of every prompt row."""
+    prompt_ids, stats = tokenize_prompts(table, tokenizer, max_prompt_length=config.max_prompt_length,
+                                         chat=bool(config.chat_template))
+    log.info("prompts: %s", stats.summary())
+    texts = [row["prompt"] if isinstance(row.get("prompt"), str) else tokenizer.decode(ids)
+             for row, ids in zip(table.rows, prompt_ids, strict=True)]
+    columns = [{k: v for k, v in row.items() if k not in ("prompt", "messages")} for row in table.rows]
+    return prompt_ids, texts, columns
+
+
+class OnlineDriver:
+    """Steps 1-7 of each training step as role calls; keeps beta (the KL controller), the
+    running reward statistics and, in its `PromptSampler`, the prompt cursor."""
+
+    def __init__(self, config: TrainConfig, s: OnlineSettings, roles: OnlineRoles, table: RowTable,
+                 run_dir: Path, total_steps: int) -> None:
+        self.config, self.s, self.roles, self.run_dir, self.total_steps = config, s, roles, run_dir, total_steps
+        self.kl_control = make_kl_controller(s.beta, s.kl_target, s.kl_horizon)
+        self.reward_stats = RunningMeanStd()
+        prompt_ids, texts, columns = prompt_rows(table, roles.tokenizer, config)
+        self.sampler = PromptSampler(roles.rollout, roles.reward, roles.tokenizer, prompt_ids, texts, columns,
+                                     s, batch_size=config.batch_size, seed=config.seed, device=roles.device,
+                                     reward_stats=self.reward_stats)
+        self.resumed_at: int | None = None
+        self.last: dict[str, float] = {}
+
+    def resume(self, checkpoint: Path) -> int:
+        """Restore the trainer and the driver's state from `checkpoint`; returns its step."""
+        meta = self.roles.trainer.load(checkpoint)
+        step, extras = int(meta["step"]), meta["extras"]
+        self.kl_control.value = float(extras["beta"])
+        self.reward_stats.load_state(extras["reward_stats"])
+        self.sampler.load_state(extras, step)
+        self.resumed_at = step
+        log.info("resumed from %s (step %d)", checkpoint, step)
+        return step
+
+    def run(self, start_step: int, callbacks: tuple) -> None:
+        """Steps start_step + 1 .. total_steps, each followed by its bookkeeping."""
+        config = self.config
+        writer = MetricsWriter(self.run_dir, resume_step=self.resumed_at, tensorboard=config.tensorboard)
+        bar = tqdm(total=self.total_steps, initial=start_step, desc=config.algorithm,
+                   disable=not config.progress, dynamic_ncols=True)
+        try:
+            for step in range(start_step + 1, self.total_steps + 1):
+                metrics = self.train_step(step)
+                if step % config.logging_steps == 0 or step == self.total_steps:
+                    self.last = writer.write(step, metrics)
+                bar.set_postfix({**progress_postfix(metrics), "reward": f"{metrics['reward/mean']:.3f}"})
+                bar.update(1)
+                if config.save_steps and step % config.save_steps == 0 and step < self.total_steps:
+                    self.save(step)
+                for callback in callbacks:
+                    callback(step, metrics)
+        finally:
+            bar.close()
+            writer.close()
+
+    def save(self, step: int) -> None:
+        """Checkpoint: the trainer's state with the driver's (beta, reward statistics, cursor)."""
+        extras = {"beta": self.kl_control.value, "reward_stats": self.reward_stats.state(), **self.sampler.state()}
+        self.roles.trainer.save(self.run_dir, step, keep=self.config.save_total_limit, extras=extras)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """Steps 1-7 of training step `step` (bookkeeping aside); returns its metrics."""
+        s, roles = self.s, self.roles
+        started = time.perf_counter()
+        metrics: dict[str, float] = {"beta": self.kl_control.value}
+
+        # 1-2. generate and score (dynamic sampling: rounds until B groups with signal)
+        samples = self.sampler.collect(step)
+        metrics.update(samples.metrics(s.dynamic_sampling))
+        scored = time.perf_counter()
+        if samples.rollout is None:
+            log.warning("step %d: no prompt group with reward variance in %d generation round(s); "
+                        "update skipped", step, samples.rounds)
+            metrics.update({"loss": 0.0, **roles.trainer.skip_update(), "time/step_s": scored - started})
+            return metrics
+        batch = SequenceBatch.from_rollout(samples.rollout, roles.tokenizer.pad_token_id).to(roles.device)
+        mask = batch.response_mask  # (N, L)
+
+        # 3. reference and old log-probs, values (no gradients)
+        old_logp, ref_logp, old_values = self.logprobs_and_values(samples, batch)
+        referenced = time.perf_counter()
+
+        # 4. KL of the sampling policy to the reference, per token
+        kl_penalty = None
+        if ref_logp is not None:
+            kl_tokens = torch.where(mask, KL[s.kl_estimator](old_logp, ref_logp), 0.0)  # (N, L)
+            metrics["kl"] = kl_tokens.sum(-1).mean().item()  # summed over tokens, mean over samples
+            if s.kl_in == "reward" and s.objective == "policy_gradient":
+                kl_penalty = self.kl_control.value * kl_tokens
+
+        # 5. advantages
+        group_index = samples.rollout.group_index.to(roles.device)  # (N,)
+        advantages = returns = None
+        if s.objective == "policy_gradient":
+            advantages, returns = compute_advantages(s, samples.rewards, group_index, mask, kl_penalty,
+                                                     old_values, samples.baseline)
+            metrics.update(summary_stats("advantages", advantages, mask))
+
+        # 6. K epochs of minibatch updates
+        experience = Experience(batch, samples.rewards, group_index, old_logp, ref_logp, advantages, returns,
+                                old_values, beta=self.kl_control.value, step=step)
+        metrics.update(roles.trainer.update(experience))
+
+        # 7. sync the engine, adapt beta, timings (the caller logs and checkpoints)
+        roles.rollout.update_weights(None if roles.rollout.shares_policy else roles.trainer.weights(), step)
+        trained_at = time.perf_counter()
+        if "kl" in metrics and s.objective == "policy_gradient":
+            self.kl_control.update(metrics["kl"], len(samples.rewards))
+        metrics.update({
+            "throughput/tokens_per_s": int(batch.attention_mask.sum()) / max(trained_at - started, 1e-9),
+            "time/logprobs_s": referenced - scored, "time/training_s": trained_at - referenced,
+            "time/step_s": trained_at - started,
+        })
+        return metrics
+
+    def logprobs_and_values(self, samples: StepSamples, batch: SequenceBatch):
+        """Step 3: (old log-probs, reference log-probs or None, old values or None), each (N, L)."""
+        s, roles = self.s, self.roles
+        if roles.trainer.on_policy and s.temperature == 1.0 and roles.rollout.shares_policy:
+            old_logp = samples.rollout.response_logprobs.to(roles.device) * batch.response_mask  # engine = policy
+        else:
+            old_logp = roles.trainer.logps(batch)
+        ref_logp = roles.reference.logps(batch) if roles.reference is not None else None
+        old_values = roles.critic.values(batch) if roles.critic is not None else None
+        return old_logp, ref_logp, old_values
