@@ -6,31 +6,19 @@ accumulation, an eval split evaluated every step). Rows have unequal lengths, so
 mean would be wrong. tests/test_distributed_offline.py covers sft, dpo, simpo, kto and rm.
 
 `aot` sorts the log-ratios of the rows it sees, i.e. per rank: it is only checked to run on 2
-ranks with bit-identical ranks, not to equal one process. Known differences (strict xfails, the
-diagnosis in TRAINING / METRICS below): rm_bayes (rank-local noise draws), ift under DDP (a
-parameter without gradient), rm_segment's logged segment accuracy and IFT's logged token NLLs
-(weighted by rows).
+ranks with bit-identical ranks, not to equal one process. Known differences would be strict
+xfails with their diagnosis in TRAINING / METRICS below (none today).
 
 One torchrun launch runs all the 2-rank cases (a launch costs 10-15 s here)."""
 
 from __future__ import annotations
 
-import json
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from dist_helpers import (
-    WORKER,
-    environment,
-    free_port,
-    in_namespace,
-    read_params,
-    relative_error,
-    torchrun_args,
-)
+from dist_helpers import launch, read_params, relative_error
 from run_helpers import read_metrics, write_jsonl
 
 import alignkit
@@ -130,34 +118,12 @@ FAMILY: dict[str, tuple[str, str, dict]] = {
 }
 # Cases known not to equal one process, with the diagnosis. TRAINING: the loss, gradient
 # norm or parameters differ (or the run fails); METRICS: training matches, a logged metric not.
-BAYES_NOISE = ("rm_bayes draws its reparameterisation noise with torch.randn_like(means) in "
-               "training/offline/reward.py BayesRewardTask.loss: every rank draws a (2 x its pairs, H) "
-               "block from the same seeded stream, so its rows get other noise than one process gives them (rank 1 "
-               "repeats rank 0's draws); the loss is off by 30% at step 1 (0.5549 vs 0.7974), and "
-               "equal to one process with the noise set to zero")
-IFT_UNUSED = ("IFT feeds the decoder detached input embeddings (training/offline/pointwise.py IFTTask.loss), "
-              "so embed_tokens gets no gradient, and distributed.wrap builds DistributedDataParallel without "
-              "find_unused_parameters: that bucket is never all-reduced (step 1's grad_norm is 2.0905 vs "
-              "1.7397) and the second forward raises 'Expected to have finished reduction in the prior "
-              "iteration' on both ranks")
-TRAINING: dict[str, str] = {"rm_bayes-ddp": BAYES_NOISE, "rm_bayes-fsdp2": BAYES_NOISE, "ift-ddp": IFT_UNUSED}
-METRICS: dict[str, str] = {
-    **TRAINING,
-    "rm_segment-ddp": "rm_segment's rewards/accuracies is a ratio over the micro-batch's segments "
-                      "(training/offline/reward.py SegmentRewardTask.loss: right.sum() / mask.sum()), but "
-                      "distributed.reduce_metrics weights each rank by its rows, not its segments "
-                      "(step 2: 0.4167 vs 0.4000); the loss itself is a mean over rows and matches",
-    "ift-fsdp2": "IFT's nll and nll/mixed are means over the rank's response tokens (training/offline/"
-                 "pointwise.py IFTTask.loss: nll_sum / tokens), but its loss is a mean over rows, so "
-                 "distributed.reduce_metrics weights each rank by its rows, not its tokens (step 1: nll "
-                 "5.76451 vs 5.76408); loss, grad norm and parameters match",
-}
-# Cases whose 2-rank run raises (a RuntimeError, which ends the worker): launched last, so the
-# cases before them have finished; at most one.
-CRASH = {"ift-ddp"}
+# None today: rm_bayes draws the noise of the global batch (distributed.pair_rows_of_draw), IFT
+# wraps DDP with find_unused_parameters, ratio metrics carry their own weights (Weighted).
+TRAINING: dict[str, str] = {}
+METRICS: dict[str, str] = {**TRAINING}
 
 CASES = [(name, "ddp") for name in FAMILY] + [(name, "fsdp2") for name in FAMILY if name in FSDP2]
-CASES.sort(key=lambda c: case_name(*c) in CRASH)
 
 
 def params_for(cases, known: dict[str, str]):
@@ -170,8 +136,7 @@ def params_for(cases, known: dict[str, str]):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir):
-    """Every 2-rank case, trained in one launch; returns (out dir, data files). A case of CRASH,
-    launched last, may end the launch with an error once all the others have finished."""
+    """Every 2-rank case, trained in one launch; returns (out dir, data files)."""
     tmp = tmp_path_factory.mktemp("two-ranks-family")
     data = write_data(tmp)
     cases = []
@@ -180,15 +145,7 @@ def runs(tmp_path_factory, tiny_model_dir):
         cases.append({"name": case_name(name, strategy), "algorithm": algorithm, "model": str(tiny_model_dir),
                       "data": data[kind], "overrides": {**BASE, **overrides, "strategy": strategy}})
     out = tmp / "out"
-    spec = tmp / "spec.json"
-    spec.write_text(json.dumps({"cases": cases, "out": str(out)}))
-    command = in_namespace([*torchrun_args(2, free_port()), str(WORKER), str(spec)])
-    done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
-    (out / "stderr.txt").write_text(done.stderr)
-    others_done = all((out / c["name"] / "params-rank1.safetensors").exists()
-                      for c in cases if c["name"] not in CRASH)
-    if done.returncode != 0 and not (CRASH and others_done):
-        pytest.fail(f"torchrun exited {done.returncode}:\n{done.stderr[-6000:]}")
+    launch({"cases": cases, "out": str(out)}, tmp)
     return out, data
 
 

@@ -57,7 +57,9 @@ from alignkit.training.run.distributed import (
     gradient_sync,
     init_ranks,
     reduce_metrics,
+    rows_in_use,
     shard_rows,
+    split_weighted,
     unshard_parameters,
     wrap,
 )
@@ -113,13 +115,15 @@ def micro_step(engine, task, examples, indices, pad_id, ranks: Ranks, device, sc
     batch = to_device(collate_shard(task, examples, indices, shard, pad_id), device)
     units = shard.weight * loss_units(task, batch, len(shard.positions))
     scale, _ = global_scale(units, ranks)
-    loss, metrics = engine(batch)
+    with rows_in_use(shard.positions, len(indices)):
+        loss, metrics = engine(batch)
+    metrics, weights = split_weighted(metrics)
     local = {k: to_float(v) for k, v in metrics.items()}
     tokens = int(batch["attention_mask"].sum()) if shard.weight > 0 else 0
     if ranks.distributed:
         tokens = int(all_reduce_sum(torch.tensor([float(tokens)]))[0])
     scaled = loss if scale == 1.0 and scale_by == 1.0 else loss * scale / scale_by
-    return scaled, reduce_metrics(local, units), tokens
+    return scaled, reduce_metrics(local, units, weights), tokens
 
 
 def load_table(source: Any, task, config: TrainConfig, role: str) -> RowTable:
@@ -268,7 +272,8 @@ def run_offline(
         task.attach_model(model)
     device = next(model.parameters()).device
     forward = TaskForward(model, task.loss)
-    engine = wrap(forward, ranks, device) if ranks.distributed else forward
+    unused = getattr(task, "unused_parameters", False)
+    engine = wrap(forward, ranks, device, unused_parameters=unused) if ranks.distributed else forward
     if ranks.distributed and config.algorithm == "aot":
         log.warning("aot sorts log-ratios within each rank's rows, not across the global batch")
     engine.train()

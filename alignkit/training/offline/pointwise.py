@@ -18,6 +18,7 @@ from alignkit.objectives.crlft import crlft
 from alignkit.objectives.ift import ift
 from alignkit.training.offline.tasks import Metrics, SequenceData, check_hparams, scored_tokens
 from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.distributed import Weighted
 from alignkit.training.run.registry import AlgorithmSpec, register_algorithm
 
 log = logging.getLogger("alignkit")
@@ -95,6 +96,7 @@ class IFTTask(SequenceData):
     config: TrainConfig
     model_kind: str = "causal_lm"
     data_kinds: tuple[str, ...] = ("sft",)
+    unused_parameters: bool = True  # the (untied) input embeddings get no gradient
     needs_reference: bool = False
     lambda_: float = field(init=False, default=0.2)
     gamma: float = field(init=False, default=0.95)
@@ -148,8 +150,9 @@ class IFTTask(SequenceData):
         per_token = _scatter(logps, predict_mask)  # (B, T)
         loss = ift(per_token, mask, self.gamma).mean()
         tokens = predict_mask.sum().clamp(min=1)
-        return loss, {"loss": loss.detach(), "nll": nll_sum / tokens,
-                      "nll/mixed": -(per_token.detach() * mask).sum() / tokens}
+        weight = predict_mask.sum()  # token means: ranks weigh by their tokens, not rows
+        return loss, {"loss": loss.detach(), "nll": Weighted(nll_sum / tokens, weight),
+                      "nll/mixed": Weighted(-(per_token.detach() * mask).sum() / tokens, weight)}
 
 
 def _register() -> None:

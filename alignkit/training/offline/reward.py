@@ -45,6 +45,7 @@ from alignkit.training.offline.tasks import (
     check_hparams,
     score_pair_metrics,
 )
+from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
 from alignkit.training.run.schedule import default_lr
 
@@ -136,7 +137,8 @@ class RankedRewardTask(RewardTask, RankedData):
         )
         right = (scores.unsqueeze(2) > scores.unsqueeze(1)) & ordered
         accuracy = right.sum() / ordered.sum().clamp(min=1)
-        return loss, {"loss": loss.detach(), "rewards/accuracies": accuracy.detach().float()}
+        return loss, {"loss": loss.detach(),
+                      "rewards/accuracies": distributed.Weighted(accuracy.detach().float(), ordered.sum())}
 
 
 @dataclass
@@ -197,7 +199,10 @@ class BayesRewardTask(RewardTask, PairData):
     def loss(self, model, batch: Batch) -> tuple[Tensor, Metrics]:
         outputs = reward_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B, 2H)
         means, log_stds = outputs[:, : self.heads], outputs[:, self.heads :].clamp(-7.0, 3.0)
-        noise = torch.randn_like(means)
+        # the noise one process draws for the global batch, this rank's rows of it
+        noise = distributed.pair_rows_of_draw(
+            lambda rows: torch.randn((rows, means.shape[1]), dtype=means.dtype, device=means.device),
+            means.shape[0] // 2)
         half = means.shape[0] // 2
         per_pair = brme_bradley_terry(
             means[:half], log_stds[:half], means[half:], log_stds[half:], noise[:half], noise[half:]
@@ -346,7 +351,8 @@ class SegmentRewardTask(RewardTask):
         if kind == "bce":
             mask = batch["segment_mask"]
             right = ((scores > 0) == (batch["segment_labels"] > 0.5)) & mask
-            metrics["rewards/accuracies"] = (right.sum() / mask.sum().clamp(min=1)).detach().float()
+            metrics["rewards/accuracies"] = distributed.Weighted(
+                (right.sum() / mask.sum().clamp(min=1)).detach().float(), mask.sum())
         return loss, metrics
 
     def write_final(self, final_dir) -> None:

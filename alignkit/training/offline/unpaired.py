@@ -139,8 +139,8 @@ class UnpairedTask(SequenceData):
         metrics: Metrics = {"loss": loss.detach(), "kl": z0.detach()}
         for name, chosen in (("chosen", labels), ("rejected", ~labels)):
             if chosen.any():  # a micro-batch may hold one class only; the mean skips it then
-                metrics[f"rewards/{name}"] = rewards[chosen].mean()
-                metrics[f"logps/{name}"] = logps[chosen].mean().detach()
+                metrics[f"rewards/{name}"] = distributed.Weighted(rewards[chosen].mean(), chosen.sum())
+                metrics[f"logps/{name}"] = distributed.Weighted(logps[chosen].mean().detach(), chosen.sum())
         return loss, metrics
 
 

@@ -29,6 +29,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -210,22 +211,72 @@ def barrier() -> None:
         dist.barrier()
 
 
-def reduce_metrics(metrics: dict[str, float], weight: float) -> dict[str, float]:
+@dataclass(frozen=True)
+class Weighted:
+    """A metric that is a mean over `weight` items of the rank's rows (accuracy over ordered
+    pairs, NLL over tokens, a reward over the chosen rows only): ranks are weighted by `weight`
+    instead of by their loss units, so the global value is sum(numerators) / sum(weights)."""
+
+    value: Tensor | float
+    weight: Tensor | float
+
+
+def split_weighted(metrics: dict) -> tuple[dict[str, Any], dict[str, float]]:
+    """(metrics with `Weighted` values unwrapped, {key: weight} of those)."""
+    plain, weights = {}, {}
+    for key, value in metrics.items():
+        if isinstance(value, Weighted):
+            plain[key], weights[key] = value.value, float(value.weight)
+        else:
+            plain[key] = value
+    return plain, weights
+
+
+def reduce_metrics(metrics: dict[str, float], weight: float, weights: dict[str, float] | None = None
+                   ) -> dict[str, float]:
     """Weighted mean of each metric over the ranks that report it: sum_r w_r m_r / sum_r w_r
-    (w = the rank's loss units). Ranks may report different keys (a KTO micro-batch can hold
-    one class only): the key sets are gathered first."""
+    (w = the rank's loss units, or the metric's own weight in `weights`). Ranks may report
+    different keys (a KTO micro-batch can hold one class only): the key sets are gathered first."""
     if not current().distributed:
         return metrics
+    weights = weights or {}
     keys = sorted({k for ks in all_gather_json(sorted(metrics)) for k in ks})
     packed = torch.zeros(2, len(keys), dtype=torch.float64)
     for i, key in enumerate(keys):
         if key in metrics:
-            packed[0, i], packed[1, i] = weight * metrics[key], weight
+            own = weights.get(key)  # a stand-in row (weight 0) counts for nothing either way
+            w = weight if own is None else (own if weight > 0 else 0.0)
+            packed[0, i], packed[1, i] = w * metrics[key], w
     total = all_reduce_sum(packed)
     return {k: float(total[0, i] / total[1, i]) if total[1, i] > 0 else float("nan") for i, k in enumerate(keys)}
 
 
 # --------------------------------------------------------------------------- rows
+
+_shard_in_use: tuple[list[int], int] | None = None
+
+
+@contextlib.contextmanager
+def rows_in_use(positions: list[int], n_global: int) -> Iterator[None]:
+    """Tell tasks which rows of a global micro-batch of `n_global` this rank computes (for
+    random draws that must match one process: `shard_of_draw`). One process: no effect."""
+    global _shard_in_use
+    previous, _shard_in_use = _shard_in_use, ((positions, n_global) if current().distributed else None)
+    try:
+        yield
+    finally:
+        _shard_in_use = previous
+
+
+def pair_rows_of_draw(draw, local_pairs: int) -> Tensor:
+    """`draw(rows)` -> (rows, ...) random tensor; this rank's rows of the draw one process makes
+    for a pair batch laid out [chosen; rejected] (2B rows). One process: draw(2 * local_pairs)."""
+    if _shard_in_use is None:
+        return draw(2 * local_pairs)
+    positions, n_global = _shard_in_use
+    full = draw(2 * n_global)
+    index = torch.tensor(positions, device=full.device)
+    return torch.cat([full[index], full[n_global + index]])
 
 
 @dataclass(frozen=True)
@@ -333,14 +384,17 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return list(best) if best is not None else []
 
 
-def wrap(forward: TaskForward, ranks: Ranks, device: torch.device) -> nn.Module:
-    """DDP or FSDP2 (`fully_shard` per decoder block, then the root, on an explicit mesh)."""
+def wrap(forward: TaskForward, ranks: Ranks, device: torch.device, unused_parameters: bool = False) -> nn.Module:
+    """DDP or FSDP2 (`fully_shard` per decoder block, then the root, on an explicit mesh).
+
+    `unused_parameters`: some trainable weights get no gradient in a forward (IFT feeds the
+    decoder detached embeddings): DDP must then look for them, or it waits for them forever."""
     guard_model(forward, ranks.strategy)
     if ranks.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(forward, device_ids=device_ids)
+        return DistributedDataParallel(forward, device_ids=device_ids, find_unused_parameters=unused_parameters)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
