@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +53,6 @@ def train(
     from alignkit.training.run.registry import ALGORITHMS
 
     if algorithm in ALGORITHMS and ALGORITHMS[algorithm].runner == "online":
-        from alignkit.training.run.distributed import launched_by_torchrun
-
-        if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
-            raise ValueError(f"{algorithm}: the online loop does not run data-parallel yet; "
-                             "launch it without torchrun (one process)")
         from alignkit.training.online.loop import run_online
 
         if isinstance(reward, str | Path):

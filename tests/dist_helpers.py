@@ -71,3 +71,8 @@ def read_params(path: Path) -> dict[str, torch.Tensor]:
 
 def relative_error(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+def count_e(prompts, completions, **columns):
+    """Reward for online tests: +1 per letter e of the completion (a random tiny model emits some)."""
+    return [float(text.count("e")) for text in completions]

@@ -34,7 +34,7 @@ from alignkit.data import (
     load_rows,
     validate_rows,
 )
-from alignkit.models import apply_lora, count_parameters, load_model, save_pretrained_merged
+from alignkit.models import apply_lora, count_parameters, load_model
 from alignkit.training.offline.reference import attach_reference_logps
 from alignkit.training.offline.tasks import make_task
 from alignkit.training.run.checkpoint import (
@@ -50,7 +50,6 @@ from alignkit.training.run.distributed import (
     TaskForward,
     all_ranks_true,
     all_reduce_sum,
-    barrier,
     default_device,
     full_tensor,
     global_scale,
@@ -60,7 +59,6 @@ from alignkit.training.run.distributed import (
     rows_in_use,
     shard_rows,
     split_weighted,
-    unshard_parameters,
     wrap,
 )
 from alignkit.training.run.metrics import (
@@ -69,7 +67,7 @@ from alignkit.training.run.metrics import (
     progress_postfix,
     to_float,
 )
-from alignkit.training.run.result import TrainResult
+from alignkit.training.run.result import TrainResult, write_final
 from alignkit.training.run.schedule import build_optimizer, build_scheduler, default_lr
 from alignkit.training.run.seed import seed_everything
 
@@ -174,20 +172,6 @@ def evaluate(engine, task, examples, pad_id: int, config: TrainConfig, device, r
         parts.append(metrics)
     engine.train(was_training)
     return {f"eval/{k}": v for k, v in mean_metrics(parts).items()}
-
-
-def write_final(model, tokenizer, run_dir: Path, ranks: Ranks, task=None) -> Path:
-    """`run_dir/final` (LoRA merged) from rank 0; FSDP2 shards are gathered first."""
-    final_dir = run_dir / "final"
-    if ranks.distributed and ranks.strategy == "fsdp2":
-        unshard_parameters(model)
-    if ranks.is_main:
-        final_dir = save_pretrained_merged(model, tokenizer, final_dir)
-        if hasattr(task, "write_final"):  # extra files a scorer needs (e.g. brme.json)
-            task.write_final(final_dir)
-        log.info("final model written to %s", final_dir)
-    barrier()
-    return final_dir
 
 
 def run_offline(

@@ -19,6 +19,7 @@ from torch import nn
 
 from alignkit.models import apply_lora, count_parameters, is_peft, load_model
 from alignkit.rewards import load_reward
+from alignkit.training.online.distributed_rollout import ShardedReference, ShardedRollout
 from alignkit.training.online.presets import OnlineSettings, needs_reference
 from alignkit.training.online.roles import (
     AdapterReference,
@@ -34,6 +35,7 @@ from alignkit.training.online.roles import (
     zero_value_head,
 )
 from alignkit.training.online.trainer import PolicyTrainer
+from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
 from alignkit.training.run.schedule import default_lr
 
@@ -67,8 +69,12 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     critic, value_head = build_critic(config, s, model)
     model = attach_adapters(config, model)
     model.eval()  # dropout off for sampling, old, reference and training log-probs alike
-    rollout = HFRollout(model, tokenizer, max_batch_size=s.generation_batch_size or None)
+    rollout: RolloutEngine = HFRollout(model, tokenizer, max_batch_size=s.generation_batch_size or None)
     reference = make_reference(config, s, model, reference_copy)
+    ranks = distributed.current()
+    if ranks.distributed:  # whole prompt groups per rank, gathered; reference rows split likewise
+        rollout = ShardedRollout(rollout, ranks)
+        reference = ShardedReference(reference, ranks) if reference is not None else None
     scorer = load_reward_role(config, reward, tokenizer, s)
     if config.lr is None:
         config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
@@ -152,4 +158,4 @@ def _dtype(config: TrainConfig):
 
 
 def _device(config: TrainConfig):
-    return None if config.device == "auto" else config.device
+    return distributed.default_device(distributed.current(), config.device)

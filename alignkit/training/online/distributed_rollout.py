@@ -115,3 +115,42 @@ def gather_rollout(local: Rollout | None, prompt_ids: list[list[int]], n: int, r
                 "seconds": float(totals[2]) / ranks.world,
                 "seed": None if local is None else local.extras.get("seed")},
     )
+
+
+def rank_rows(fn, batch, ranks: Ranks) -> Tensor:
+    """`fn(batch) -> (N, L)` computed on this rank's contiguous block of rows and gathered: the
+    no-grad log-probs and values of step 3, split across ranks instead of repeated."""
+    if not ranks.distributed:
+        return fn(batch)
+    block = prompt_block(len(batch), ranks.rank, ranks.world)
+    width = batch.response_mask.shape[1]
+    if len(block):
+        local = fn(batch.select(torch.arange(block.start, block.stop, device=batch.input_ids.device))).float()
+    else:
+        local = torch.zeros((0, 1), device=batch.input_ids.device)
+    return gather_rows(local, ranks, width=width)
+
+
+class ShardedRollout:
+    """A rollout engine shared by W torchrun ranks: each samples its block of prompt groups
+    (`generate_sharded`) and every rank gets the global rollout. Weight sync passes through."""
+
+    def __init__(self, engine, ranks: Ranks) -> None:
+        self.engine, self.ranks = engine, ranks
+        self.shares_policy = engine.shares_policy
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
+        return generate_sharded(self.engine.generate, prompt_ids, n, sampling, self.ranks)
+
+    def update_weights(self, source, version: int) -> None:
+        self.engine.update_weights(source, version)
+
+
+class ShardedReference:
+    """The reference role under torchrun: each rank scores its block of rows, gathered."""
+
+    def __init__(self, reference, ranks: Ranks) -> None:
+        self.reference, self.ranks = reference, ranks
+
+    def logps(self, batch) -> Tensor:
+        return rank_rows(self.reference.logps, batch, self.ranks)

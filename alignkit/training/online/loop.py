@@ -52,7 +52,6 @@ from alignkit.data import (
     tokenize_prompts,
     validate_rows,
 )
-from alignkit.models import save_pretrained_merged
 from alignkit.objectives import KL
 from alignkit.training.online.build import OnlineRoles, build_online_roles
 from alignkit.training.online.kl_control import RunningMeanStd, make_kl_controller
@@ -61,10 +60,12 @@ from alignkit.training.online.roles import SequenceBatch
 from alignkit.training.online.sampling import PromptSampler, StepSamples
 from alignkit.training.online.steps import compute_advantages, summary_stats
 from alignkit.training.online.trainer import Experience
+from alignkit.training.run import distributed
 from alignkit.training.run.checkpoint import latest_checkpoint
 from alignkit.training.run.config import TrainConfig
-from alignkit.training.run.metrics import MetricsWriter, progress_postfix
-from alignkit.training.run.result import TrainResult
+from alignkit.training.run.distributed import init_ranks
+from alignkit.training.run.metrics import open_metrics, progress_postfix
+from alignkit.training.run.result import TrainResult, write_final
 from alignkit.training.run.seed import seed_everything
 
 log = logging.getLogger("alignkit")
@@ -76,6 +77,7 @@ def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = N
     from alignkit.training.run.registry import ALGORITHMS
 
     s: OnlineSettings = ALGORITHMS[config.algorithm].make_task(config)
+    ranks = init_ranks(config.strategy, config.device)
     run_dir = Path(config.resume or config.output)
     resume_from = latest_checkpoint(run_dir) if config.resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,13 +90,13 @@ def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = N
         config.epochs * len(table) / config.batch_size)
     roles = build_online_roles(config, s, total_steps=total_steps, model=model, tokenizer=tokenizer,
                                reward=reward)
-    config.save(run_dir / "config.yaml")
+    if ranks.is_main:
+        config.save(run_dir / "config.yaml")
     driver = OnlineDriver(config, s, roles, table, run_dir, total_steps)
     start_step = driver.resume(resume_from) if resume_from is not None else 0
     driver.run(start_step, callbacks)
 
-    final_dir = save_pretrained_merged(roles.model, roles.tokenizer, run_dir / "final")
-    log.info("final model written to %s", final_dir)
+    final_dir = write_final(roles.model, roles.tokenizer, run_dir, ranks)
     return TrainResult(run_dir, final_dir, total_steps, driver.last, {}, roles.model, roles.tokenizer)
 
 
@@ -148,9 +150,10 @@ class OnlineDriver:
     def run(self, start_step: int, callbacks: tuple) -> None:
         """Steps start_step + 1 .. total_steps, each followed by its bookkeeping."""
         config = self.config
-        writer = MetricsWriter(self.run_dir, resume_step=self.resumed_at, tensorboard=config.tensorboard)
+        is_main = distributed.current().is_main
+        writer = open_metrics(self.run_dir, is_main, resume_step=self.resumed_at, tensorboard=config.tensorboard)
         bar = tqdm(total=self.total_steps, initial=start_step, desc=config.algorithm,
-                   disable=not config.progress, dynamic_ncols=True)
+                   disable=not (config.progress and is_main), dynamic_ncols=True)
         try:
             for step in range(start_step + 1, self.total_steps + 1):
                 metrics = self.train_step(step)

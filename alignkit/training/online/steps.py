@@ -6,6 +6,7 @@ tensors and the roles, never on files or the run."""
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ from alignkit.rollout import SamplingParams
 from alignkit.training.online.kl_control import RunningMeanStd
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch, chunks, decode_completions
+from alignkit.training.run import distributed
+from alignkit.training.run.distributed import Ranks
 
 
 def kwargs_for(fn, values: dict[str, Any]) -> dict[str, Any]:
@@ -88,9 +91,26 @@ def summary_stats(prefix: str, values: Tensor, mask: Tensor) -> dict[str, float]
             f"{prefix}/min": valid.min().item(), f"{prefix}/max": valid.max().item()}
 
 
-def policy_gradient_update(policy, critic, batch, rows, s, old_logp, ref_logp, advantages, returns,
+def rank_micro_batches(rows: Tensor, size: int, ranks: Ranks) -> list[tuple[Tensor, float]]:
+    """This rank's micro-batches of a minibatch `rows`, as (rows, weight): rows r, r + W, ... in
+    pieces of `size`, padded with weight-0 stand-ins (one row) so that every rank runs as many
+    forwards and backwards. One process: the minibatch's own pieces, weight 1."""
+    if not ranks.distributed:
+        return [(piece, 1.0) for piece in chunks(rows, size)]
+    mine = rows[ranks.rank :: ranks.world]
+    pieces = [(piece, 1.0) for piece in chunks(mine, size)] if len(mine) else []
+    largest = math.ceil(len(rows) / ranks.world)
+    count = 1 if size <= 0 or size >= largest else math.ceil(largest / size)
+    return pieces + [(rows[:1], 0.0)] * (count - len(pieces))
+
+
+def policy_gradient_update(policy, batch, rows, s, old_logp, ref_logp, advantages, returns,
                             old_values, on_policy, beta, train_policy) -> dict[str, float]:
-    """Forward/backward over one minibatch (in micro-batches); returns detached metrics."""
+    """Forward/backward over one minibatch (in micro-batches); returns detached metrics.
+
+    Every normaliser (`norm`) counts the whole minibatch, so under torchrun a rank's loss is its
+    rows' share of the global loss; times W, as DDP averages gradients over the W ranks."""
+    ranks = distributed.current()
     mask_all = batch.response_mask[rows]
     norm = {"num_tokens": mask_all.sum(), "num_seqs": (mask_all.sum(-1) > 0).sum(), "max_len": s.max_new_tokens}
     loss_fn, aggregate = POLICY_LOSSES[s.policy_loss], AGGREGATIONS[s.aggregation]
@@ -99,37 +119,50 @@ def policy_gradient_update(policy, critic, batch, rows, s, old_logp, ref_logp, a
     if s.policy_loss == "dual_clip" and s.clip_ratio_c is None:
         loss_kwargs.pop("clip_ratio_c", None)
     sums: dict[str, float] = {}
-    for micro in chunks(rows, s.micro_batch_size):
-        sub = batch.select(micro)
-        mask, width = sub.response_mask, sub.response_mask.shape[1]
-        logp, entropy, values = policy.forward(sub, with_entropy=s.log_entropy)
-        if critic is not None:
-            values = critic.values(sub)
-        old = logp.detach() if on_policy else old_logp[micro, :width]
-        per_token, clipped = loss_fn(logp, old, advantages[micro, :width], **loss_kwargs)
-        if s.kl_in == "loss" and ref_logp is not None and beta > 0:
-            per_token = per_token + beta * KL[s.kl_estimator](logp, ref_logp[micro, :width])
-        policy_loss = aggregate(per_token, mask, **norm)
-        loss = policy_loss if train_policy else policy_loss * 0.0
-        tokens = mask.sum()
-        share = tokens / norm["num_tokens"].clamp(min=1)
-        if values is not None:
-            value_loss, explained = clipped_value_loss(values, old_values[micro, :width], returns[micro, :width],
-                                                mask, s.cliprange_value, norm["num_tokens"])
-            loss = loss + s.vf_coef * value_loss
-            add(sums, "value_loss", value_loss.item())
-            add(sums, "explained_variance", explained * share.item())
-        loss.backward()
-        add(sums, "loss", loss.item())
-        add(sums, "policy_loss", policy_loss.item())
-        add(sums, "clip_ratio", (masked_mean(clipped.float(), mask) * share).item())
-        add(sums, "entropy", (masked_mean(entropy.detach(), mask) * share).item())
-        ratio = torch.exp(logp.detach() - old)
-        add(sums, "ratio/mean", (masked_mean(ratio, mask) * share).item())
-        if ref_logp is not None:
-            add(sums, "kl/policy_token_mean", (masked_mean(logp.detach() - ref_logp[micro, :width], mask)
-                                                * share).item())
-    return sums
+    pieces = rank_micro_batches(rows, s.micro_batch_size, ranks)
+    for index, (micro, weight) in enumerate(pieces):
+        with policy.gradient_sync(index == len(pieces) - 1):
+            loss, metrics = _micro_batch_loss(policy, batch, micro, s, norm, loss_fn, aggregate, loss_kwargs,
+                                              old_logp, ref_logp, advantages, returns, old_values, on_policy,
+                                              beta, train_policy)
+            (loss * (weight * ranks.world) if ranks.distributed else loss).backward()
+        if weight > 0:
+            for key, value in metrics.items():
+                add(sums, key, value)
+    return distributed.sum_over_ranks(sums)
+
+
+def _micro_batch_loss(policy, batch, micro, s, norm, loss_fn, aggregate, loss_kwargs, old_logp, ref_logp,
+                      advantages, returns, old_values, on_policy, beta, train_policy):
+    """(loss of micro-batch `micro` as its share of the minibatch loss, its metric shares)."""
+    sums: dict[str, float] = {}
+    sub = batch.select(micro)
+    mask, width = sub.response_mask, sub.response_mask.shape[1]
+    logp, entropy, values = policy.forward(sub, with_entropy=s.log_entropy)
+    old = logp.detach() if on_policy else old_logp[micro, :width]
+    per_token, clipped = loss_fn(logp, old, advantages[micro, :width], **loss_kwargs)
+    if s.kl_in == "loss" and ref_logp is not None and beta > 0:
+        per_token = per_token + beta * KL[s.kl_estimator](logp, ref_logp[micro, :width])
+    policy_loss = aggregate(per_token, mask, **norm)
+    loss = policy_loss if train_policy else policy_loss * 0.0
+    tokens = mask.sum()
+    share = tokens / norm["num_tokens"].clamp(min=1)
+    if values is not None:
+        value_loss, explained = clipped_value_loss(values, old_values[micro, :width], returns[micro, :width],
+                                            mask, s.cliprange_value, norm["num_tokens"])
+        loss = loss + s.vf_coef * value_loss
+        add(sums, "value_loss", value_loss.item())
+        add(sums, "explained_variance", explained * share.item())
+    add(sums, "loss", loss.item())
+    add(sums, "policy_loss", policy_loss.item())
+    add(sums, "clip_ratio", (masked_mean(clipped.float(), mask) * share).item())
+    add(sums, "entropy", (masked_mean(entropy.detach(), mask) * share).item())
+    ratio = torch.exp(logp.detach() - old)
+    add(sums, "ratio/mean", (masked_mean(ratio, mask) * share).item())
+    if ref_logp is not None:
+        add(sums, "kl/policy_token_mean", (masked_mean(logp.detach() - ref_logp[micro, :width], mask)
+                                            * share).item())
+    return loss, sums
 
 
 def add(sums: dict[str, float], key: str, value: float) -> None:

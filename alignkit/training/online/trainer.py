@@ -21,12 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.models import is_peft, merged_state_dict
+from alignkit.training.online.distributed_rollout import rank_rows
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch, ValueModel, in_chunks, response_logps
 from alignkit.training.online.sampling import step_seed
 from alignkit.training.online.steps import best_worst_pairs, pairwise_update, policy_gradient_update
+from alignkit.training.run import distributed
 from alignkit.training.run.checkpoint import load_checkpoint, save_checkpoint
-from alignkit.training.run.distributed import full_tensor
+from alignkit.training.run.distributed import TaskForward, full_tensor
 from alignkit.training.run.schedule import build_scheduler
 
 log = logging.getLogger("alignkit")
@@ -83,6 +85,15 @@ class PolicyTrainer:
         self.scheduler = build_scheduler(self.optimizer, config, total_steps)
         self.on_policy = s.epochs_per_batch == 1 and s.minibatches == 1
         self.device = next(model.parameters()).device
+        # every gradient-enabled forward goes through one module (DDP-wrapped under torchrun)
+        self.ranks = distributed.current()
+        self.forward_module = TaskForward(self.module, self._compute)
+        self.engine: nn.Module = self.forward_module
+        if self.ranks.distributed:
+            if self.ranks.strategy != "ddp":
+                raise ValueError(f"{config.algorithm}: the online loop runs data-parallel with --strategy ddp; "
+                                 "fsdp2 covers the offline trainers so far")
+            self.engine = distributed.wrap(self.forward_module, self.ranks, self.device)
 
     @property
     def has_critic(self) -> bool:
@@ -91,21 +102,38 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ log-probs and values
 
-    def forward(self, batch: SequenceBatch, *, with_entropy: bool = False):
-        """One forward of a micro-batch: (N, L) log-probs, entropies and shared-head values."""
-        return response_logps(self.model, batch, chunk_size=self.chunk_size,
-                              with_entropy=with_entropy, value_head=self.value_head)
+    def _compute(self, module: Trainable, batch: SequenceBatch, with_entropy: bool = False,
+                 with_values: bool = True):
+        """The trained computation of one micro-batch (the wrapped module's forward): (N, L)
+        log-probs, entropies and values (shared head or separate critic; None without one)."""
+        logps, entropy, values = response_logps(module.policy, batch, chunk_size=self.chunk_size,
+                                                with_entropy=with_entropy, value_head=self.value_head)
+        if self.critic is not None and with_values:
+            values = self.critic.values(batch)
+        return logps, entropy, values
+
+    def forward(self, batch: SequenceBatch, *, with_entropy: bool = False, with_values: bool = True):
+        """One forward of a micro-batch: (N, L) log-probs, entropies and values. With gradients
+        it runs through the data-parallel wrapper; without, on this rank's module directly."""
+        module = self.engine if torch.is_grad_enabled() else self.forward_module
+        return module(batch, with_entropy, with_values)
+
+    def gradient_sync(self, enabled: bool):
+        """Context: all-reduce gradients in this backward (the last micro-batch) or not."""
+        return distributed.gradient_sync(self.engine, enabled)
 
     @torch.no_grad()
     def logps(self, batch: SequenceBatch) -> Tensor:
-        """(N, L) log-probs of the current policy at temperature 1, in micro-batches."""
-        return in_chunks(lambda b: self.forward(b)[0], batch, self.s.micro_batch_size)
+        """(N, L) log-probs of the current policy at temperature 1, in micro-batches (each rank
+        its block of rows, gathered)."""
+        return rank_rows(lambda rows: in_chunks(lambda b: self.forward(b, with_values=False)[0], rows,
+                                                self.s.micro_batch_size), batch, self.ranks)
 
     @torch.no_grad()
     def values(self, batch: SequenceBatch) -> Tensor:
         """(N, L) V(s_t) of the current critic, in micro-batches (the critic role)."""
-        fn = self.critic.values if self.critic is not None else (lambda b: self.forward(b)[2])
-        return in_chunks(fn, batch, self.s.micro_batch_size)
+        return rank_rows(lambda rows: in_chunks(lambda b: self.forward(b)[2], rows, self.s.micro_batch_size),
+                         batch, self.ranks)
 
     # ------------------------------------------------------------------ step 6
 
@@ -150,7 +178,7 @@ class PolicyTrainer:
         if s.objective == "pairwise":
             part = pairwise_update(self, e.batch, rows, e.ref_logp, s)
         else:
-            part = policy_gradient_update(self, self.critic, e.batch, rows, s, e.old_logp, e.ref_logp,
+            part = policy_gradient_update(self, e.batch, rows, s, e.old_logp, e.ref_logp,
                                           e.advantages, e.returns, e.old_values, self.on_policy, e.beta,
                                           e.step > s.critic_warmup_steps)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]

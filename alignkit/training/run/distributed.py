@@ -206,6 +206,15 @@ def all_gather_json(value) -> list:
     return [json.loads(bytes(t.cpu().tolist()).rstrip(b"\0").decode()) for t in gathered]
 
 
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each key's sum over the ranks that report it (a rank may report none)."""
+    if not current().distributed:
+        return values
+    keys = sorted({k for ks in all_gather_json(sorted(values)) for k in ks})
+    total = all_reduce_sum(torch.tensor([values.get(k, 0.0) for k in keys], dtype=torch.float64))
+    return {k: float(v) for k, v in zip(keys, total.tolist(), strict=True)}
+
+
 def barrier() -> None:
     if current().distributed:
         dist.barrier()
@@ -355,13 +364,13 @@ class WrapperBypassed(RuntimeError):
 def guard_model(forward: TaskForward, strategy: str) -> None:
     """Make forwards that bypass the wrapper raise instead of training wrong.
 
-    The hook sits on the input embedding, which every forward path (full logits, decoder +
-    fused head, score head) passes. Under DDP a gradient-enabled forward outside the wrapper
-    would skip the all-reduce; under FSDP2 any forward outside it meets sharded root weights.
+    The hooks sit on the input embeddings (every `nn.Embedding` inside: policy and critic), which
+    every forward path (full logits, decoder + fused head, score head) passes. Under DDP a
+    gradient-enabled forward outside the wrapper would skip the all-reduce; under FSDP2 any
+    forward outside it meets sharded root weights.
     """
     state = _GuardState()
     forward._guard = state
-    embedding = forward.model.get_input_embeddings()
 
     def check(_module, _inputs):
         if state.depth > 0:
@@ -372,7 +381,9 @@ def guard_model(forward: TaskForward, strategy: str) -> None:
                 "not be synchronised across ranks. Call the wrapped TaskForward, not the model inside it."
             )
 
-    embedding.register_forward_pre_hook(check)
+    for module in forward.model.modules():
+        if isinstance(module, nn.Embedding):
+            module.register_forward_pre_hook(check)
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -394,7 +405,15 @@ def wrap(forward: TaskForward, ranks: Ranks, device: torch.device, unused_parame
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(forward, device_ids=device_ids, find_unused_parameters=unused_parameters)
+        # buffers (rotary frequencies) are constants: no broadcast, so no-grad forwards of the
+        # module inside need no collective and may differ in number across ranks
+        import inspect
+
+        no_buffer_sync = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})  # the name before torch 2.13
+        return DistributedDataParallel(forward, device_ids=device_ids, find_unused_parameters=unused_parameters,
+                                       **no_buffer_sync)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
