@@ -3,7 +3,8 @@ a contiguous block of whole prompt groups with the noise keyed on the global sam
 rank holds the gathered global batch for scoring, KL and advantages, step 3's log-probs are split
 by rows and gathered, and step 6 splits each minibatch with losses normalised by its global
 token/sequence counts. Checked for grpo, ppo (separate critic), dapo (dynamic sampling rounds),
-rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches: sampled
+rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches, and under
+FSDP2 grpo, ppo, grpo with LoRA and a KL term, dapo with micro-batches: sampled
 completions identical (reward/mean and response_length equal exactly at every step), grad norms
 to 1e-5 relative, losses to 1e-5 relative + 1e-7 absolute (policy-gradient losses are sums that
 cancel to ~1e-8), final weights to 1e-4, the ranks bit-identical. Plus an interrupted 2-rank
@@ -34,6 +35,12 @@ CASES = {
     "online_dpo": ("online_dpo", {}),
     "remax": ("remax", {}),
     "reinforce_pp-micro3": ("reinforce_pp", {"micro_batch_size": 3}),
+    # FSDP2: the engine samples an unsharded copy refreshed after every update; no-grad passes
+    # run in lockstep; LoRA's reference is the sharded policy with the adapter off
+    "grpo-fsdp2": ("grpo", {"strategy": "fsdp2"}),
+    "ppo-fsdp2": ("ppo", {"strategy": "fsdp2"}),
+    "grpo-lora-kl-fsdp2": ("grpo", {"strategy": "fsdp2", "lora_r": 4, "beta": 0.05}),
+    "dapo-micro3-fsdp2": ("dapo", {"strategy": "fsdp2", "micro_batch_size": 3}),
 }
 RESUME = {"max_steps": 4, "save_steps": 1}
 SAMPLED = ("reward/mean", "reward/std", "response_length")  # functions of the sampled tokens only
@@ -47,6 +54,8 @@ def runs(tmp_path_factory, tiny_model_dir):
               "overrides": {**BASE, **extra}} for name, (algorithm, extra) in CASES.items()]
     cases.append({"name": "ppo-resumed", "algorithm": "ppo", "model": str(tiny_model_dir), "data": data,
                   "overrides": {**BASE, **RESUME}, "interrupt_at": 2})
+    cases.append({"name": "grpo-fsdp2-resumed", "algorithm": "grpo", "model": str(tiny_model_dir), "data": data,
+                  "overrides": {**BASE, **RESUME, "strategy": "fsdp2"}, "interrupt_at": 2})
     launch({"cases": cases, "out": str(tmp / "out")}, tmp)
     return tmp / "out", data
 
@@ -55,6 +64,7 @@ _single: dict[tuple, tuple] = {}
 
 
 def one_process(algorithm: str, model_dir, data: str, root: Path, **overrides):
+    overrides = {k: v for k, v in overrides.items() if k != "strategy"}  # one process: no strategy
     key = (algorithm, tuple(sorted(overrides.items())))
     if key not in _single:
         out = root / f"single-{len(_single)}"
@@ -95,10 +105,11 @@ def test_ppo_critic_trains_on_both_ranks(runs):
     assert all("value_loss" in r for r in rows)
 
 
-def test_interrupted_two_rank_run_resumes_to_the_same_metrics(runs, tiny_model_dir):
+@pytest.mark.parametrize(("name", "algorithm"), [("ppo-resumed", "ppo"), ("grpo-fsdp2-resumed", "grpo")])
+def test_interrupted_two_rank_run_resumes_to_the_same_metrics(runs, tiny_model_dir, name, algorithm):
     out, data = runs
-    one_metrics, _ = one_process("ppo", tiny_model_dir, data, out.parent, **RESUME)
-    assert_runs_match(read_metrics(out / "ppo-resumed" / "run"), one_metrics)
+    one_metrics, _ = one_process(algorithm, tiny_model_dir, data, out.parent, **RESUME)
+    assert_runs_match(read_metrics(out / name / "run"), one_metrics)
 
 
 def test_two_rank_checkpoint_resumes_in_one_process(runs, tiny_model_dir, tmp_path):

@@ -19,7 +19,11 @@ from torch import nn
 
 from alignkit.models import apply_lora, count_parameters, is_peft, load_model
 from alignkit.rewards import load_reward
-from alignkit.training.online.distributed_rollout import ShardedReference, ShardedRollout
+from alignkit.training.online.distributed_rollout import (
+    CopyRollout,
+    ShardedReference,
+    ShardedRollout,
+)
 from alignkit.training.online.presets import OnlineSettings, needs_reference
 from alignkit.training.online.roles import (
     AdapterReference,
@@ -69,9 +73,14 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     critic, value_head = build_critic(config, s, model)
     model = attach_adapters(config, model)
     model.eval()  # dropout off for sampling, old, reference and training log-probs alike
-    rollout: RolloutEngine = HFRollout(model, tokenizer, max_batch_size=s.generation_batch_size or None)
-    reference = make_reference(config, s, model, reference_copy)
     ranks = distributed.current()
+    sharded = ranks.distributed and ranks.strategy == "fsdp2"
+    max_batch = s.generation_batch_size or None
+    # FSDP2 shards the policy: the engine samples an unsharded copy, refreshed after each update
+    rollout: RolloutEngine = (CopyRollout(HFRollout(copy.deepcopy(model), tokenizer, max_batch_size=max_batch))
+                              if sharded else HFRollout(model, tokenizer, max_batch_size=max_batch))
+    # (FSDP2 + LoRA: the reference is the sharded policy with its adapter off, made with the trainer)
+    reference = None if sharded and is_peft(model) else make_reference(config, s, model, reference_copy)
     if ranks.distributed:  # whole prompt groups per rank, gathered; reference rows split likewise
         rollout = ShardedRollout(rollout, ranks)
         reference = ShardedReference(reference, ranks) if reference is not None else None
@@ -79,10 +88,22 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     if config.lr is None:
         config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
     trainer = PolicyTrainer(model, s, config, total_steps=total_steps, critic=critic, value_head=value_head)
+    if sharded and is_peft(model) and needs_reference(s):
+        reference = _TrainerReference(trainer)  # splits the rows across ranks itself, in lockstep
     trained, total = count_parameters(trainer.module)
     log.info("parameters: %s trainable of %s", f"{trained:,}", f"{total:,}")
     return OnlineRoles(model, tokenizer, rollout, trainer, reference, scorer,
                        trainer if trainer.has_critic else None, trainer.device)
+
+
+class _TrainerReference:
+    """The reference role served by the trainer's sharded module with the adapter off."""
+
+    def __init__(self, trainer: PolicyTrainer) -> None:
+        self.trainer = trainer
+
+    def logps(self, batch):
+        return self.trainer.reference_logps(batch)
 
 
 def load_policy(config: TrainConfig, model, tokenizer):

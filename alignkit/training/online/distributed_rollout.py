@@ -117,18 +117,52 @@ def gather_rollout(local: Rollout | None, prompt_ids: list[list[int]], n: int, r
     )
 
 
-def rank_rows(fn, batch, ranks: Ranks) -> Tensor:
+def rank_rows(fn, batch, ranks: Ranks, lockstep: bool = False) -> Tensor:
     """`fn(batch) -> (N, L)` computed on this rank's contiguous block of rows and gathered: the
-    no-grad log-probs and values of step 3, split across ranks instead of repeated."""
+    no-grad log-probs and values of step 3, split across ranks instead of repeated.
+
+    `lockstep` (FSDP2: every forward is a collective): every rank computes ceil(N / W) rows, a
+    short block padded with copies of row 0 whose outputs are dropped."""
     if not ranks.distributed:
         return fn(batch)
     block = prompt_block(len(batch), ranks.rank, ranks.world)
-    width = batch.response_mask.shape[1]
-    if len(block):
-        local = fn(batch.select(torch.arange(block.start, block.stop, device=batch.input_ids.device))).float()
+    width, device = batch.response_mask.shape[1], batch.input_ids.device
+    rows = list(block)
+    if lockstep:
+        rows += [0] * (math.ceil(len(batch) / ranks.world) - len(rows))
+    if rows:
+        local = fn(batch.select(torch.tensor(rows, device=device))).float()[: len(block)]
     else:
-        local = torch.zeros((0, 1), device=batch.input_ids.device)
+        local = torch.zeros((0, 1), device=device)
     return gather_rows(local, ranks, width=width)
+
+
+class CopyRollout:
+    """The rollout engine of an FSDP2 policy: an unsharded copy of the policy (taken before it
+    was sharded), refreshed from the trainer's full weights after every update. Sampling a
+    sharded model would hang: ranks that stop decoding early leave the others' collectives.
+    Its log-probs are the policy's (same weights), so the on-policy shortcut still holds."""
+
+    shares_policy = False
+    exact_logprobs = True
+    merged_weights = False  # the copy keeps the policy's own parameter names (LoRA unmerged)
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.params = dict(engine.model.named_parameters())
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
+        return self.engine.generate(prompt_ids, n, sampling)
+
+    @torch.no_grad()
+    def update_weights(self, source, version: int) -> None:
+        for name, tensor in source:
+            self.params[name].copy_(tensor)
+        self.engine.version = version
 
 
 class ShardedRollout:
@@ -138,6 +172,8 @@ class ShardedRollout:
     def __init__(self, engine, ranks: Ranks) -> None:
         self.engine, self.ranks = engine, ranks
         self.shares_policy = engine.shares_policy
+        self.exact_logprobs = getattr(engine, "exact_logprobs", engine.shares_policy)
+        self.merged_weights = getattr(engine, "merged_weights", True)
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
         return generate_sharded(self.engine.generate, prompt_ids, n, sampling, self.ranks)
@@ -147,10 +183,11 @@ class ShardedRollout:
 
 
 class ShardedReference:
-    """The reference role under torchrun: each rank scores its block of rows, gathered."""
+    """The reference role under torchrun: each rank scores its block of rows, gathered
+    (`lockstep` when the reference runs through the FSDP2-sharded policy)."""
 
-    def __init__(self, reference, ranks: Ranks) -> None:
-        self.reference, self.ranks = reference, ranks
+    def __init__(self, reference, ranks: Ranks, lockstep: bool = False) -> None:
+        self.reference, self.ranks, self.lockstep = reference, ranks, lockstep
 
     def logps(self, batch) -> Tensor:
-        return rank_rows(self.reference.logps, batch, self.ranks)
+        return rank_rows(self.reference.logps, batch, self.ranks, self.lockstep)

@@ -140,6 +140,7 @@ class OnlineDriver:
         """Restore the trainer and the driver's state from `checkpoint`; returns its step."""
         meta = self.roles.trainer.load(checkpoint)
         step, extras = int(meta["step"]), meta["extras"]
+        self.sync_rollout(step)  # an engine with its own copy samples the restored weights
         self.kl_control.value = float(extras["beta"])
         self.reward_stats.load_state(extras["reward_stats"])
         self.sampler.load_state(extras, step)
@@ -218,7 +219,7 @@ class OnlineDriver:
         metrics.update(roles.trainer.update(experience))
 
         # 7. sync the engine, adapt beta, timings (the caller logs and checkpoints)
-        roles.rollout.update_weights(None if roles.rollout.shares_policy else roles.trainer.weights(), step)
+        self.sync_rollout(step)
         trained_at = time.perf_counter()
         if "kl" in metrics and s.objective == "policy_gradient":
             self.kl_control.update(metrics["kl"], len(samples.rewards))
@@ -229,10 +230,18 @@ class OnlineDriver:
         })
         return metrics
 
+    def sync_rollout(self, version: int) -> None:
+        """Make the rollout engine sample the trainer's current weights (nothing to copy when
+        it samples the trained module itself)."""
+        rollout, trainer = self.roles.rollout, self.roles.trainer
+        rollout.update_weights(None if rollout.shares_policy else
+                               trainer.weights(merged=getattr(rollout, "merged_weights", True)), version)
+
     def logprobs_and_values(self, samples: StepSamples, batch: SequenceBatch):
         """Step 3: (old log-probs, reference log-probs or None, old values or None), each (N, L)."""
         s, roles = self.s, self.roles
-        if roles.trainer.on_policy and s.temperature == 1.0 and roles.rollout.shares_policy:
+        exact = getattr(roles.rollout, "exact_logprobs", roles.rollout.shares_policy)  # engine = policy weights
+        if roles.trainer.on_policy and s.temperature == 1.0 and exact:
             old_logp = samples.rollout.response_logprobs.to(roles.device) * batch.response_mask  # engine = policy
         else:
             old_logp = roles.trainer.logps(batch)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignkit.models import is_peft, merged_state_dict
+from alignkit.models import adapter_disabled, is_peft, merged_state_dict
 from alignkit.training.online.distributed_rollout import rank_rows
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch, ValueModel, in_chunks, response_logps
@@ -80,20 +80,21 @@ class PolicyTrainer:
         self.chunk_size, self.seed, self.max_grad_norm = config.logp_chunk_size, config.seed, config.max_grad_norm
         self.module = Trainable(model, critic if critic is not None else value_head)
         self.module.eval()  # dropout off for sampling, old, reference and training log-probs alike
-        self.optimizer = build_online_optimizer(model, self.module.critic, config.lr, s.critic_lr,
-                                                config.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, config, total_steps)
         self.on_policy = s.epochs_per_batch == 1 and s.minibatches == 1
         self.device = next(model.parameters()).device
         # every gradient-enabled forward goes through one module (DDP-wrapped under torchrun)
         self.ranks = distributed.current()
         self.forward_module = TaskForward(self.module, self._compute)
         self.engine: nn.Module = self.forward_module
+        # FSDP2: every forward of the sharded module is a collective, so no-grad passes run the
+        # same number of forwards on every rank (rank_rows(lockstep=True))
+        self.lockstep = self.ranks.distributed and self.ranks.strategy == "fsdp2"
         if self.ranks.distributed:
-            if self.ranks.strategy != "ddp":
-                raise ValueError(f"{config.algorithm}: the online loop runs data-parallel with --strategy ddp; "
-                                 "fsdp2 covers the offline trainers so far")
             self.engine = distributed.wrap(self.forward_module, self.ranks, self.device)
+        # after wrapping: fully_shard replaces the parameters the optimizer must hold
+        self.optimizer = build_online_optimizer(model, self.module.critic, config.lr, s.critic_lr,
+                                                config.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, config, total_steps)
 
     @property
     def has_critic(self) -> bool:
@@ -103,9 +104,13 @@ class PolicyTrainer:
     # ------------------------------------------------------------------ log-probs and values
 
     def _compute(self, module: Trainable, batch: SequenceBatch, with_entropy: bool = False,
-                 with_values: bool = True):
+                 with_values: bool = True, reference: bool = False):
         """The trained computation of one micro-batch (the wrapped module's forward): (N, L)
-        log-probs, entropies and values (shared head or separate critic; None without one)."""
+        log-probs, entropies and values (shared head or separate critic; None without one).
+        `reference`: the log-probs of the policy with its LoRA adapter off (the reference)."""
+        if reference:
+            with adapter_disabled(module.policy):
+                return response_logps(module.policy, batch, chunk_size=self.chunk_size)[0]
         logps, entropy, values = response_logps(module.policy, batch, chunk_size=self.chunk_size,
                                                 with_entropy=with_entropy, value_head=self.value_head)
         if self.critic is not None and with_values:
@@ -127,13 +132,20 @@ class PolicyTrainer:
         """(N, L) log-probs of the current policy at temperature 1, in micro-batches (each rank
         its block of rows, gathered)."""
         return rank_rows(lambda rows: in_chunks(lambda b: self.forward(b, with_values=False)[0], rows,
-                                                self.s.micro_batch_size), batch, self.ranks)
+                                                self.s.micro_batch_size), batch, self.ranks, self.lockstep)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: SequenceBatch) -> Tensor:
+        """(N, L) log-probs of the LoRA policy with its adapter off, through the (sharded)
+        module: the reference role of an FSDP2 LoRA run."""
+        return rank_rows(lambda rows: in_chunks(lambda b: self.forward_module(b, False, False, True), rows,
+                                                self.s.micro_batch_size), batch, self.ranks, self.lockstep)
 
     @torch.no_grad()
     def values(self, batch: SequenceBatch) -> Tensor:
         """(N, L) V(s_t) of the current critic, in micro-batches (the critic role)."""
         return rank_rows(lambda rows: in_chunks(lambda b: self.forward(b)[2], rows, self.s.micro_batch_size),
-                         batch, self.ranks)
+                         batch, self.ranks, self.lockstep)
 
     # ------------------------------------------------------------------ step 6
 
@@ -182,8 +194,8 @@ class PolicyTrainer:
                                           e.advantages, e.returns, e.old_values, self.on_policy, e.beta,
                                           e.step > s.critic_warmup_steps)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, self.max_grad_norm if self.max_grad_norm > 0 else float("inf"))
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
+            params, self.max_grad_norm if self.max_grad_norm > 0 else float("inf")))
         if torch.isfinite(grad_norm):
             self.optimizer.step()
         else:
@@ -193,9 +205,17 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ weights and state
 
-    def weights(self) -> Iterator[tuple[str, Tensor]]:
+    def weights(self, merged: bool = True) -> Iterator[tuple[str, Tensor]]:
         """(HF parameter name, full tensor) of the policy with LoRA merged: what a rollout
-        engine loads. Tensors are detached views or merged copies: do not modify them."""
+        engine loads. Tensors are detached views or merged copies: do not modify them.
+        `merged=False`: the trained parameters only, by the policy's own names (LoRA unmerged),
+        for an engine holding a copy of the policy module. FSDP2 shards are gathered (every rank
+        must iterate)."""
+        if not merged:
+            for name, param in self.model.named_parameters():
+                if param.requires_grad:
+                    yield name, full_tensor(param.detach())
+            return
         state = merged_state_dict(self.model) if is_peft(self.model) else self.model.state_dict()
         for name, tensor in state.items():
             yield name, full_tensor(tensor.detach())

@@ -387,12 +387,11 @@ def guard_model(forward: TaskForward, strategy: str) -> None:
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks FSDP2 shards one by one (the largest ModuleList)."""
-    best: nn.ModuleList | None = None
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and (best is None or len(module) > len(best)):
-            best = module
-    return list(best) if best is not None else []
+    """The repeated transformer blocks FSDP2 shards one by one: the children of the longest
+    ModuleLists (a policy's layers, and a separate critic's copy of them)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    longest = max((len(m) for m in lists), default=0)
+    return [block for m in lists if len(m) == longest for block in m]
 
 
 def wrap(forward: TaskForward, ranks: Ranks, device: torch.device, unused_parameters: bool = False) -> nn.Module:
