@@ -18,8 +18,8 @@ Each configuration runs in fresh processes (`torchrun --nproc-per-node=2 bench/s
 On this 2-core CPU box a 2-rank speed-up is not expected (two ranks share the two cores that one
 process with two threads also uses); the numbers show the overhead. On GPUs the same script
 runs with nccl. The loss of every configuration is printed too: they train the same numbers.
-GRPO and the other online presets are not data-parallel yet (the online loop's roles land in the
-next slice of issue 10), so this script measures offline methods.
+GRPO runs 2 prompts x 8 samples x 32 new tokens per step (the prompts of the pairs): each rank
+samples its prompt groups, so generation splits across ranks too.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from _common import (  # noqa: E402
     emit_result,
     long_pairs,
     median_of,
+    peak_rss_mib,
     print_table,
     train_alignkit,
 )
@@ -79,7 +80,10 @@ def worker(method: str, spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     rows = as_method_rows(method, [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()])
-    result = train_alignkit(spec, method, rows, strategy=spec["strategy"])
+    if method == "grpo":
+        result = train_grpo(spec, rows)
+    else:
+        result = train_alignkit(spec, method, rows, strategy=spec["strategy"])
     trainable = sum(_slice_numel(p) for p in _trained_model_params(spec["out"]))
     comm = communication_probe(trainable)
     rank = int(os.environ.get("RANK", 0))
@@ -87,6 +91,11 @@ def worker(method: str, spec_path: str) -> None:
         result.update(comm_s=comm, comm_share=None if comm is None else comm / result["step_s_median"],
                       trainable=trainable, torch_threads=torch.get_num_threads())
         emit_result(result)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave together: a rank exiting first can abort its peer's teardown
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _trained_model_params(run_dir: str):
@@ -97,10 +106,41 @@ def _trained_model_params(run_dir: str):
             yield handle.get_slice(name)
 
 
+def count_e(prompts, completions, **columns):
+    """GRPO's rule reward here: +1 per letter e of the completion."""
+    return [float(text.count("e")) for text in completions]
+
+
+def train_grpo(spec: dict, rows: list[dict]) -> dict:
+    """GRPO (8 samples per prompt, 32 new tokens, beta 0.04) timed per step like the offline
+    methods; tokens/s counts prompt + generated tokens of every sample."""
+    import alignkit
+
+    stamps, losses, tokens = [], [], []
+
+    def on_step(step: int, metrics: dict) -> None:
+        stamps.append(time.perf_counter())
+        losses.append(float(metrics["loss"]))
+        tokens.append(float(metrics["throughput/tokens_per_s"]) * float(metrics["time/step_s"]))
+
+    begin = time.perf_counter()
+    alignkit.train("grpo", model=spec["model"], data=rows, output_dir=spec["out"], reward=count_e,
+                   callbacks=(on_step,), batch_size=spec["batch_size"], max_steps=spec["steps"], lr=spec["lr"],
+                   warmup_ratio=0.0, scheduler="constant", seed=spec["seed"], dtype="float32", device="cpu",
+                   progress=False, group_size=8, max_new_tokens=32, beta=0.04, strategy=spec["strategy"])
+    loop_s = stamps[-1] - stamps[0]
+    intervals = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return {"end_to_end_s": time.perf_counter() - begin, "steps_per_s": (len(stamps) - 1) / loop_s,
+            "step_s_median": statistics.median(intervals), "tokens_per_s": sum(tokens[1:]) / loop_s,
+            "final_loss": losses[-1], "peak_rss_loop_mib": peak_rss_mib()}
+
+
 def as_method_rows(method: str, pairs: list[dict]) -> list[dict]:
-    """The pairs as `method` trains on them (SFT: prompt + chosen)."""
+    """The pairs as `method` trains on them (SFT: prompt + chosen; GRPO: the prompts)."""
     if method == "sft":
         return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in pairs]
+    if method == "grpo":
+        return [{"prompt": r["prompt"]} for r in pairs]
     return pairs
 
 
@@ -142,7 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--worker")
     parser.add_argument("--spec")
-    parser.add_argument("--methods", default="dpo,sft")
+    parser.add_argument("--methods", default="dpo,sft,grpo")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -169,10 +209,10 @@ def main() -> None:
             order = CONFIGS if r % 2 == 0 else CONFIGS[::-1]
             for label, ranks, strategy, threads in order:
                 spec = {"model": str(model), "data": str(data), "out": str(out / f"run-{method}-{len(results)}-{r}"),
-                        "batch_size": args.batch_size, "steps": args.steps, "lr": 1e-4, "max_length": 512,
+                        "batch_size": args.batch_size if method != "grpo" else max(2, args.batch_size // 4), "steps": args.steps, "lr": 1e-4, "max_length": 512,
                         "max_prompt_length": 256, "lora_r": 0, "seed": 0, "strategy": strategy,
-                        "tokens_per_example": count_tokens(as_method_rows(method, pairs), tokenizer, 512,
-                                                           256)["tokens_per_example"]}
+                        "tokens_per_example": 0 if method == "grpo" else count_tokens(
+                            as_method_rows(method, pairs), tokenizer, 512, 256)["tokens_per_example"]}
                 result = run_config(script, method, spec, ranks, threads, out)
                 results.setdefault((method, label), []).append(result)
                 print(f"round {r + 1} {method} {label}: {result['steps_per_s']:.3f} steps/s, "

@@ -3,12 +3,13 @@
 Each role is a small interface (a `Protocol`) with an in-process implementation. Its methods
 take and return a *global* batch (all N samples of the step) and split it into micro-batches
 themselves; only `PolicyRole.forward`, the micro-batch forward the update is built from, sees
-one micro-batch. The driver in `loop.py` only calls these methods, so a later version can put
-a role on another process or machine (Ray actors, torchrun groups) by implementing them.
+one micro-batch. The driver in `loop.py` only calls these methods, so a role can live on
+another process or machine by implementing them: under torchrun every rank runs the driver and
+the roles split rows across ranks (`distributed_rollout.py`); Ray actor groups are next.
 
 | role          | methods                                                   | in process              |
 |---------------|-----------------------------------------------------------|-------------------------|
-| RolloutEngine | generate, update_weights(source, version), shares_policy  | HFRollout               |
+| RolloutEngine | generate, update_weights(source, version), shares_policy  | HFRollout, CopyRollout, ShardedRollout |
 | PolicyRole    | forward, logps, update(experience), weights, save, load   | PolicyTrainer           |
 | ReferenceRole | logps                                                     | AdapterReference, ModelReference |
 | RewardRole    | score                                                     | FunctionReward, ModelReward |
@@ -136,6 +137,13 @@ class RolloutEngine(Protocol):
     shares_policy: bool
     """True when the engine samples the trained module itself: its log-probs at temperature 1
     are then exactly the policy's, and `update_weights` needs no source."""
+    exact_logprobs: bool
+    """True when its temperature-1 log-probs are the policy's own (the module itself, or an
+    exact copy refreshed after every update): the on-policy shortcut may reuse them. Optional;
+    defaults to `shares_policy`. An external engine (vLLM) is not exact."""
+    merged_weights: bool
+    """Whether `update_weights` wants LoRA merged into HF names (default) or the policy's own
+    trained parameters by name (an engine holding a copy of the module). Optional."""
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout: ...
 
