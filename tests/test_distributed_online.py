@@ -26,6 +26,7 @@ PROMPTS = ["Write a short review.", "The movie", "Tell me", "What is two plus tw
            "A story about"]
 BASE = {"batch_size": 4, "max_steps": 3, "lr": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant",
         "max_new_tokens": 8, "group_size": 4, "reward": "dist_helpers:count_e"}
+RM = "<reward model>"  # stands for the reward model the fixture builds
 CASES = {
     "grpo": ("grpo", {}),
     "ppo": ("ppo", {}),
@@ -35,6 +36,8 @@ CASES = {
     "online_dpo": ("online_dpo", {}),
     "remax": ("remax", {}),
     "reinforce_pp-micro3": ("reinforce_pp", {"micro_batch_size": 3}),
+    # a reward model scores each rank's rows (gathered) and initialises the critic
+    "ppo-reward-model": ("ppo", {"reward": None, "reward_model": RM, "critic_init": RM}),
     # FSDP2: the engine samples an unsharded copy refreshed after every update; no-grad passes
     # run in lockstep; LoRA's reference is the sharded policy with the adapter off
     "grpo-fsdp2": ("grpo", {"strategy": "fsdp2"}),
@@ -43,6 +46,20 @@ CASES = {
     "dapo-micro3-fsdp2": ("dapo", {"strategy": "fsdp2", "micro_batch_size": 3}),
 }
 RESUME = {"max_steps": 4, "save_steps": 1}
+
+
+def build_reward_model(folder: Path, model_dir) -> str:
+    """A sequence-classification reward model on the tiny model's backbone (random head, seeded)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+    return str(folder)
+
+
+def resolved(extra: dict, reward_model: str) -> dict:
+    return {k: reward_model if v == RM else v for k, v in extra.items()}
 SAMPLED = ("reward/mean", "reward/std", "response_length")  # functions of the sampled tokens only
 
 
@@ -50,14 +67,15 @@ SAMPLED = ("reward/mean", "reward/std", "response_length")  # functions of the s
 def runs(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("two-ranks-online")
     data = write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in PROMPTS * 3])
+    reward_model = build_reward_model(tmp / "rm", tiny_model_dir)
     cases = [{"name": name, "algorithm": algorithm, "model": str(tiny_model_dir), "data": data,
-              "overrides": {**BASE, **extra}} for name, (algorithm, extra) in CASES.items()]
+              "overrides": {**BASE, **resolved(extra, reward_model)}} for name, (algorithm, extra) in CASES.items()]
     cases.append({"name": "ppo-resumed", "algorithm": "ppo", "model": str(tiny_model_dir), "data": data,
                   "overrides": {**BASE, **RESUME}, "interrupt_at": 2})
     cases.append({"name": "grpo-fsdp2-resumed", "algorithm": "grpo", "model": str(tiny_model_dir), "data": data,
                   "overrides": {**BASE, **RESUME, "strategy": "fsdp2"}, "interrupt_at": 2})
     launch({"cases": cases, "out": str(tmp / "out")}, tmp)
-    return tmp / "out", data
+    return tmp / "out", data, reward_model
 
 
 _single: dict[tuple, tuple] = {}
@@ -74,12 +92,15 @@ def one_process(algorithm: str, model_dir, data: str, root: Path, **overrides):
     return _single[key]
 
 
-def assert_runs_match(two: list[dict], one: list[dict]) -> None:
+def assert_runs_match(two: list[dict], one: list[dict], reward_tolerance: float = 0.0) -> None:
+    """`reward_tolerance`: a reward model scores each rank's rows in a batch of another shape,
+    so its scores differ at float level (~1e-9); rule rewards of equal samples are equal."""
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for a, b in zip(two, one, strict=True):
         for key in SAMPLED + ("dynamic_sampling/generation_rounds", "dynamic_sampling/kept_groups"):
             if key in b:
-                assert a[key] == b[key], (a["step"], key, a[key], b[key])
+                tolerance = reward_tolerance if key.startswith("reward/") else 0.0
+                assert a[key] == pytest.approx(b[key], rel=tolerance, abs=tolerance), (a["step"], key, a[key], b[key])
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]) + 1e-7, (a["step"], a["loss"], b["loss"])
         assert relative_error(a["grad_norm"], b["grad_norm"]) < 1e-5, (a["step"], a["grad_norm"], b["grad_norm"])
         for key in ("kl", "value_loss", "policy_loss"):
@@ -89,10 +110,10 @@ def assert_runs_match(two: list[dict], one: list[dict]) -> None:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_equal_one_process(runs, tiny_model_dir, name):
-    out, data = runs
+    out, data, reward_model = runs
     algorithm, extra = CASES[name]
-    one_metrics, one_params = one_process(algorithm, tiny_model_dir, data, out.parent, **extra)
-    assert_runs_match(read_metrics(out / name / "run"), one_metrics)
+    one_metrics, one_params = one_process(algorithm, tiny_model_dir, data, out.parent, **resolved(extra, reward_model))
+    assert_runs_match(read_metrics(out / name / "run"), one_metrics, 1e-6 if "reward_model" in extra else 0.0)
     rank0, rank1 = (read_params(out / name / f"params-rank{r}.safetensors") for r in (0, 1))
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0), "ranks diverged"
     for n, value in one_params.items():
@@ -100,20 +121,20 @@ def test_two_ranks_equal_one_process(runs, tiny_model_dir, name):
 
 
 def test_ppo_critic_trains_on_both_ranks(runs):
-    out, _ = runs
+    out = runs[0]
     rows = read_metrics(out / "ppo" / "run")
     assert all("value_loss" in r for r in rows)
 
 
 @pytest.mark.parametrize(("name", "algorithm"), [("ppo-resumed", "ppo"), ("grpo-fsdp2-resumed", "grpo")])
 def test_interrupted_two_rank_run_resumes_to_the_same_metrics(runs, tiny_model_dir, name, algorithm):
-    out, data = runs
+    out, data, _ = runs
     one_metrics, _ = one_process(algorithm, tiny_model_dir, data, out.parent, **RESUME)
     assert_runs_match(read_metrics(out / name / "run"), one_metrics)
 
 
 def test_two_rank_checkpoint_resumes_in_one_process(runs, tiny_model_dir, tmp_path):
-    out, data = runs
+    out, data, _ = runs
     run = tmp_path / "run"
     shutil.copytree(out / "ppo-resumed" / "run", run)
     shutil.rmtree(run / "final")

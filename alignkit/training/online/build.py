@@ -22,6 +22,7 @@ from alignkit.rewards import load_reward
 from alignkit.training.online.distributed_rollout import (
     CopyRollout,
     ShardedReference,
+    ShardedReward,
     ShardedRollout,
 )
 from alignkit.training.online.presets import OnlineSettings, needs_reference
@@ -85,6 +86,8 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
         rollout = ShardedRollout(rollout, ranks)
         reference = ShardedReference(reference, ranks) if reference is not None else None
     scorer = load_reward_role(config, reward, tokenizer, s)
+    if ranks.distributed and isinstance(scorer, ModelReward):  # a reward model splits its rows
+        scorer = ShardedReward(scorer, ranks)
     if config.lr is None:
         config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
     trainer = PolicyTrainer(model, s, config, total_steps=total_steps, critic=critic, value_head=value_head)

@@ -191,3 +191,25 @@ class ShardedReference:
 
     def logps(self, batch) -> Tensor:
         return rank_rows(self.reference.logps, batch, self.ranks, self.lockstep)
+
+
+class ShardedReward:
+    """A reward model under torchrun: each rank scores its block of rows, the scores are
+    gathered (a reward *function* stays replicated: it may be any Python callable)."""
+
+    def __init__(self, reward, ranks: Ranks) -> None:
+        self.reward, self.ranks = reward, ranks
+
+    def score(self, batch, prompts: list[str], completions: list[str], columns: dict[str, list]):
+        block = prompt_block(len(batch), self.ranks.rank, self.ranks.world)
+        device = batch.input_ids.device
+        if len(block):
+            rows = torch.arange(block.start, block.stop, device=device)
+            scores, penalised = self.reward.score(batch.select(rows), prompts[block.start : block.stop],
+                                                  completions[block.start : block.stop],
+                                                  {k: v[block.start : block.stop] for k, v in columns.items()})
+        else:
+            scores, penalised = torch.zeros(0), 0
+        gathered = gather_rows(scores.float().reshape(-1, 1), self.ranks, width=1).reshape(-1)
+        total = all_reduce_sum(torch.tensor([float(penalised)], dtype=torch.float64))
+        return gathered, int(total[0])
