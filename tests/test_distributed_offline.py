@@ -38,6 +38,7 @@ BASE = {"batch_size": 4, "max_steps": 4, "lr": 1e-2, "warmup_ratio": 0.0}
 ALGORITHMS = {"sft": "sft", "dpo": "pairs", "simpo": "pairs", "kto": "unpaired", "rm": "pairs"}
 CASES = [(algorithm, strategy, lora) for strategy in ("ddp", "fsdp2") for lora in (0, 4) for algorithm in ALGORITHMS]
 RESUME = {"max_steps": 6, "save_steps": 2, "grad_accum": 2, "strategy": "fsdp2"}
+ENSEMBLE = {"members": 2, "max_steps": 3}
 
 
 def _phrase(rng: random.Random, low: int, high: int) -> str:
@@ -69,9 +70,11 @@ def runs(tmp_path_factory, tiny_model_dir):
               "overrides": {**BASE, "strategy": s, "lora_r": r}} for a, s, r in CASES]
     cases.append({"name": "dpo-resumed", "algorithm": "dpo", "model": str(tiny_model_dir), "data": data["pairs"],
                   "overrides": {**BASE, **RESUME}, "interrupt_at": 3})
-    for name, algorithm in (("ensemble-refused", "rm_ensemble"),):
-        cases.append({"name": name, "algorithm": algorithm, "model": str(tiny_model_dir), "data": data["pairs"],
-                      "overrides": {**BASE, "reward": "alignkit.testing:planted_reward"}, "expect_error": True})
+    cases.append({"name": "ensemble-refused", "algorithm": "rm_ensemble", "model": str(tiny_model_dir),
+                  "data": data["pairs"], "overrides": {**BASE, "members": 2, "shared_trunk": True},
+                  "expect_error": True})
+    cases.append({"name": "rm_ensemble", "algorithm": "rm_ensemble", "model": str(tiny_model_dir),
+                  "data": data["pairs"], "overrides": {**BASE, **ENSEMBLE}})
     launch({"cases": cases, "out": str(tmp / "out"), "guard": True}, tmp)
     return tmp / "out", data
 
@@ -158,9 +161,25 @@ def test_a_forward_around_the_wrapper_raises(runs):
         assert "outside its DDP wrapper" in outcome["bypass"]
 
 
+def test_reward_ensemble_members_train_data_parallel(runs, tiny_model_dir, tmp_path):
+    """rm_ensemble's members are full `rm` runs: data-parallel under torchrun, rank 0 moving
+    them into final/ and writing ensemble.json."""
+    from safetensors.torch import load_file
+
+    out, data = runs
+    run = out / "rm_ensemble" / "run"
+    alignkit.train("rm_ensemble", model=str(tiny_model_dir), data=data["pairs"], output_dir=tmp_path / "one",
+                   progress=False, **{**BASE, **ENSEMBLE})
+    assert_runs_match(read_metrics(run), read_metrics(tmp_path / "one"), ("rewards/accuracies",))
+    assert json.loads((run / "final" / "ensemble.json").read_text())["members"] == ["member_0", "member_1"]
+    for member in ("member_0", "member_1"):
+        two, one = (load_file(str(d / "final" / member / "model.safetensors")) for d in (run, tmp_path / "one"))
+        assert_params_match(two, one)
+
+
 def test_loops_that_are_not_data_parallel_yet_refuse_torchrun(runs):
-    """The reward ensembles' own loop would run W independent copies into one directory: under
-    torchrun it refuses with a one-line error instead."""
+    """rm_ensemble's shared trunk trains heads on precomputed features in a loop of its own
+    that would run W independent copies into one directory: under torchrun it refuses."""
     out, _ = runs
     for name, phrase in (("ensemble-refused", "launch it without torchrun"),):
         for rank in (0, 1):

@@ -198,7 +198,7 @@ def run_offline(
     seed_everything(config.seed)
     task = make_task(config)
     if hasattr(task, "run"):  # algorithms with their own loop (reward ensembles, frozen-feature heads)
-        if ranks.distributed:
+        if ranks.distributed and not getattr(task, "data_parallel", False):
             raise ValueError(f"{config.algorithm} trains in its own loop, which runs in one process: "
                              "launch it without torchrun")
         return task.run(model=model, tokenizer=tokenizer, data=data, eval_data=eval_data, callbacks=callbacks)

@@ -33,8 +33,9 @@ from alignkit.rewards.multi_objective import (
 )
 from alignkit.rewards.scorer import RewardModelScorer
 from alignkit.training.offline.reward import RewardTask, register_reward_algorithms, resolve_hparams
+from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
-from alignkit.training.run.metrics import MetricsWriter
+from alignkit.training.run.metrics import MetricsWriter, open_metrics
 from alignkit.training.run.schedule import lr_multiplier
 
 log = logging.getLogger("alignkit")
@@ -109,7 +110,7 @@ def merge_member_metrics(run_dir: Path, member_dirs: list[Path]) -> dict[str, fl
         ]
         for d in member_dirs
     ]
-    writer, last = MetricsWriter(run_dir), {}
+    writer, last = open_metrics(run_dir, distributed.current().is_main), {}
     for records in zip(*per_member, strict=False):
         numeric = [{k: v for k, v in r.items() if isinstance(v, int | float)} for r in records]
         keys = set.intersection(*(set(r) for r in numeric)) - {"step"}
@@ -137,7 +138,8 @@ class _Runner(RewardTask):
                 f"{self.config.algorithm}: --resume is not supported (runs take seconds)"
             )
         (run_dir / "final").mkdir(parents=True, exist_ok=True)
-        self.config.save(run_dir / "config.yaml")
+        if distributed.current().is_main:
+            self.config.save(run_dir / "config.yaml")
         return run_dir
 
     def _table(self, source: Any, role: str, kinds: tuple[str, ...] | None = None):
@@ -211,6 +213,12 @@ class EnsembleRewardTask(_Runner):
     before aggregation: OUR DEVIATION from Coste et al.'s code, which aggregates raw scores.
     """
 
+    @property
+    def data_parallel(self) -> bool:
+        """Under torchrun the members train data-parallel (each a full `rm` run); the shared
+        trunk's heads on precomputed features run in one process."""
+        return not self.hparams["shared_trunk"]
+
     def __post_init__(self) -> None:
         self._resolve_hparams(
             "rm_ensemble",
@@ -248,8 +256,10 @@ class EnsembleRewardTask(_Runner):
                 result = run_offline(
                     sub, model=member_model, tokenizer=tokenizer, data=table, eval_data=eval_data
                 )
-                shutil.rmtree(final / f"member_{i}", ignore_errors=True)
-                shutil.move(str(result.final_dir), final / f"member_{i}")
+                if distributed.current().is_main:
+                    shutil.rmtree(final / f"member_{i}", ignore_errors=True)
+                    shutil.move(str(result.final_dir), final / f"member_{i}")
+                distributed.barrier()
                 tokenizer = tokenizer or result.tokenizer
         else:
             seed_everything(self.config.seed)
@@ -281,7 +291,9 @@ class EnsembleRewardTask(_Runner):
                 save_pretrained_merged(model, tokenizer, final / f"member_{i}")
         last = merge_member_metrics(run_dir, member_dirs)
         last["steps"] = last.get("step", 0)
-        self._write_manifest(final, table, k)
+        if distributed.current().is_main:
+            self._write_manifest(final, table, k)
+        distributed.barrier()
         eval_metrics = self._held_out_accuracy(eval_data, lambda: EnsembleScorer(final))
         return self._result(run_dir, last, eval_metrics, tokenizer)
 
