@@ -58,6 +58,7 @@ def run_case(case: dict, out: Path, rank: int, die_at: dict | None) -> None:
     except Interrupt:
         distributed.barrier()
         result = alignkit.train(case["algorithm"], **{**train, "resume": str(run_dir)})
+    (case_dir / f"final-rank{rank}.txt").write_text(str(result.final_dir))
     if result.model is not None:  # (runners of several models, such as rm_ensemble, return none)
         params = {n: p.detach().float().contiguous().clone() for n, p in result.model.named_parameters()}
         save_file(params, str(case_dir / f"params-rank{rank}.safetensors"))

@@ -39,6 +39,7 @@ ALGORITHMS = {"sft": "sft", "dpo": "pairs", "simpo": "pairs", "kto": "unpaired",
 CASES = [(algorithm, strategy, lora) for strategy in ("ddp", "fsdp2") for lora in (0, 4) for algorithm in ALGORITHMS]
 RESUME = {"max_steps": 6, "save_steps": 2, "grad_accum": 2, "strategy": "fsdp2"}
 ENSEMBLE = {"members": 2, "max_steps": 3}
+SHARED_TRUNK = {"members": 2, "shared_trunk": True}
 
 
 def _phrase(rng: random.Random, low: int, high: int) -> str:
@@ -70,9 +71,8 @@ def runs(tmp_path_factory, tiny_model_dir):
               "overrides": {**BASE, "strategy": s, "lora_r": r}} for a, s, r in CASES]
     cases.append({"name": "dpo-resumed", "algorithm": "dpo", "model": str(tiny_model_dir), "data": data["pairs"],
                   "overrides": {**BASE, **RESUME}, "interrupt_at": 3})
-    cases.append({"name": "ensemble-refused", "algorithm": "rm_ensemble", "model": str(tiny_model_dir),
-                  "data": data["pairs"], "overrides": {**BASE, "members": 2, "shared_trunk": True},
-                  "expect_error": True})
+    cases.append({"name": "ensemble-replicated", "algorithm": "rm_ensemble", "model": str(tiny_model_dir),
+                  "data": data["pairs"], "overrides": {**BASE, **SHARED_TRUNK}})
     cases.append({"name": "rm_ensemble", "algorithm": "rm_ensemble", "model": str(tiny_model_dir),
                   "data": data["pairs"], "overrides": {**BASE, **ENSEMBLE}})
     launch({"cases": cases, "out": str(tmp / "out"), "guard": True}, tmp)
@@ -177,13 +177,22 @@ def test_reward_ensemble_members_train_data_parallel(runs, tiny_model_dir, tmp_p
         assert_params_match(two, one)
 
 
-def test_loops_that_are_not_data_parallel_yet_refuse_torchrun(runs):
-    """rm_ensemble's shared trunk trains heads on precomputed features in a loop of its own
-    that would run W independent copies into one directory: under torchrun it refuses."""
-    out, _ = runs
-    for name, phrase in (("ensemble-refused", "launch it without torchrun"),):
-        for rank in (0, 1):
-            assert phrase in (out / name / f"error-rank{rank}.txt").read_text()
+def test_head_loops_on_frozen_features_run_whole_on_every_rank(runs, tiny_model_dir, tmp_path):
+    """rm_ensemble's shared trunk fits heads on precomputed features (seconds, no collectives):
+    every rank runs it whole, rank 0 into the run directory, the others into scratch files;
+    the result equals one process and each rank reports rank 0's directory."""
+    from safetensors.torch import load_file
+
+    out, data = runs
+    run = out / "ensemble-replicated" / "run"
+    alignkit.train("rm_ensemble", model=str(tiny_model_dir), data=data["pairs"], output_dir=tmp_path / "one",
+                   progress=False, **{**BASE, **SHARED_TRUNK})
+    assert read_metrics(run) == read_metrics(tmp_path / "one")
+    for member in ("member_0", "member_1"):
+        two, one = (load_file(str(d / "final" / member / "model.safetensors")) for d in (run, tmp_path / "one"))
+        assert_params_match(two, one)
+    for rank in (0, 1):
+        assert (out / "ensemble-replicated" / f"final-rank{rank}.txt").read_text() == str(run / "final")
 
 
 def test_a_killed_rank_ends_the_run_with_an_error_naming_it(tmp_path, tiny_model_dir):

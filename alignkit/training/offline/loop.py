@@ -16,6 +16,7 @@ scaled to global normalisers, metrics are averaged over ranks, and rank 0 writes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -50,6 +51,7 @@ from alignkit.training.run.distributed import (
     TaskForward,
     all_ranks_true,
     all_reduce_sum,
+    barrier,
     default_device,
     full_tensor,
     global_scale,
@@ -174,6 +176,29 @@ def evaluate(engine, task, examples, pad_id: int, config: TrainConfig, device, r
     return {f"eval/{k}": v for k, v in mean_metrics(parts).items()}
 
 
+def run_replicated(task, config: TrainConfig, model, tokenizer, data, eval_data, callbacks, ranks: Ranks):
+    """A loop of its own that is not data-parallel (heads fitted on frozen features, seconds):
+    every rank runs it whole, without collectives, rank 0 into the run directory and the others
+    into a scratch directory removed afterwards; every rank returns rank 0's paths."""
+    import shutil
+    import tempfile
+
+    run_dir = Path(config.output)
+    scratch = None if ranks.is_main else Path(tempfile.mkdtemp(prefix=f"alignkit-rank{ranks.rank}-"))
+    if scratch is not None:
+        log.warning("%s fits its heads in one process: rank %d repeats it into scratch files",
+                    config.algorithm, ranks.rank)
+        config.output = str(scratch / "run")
+    try:
+        result = task.run(model=model, tokenizer=tokenizer, data=data, eval_data=eval_data, callbacks=callbacks)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+            config.output = str(run_dir)
+    barrier()
+    return dataclasses.replace(result, output_dir=run_dir, final_dir=run_dir / "final")
+
+
 def run_offline(
     config: TrainConfig,
     *,
@@ -199,8 +224,7 @@ def run_offline(
     task = make_task(config)
     if hasattr(task, "run"):  # algorithms with their own loop (reward ensembles, frozen-feature heads)
         if ranks.distributed and not getattr(task, "data_parallel", False):
-            raise ValueError(f"{config.algorithm} trains in its own loop, which runs in one process: "
-                             "launch it without torchrun")
+            return run_replicated(task, config, model, tokenizer, data, eval_data, callbacks, ranks)
         return task.run(model=model, tokenizer=tokenizer, data=data, eval_data=eval_data, callbacks=callbacks)
 
     # 2. data
