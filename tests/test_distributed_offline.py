@@ -40,6 +40,7 @@ CASES = [(algorithm, strategy, lora) for strategy in ("ddp", "fsdp2") for lora i
 RESUME = {"max_steps": 6, "save_steps": 2, "grad_accum": 2, "strategy": "fsdp2"}
 ENSEMBLE = {"members": 2, "max_steps": 3}
 SHARED_TRUNK = {"members": 2, "shared_trunk": True}
+DROPOUT = {"lora_r": 4, "lora_dropout": 0.5, "max_steps": 5, "save_steps": 1}
 
 
 def _phrase(rng: random.Random, low: int, high: int) -> str:
@@ -73,6 +74,9 @@ def runs(tmp_path_factory, tiny_model_dir):
                   "overrides": {**BASE, **RESUME}, "interrupt_at": 3})
     cases.append({"name": "ensemble-replicated", "algorithm": "rm_ensemble", "model": str(tiny_model_dir),
                   "data": data["pairs"], "overrides": {**BASE, **SHARED_TRUNK}})
+    for name, interrupt in (("sft-dropout", None), ("sft-dropout-resumed", 3)):
+        cases.append({"name": name, "algorithm": "sft", "model": str(tiny_model_dir), "data": data["sft"],
+                      "overrides": {**BASE, **DROPOUT}, **({"interrupt_at": interrupt} if interrupt else {})})
     cases.append({"name": "rm_ensemble", "algorithm": "rm_ensemble", "model": str(tiny_model_dir),
                   "data": data["pairs"], "overrides": {**BASE, **ENSEMBLE}})
     launch({"cases": cases, "out": str(tmp / "out"), "guard": True}, tmp)
@@ -159,6 +163,24 @@ def test_a_forward_around_the_wrapper_raises(runs):
         outcome = json.loads((out / f"guard-rank{rank}.json").read_text())
         assert outcome["through_wrapper"] == "ok"
         assert "outside its DDP wrapper" in outcome["bypass"]
+
+
+def test_ranks_draw_their_own_dropout_masks_and_resume_them(runs):
+    """With LoRA dropout each rank draws its own masks (rank 0 the stream one process would use,
+    rank 1 a reseeded one; DDP keeps the weights equal), every rank's RNG state is checkpointed,
+    and an interrupted run resumes to exactly the uninterrupted run's metrics and weights."""
+    from safetensors.torch import load_file
+
+    out, _ = runs
+    rng = load_file(str(out / "sft-dropout" / "run" / "checkpoints" / "step-000004" / "rng.safetensors"))
+    assert {"torch_cpu", "torch_cpu.rank1", "torch_shared"} <= set(rng)
+    assert not torch.equal(rng["torch_cpu"], rng["torch_cpu.rank1"])
+    full, resumed = read_metrics(out / "sft-dropout" / "run"), read_metrics(out / "sft-dropout-resumed" / "run")
+    assert [r["loss"] for r in full] == [r["loss"] for r in resumed]
+    weights = [read_params(out / name / "params-rank0.safetensors") for name in ("sft-dropout", "sft-dropout-resumed")]
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+    rank1 = read_params(out / "sft-dropout" / "params-rank1.safetensors")
+    assert all(torch.equal(weights[0][n], rank1[n]) for n in rank1)
 
 
 def test_reward_ensemble_members_train_data_parallel(runs, tiny_model_dir, tmp_path):

@@ -60,6 +60,7 @@ from alignkit.training.run.distributed import (
     reduce_metrics,
     rows_in_use,
     shard_rows,
+    split_random_streams,
     split_weighted,
     wrap,
 )
@@ -282,6 +283,7 @@ def run_offline(
     forward = TaskForward(model, task.loss)
     unused = getattr(task, "unused_parameters", False)
     engine = wrap(forward, ranks, device, unused_parameters=unused) if ranks.distributed else forward
+    split_random_streams(config.seed, ranks)  # ranks draw their own dropout masks
     if ranks.distributed and config.algorithm == "aot":
         log.warning("aot sorts log-ratios within each rank's rows, not across the global batch")
     engine.train()

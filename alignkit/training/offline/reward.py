@@ -201,7 +201,9 @@ class BayesRewardTask(RewardTask, PairData):
         means, log_stds = outputs[:, : self.heads], outputs[:, self.heads :].clamp(-7.0, 3.0)
         # the noise one process draws for the global batch, this rank's rows of it
         noise = distributed.pair_rows_of_draw(
-            lambda rows: torch.randn((rows, means.shape[1]), dtype=means.dtype, device=means.device),
+            lambda rows, generator: torch.randn((rows, means.shape[1]), generator=generator, dtype=means.dtype,
+                                                device=means.device if generator is None else "cpu"
+                                                ).to(means.device),
             means.shape[0] // 2)
         half = means.shape[0] // 2
         per_pair = brme_bradley_terry(

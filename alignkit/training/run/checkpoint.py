@@ -84,6 +84,9 @@ def _rng_tensors(ranks: Ranks) -> dict[str, torch.Tensor]:
         states = distributed.all_gather_equal(torch.get_rng_state())
         tensors.update({f"torch_cpu.rank{r}": state for r, state in enumerate(states) if r > 0})
         tensors["torch_cpu"] = states[0]
+    shared = distributed.shared_generator()
+    if shared is not None:
+        tensors["torch_shared"] = shared.get_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = s
@@ -197,6 +200,9 @@ def load_checkpoint(
 
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng.get(f"torch_cpu.rank{ranks.rank}", rng["torch_cpu"]))
+    shared = distributed.shared_generator()
+    if shared is not None and "torch_shared" in rng:
+        shared.set_state(rng["torch_shared"])
     if torch.cuda.is_available():
         cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
         if cuda_states:

@@ -260,6 +260,30 @@ def reduce_metrics(metrics: dict[str, float], weight: float, weights: dict[str, 
     return {k: float(total[0, i] / total[1, i]) if total[1, i] > 0 else float("nan") for i, k in enumerate(keys)}
 
 
+# --------------------------------------------------------------------------- random streams
+
+_shared_generator: torch.Generator | None = None
+
+
+def split_random_streams(seed: int, ranks: Ranks) -> None:
+    """Before training under torchrun: a shared generator, a copy of the (identical) global
+    stream, for draws every rank must make alike (`pair_rows_of_draw`); then ranks > 0 reseed
+    the global stream, so dropout masks differ across ranks (rank 0 keeps one process's)."""
+    global _shared_generator
+    if not ranks.distributed:
+        _shared_generator = None
+        return
+    _shared_generator = torch.Generator()
+    _shared_generator.set_state(torch.get_rng_state())
+    if ranks.rank > 0:
+        torch.manual_seed((seed * 1_000_003 + ranks.rank * 7_919) % 2**63)
+
+
+def shared_generator() -> torch.Generator | None:
+    """The generator every rank draws alike from (None in one process: use the global one)."""
+    return _shared_generator
+
+
 # --------------------------------------------------------------------------- rows
 
 _shard_in_use: tuple[list[int], int] | None = None
@@ -278,12 +302,13 @@ def rows_in_use(positions: list[int], n_global: int) -> Iterator[None]:
 
 
 def pair_rows_of_draw(draw, local_pairs: int) -> Tensor:
-    """`draw(rows)` -> (rows, ...) random tensor; this rank's rows of the draw one process makes
-    for a pair batch laid out [chosen; rejected] (2B rows). One process: draw(2 * local_pairs)."""
+    """`draw(rows, generator)` -> (rows, ...) random tensor; this rank's rows of the draw one
+    process makes for a pair batch laid out [chosen; rejected] (2B rows), from the shared
+    generator. One process: draw(2 * local_pairs, None), the global stream."""
     if _shard_in_use is None:
-        return draw(2 * local_pairs)
+        return draw(2 * local_pairs, None)
     positions, n_global = _shard_in_use
-    full = draw(2 * n_global)
+    full = draw(2 * n_global, _shared_generator)
     index = torch.tensor(positions, device=full.device)
     return torch.cat([full[index], full[n_global + index]])
 
