@@ -65,7 +65,7 @@ def gather_rows(local: Tensor, ranks: Ranks, width: int | None = None) -> Tensor
 
 
 def generate_sharded(generate, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
-                     ranks: Ranks, device: torch.device | None = None) -> Rollout:
+                     ranks: Ranks, device: torch.device | None = None, pad_id: int = 0) -> Rollout:
     """`generate(prompts, n, sampling)` of this rank's block of prompts, gathered into the global
     `Rollout` every rank then holds (one process: a plain call)."""
     if not ranks.distributed:
@@ -75,12 +75,13 @@ def generate_sharded(generate, prompt_ids: list[list[int]], n: int, sampling: Sa
     if len(block):
         local = generate([prompt_ids[i] for i in block], n,
                          dataclasses.replace(sampling, first_sample=sampling.first_sample + block.start * n))
-    return gather_rollout(local, prompt_ids, n, ranks, device)
+    return gather_rollout(local, prompt_ids, n, ranks, device, pad_id)
 
 
 def gather_rollout(local: Rollout | None, prompt_ids: list[list[int]], n: int, ranks: Ranks,
-                   device: torch.device | None = None) -> Rollout:
-    """The global rollout from each rank's block (`local` None on a rank without prompts)."""
+                   device: torch.device | None = None, pad_id: int = 0) -> Rollout:
+    """The global rollout from each rank's block (`local` None on a rank without prompts);
+    responses right-padded with `pad_id`, as an engine pads them."""
     if local is None:
         packed = torch.zeros((0, 1, 3), dtype=torch.float64)
         stopped = torch.zeros((0, 1), dtype=torch.float64)
@@ -106,7 +107,7 @@ def gather_rollout(local: Rollout | None, prompt_ids: list[list[int]], n: int, r
     width = max(1, int(mask.sum(-1).max().item())) if len(rows) else 1
     return Rollout(
         prompt_ids=[list(prompt) for prompt in prompt_ids for _ in range(n)],
-        response_ids=rows[:, :width, 0].long().to(target),
+        response_ids=torch.where(mask[:, :width], rows[:, :width, 0].long(), pad_id).to(target),
         response_logprobs=rows[:, :width, 1].float().to(target),
         response_mask=mask[:, :width].to(target),
         finish_reason=["stop" if hit > 0.5 else "length" for hit in finished.tolist()],
@@ -176,7 +177,15 @@ class ShardedRollout:
         self.merged_weights = getattr(engine, "merged_weights", True)
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
-        return generate_sharded(self.engine.generate, prompt_ids, n, sampling, self.ranks)
+        return generate_sharded(self.engine.generate, prompt_ids, n, sampling, self.ranks, pad_id=self.pad_id)
+
+    @property
+    def pad_id(self) -> int:
+        """The pad id of the innermost engine (wrappers keep theirs in `.engine`)."""
+        engine = self.engine
+        while not hasattr(engine, "pad_id") and hasattr(engine, "engine"):
+            engine = engine.engine
+        return int(getattr(engine, "pad_id", 0))
 
     def update_weights(self, source, version: int) -> None:
         self.engine.update_weights(source, version)
