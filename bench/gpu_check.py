@@ -71,7 +71,7 @@ def response_logps(model, ids, mask):
 def Logps(model):
     """alignkit's seam: the whole log-prob computation inside one module forward (the
     `TaskForward` that `--strategy ddp|fsdp2` wraps), so FSDP/DDP hooks fire."""
-    from alignkit.training.run.distributed import TaskForward
+    from alignkit.training.run.wrapping import TaskForward
 
     return TaskForward(model, response_logps)
 
@@ -80,7 +80,7 @@ def shard(root, mesh, **options):
     """`fully_shard` per decoder block, then the root: what alignkit's FSDP2 strategy does."""
     from torch.distributed.fsdp import fully_shard
 
-    from alignkit.training.run.distributed import decoder_blocks
+    from alignkit.training.run.wrapping import decoder_blocks
 
     for block in decoder_blocks(root.model):
         fully_shard(block, mesh=mesh, **options)

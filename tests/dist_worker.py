@@ -69,7 +69,7 @@ def check_guard(spec: dict, out: Path, rank: int) -> None:
     from alignkit.models import load_model
     from alignkit.training.offline.tasks import make_task
     from alignkit.training.run.config import TrainConfig
-    from alignkit.training.run.distributed import TaskForward, WrapperBypassed, wrap
+    from alignkit.training.run.wrapping import TaskForward, WrapperBypassed, wrap
 
     config = TrainConfig(algorithm="sft", strategy="ddp")
     ranks = distributed.init_ranks("ddp")

@@ -48,21 +48,17 @@ from alignkit.training.run.config import TrainConfig
 from alignkit.training.run.distributed import (
     Ranks,
     Shard,
-    TaskForward,
     all_ranks_true,
     all_reduce_sum,
     barrier,
     default_device,
-    full_tensor,
     global_scale,
-    gradient_sync,
     init_ranks,
     reduce_metrics,
     rows_in_use,
     shard_rows,
     split_random_streams,
     split_weighted,
-    wrap,
 )
 from alignkit.training.run.metrics import (
     mean_metrics,
@@ -73,6 +69,7 @@ from alignkit.training.run.metrics import (
 from alignkit.training.run.result import TrainResult, write_final
 from alignkit.training.run.schedule import build_optimizer, build_scheduler, default_lr
 from alignkit.training.run.seed import seed_everything
+from alignkit.training.run.wrapping import TaskForward, full_tensor, gradient_sync, wrap
 
 log = logging.getLogger("alignkit")
 Callback = Callable[[int, dict[str, float]], None]

@@ -26,10 +26,10 @@ from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch, ValueModel, in_chunks, response_logps
 from alignkit.training.online.sampling import step_seed
 from alignkit.training.online.steps import best_worst_pairs, pairwise_update, policy_gradient_update
-from alignkit.training.run import distributed
+from alignkit.training.run import distributed, wrapping
 from alignkit.training.run.checkpoint import load_checkpoint, save_checkpoint
-from alignkit.training.run.distributed import TaskForward, full_tensor
 from alignkit.training.run.schedule import build_scheduler
+from alignkit.training.run.wrapping import TaskForward, full_tensor
 
 log = logging.getLogger("alignkit")
 
@@ -90,7 +90,7 @@ class PolicyTrainer:
         # same number of forwards on every rank (rank_rows(lockstep=True))
         self.lockstep = self.ranks.distributed and self.ranks.strategy == "fsdp2"
         if self.ranks.distributed:
-            self.engine = distributed.wrap(self.forward_module, self.ranks, self.device)
+            self.engine = wrapping.wrap(self.forward_module, self.ranks, self.device)
         # after wrapping: fully_shard replaces the parameters the optimizer must hold
         self.optimizer = build_online_optimizer(model, self.module.critic, config.lr, s.critic_lr,
                                                 config.weight_decay)
@@ -125,7 +125,7 @@ class PolicyTrainer:
 
     def gradient_sync(self, enabled: bool):
         """Context: all-reduce gradients in this backward (the last micro-batch) or not."""
-        return distributed.gradient_sync(self.engine, enabled)
+        return wrapping.gradient_sync(self.engine, enabled)
 
     @torch.no_grad()
     def logps(self, batch: SequenceBatch) -> Tensor:

@@ -30,7 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignkit.training.run import distributed
-from alignkit.training.run.distributed import Ranks, full_tensor, like_parameter
+from alignkit.training.run.distributed import Ranks
+from alignkit.training.run.wrapping import full_tensor, like_parameter
 
 CHECKPOINT_PREFIX = "step-"
 EXTRA_TENSORS = "extra.safetensors"

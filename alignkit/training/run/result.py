@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.models import save_pretrained_merged
-from alignkit.training.run.distributed import Ranks, barrier, unshard_parameters
+from alignkit.training.run.distributed import Ranks, barrier
+from alignkit.training.run.wrapping import unshard_parameters
 
 log = logging.getLogger("alignkit")
 
