@@ -88,7 +88,9 @@ def cmd_train(argv: list[str]) -> int:
         from alignkit.training.offline.loop import run_offline as run
 
     result = run(config)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+    from alignkit.training.run.distributed import current
+
+    if current().is_main:  # under torchrun, rank 0 alone reports
         shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
         print(f"final model: {result.final_dir}")
         print(f"last metrics: {shown}")

@@ -52,8 +52,8 @@ from alignkit.training.run.distributed import (
     all_reduce_sum,
     barrier,
     default_device,
-    global_scale,
     init_ranks,
+    loss_scale,
     reduce_metrics,
     rows_in_use,
     shard_rows,
@@ -112,14 +112,15 @@ def micro_step(engine, task, examples, indices, pad_id, ranks: Ranks, device, sc
     shard = shard_rows(len(indices), ranks)
     batch = to_device(collate_shard(task, examples, indices, shard, pad_id), device)
     units = shard.weight * loss_units(task, batch, len(shard.positions))
-    scale, _ = global_scale(units, ranks)
+    tokens = int(batch["attention_mask"].sum()) if shard.weight > 0 else 0
+    # one all-reduce for both counts of the global micro-batch (one process: a copy)
+    total_units, total_tokens = all_reduce_sum(torch.tensor([units, tokens], dtype=torch.float64)).tolist()
+    scale = loss_scale(units, total_units, ranks)
     with rows_in_use(shard.positions, len(indices)):
         loss, metrics = engine(batch)
     metrics, weights = split_weighted(metrics)
     local = {k: to_float(v) for k, v in metrics.items()}
-    tokens = int(batch["attention_mask"].sum()) if shard.weight > 0 else 0
-    if ranks.distributed:
-        tokens = int(all_reduce_sum(torch.tensor([float(tokens)]))[0])
+    tokens = int(total_tokens)
     scaled = loss if scale == 1.0 and scale_by == 1.0 else loss * scale / scale_by
     return scaled, reduce_metrics(local, units, weights), tokens
 

@@ -22,11 +22,10 @@ import dataclasses
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from alignkit.rollout import Rollout, SamplingParams
-from alignkit.training.run.distributed import Ranks, all_reduce_sum
+from alignkit.training.run.distributed import Ranks, all_gather_equal, all_reduce_sum
 
 
 def prompt_block(n_prompts: int, rank: int, world: int) -> range:
@@ -37,29 +36,30 @@ def prompt_block(n_prompts: int, rank: int, world: int) -> range:
     return range(start, min(start + per_rank, n_prompts))
 
 
-def _all_gather_padded(local: Tensor, ranks: Ranks) -> list[Tensor]:
-    """Every rank's `local` (rows may differ; trailing dims padded to the largest), float64."""
-    shape = torch.tensor(list(local.shape), dtype=torch.float64)
-    sizes = [torch.zeros_like(shape) for _ in range(ranks.world)]
-    dist.all_gather(sizes, shape)
+def _all_gather_padded(local: Tensor) -> list[Tensor]:
+    """Every rank's `local` (any shapes of one rank count), float64 on the CPU: the shapes are
+    gathered first, then each tensor zero-padded to the largest."""
+    sizes = all_gather_equal(torch.tensor(list(local.shape), dtype=torch.float64))
     largest = torch.stack(sizes).amax(0).long().tolist()
     padded = torch.zeros(largest, dtype=torch.float64)
     padded[tuple(slice(0, n) for n in local.shape)] = local.double().cpu()
-    gathered = [torch.empty_like(padded) for _ in range(ranks.world)]
-    dist.all_gather(gathered, padded)
+    gathered = all_gather_equal(padded)
     return [g[tuple(slice(0, int(n)) for n in size.tolist())] for g, size in zip(gathered, sizes, strict=True)]
 
 
 def gather_rows(local: Tensor, ranks: Ranks, width: int | None = None) -> Tensor:
-    """Concatenate every rank's rows (N_r, L_r) in rank order -> (N, L), zero padded."""
+    """Concatenate every rank's rows (N_r, ...) in rank order, the other dimensions zero padded
+    to the largest rank's (dimension 1 to `width` when given)."""
     if not ranks.distributed:
         return local
-    parts = _all_gather_padded(local, ranks)
-    width = width if width is not None else max(p.shape[1] for p in parts)
-    out = torch.zeros((sum(p.shape[0] for p in parts), width), dtype=local.dtype)
+    parts = _all_gather_padded(local)
+    trailing = [max(p.shape[d] for p in parts) for d in range(1, local.dim())]
+    if width is not None:
+        trailing[0] = width
+    out = torch.zeros((sum(p.shape[0] for p in parts), *trailing), dtype=local.dtype)
     row = 0
     for part in parts:
-        out[row : row + part.shape[0], : part.shape[1]] = part.to(local.dtype)
+        out[(slice(row, row + part.shape[0]), *(slice(0, n) for n in part.shape[1:]))] = part.to(local.dtype)
         row += part.shape[0]
     return out.to(local.device)
 
@@ -93,14 +93,8 @@ def gather_rollout(local: Rollout | None, prompt_ids: list[list[int]], n: int, r
         stats = torch.tensor([float(local.extras.get("generated_tokens", 0)),
                               float(local.extras.get("decoded_rows", 0)), float(local.extras.get("seconds", 0.0))],
                              dtype=torch.float64)
-    parts = _all_gather_padded(packed, ranks)
-    width = max(1, max(p.shape[1] for p in parts))
-    rows = torch.zeros((sum(p.shape[0] for p in parts), width, 3), dtype=torch.float64)
-    start = 0
-    for part in parts:
-        rows[start : start + part.shape[0], : part.shape[1]] = part
-        start += part.shape[0]
-    finished = torch.cat(_all_gather_padded(stopped, ranks)).reshape(-1)
+    rows = gather_rows(packed, ranks)  # (N, L, 3)
+    finished = gather_rows(stopped, ranks).reshape(-1)
     totals = all_reduce_sum(stats)
     target = device if device is not None else (local.response_ids.device if local is not None else None)
     mask = rows[..., 2] > 0.5

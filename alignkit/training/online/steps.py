@@ -97,7 +97,8 @@ def rank_micro_batches(rows: Tensor, size: int, ranks: Ranks) -> list[tuple[Tens
     forwards and backwards. One process: the minibatch's own pieces, weight 1."""
     if not ranks.distributed:
         return [(piece, 1.0) for piece in chunks(rows, size)]
-    mine = rows[ranks.rank :: ranks.world]
+    shard = distributed.shard_rows(len(rows), ranks)  # the offline trainer's split of a batch
+    mine = rows[torch.tensor(shard.positions, device=rows.device)] if shard.weight > 0 else rows[:0]
     pieces = [(piece, 1.0) for piece in chunks(mine, size)] if len(mine) else []
     largest = math.ceil(len(rows) / ranks.world)
     count = 1 if size <= 0 or size >= largest else math.ceil(largest / size)

@@ -127,25 +127,25 @@ class PolicyTrainer:
         """Context: all-reduce gradients in this backward (the last micro-batch) or not."""
         return wrapping.gradient_sync(self.engine, enabled)
 
-    @torch.no_grad()
-    def logps(self, batch: SequenceBatch) -> Tensor:
-        """(N, L) log-probs of the current policy at temperature 1, in micro-batches (each rank
-        its block of rows, gathered)."""
-        return rank_rows(lambda rows: in_chunks(lambda b: self.forward(b, with_values=False)[0], rows,
-                                                self.s.micro_batch_size), batch, self.ranks, self.lockstep)
+    def _no_grad_rows(self, fn, batch: SequenceBatch) -> Tensor:
+        """(N, L) `fn(micro-batch)` over the whole batch without gradients: micro-batches of this
+        rank's block of rows (in lockstep under FSDP2), gathered from every rank."""
+        with torch.no_grad():
+            return rank_rows(lambda rows: in_chunks(fn, rows, self.s.micro_batch_size), batch, self.ranks,
+                             self.lockstep)
 
-    @torch.no_grad()
+    def logps(self, batch: SequenceBatch) -> Tensor:
+        """(N, L) log-probs of the current policy at temperature 1."""
+        return self._no_grad_rows(lambda b: self.forward(b, with_values=False)[0], batch)
+
     def reference_logps(self, batch: SequenceBatch) -> Tensor:
         """(N, L) log-probs of the LoRA policy with its adapter off, through the (sharded)
         module: the reference role of an FSDP2 LoRA run."""
-        return rank_rows(lambda rows: in_chunks(lambda b: self.forward_module(b, False, False, True), rows,
-                                                self.s.micro_batch_size), batch, self.ranks, self.lockstep)
+        return self._no_grad_rows(lambda b: self.forward_module(b, False, False, True), batch)
 
-    @torch.no_grad()
     def values(self, batch: SequenceBatch) -> Tensor:
-        """(N, L) V(s_t) of the current critic, in micro-batches (the critic role)."""
-        return rank_rows(lambda rows: in_chunks(lambda b: self.forward(b)[2], rows, self.s.micro_batch_size),
-                         batch, self.ranks, self.lockstep)
+        """(N, L) V(s_t) of the current critic (the critic role)."""
+        return self._no_grad_rows(lambda b: self.forward(b)[2], batch)
 
     # ------------------------------------------------------------------ step 6
 

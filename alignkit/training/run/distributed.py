@@ -206,11 +206,16 @@ def all_gather_json(value) -> list:
     return [json.loads(bytes(t.cpu().tolist()).rstrip(b"\0").decode()) for t in gathered]
 
 
+def _reported_keys(values: dict) -> list[str]:
+    """The sorted union of every rank's keys of `values` (ranks may report different ones)."""
+    return sorted({k for ks in all_gather_json(sorted(values)) for k in ks})
+
+
 def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Each key's sum over the ranks that report it (a rank may report none)."""
     if not current().distributed:
         return values
-    keys = sorted({k for ks in all_gather_json(sorted(values)) for k in ks})
+    keys = _reported_keys(values)
     total = all_reduce_sum(torch.tensor([values.get(k, 0.0) for k in keys], dtype=torch.float64))
     return {k: float(v) for k, v in zip(keys, total.tolist(), strict=True)}
 
@@ -249,7 +254,7 @@ def reduce_metrics(metrics: dict[str, float], weight: float, weights: dict[str, 
     if not current().distributed:
         return metrics
     weights = weights or {}
-    keys = sorted({k for ks in all_gather_json(sorted(metrics)) for k in ks})
+    keys = _reported_keys(metrics)
     packed = torch.zeros(2, len(keys), dtype=torch.float64)
     for i, key in enumerate(keys):
         if key in metrics:
@@ -292,7 +297,7 @@ _shard_in_use: tuple[list[int], int] | None = None
 @contextlib.contextmanager
 def rows_in_use(positions: list[int], n_global: int) -> Iterator[None]:
     """Tell tasks which rows of a global micro-batch of `n_global` this rank computes (for
-    random draws that must match one process: `shard_of_draw`). One process: no effect."""
+    random draws that must match one process: `pair_rows_of_draw`). One process: no effect."""
     global _shard_in_use
     previous, _shard_in_use = _shard_in_use, ((positions, n_global) if current().distributed else None)
     try:
@@ -340,14 +345,9 @@ def shard_items(items: Sequence, ranks: Ranks) -> list:
     return list(items[ranks.rank :: ranks.world]) if ranks.distributed else list(items)
 
 
-def global_scale(local_units: float, ranks: Ranks) -> tuple[float, float]:
-    """(factor for the local mean loss, global unit count): n_r * W / N, N = sum_r n_r.
-
-    One process: (1.0, n) so its loss is used exactly as computed.
-    """
+def loss_scale(local_units: float, total_units: float, ranks: Ranks) -> float:
+    """The factor for a rank's local mean loss: n_r * W / N, N = sum_r n_r (all-reduced by the
+    caller). One process: 1.0, so its loss is used exactly as computed."""
     if not ranks.distributed:
-        return 1.0, local_units
-    total = float(all_reduce_sum(torch.tensor([local_units], dtype=torch.float64))[0])
-    if total <= 0:
-        return 0.0, 0.0
-    return local_units * ranks.world / total, total
+        return 1.0
+    return local_units * ranks.world / total_units if total_units > 0 else 0.0

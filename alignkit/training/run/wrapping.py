@@ -33,17 +33,14 @@ class TaskForward(nn.Module):
         super().__init__()
         self.model = model
         self._compute = compute
-        self._guard: _GuardState | None = None
+        self._guard = _GuardState()  # how deep inside forward we are (`guard_model` reads it)
 
     def forward(self, *args, **kwargs):
-        guard = self._guard
-        if guard is None:
-            return self._compute(self.model, *args, **kwargs)
-        guard.depth += 1
+        self._guard.depth += 1
         try:
             return self._compute(self.model, *args, **kwargs)
         finally:
-            guard.depth -= 1
+            self._guard.depth -= 1
 
 
 class WrapperBypassed(RuntimeError):
@@ -58,8 +55,7 @@ def guard_model(forward: TaskForward, strategy: str) -> None:
     gradient-enabled forward outside the wrapper would skip the all-reduce; under FSDP2 any
     forward outside it meets sharded root weights.
     """
-    state = _GuardState()
-    forward._guard = state
+    state = forward._guard
 
     def check(_module, _inputs):
         if state.depth > 0:
