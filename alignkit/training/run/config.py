@@ -99,6 +99,22 @@ class TrainConfig:
     optimizer state sharded per decoder block). Ignored in one process."""
     logp_chunk_size: int = 1024
     """Response positions per chunk when computing log-probs from hidden states."""
+    overwrite: bool = False
+    """Start afresh in an --output that holds another run (its files are replaced)."""
+    override: str = ""
+    """With --resume: comma-separated config keys allowed to differ from the saved run (e.g. lr,max_steps)."""
+    allow_degenerate: bool = False
+    """Keep going when a run cannot learn (every step skipped, identical pairs, zero reward variance)."""
+    split: str | None = None
+    """Split to train on when --data is a directory or dataset with several (default: train)."""
+    data_format: str = "auto"
+    """Row schema: auto (detected), or hh for Anthropic HH-RLHF (chosen/rejected transcripts, no prompt)."""
+    reward_timeout: float = 600.0
+    """Seconds a reward function may take for one batch before the run stops with an error."""
+    reward_workers: int = 0
+    """Threads scoring reward batches concurrently (0: in the training thread); for slow or remote rewards."""
+    threads: int = 0
+    """torch CPU threads (0: one per core, fewer when other processes already load the cores)."""
     hparams: Annotated[dict[str, Any], tyro.conf.Suppress] = field(default_factory=dict)
     """Algorithm hyper-parameters (beta, label_smoothing, gamma, ...), set with --set."""
 
