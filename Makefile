@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install clean reliability
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,9 @@ test: $(VENV)/.stamp-dev
 
 lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff check alignkit tests bench
+
+reliability: $(VENV)/.stamp-dev
+	$(BIN)/python tests/faults/report.py
 
 bench: $(VENV)/.stamp-dev
 	$(BIN)/python bench/dpo_vs_trl.py
