@@ -29,8 +29,8 @@ def _pop_option(argv: list[str], name: str, repeat: bool = False) -> list[str]:
     while i < len(argv):
         arg = argv[i]
         if arg == name:
-            if i + 1 >= len(argv):
-                raise SystemExit(f"alignkit: {name} needs a value")
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ValueError(f"{name} needs a value")
             values.append(argv[i + 1])
             i += 2
             continue
@@ -41,21 +41,27 @@ def _pop_option(argv: list[str], name: str, repeat: bool = False) -> list[str]:
         i += 1
     argv[:] = rest
     if not repeat and len(values) > 1:
-        raise SystemExit(f"alignkit: {name} given more than once")
+        raise ValueError(f"{name} given more than once")
     return values
 
 
 def cmd_train(argv: list[str]) -> int:
-    import tyro
-
     from alignkit.algorithms import ALGORITHMS
+    from alignkit.cli_train import explicit_fields, parse_train_flags, train_overview
     from alignkit.training.run.config import TrainConfig, parse_set_values
+    from alignkit.training.run.validate import validate_config
 
     argv = list(argv)
     sets = _pop_option(argv, "--set", repeat=True)
     recipe = _pop_option(argv, "--config")
     algorithm = argv.pop(0) if argv and not argv[0].startswith("-") else None
     resume = _pop_option(argv, "--resume")
+    wants_help = "--help" in argv or "-h" in argv
+    if algorithm is not None and algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; `alignkit algorithms` lists them")
+    if wants_help and not (algorithm or recipe or resume):
+        print(train_overview(ALGORITHMS))
+        return 0
     saved = Path(resume[0]) / "config.yaml" if resume else None
     if recipe:
         default = TrainConfig.from_yaml(recipe[0])
@@ -67,20 +73,30 @@ def cmd_train(argv: list[str]) -> int:
         default.resume = resume[0]
     if algorithm:
         default.algorithm = algorithm
-    elif not (recipe or resume or "--help" in argv or "-h" in argv):
-        raise SystemExit("alignkit train: name an algorithm (alignkit algorithms lists them) or pass --config")
+    elif not (recipe or resume):
+        raise ValueError("name an algorithm (`alignkit algorithms` lists them) or pass --config recipe.yaml")
+    elif not recipe and not saved.exists():
+        raise FileNotFoundError(f"--resume {resume[0]}: no config.yaml there, so it is not a run directory "
+                                "alignkit wrote; name the algorithm (and its flags) to start a run in it")
+    if default.algorithm not in ALGORITHMS:
+        source = recipe[0] if recipe else saved
+        raise ValueError(f"{source}: unknown algorithm {default.algorithm!r}; `alignkit algorithms` lists them")
+    baseline = TrainConfig.from_yaml(saved) if saved is not None and saved.exists() and not recipe else TrainConfig()
     description = (
         f"Train {default.algorithm}. Algorithm hyper-parameters: --set key=value "
         "(e.g. --set beta=0.1), repeatable; --config recipe.yaml loads a recipe first. "
         + hparams_help(default.algorithm, ALGORITHMS)
     )
-    config = tyro.cli(TrainConfig, args=argv, default=default, prog="alignkit train", description=description)
+    config = parse_train_flags(argv, default, description)
     config.hparams = dict(default.hparams)
-    config.apply_overrides(parse_set_values(sets))
-    if config.algorithm not in ALGORITHMS:
-        raise SystemExit(f"alignkit train: unknown algorithm {config.algorithm!r}; see `alignkit algorithms`")
+    for key, value in parse_set_values(sets).items():
+        try:
+            config.apply_overrides({key: value})
+        except ValueError as error:
+            raise ValueError(f"--set {key}: {error}") from None
     if config.data is None and not config.resume:
-        raise SystemExit("alignkit train: --data is required")
+        raise ValueError("--data is required (a JSONL/JSON/Parquet/CSV file, a directory of them or a hub dataset id)")
+    validate_config(config, explicit_fields(config, baseline))
 
     if ALGORITHMS[config.algorithm].runner == "online":
         from alignkit.training.online.loop import run_online as run
@@ -126,7 +142,13 @@ def hparams_help(name: str, algorithms) -> str:
 
 def cmd_algorithms(argv: list[str]) -> int:
     from alignkit.algorithms import algorithms_table
+    from alignkit.cli_args import check_no_arguments_but
 
+    if "-h" in argv or "--help" in argv:
+        print("usage: alignkit algorithms [--markdown]\n\nEvery algorithm with its kind, data format, "
+              "models and paper; --markdown prints the README's table.")
+        return 0
+    check_no_arguments_but(argv, ("--markdown",), "algorithms")
     print(algorithms_table(markdown="--markdown" in argv))
     return 0
 
@@ -135,6 +157,14 @@ def cmd_eval_rm(argv: list[str]) -> int:
     """alignkit eval-rm --model RM --data PAIRS [--consistency FILE] [--output results.json]"""
     import argparse
     import json
+
+    from alignkit.cli_args import (
+        check_data_source,
+        check_reward_model_source,
+        non_negative_int,
+        positive_int,
+        prepare_output_file,
+    )
 
     parser = argparse.ArgumentParser(
         prog="alignkit eval-rm",
@@ -146,16 +176,22 @@ def cmd_eval_rm(argv: list[str]) -> int:
     parser.add_argument("--data", default=None, help="pairs (prompt, chosen, rejected) file")
     parser.add_argument("--consistency", default=None, help="contrast-instruction file (I1, I2, R1, R2)")
     parser.add_argument("--output", default=None, help="write the results JSON here")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--n-bootstrap", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--n-bootstrap", type=positive_int, default=2000)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args(argv)
     if args.data is None and args.consistency is None:
         parser.error("give --data and/or --consistency")
+    for flag, source in (("--data", args.data), ("--consistency", args.consistency)):
+        if source is not None:
+            check_data_source(flag, source)
+    if args.output:
+        prepare_output_file("--output", args.output)
+    check_reward_model_source(args.model)
 
     from alignkit.data import load_rows, split_implicit_prompt
     from alignkit.eval.reward_eval import evaluate_reward_model
-    from alignkit.rewards.scorer import load_reward_model, reward_model_kind
+    from alignkit.rewards.saved import load_reward_model, reward_model_kind
 
     kwargs = {} if reward_model_kind(args.model) == "embedding_rm" else {"batch_size": args.batch_size}
     scorer = load_reward_model(args.model, **kwargs)
@@ -199,6 +235,31 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `alignkit` command. Output cut short by a closed pipe (`alignkit ... | head`) ends
+    quietly with exit code 141 (128 + SIGPIPE), as a shell tool killed by SIGPIPE would."""
+    try:
+        try:
+            return run_verb(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that nothing more is written to the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured in tests)
+        pass
+    finally:
+        os.close(devnull)
+
+
+def run_verb(argv: list[str] | None = None) -> int:
+    """Run one verb; a user mistake (ValueError, FileNotFoundError) is one line and exit 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
@@ -218,13 +279,20 @@ def main(argv: list[str] | None = None) -> int:
     # under torchrun every rank may print an error: say which one
     where = f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
     try:
+        if verb in ("eval", "eval-rm", "overopt"):  # --threads for the verbs whose parsers lack it
+            from alignkit.training.run.threads import configure_cli_threads
+
+            rest = configure_cli_threads(rest)
         return commands[verb](rest)
     except (ValueError, FileNotFoundError) as error:  # bad input: the message names the problem
         if os.environ.get("ALIGNKIT_DEBUG"):
             raise
-        print(f"alignkit {verb}{where}: error: {error}", file=sys.stderr)
+        print(f"alignkit {verb}{where}: error: {' '.join(str(error).split())}", file=sys.stderr)
         print("(set ALIGNKIT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C / SIGTERM; a RunInterrupted says how to resume
+        print(f"alignkit {verb}{where}: {getattr(stop, 'message', 'interrupted')}", file=sys.stderr)
+        return 130
     finally:
         _leave_process_group()
 

@@ -6,11 +6,20 @@
 4. DPO with LoRA on self-generated pairs (per training prompt the most and the least positive of
    a few samples); evaluate it the same way
 5. write the report (report.html, PNGs, results.json) and print the table
+
+Memory: a step's activations for backward grow with the tokens in one forward (about 2 MB
+per token for SmolLM2-135M with LoRA on every linear layer: 30 layers x ~16k floats), so
+GRPO's 32 samples and DPO's 8 pairs (16 sequences) are trained in micro-batches of
+`grpo_micro_batch_size` samples and `dpo_micro_batch_size` pairs -- the same update, since
+losses are normalised by the step's global counts -- which keeps the whole demo under 2 GB.
+results.json records the peak RSS (`peak_rss_mb`, and the peak reached by the end of each
+stage, `stage_peak_rss_mb`).
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,12 +66,16 @@ class DemoOptions:
     """GRPO learning rate for the LoRA adapter."""
     grpo_beta: float = 0.02
     """GRPO KL coefficient (k3 in the loss; the reference is the base with the adapter off)."""
+    grpo_micro_batch_size: int = 2
+    """Samples per GRPO forward/backward; the step's samples are accumulated (memory, not math)."""
     dpo_samples_per_prompt: int = 4
     """Reviews sampled per training prompt; the best and the worst by VADER form its pair."""
     dpo_epochs: float = 2.0
     """DPO passes over the pairs."""
     dpo_batch_size: int = 8
     """Pairs per DPO step."""
+    dpo_micro_batch_size: int = 1
+    """Pairs per DPO forward/backward (divides dpo_batch_size); accumulated to a step."""
     dpo_lr: float = 5e-4
     """DPO learning rate for the LoRA adapter."""
     dpo_beta: float = 0.1
@@ -71,6 +84,10 @@ class DemoOptions:
     """Seed for sampling and training."""
     progress: bool = True
     """Show progress bars."""
+    threads: int = 0
+    """torch CPU threads (0: one per core, fewer when other processes already load the cores)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (less memory, about a third more training compute)."""
 
 
 def load_prompts() -> dict[str, list[str]]:
@@ -106,11 +123,19 @@ def build_pairs(prompts: list[str], groups: list[list[str]], reward) -> tuple[li
     return pairs, ties
 
 
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory so far, MiB: this process (`self`) and its largest finished child
+    (`children`), from getrusage (ru_maxrss is KiB on Linux)."""
+    return {who: resource.getrusage(which).ru_maxrss / 1024
+            for who, which in (("self", resource.RUSAGE_SELF), ("children", resource.RUSAGE_CHILDREN))}
+
+
 class StageClock:
-    """Seconds spent in each step, logged as each one ends."""
+    """Seconds spent in each step and the peak RSS reached by its end, logged as each ends."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
         self.current: tuple[str, float] | None = None
 
     def start(self, name: str, message: str, *args) -> None:
@@ -122,7 +147,8 @@ class StageClock:
         if self.current is not None:
             name, began = self.current
             self.seconds[name] = time.perf_counter() - began
-            log.info("      done in %.0f s", self.seconds[name])
+            self.peak_rss_mb[name] = peak_rss_mb()["self"]
+            log.info("      done in %.0f s (peak RSS so far %.0f MB)", self.seconds[name], self.peak_rss_mb[name])
             self.current = None
 
 
@@ -136,8 +162,11 @@ def train_grpo(options: DemoOptions, prompts: list[str], reward, output: Path):
     return train(
         "grpo", model=model, tokenizer=tokenizer, data=data, reward=reward, output_dir=output / "grpo",
         batch_size=per_step, max_steps=steps, lr=options.grpo_lr, lora_r=options.lora_r, seed=options.seed,
-        warmup_ratio=0.0, progress=options.progress, group_size=options.grpo_group_size,
+        warmup_ratio=0.0, progress=options.progress, threads=options.threads,
+        gradient_checkpointing=options.gradient_checkpointing, group_size=options.grpo_group_size,
         max_new_tokens=options.max_new_tokens, beta=options.grpo_beta, temperature=1.0,
+        micro_batch_size=options.grpo_micro_batch_size, allow_degenerate=True,  # the report judges it
+        overwrite=True,  # a re-run of the demo replaces its previous runs
     )
 
 
@@ -150,12 +179,24 @@ def train_dpo(options: DemoOptions, prompts: list[str], reward, output: Path):
                     max_new_tokens=options.max_new_tokens, temperature=1.0, seed=options.seed + 2).texts
     pairs, ties = build_pairs(prompts, groups, reward)
     log.info("      %d pairs (%d prompts left out: all their samples scored the same)", len(pairs), ties)
+    micro, accumulate = dpo_micro_batches(options)
     result = train(
         "dpo", model=model, tokenizer=tokenizer, data=pairs, output_dir=output / "dpo",
-        batch_size=options.dpo_batch_size, epochs=options.dpo_epochs, lr=options.dpo_lr, lora_r=options.lora_r,
-        seed=options.seed, max_length=256, warmup_ratio=0.1, progress=options.progress, beta=options.dpo_beta,
+        batch_size=micro, grad_accum=accumulate, epochs=options.dpo_epochs, lr=options.dpo_lr,
+        lora_r=options.lora_r, seed=options.seed, max_length=256, warmup_ratio=0.1, progress=options.progress,
+        threads=options.threads, gradient_checkpointing=options.gradient_checkpointing, allow_degenerate=True,
+        beta=options.dpo_beta,
+        overwrite=True,  # a re-run of the demo replaces its previous runs
     )
     return result, {"pairs": len(pairs), "pairs_left_out": ties}
+
+
+def dpo_micro_batches(options: DemoOptions) -> tuple[int, int]:
+    """(pairs per forward/backward, micro-batches per step) for `dpo_batch_size` pairs a step."""
+    micro = max(1, min(options.dpo_micro_batch_size, options.dpo_batch_size))
+    if options.dpo_batch_size % micro:
+        raise ValueError(f"--dpo-micro-batch-size {micro} must divide --dpo-batch-size {options.dpo_batch_size}")
+    return micro, options.dpo_batch_size // micro
 
 
 def evaluate(model, tokenizer, prompts, options: DemoOptions, reward, embedder, *, reference, base=None):
@@ -174,10 +215,13 @@ def run_demo(options: DemoOptions) -> dict:
     from alignkit.eval.report import curve_from_metrics, write_report
     from alignkit.models import load_model
     from alignkit.rewards import VaderSentiment
+    from alignkit.training.run.threads import configure_threads
 
     unknown = set(options.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown demo method(s) {sorted(unknown)}; choose from {METHODS}")
+    dpo_micro_batches(options)  # a bad split fails now, not after GRPO
+    configure_threads(options)
     started = time.perf_counter()
     output = Path(options.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -230,6 +274,10 @@ def run_demo(options: DemoOptions) -> dict:
         "extras": extras,
         "seconds": time.perf_counter() - started,
         "stage_seconds": clock.seconds,
+        "peak_rss_mb": peak_rss_mb()["self"],
+        "peak_rss_children_mb": peak_rss_mb()["children"],
+        "stage_peak_rss_mb": clock.peak_rss_mb,
+        "torch_threads": torch.get_num_threads(),
         "options": asdict(options),
         "notes": [f"{len(eval_prompts)} held-out prompts x {options.eval_samples} samples per model, "
                   f"temperature {options.eval_temperature}; intervals: 95% bootstrap over prompts",
@@ -237,7 +285,8 @@ def run_demo(options: DemoOptions) -> dict:
     }
     paths = write_report(results, output)
     print_summary(results, format_table)
-    print(f"\nreport: {paths.get('report.html', output / 'report.html')}  |  {results['seconds']:.0f} s")
+    print(f"\nreport: {paths.get('report.html', output / 'report.html')}  |  {results['seconds']:.0f} s"
+          f"  |  peak RSS {results['peak_rss_mb']:.0f} MB")
     return results
 
 

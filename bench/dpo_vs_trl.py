@@ -35,6 +35,16 @@ child (ru_maxrss) and `RSS base` = after importing torch + transformers, before 
 Children run with `--threads` torch threads (default 1: stable on a shared machine). TRL 1.x has
 no max_prompt_length; the synthetic prompts stay under 128 tokens, so neither side cuts them.
 A method whose child fails is reported with its error; the others still run.
+
+`--whole-process` times what a user's stopwatch sees instead: `alignkit train dpo ...` as a
+subprocess against `bench/trl_dpo_script.py` (the equivalent TRL script) as a subprocess, each
+at its default thread count (alignkit auto, torch's default for TRL; `--threads N` pins both),
+`--rounds` alternating runs each, median wall seconds, CPU seconds and peak RSS (`os.wait4`),
+and the ratios. Default workload: a random tiny Llama (hidden 256 x 4 layers) with a
+2,048-token vocabulary, prompts of 8-24 words, responses of 16-48 words, batch 8, 60 steps
+(`bench/_whole.py`):
+
+    python bench/dpo_vs_trl.py --whole-process --rounds 3
 """
 
 from __future__ import annotations
@@ -140,7 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=0, help="preference pairs (0 = batch x steps)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="pairs per step, both frameworks (kto: 2x as many unpaired rows)")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps (>= 2)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps (>= 2; default 20, 60 with --whole-process)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.1, help="beta of every method but simpo (2.0)")
     parser.add_argument("--max-length", type=int, default=256, help="prompt + response tokens")
@@ -153,9 +164,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--methods dpo, else alignkit,trl); trl-pre is skipped where it does not apply")
     parser.add_argument("--trl-no-gc", action="store_true",
                         help="turn off TRL's default gradient checkpointing")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per child, same for both (default 1: on a shared box, multi-"
-                        "threaded kernels stall whenever another process holds a core; 0 = torch default)")
+                        "threaded kernels stall whenever another process holds a core; 0 = torch default); "
+                        "--whole-process default: each side's own default (alignkit auto, TRL torch's)")
+    parser.add_argument("--whole-process", action="store_true",
+                        help="time `alignkit train dpo` against the TRL script end to end, as subprocesses")
+    parser.add_argument("--vocab-size", type=int, default=2048, help="--whole-process model vocabulary")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per child")
     parser.add_argument("--json", help="write the results here")
@@ -163,6 +178,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 60 if args.whole_process else 20
+    if args.threads is None:
+        args.threads = 0 if args.whole_process else 1
     if args.steps < 2 and not args.worker:
         parser.error("--steps must be at least 2 (step 1 is the excluded warm-up)")
     return args
@@ -382,6 +401,9 @@ def main() -> None:
     if args.worker:
         run_as_worker(args)
         return
+    if args.whole_process:
+        whole_process(args)
+        return
     methods, frameworks = selected(args)
     os.environ.update(WORKER_ENV)
     workdir = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
@@ -416,6 +438,57 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"spec": spec, "methods": specs, "runs": results, **summary},
                                               indent=2))
         print(f"\nresults written to {args.json}")
+
+
+def whole_process(args: argparse.Namespace) -> None:
+    """`alignkit train dpo` against `trl_dpo_script.py`, both timed end to end as subprocesses."""
+    from _whole import (
+        BENCH_DIR,
+        alignkit_command,
+        build_vocab_llama,
+        run_whole,
+        whole_report,
+        word_pairs,
+        write_jsonl,
+    )
+
+    os.environ.update(WORKER_ENV)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-dpo-whole-"))
+    model = args.model or str(build_vocab_llama(workdir / "model", vocab_size=args.vocab_size,
+                                                hidden_size=args.hidden_size, num_layers=args.num_layers,
+                                                num_heads=args.num_heads, seed=args.seed))
+    pairs = args.pairs or args.batch_size * args.steps
+    data = write_jsonl(workdir / "pairs.jsonl", word_pairs(pairs, seed=args.seed))
+    threads = [] if args.threads == 0 else ["--threads", str(args.threads)]
+    print(f"whole process: model {model}; {pairs} pairs (prompts 8-24 words, responses 16-48), batch "
+          f"{args.batch_size}, {args.steps} steps, beta {args.beta}, max_length {args.max_length}; threads "
+          f"{args.threads or 'each side its default'}; TRL gradient checkpointing {'off' if args.trl_no_gc else 'on (its default)'}; "
+          f"load average {os.getloadavg()[0]:.2f}; logs in {workdir}", flush=True)
+
+    def alignkit_run(run: int):
+        cmd = [*alignkit_command(), "train", "dpo", "--model", model, "--data", str(data),
+               "--output", str(workdir / f"alignkit-{run}"), "--batch-size", str(args.batch_size),
+               "--max-steps", str(args.steps), "--lr", str(args.lr), "--max-length", str(args.max_length),
+               "--max-prompt-length", str(args.max_prompt_length), "--warmup-ratio", "0",
+               "--scheduler", "linear", "--seed", str(args.seed), "--dtype", "float32", "--device", "cpu",
+               "--lora-r", str(args.lora_r), "--no-progress", "--set", f"beta={args.beta}", *threads]
+        return cmd, {}
+
+    def trl_run(run: int):
+        out = workdir / f"trl-{run}"
+        cmd = [sys.executable, str(BENCH_DIR / "trl_dpo_script.py"), "--model", model, "--data", str(data),
+               "--output", str(out), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+               "--lr", str(args.lr), "--beta", str(args.beta), "--max-length", str(args.max_length),
+               "--seed", str(args.seed), *(["--no-gc"] if args.trl_no_gc else []), *threads]
+        return cmd, {"HF_DATASETS_CACHE": str(out / "hf-datasets")}
+
+    results = run_whole({"alignkit": alignkit_run, "trl": trl_run}, args.rounds, workdir, args.timeout,
+                        log=lambda line: print(line, flush=True))
+    summary = whole_report(results, "alignkit", "trl")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"workload": {"model": model, "pairs": pairs, "steps": args.steps,
+                                                            "batch_size": args.batch_size}, "runs": results,
+                                               **summary}, indent=2))
 
 
 if __name__ == "__main__":

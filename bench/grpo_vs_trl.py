@@ -26,6 +26,16 @@ completion tokens per second of that loop (each side's own completion lengths, f
 `e2e` = load + train + save, `peak RSS` (ru_maxrss) and `RSS base` (after importing torch +
 transformers). Children run with `--threads` torch threads (default 1: stable on a shared box).
 TRL keeps its default gradient checkpointing (as bench/dpo_vs_trl.py) unless `--trl-no-gc`.
+
+`--whole-process` times what a user's stopwatch sees instead: `alignkit train grpo ...` as a
+subprocess against `bench/trl_grpo_script.py` (the equivalent TRL script) as a subprocess,
+each at its default thread count (alignkit auto, torch's default for TRL; `--threads N` pins
+both), `--rounds` alternating runs each, median wall seconds, CPU seconds and peak RSS
+(`os.wait4`), and the ratios. Default workload: a random tiny Llama (hidden 256 x 4 layers)
+with a 2,048-token vocabulary, prompts of 8-24 words, 4 prompts x 8 samples x 24 new tokens
+per step, 60 steps, the letter-e reward from a file (`bench/_whole.py`):
+
+    python bench/grpo_vs_trl.py --whole-process --rounds 3
 """
 
 from __future__ import annotations
@@ -72,15 +82,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--num-kv-heads", type=int, default=2)
-    parser.add_argument("--prompts-per-step", type=int, default=8)
+    parser.add_argument("--prompts-per-step", type=int, default=None, help="default 8 (4 with --whole-process)")
     parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps (>= 2)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (24 with --whole-process)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (>= 2; default 6, 60 with "
+                        "--whole-process)")
+    parser.add_argument("--whole-process", action="store_true",
+                        help="time `alignkit train grpo` against the TRL script end to end, as subprocesses")
+    parser.add_argument("--vocab-size", type=int, default=2048, help="--whole-process model vocabulary")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient (0: no reference)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per child (default 1; --whole-process: each side's own default)")
     parser.add_argument("--trl-no-gc", action="store_true",
                         help="turn off TRL's default gradient checkpointing (alignkit never checkpoints here)")
     parser.add_argument("--seed", type=int, default=0)
@@ -90,6 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    whole = args.whole_process
+    for name, loop_default, whole_default in (("steps", 6, 60), ("prompts_per_step", 8, 4),
+                                              ("max_new_tokens", 64, 24), ("threads", 1, 0)):
+        if getattr(args, name) is None:
+            setattr(args, name, whole_default if whole else loop_default)
     if args.steps < 2 and not args.worker:
         parser.error("--steps must be at least 2 (step 1 is the excluded warm-up)")
     return args
@@ -185,6 +205,9 @@ def main() -> None:
     if args.worker:
         run_as_worker(args)
         return
+    if args.whole_process:
+        whole_process(args)
+        return
     names = [n.strip() for n in args.frameworks.split(",") if n.strip()]
     os.environ.update(WORKER_ENV)
     workdir = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
@@ -235,6 +258,64 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"spec": spec, "runs": results, "medians": medians,
                                                "ratios": ratios}, indent=2))
+
+
+def whole_process(args: argparse.Namespace) -> None:
+    """`alignkit train grpo` against `trl_grpo_script.py`, both timed end to end as subprocesses."""
+    from _whole import (
+        BENCH_DIR,
+        REWARD_FILE,
+        alignkit_command,
+        build_vocab_llama,
+        run_whole,
+        whole_report,
+        word_prompts,
+        write_jsonl,
+    )
+
+    os.environ.update(WORKER_ENV)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-grpo-whole-"))
+    model = args.model or str(build_vocab_llama(workdir / "model", vocab_size=args.vocab_size,
+                                                hidden_size=args.hidden_size, num_layers=args.num_layers,
+                                                num_heads=args.num_heads, seed=args.seed))
+    n_prompts = args.prompts_per_step * args.steps
+    data = write_jsonl(workdir / "prompts.jsonl", word_prompts(n_prompts, seed=args.seed))
+    reward_file = workdir / "reward.py"
+    reward_file.write_text(REWARD_FILE)
+    reward = f"{reward_file}:count_e"
+    threads = [] if args.threads == 0 else ["--threads", str(args.threads)]
+    print(f"whole process: model {model}; {n_prompts} prompts (8-24 words), {args.prompts_per_step} prompts x "
+          f"{args.group_size} samples x {args.max_new_tokens} new tokens, {args.steps} steps, beta {args.beta}; "
+          f"threads {args.threads or 'each side its default'}; TRL gradient checkpointing "
+          f"{'off' if args.trl_no_gc else 'on (its default)'}; load average {os.getloadavg()[0]:.2f}; "
+          f"logs in {workdir}", flush=True)
+
+    def alignkit_run(run: int):
+        cmd = [*alignkit_command(), "train", "grpo", "--model", model, "--data", str(data), "--reward", reward,
+               "--output", str(workdir / f"alignkit-{run}"), "--batch-size", str(args.prompts_per_step),
+               "--max-steps", str(args.steps), "--lr", str(args.lr), "--warmup-ratio", "0",
+               "--scheduler", "constant", "--seed", str(args.seed), "--dtype", "float32", "--device", "cpu",
+               "--no-progress", "--set", f"group_size={args.group_size}",
+               "--set", f"max_new_tokens={args.max_new_tokens}", "--set", f"beta={args.beta}",
+               "--set", "temperature=1.0", "--set", "eps_low=0.2", "--set", "scale_by_std=true", *threads]
+        return cmd, {}
+
+    def trl_run(run: int):
+        out = workdir / f"trl-{run}"
+        cmd = [sys.executable, str(BENCH_DIR / "trl_grpo_script.py"), "--model", model, "--data", str(data),
+               "--reward", reward, "--output", str(out), "--prompts-per-step", str(args.prompts_per_step),
+               "--group-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens),
+               "--steps", str(args.steps), "--lr", str(args.lr), "--beta", str(args.beta), "--seed", str(args.seed),
+               *(["--no-gc"] if args.trl_no_gc else []), *threads]
+        return cmd, {"HF_DATASETS_CACHE": str(out / "hf-datasets")}
+
+    results = run_whole({"alignkit": alignkit_run, "trl": trl_run}, args.rounds, workdir, args.timeout,
+                        log=lambda line: print(line, flush=True))
+    summary = whole_report(results, "alignkit", "trl")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"workload": {"model": model, "prompts": n_prompts,
+                                                            "steps": args.steps}, "runs": results, **summary},
+                                              indent=2))
 
 
 if __name__ == "__main__":

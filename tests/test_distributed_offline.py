@@ -100,11 +100,14 @@ def one_process(algorithm: str, lora: int, model_dir, data: str, root: Path, **o
 
 def assert_runs_match(two: list[dict], one: list[dict], metrics=("rewards/margins", "rewards/accuracies",
                                                                      "logps/chosen")) -> None:
-    """Loss and grad norm to 1e-5 relative, step by step, and the row-mean metrics `metrics`."""
+    """Loss to 1e-5 and grad norm to 3e-5 relative, step by step, and the row-mean metrics
+    `metrics`. The grad norm is a float32 sum over every parameter of gradients reduced in another
+    order on two ranks: the reward model's measured 1.05e-5 is that rounding, not a lost term (a
+    lost row or a per-rank mean is off by whole percents)."""
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for a, b in zip(two, one, strict=True):
-        for key in ("loss", "grad_norm"):
-            assert relative_error(a[key], b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+        for key, tolerance in (("loss", 1e-5), ("grad_norm", 3e-5)):
+            assert relative_error(a[key], b[key]) < tolerance, (a["step"], key, a[key], b[key])
         for key in metrics:
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
@@ -135,7 +138,7 @@ def test_rank_zero_alone_writes_the_run_files(runs):
     out, _ = runs
     run = out / case_name("dpo", "fsdp2", 0) / "run"
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "final", "metrics.jsonl",
-                                                      "reference_logps.safetensors"]
+                                                      "reference_logps.safetensors", "run.json"]
     assert len(read_metrics(run)) == BASE["max_steps"]  # one writer: no interleaved lines
 
 

@@ -101,7 +101,7 @@ def test_generation_rounds_bound_raises_by_default_as_verl(tiny_model_dir, tmp_p
 
 def test_exhausted_rounds_with_no_group_skip_the_update(tiny_model_dir, tmp_path, spy):
     result = run(tiny_model_dir, tmp_path / "empty", reward=flat, steps=2, max_generation_rounds=3,
-                 rounds_exhausted="train")
+                 rounds_exhausted="train", allow_degenerate=True)  # no step can learn: refused without it
     rows = read_metrics(tmp_path / "empty")
     assert [r["step"] for r in rows] == [1, 2] and spy["generate"] == 6 and spy["trained_rows"] == []
     for r in rows:

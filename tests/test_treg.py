@@ -232,9 +232,9 @@ def test_token_rewards_are_cached_and_recomputed_when_the_templates_change(tiny_
         return original(self, model, batch)
 
     monkeypatch.setattr(TRegTask, "reference_values", counting)
-    alignkit.train("treg", model=str(tiny_model_dir), data=data, output_dir=tmp_path, **settings)
+    alignkit.train("treg", model=str(tiny_model_dir), data=data, output_dir=tmp_path, overwrite=True, **settings)
     assert not calls  # same data, model and templates: read from the cache
-    alignkit.train("treg", model=str(tiny_model_dir), data=data, output_dir=tmp_path,
+    alignkit.train("treg", model=str(tiny_model_dir), data=data, output_dir=tmp_path, overwrite=True,
                    better_template="{prompt} Please answer well.", **settings)
     assert calls
 

@@ -22,7 +22,9 @@ from alignkit.data.formats import (
     split_implicit_prompt,
     validate_rows,
 )
+from alignkit.data.hh import DATA_FORMATS
 from alignkit.data.loading import builtin_prompts, load_rows
+from alignkit.data.splits import EVAL_SPLITS
 from alignkit.data.table import RowTable
 from alignkit.data.tokenize import (
     PairExample,
@@ -37,6 +39,8 @@ from alignkit.data.tokenize import (
 )
 
 __all__ = [
+    "DATA_FORMATS",
+    "EVAL_SPLITS",
     "EXPECTED_COLUMNS",
     "KINDS",
     "DataError",

@@ -24,7 +24,7 @@ class DataError(ValueError):
         if self.row is None:
             return f"{self.file}: {self.problem}"
         # CSV rows are reported as the editor line they start on (header = line 1).
-        unit = "line" if self.file.lower().endswith(".csv") else "row"
+        unit = "line" if self.file.lower().endswith((".csv", ".csv.gz")) else "row"
         return f"{self.file}, {unit} {self.row}: {self.problem}"
 
     def __reduce__(self):  # keep the three-argument constructor picklable (DataLoader workers)

@@ -12,11 +12,12 @@ The formats are TRL's (standard text or conversational lists of `{"role", "conte
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from alignkit.data.columns import is_id_column
 from alignkit.data.errors import DataError
+from alignkit.data.row_checks import check_number_columns, check_one_style, number_problem
 from alignkit.data.table import RowTable
 
 KINDS = ("prompt", "sft", "pairwise", "ranked", "unpaired", "ratings")
@@ -32,8 +33,6 @@ EXPECTED_COLUMNS = (
 FORMAT_COLUMNS = frozenset(
     {"prompt", "completion", "messages", "chosen", "rejected", "completions", "scores", "label"}
 )
-# Numeric bookkeeping columns that are not ratings either.
-_ID_COLUMNS = frozenset({"id", "idx", "index", "uid", "row", "row_id", "example_id"})
 
 
 def is_conversational(value: Any) -> bool:
@@ -60,7 +59,7 @@ def rating_columns(source: RowTable | Mapping[str, Any]) -> list[str]:
     columns = source.columns if isinstance(source, RowTable) else list(source)
     found = []
     for column in columns:
-        if column in FORMAT_COLUMNS or column in _ID_COLUMNS or column.endswith("_id"):
+        if column in FORMAT_COLUMNS or is_id_column(column):
             continue
         values = [row[column] for row in rows if row.get(column) is not None]
         if values and all(_is_number(v) for v in values):
@@ -68,12 +67,17 @@ def rating_columns(source: RowTable | Mapping[str, Any]) -> list[str]:
     return found
 
 
-def detect_kind(columns: RowTable | Mapping[str, Any] | Iterable[str]) -> str:
+def detect_kind(
+    columns: RowTable | Mapping[str, Any] | Iterable[str],
+    accepted: Iterable[str] | None = None,
+) -> str:
     """The dataset format of a table, a single row, or a collection of column names.
 
     Also accepts a `datasets.Dataset` (its column names). Returns one of `KINDS`.
     Telling "ratings" from "sft" needs values, so pass a `RowTable`
     or a row for that; with bare column names, prompt + completion is always "sft".
+    A table can fit several formats (UltraFeedback has chosen/rejected and `messages`): the
+    first that is in `accepted` wins (the formats a trainer takes), else the first that fits.
     Raises `DataError(file, None, ...)` listing the expected column sets if nothing matches.
     """
     file = columns.source if isinstance(columns, RowTable) else "<data>"
@@ -84,18 +88,10 @@ def detect_kind(columns: RowTable | Mapping[str, Any] | Iterable[str]) -> str:
         names, ratings = set(columns.column_names), False
     else:
         names, ratings = set(columns), False
-    if {"chosen", "rejected"} <= names:
-        return "pairwise"
-    if {"prompt", "completions", "scores"} <= names:
-        return "ranked"
-    if {"prompt", "completion", "label"} <= names:
-        return "unpaired"
-    if {"prompt", "completion"} <= names:
-        return "ratings" if ratings else "sft"
-    if "messages" in names:
-        return "sft"
-    if "prompt" in names:
-        return "prompt"
+    kinds = _fitting_kinds(names, ratings)
+    if kinds:
+        wanted = [kind for kind in kinds if kind in set(accepted or ())]
+        return (wanted or kinds)[0]
     raise DataError(
         file,
         None,
@@ -104,19 +100,64 @@ def detect_kind(columns: RowTable | Mapping[str, Any] | Iterable[str]) -> str:
     )
 
 
+def _fitting_kinds(names: set[str], ratings: bool) -> list[str]:
+    """Every format whose columns are all in `names`, most specific first."""
+    kinds = []
+    if {"chosen", "rejected"} <= names:
+        kinds.append("pairwise")
+    if {"prompt", "completions", "scores"} <= names:
+        kinds.append("ranked")
+    if {"prompt", "completion", "label"} <= names:
+        kinds.append("unpaired")
+    if {"prompt", "completion"} <= names:
+        kinds.append("ratings" if ratings else "sft")
+    if "messages" in names and "sft" not in kinds:
+        kinds.append("sft")
+    if not kinds and "prompt" in names:
+        kinds.append("prompt")
+    return kinds
+
+
+def _shared_length(first: list[Any], second: list[Any]) -> int:
+    """How many leading messages two conversations have in common (all but the last turn
+    when they are identical, so that each keeps a response)."""
+    if first == second:
+        return max(len(first) - 1, 0)
+    shared = 0
+    while shared < min(len(first), len(second)) and first[shared] == second[shared]:
+        shared += 1
+    return shared
+
+
+def _prompt_repeated(prompt: Any, shared: list[Any]) -> bool:
+    """True when the shared leading messages already hold `prompt` (UltraFeedback's chosen and
+    rejected repeat the user turn that its `prompt` column also holds)."""
+    if isinstance(prompt, list):
+        return bool(prompt) and shared[: len(prompt)] == prompt
+    if isinstance(prompt, str):
+        return any(
+            isinstance(m, Mapping) and m.get("role") == "user"
+            and isinstance(m.get("content"), str) and m["content"].strip() == prompt.strip()
+            for m in shared
+        )
+    return False
+
+
 def split_implicit_prompt(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Give a conversational pair without a `prompt` its shared leading messages as prompt.
+    """Give a conversational pair its shared leading messages as prompt.
 
     `chosen = [u, a1]`, `rejected = [u, a2]` becomes `prompt = [u]`, `chosen = [a1]`,
-    `rejected = [a2]`. Rows that already have a prompt are returned unchanged (as a dict).
+    `rejected = [a2]`: when there is no `prompt`, or when the shared messages repeat the
+    prompt (UltraFeedback: `prompt` is the text of `u`). Other rows are returned unchanged
+    (as a dict).
     """
     row = dict(row)
-    if row.get("prompt") is not None:
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if not (is_conversational(chosen) and is_conversational(rejected)):
         return row
-    chosen, rejected = row["chosen"], row["rejected"]
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
+    shared = _shared_length(chosen, rejected)
+    if row.get("prompt") is not None and not _prompt_repeated(row["prompt"], chosen[:shared]):
+        return row
     row.update(
         prompt=list(chosen[:shared]), chosen=list(chosen[shared:]), rejected=list(rejected[shared:])
     )
@@ -162,18 +203,6 @@ def _text_problem(column: str, value: Any, *, allow_empty: bool = False) -> str 
     )
 
 
-def _number_problem(column: str, value: Any) -> str | None:
-    if value is None:
-        return f"column '{column}' is missing"
-    if not _is_number(value):
-        return f"column '{column}' must be a number, got {type(value).__name__} {value!r}"
-    if math.isnan(value):
-        return f"column '{column}' is NaN"
-    if math.isinf(value):
-        return f"column '{column}' is infinite"
-    return None
-
-
 def _check_prompt(row: Mapping[str, Any], *, allow_empty: bool = True) -> str | None:
     return _text_problem(
         "prompt", row.get("prompt"), allow_empty=allow_empty and isinstance(row.get("prompt"), str)
@@ -184,8 +213,13 @@ def _check_prompt_only(row: Mapping[str, Any], **_: Any) -> str | None:
     return _check_prompt(row, allow_empty=False)
 
 
+def uses_messages(row: Mapping[str, Any]) -> bool:
+    """True for an SFT row whose `messages` are the example (it has no `completion`)."""
+    return row.get("completion") is None and row.get("messages") is not None
+
+
 def _check_sft(row: Mapping[str, Any], **_: Any) -> str | None:
-    if row.get("prompt") is None and row.get("messages") is not None:
+    if uses_messages(row):
         messages = row["messages"]
         problem = _text_problem("messages", messages)
         if problem:
@@ -207,35 +241,52 @@ def _check_pairwise(row: Mapping[str, Any], *, allow_identical_pairs: bool) -> s
     for column in ("chosen", "rejected"):
         if row.get(column) is None:
             return f"column '{column}' is missing"
-    if row.get("prompt") is None:
-        if not (is_conversational(row["chosen"]) and is_conversational(row["rejected"])):
-            return (
-                "column 'prompt' is missing (without it, 'chosen' and 'rejected' must be "
-                "conversations that share their leading prompt messages)"
-            )
-        problem = _text_problem("chosen", row["chosen"]) or _text_problem(
-            "rejected", row["rejected"]
+    if row.get("prompt") is None and not (
+        is_conversational(row["chosen"]) and is_conversational(row["rejected"])
+    ):
+        return (
+            "column 'prompt' is missing (without it, 'chosen' and 'rejected' must be "
+            "conversations that share their leading prompt messages)"
         )
-        if problem:
-            return problem
-        if row["chosen"] == row["rejected"]:
-            return None if allow_identical_pairs else _identical_problem()
-        split = split_implicit_prompt(row)
-        if not split["prompt"]:
-            return "'chosen' and 'rejected' share no leading prompt messages"
-        for column in ("chosen", "rejected"):
-            if not split[column]:
-                return f"column '{column}' has no messages after the prompt it shares"
-        row = split
-    problem = (
-        _check_prompt(row)
-        or _text_problem("chosen", row["chosen"])
-        or _text_problem("rejected", row["rejected"])
-    )
+    problem = _text_problem("chosen", row["chosen"]) or _text_problem("rejected", row["rejected"])
     if problem:
         return problem
-    if row["chosen"] == row["rejected"] and not allow_identical_pairs:
-        return _identical_problem()
+    if row["chosen"] == row["rejected"]:
+        return None if allow_identical_pairs else _identical_problem()
+    split = split_implicit_prompt(row)
+    if split.get("prompt") is not row.get("prompt"):  # the prompt is their shared messages
+        problem = _shared_prompt_problem(split)
+        if problem:
+            return problem
+    problem = (
+        _check_prompt(split)
+        or _text_problem("chosen", split["chosen"])
+        or _text_problem("rejected", split["rejected"])
+    )
+    return problem or _repeated_prompt_problem(split)
+
+
+def _shared_prompt_problem(split: Mapping[str, Any]) -> str | None:
+    """What is wrong with a pair whose prompt was taken from its shared leading messages."""
+    if not split["prompt"]:
+        return "'chosen' and 'rejected' share no leading prompt messages"
+    for column in ("chosen", "rejected"):
+        if not split[column]:
+            return f"column '{column}' has no messages after the prompt it shares"
+    return None
+
+
+def _repeated_prompt_problem(row: Mapping[str, Any]) -> str | None:
+    """A response that starts with a user turn after an explicit prompt would render the
+    prompt twice; the responses must hold the assistant's turns."""
+    for column in ("chosen", "rejected"):
+        value = row[column]
+        if is_conversational(value) and value[0]["role"] == "user":
+            return (
+                f"column '{column}' starts with a user message that is not the 'prompt' column's "
+                "text; put only the assistant's turns in 'chosen' and 'rejected' (or drop "
+                "'prompt' so their shared leading messages become the prompt)"
+            )
     return None
 
 
@@ -268,7 +319,7 @@ def _check_ranked(row: Mapping[str, Any], **_: Any) -> str | None:
     if len(scores) != len(completions):
         return f"column 'scores' has {len(scores)} values but 'completions' has {len(completions)}"
     for k, score in enumerate(scores):
-        problem = _number_problem(f"scores[{k}]", score)
+        problem = number_problem(f"scores[{k}]", score)
         if problem:
             return problem
     return None
@@ -290,7 +341,7 @@ def _make_ratings_check(columns: list[str]) -> Callable[..., str | None]:
     def check(row: Mapping[str, Any], **_: Any) -> str | None:
         problem = _check_prompt(row) or _text_problem("completion", row.get("completion"))
         for column in columns:
-            problem = problem or _number_problem(column, row.get(column))
+            problem = problem or number_problem(column, row.get(column))
         return problem
 
     return check
@@ -327,3 +378,17 @@ def validate_rows(table: RowTable, kind: str, *, allow_identical_pairs: bool = F
         problem = check(row, allow_identical_pairs=allow_identical_pairs)
         if problem:
             raise table.error(i, problem)
+    check_one_style(table, lambda row: _is_conversational_row(row, kind))
+    check_number_columns(table)
+
+
+def _is_conversational_row(row: Mapping[str, Any], kind: str) -> bool:
+    """True when the columns a `kind` row is read from hold conversations (message lists)."""
+    if kind == "sft" and uses_messages(row):
+        return True
+    columns = {"pairwise": ("prompt", "chosen", "rejected"), "ranked": ("prompt", "completions"),
+               "prompt": ("prompt",)}.get(kind, ("prompt", "completion"))
+    values = [row.get(column) for column in columns]
+    if kind == "ranked" and isinstance(values[1], list):
+        values = [values[0], *values[1]]
+    return any(is_conversational(value) for value in values)

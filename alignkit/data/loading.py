@@ -2,34 +2,57 @@
 
 Every row keeps its origin `(file, 1-based row)` so later validation errors can point at the
 exact place an editor shows: the line for JSONL and CSV (header = line 1), the record index
-for JSON arrays, Parquet and in-memory data.
+for JSON arrays, Parquet and in-memory data. Text files are UTF-8 (a leading byte-order mark
+is dropped); a directory holding splits (train.jsonl + test.jsonl, train-00000-of-00001.parquet,
+train/ and test/ folders, a `save_to_disk` dataset) is read one split at a time.
 """
 
 from __future__ import annotations
 
-import csv
 import json
+import logging
 import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from alignkit.data.csv_table import load_csv
+from alignkit.data.encoding import binary_lines, data_suffix, decode_utf8, read_bytes
 from alignkit.data.errors import DataError
+from alignkit.data.hh import apply_data_format
+from alignkit.data.splits import SplitChoice, choose_split, split_of
 from alignkit.data.table import RowTable
+
+log = logging.getLogger("alignkit")
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 _PATH_LIKE_SUFFIXES = DATA_SUFFIXES + (".txt", ".tsv", ".gz", ".zst", ".arrow", ".ndjson")
 
 
-def load_rows(source: Any, *, split: str = "train") -> RowTable:
+def load_rows(source: Any, *, split: SplitChoice = None, data_format: str = "auto") -> RowTable:
     """Load rows from any supported source and remember where each came from.
 
     `source` may be: a path to a `.jsonl`, `.json`, `.parquet` or `.csv` file; a directory
-    of such files (sorted by path and concatenated, each row keeping its own file name); a
-    `datasets.Dataset`; a `datasets.DatasetDict` (the `split` is taken); a list of dicts
-    (origin `"<list>"`); or a hub dataset id, loaded with `datasets.load_dataset(source,
-    split=split)`. A path that does not exist raises `DataError` instead of a hub lookup.
+    of such files (sorted by path and concatenated, each row keeping its own file name; when
+    the files name splits, only those of one split); a `datasets` dataset saved with
+    `save_to_disk`; a `datasets.Dataset`; a `datasets.DatasetDict`; a list of dicts (origin
+    `"<list>"`); or a hub dataset id, loaded with `datasets.load_dataset(source, split=...)`.
+    A path that does not exist raises `DataError` instead of a hub lookup.
+
+    `split` picks the split: a name (an error listing the splits found if there is none of
+    that name, or if the source has no splits), a sequence of preferred names, or None for
+    `train` (or the only split there is). `data_format` is `auto` or `hh` (Anthropic
+    HH-RLHF transcripts, split into prompt and responses; `auto` detects them).
     """
+    table = _load_any(source, split)
+    if len(table) == 0:
+        raise DataError(os.fspath(source) if isinstance(source, str | os.PathLike) else table.source,
+                        None, "the dataset has no rows")
+    return apply_data_format(table, data_format)
+
+
+def _load_any(source: Any, split: SplitChoice) -> RowTable:
+    """Rows of `source` before any schema conversion (see `load_rows`)."""
     if isinstance(source, RowTable):
         return source
     if isinstance(source, list | tuple):
@@ -42,16 +65,22 @@ def load_rows(source: Any, *, split: str = "train") -> RowTable:
 
     path = Path(os.path.expanduser(os.fspath(source)))
     if path.is_dir():
-        table = _load_directory(path)
-    elif path.is_file():
-        table = _load_file(path)
-    elif isinstance(source, os.PathLike) or _looks_like_path(os.fspath(source)):
+        return _load_directory(path, split)
+    if path.is_file():
+        _refuse_split_of_one_file(str(path), split)
+        return _load_file(path)
+    if isinstance(source, os.PathLike) or _looks_like_path(os.fspath(source)):
         raise DataError(os.fspath(source), None, "no such file or directory")
-    else:
-        table = _load_hub(str(source), split)
-    if len(table) == 0:
-        raise DataError(os.fspath(source), None, "the dataset has no rows")
-    return table
+    return _load_hub(str(source), split)
+
+
+def _refuse_split_of_one_file(where: str, split: SplitChoice) -> None:
+    """A split asked for by name from a source that has no splits is a mistake, not ignored."""
+    if isinstance(split, str):
+        raise DataError(
+            where, None, f"no split {split!r}: this data has no splits (it is one set of rows); "
+            "drop --split, or point --data at a directory with split files (train.jsonl, test.jsonl)"
+        )
 
 
 def builtin_prompts() -> dict[str, list[str]]:
@@ -83,16 +112,14 @@ def _from_records(file: str, records: list[Any], first_row: int = 1) -> RowTable
     return RowTable([dict(r) for r in records], origins)
 
 
-def _from_datasets_object(source: Any, split: str) -> RowTable | None:
+def _from_datasets_object(source: Any, split: SplitChoice) -> RowTable | None:
     """Rows of a `datasets.Dataset` / `DatasetDict`, or None if `source` is neither."""
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
         return None
     if isinstance(source, datasets.DatasetDict):
-        if split not in source:
-            raise DataError("<DatasetDict>", None, f"no split {split!r}; it has {sorted(source)}")
-        source = source[split]
+        source = source[choose_split(source.keys(), split, "<DatasetDict>")]
     if isinstance(source, datasets.IterableDataset):
         return _from_records("<IterableDataset>", list(source))
     if isinstance(source, datasets.Dataset):
@@ -101,11 +128,18 @@ def _from_datasets_object(source: Any, split: str) -> RowTable | None:
     return None
 
 
-def _load_hub(dataset_id: str, split: str) -> RowTable:
+def _load_hub(dataset_id: str, split: SplitChoice) -> RowTable:
+    """A hub dataset: the named split, or (for preferences) the first of them it has."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(dataset_id, split=split)
+        if split is None or isinstance(split, str):
+            dataset = datasets.load_dataset(dataset_id, split=split or "train")
+        else:
+            splits = datasets.load_dataset(dataset_id)
+            dataset = splits[choose_split(splits.keys(), split, dataset_id)]
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001 - re-raised with the id the user typed
         raise DataError(
             dataset_id,
@@ -116,16 +150,65 @@ def _load_hub(dataset_id: str, split: str) -> RowTable:
     return _from_records(dataset_id, dataset.to_list())
 
 
-def _load_directory(directory: Path) -> RowTable:
-    files = sorted(
+def _data_files(directory: Path) -> list[Path]:
+    """The data files under `directory`, sorted by path, hidden files and folders left out."""
+    return sorted(
         p
         for p in directory.rglob("*")
         if p.is_file()
-        and p.suffix.lower() in DATA_SUFFIXES
+        and data_suffix(p) in DATA_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(directory).parts)
     )
+
+
+def _split_files(directory: Path, files: list[Path], split: SplitChoice) -> list[Path]:
+    """The files of the split to read when the files name splits, else all of them (logged)."""
+    relative = [f.relative_to(directory) for f in files]
+    splits = [split_of(r) for r in relative]
+    if all(s is None for s in splits):
+        _refuse_split_of_one_file(str(directory), split)
+        log.info("%s: reading all %d data files (no split names): %s",
+                 directory, len(files), ", ".join(map(str, relative)))
+        return files
+    if None in splits:
+        unnamed = [str(r) for r, s in zip(relative, splits, strict=True) if s is None]
+        named = [str(r) for r, s in zip(relative, splits, strict=True) if s is not None]
+        raise DataError(
+            str(directory), None,
+            f"{', '.join(unnamed[:3])} name no split while {', '.join(named[:3])} do; "
+            "move the other files out, or point --data at one file",
+        )
+    chosen = choose_split(splits, split, str(directory))
+    picked = [f for f, s in zip(files, splits, strict=True) if s == chosen]
+    log.info("%s: split %r (splits found: %s), reading %s", directory, chosen,
+             ", ".join(sorted(set(splits))), ", ".join(str(f.relative_to(directory)) for f in picked))
+    return picked
+
+
+def _load_saved_dataset(directory: Path, split: SplitChoice) -> RowTable:
+    """A dataset written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(directory))
+    except Exception as exc:  # noqa: BLE001 - datasets raises several types for bad folders
+        raise DataError(str(directory), None, f"cannot read the saved dataset: {exc}") from exc
+    if isinstance(saved, datasets.DatasetDict):
+        chosen = choose_split(saved.keys(), split, str(directory))
+        log.info("%s: split %r of the saved dataset (splits found: %s)",
+                 directory, chosen, ", ".join(sorted(saved.keys())))
+        return _from_records(str(directory / chosen), saved[chosen].to_list())
+    _refuse_split_of_one_file(str(directory), split)
+    return _from_records(str(directory), saved.to_list())
+
+
+def _load_directory(directory: Path, split: SplitChoice) -> RowTable:
+    if (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file():
+        return _load_saved_dataset(directory, split)
+    files = _data_files(directory)
     if not files:
         raise DataError(str(directory), None, f"no data files ({', '.join(DATA_SUFFIXES)})")
+    files = _split_files(directory, files, split)
     rows: list[dict[str, Any]] = []
     origins: list[tuple[str, int]] = []
     for file in files:
@@ -136,19 +219,19 @@ def _load_directory(directory: Path) -> RowTable:
 
 
 def _load_file(path: Path) -> RowTable:
-    suffix = path.suffix.lower()
+    suffix = data_suffix(path)
     loaders = {
         ".jsonl": _load_jsonl,
         ".json": _load_json,
         ".parquet": _load_parquet,
-        ".csv": _load_csv,
+        ".csv": load_csv,
     }
     if suffix not in loaders:
         raise DataError(
             str(path),
             None,
             f"unsupported file type {suffix or '(none)'!r}; "
-            f"expected one of {', '.join(DATA_SUFFIXES)}",
+            f"expected one of {', '.join(DATA_SUFFIXES)} (or .jsonl.gz, .json.gz, .csv.gz)",
         )
     return loaders[suffix](path)
 
@@ -158,29 +241,29 @@ def _load_jsonl(path: Path) -> RowTable:
     file = str(path)
     rows: list[dict[str, Any]] = []
     origins: list[tuple[str, int]] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    file, line_number, f"invalid JSON: {exc.msg} (column {exc.colno})"
-                ) from exc
-            if not isinstance(record, dict):
-                raise DataError(
-                    file, line_number, f"expected a JSON object, got {type(record).__name__}"
-                )
-            rows.append(record)
-            origins.append((file, line_number))
+    for line_number, raw in enumerate(binary_lines(path), start=1):
+        line = decode_utf8(raw, file, first_line=line_number)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                file, line_number, f"invalid JSON: {exc.msg} (column {exc.colno})"
+            ) from exc
+        if not isinstance(record, dict):
+            raise DataError(
+                file, line_number, f"expected a JSON object, got {type(record).__name__}"
+            )
+        rows.append(record)
+        origins.append((file, line_number))
     return RowTable(rows, origins)
 
 
 def _load_json(path: Path) -> RowTable:
     """A JSON array of objects, an object holding one such array, or (mis-named) JSONL."""
     file = str(path)
-    text = path.read_text(encoding="utf-8")
+    text = decode_utf8(read_bytes(path), file, rows_are_lines=False)
     if not text.strip():
         return RowTable([], [])
     try:
@@ -213,51 +296,3 @@ def _load_parquet(path: Path) -> RowTable:
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for bad files
         raise DataError(str(path), None, f"cannot read Parquet: {exc}") from exc
     return _from_records(str(path), records)
-
-
-def _load_csv(path: Path) -> RowTable:
-    """CSV with a header line; numeric and true/false columns are converted column-wise."""
-    file = str(path)
-    rows: list[dict[str, Any]] = []
-    origins: list[tuple[str, int]] = []
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            return RowTable([], [])
-        if len(set(header)) != len(header):
-            raise DataError(file, 1, f"duplicate column names in header {header}")
-        start_line = reader.line_num + 1
-        for record in reader:
-            line, start_line = start_line, reader.line_num + 1  # records may span lines
-            if not record:
-                continue  # blank line
-            if len(record) != len(header):
-                raise DataError(file, line, f"expected {len(header)} fields, found {len(record)}")
-            rows.append(dict(zip(header, record, strict=True)))
-            origins.append((file, line))
-    for column in header:
-        _convert_csv_column(rows, column)
-    return RowTable(rows, origins)
-
-
-def _convert_csv_column(rows: list[dict[str, Any]], column: str) -> None:
-    """Turn a column into int, float or bool when every one of its values parses as such."""
-    values = [row[column] for row in rows]
-    if not values:
-        return
-    for convert in (_to_bool, int, float):
-        try:
-            converted = [convert(value) for value in values]
-        except ValueError:
-            continue
-        for row, value in zip(rows, converted, strict=True):
-            row[column] = value
-        return
-
-
-def _to_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    raise ValueError(text)

@@ -98,14 +98,22 @@ class RankedExample:
 def _prompt_and_responses(
     row: Mapping[str, Any], response_keys: Sequence[str]
 ) -> tuple[Response, list[Response]]:
-    """Pull the prompt and responses out of a row, resolving `messages` and implicit prompts."""
-    if row.get("prompt") is None and row.get("messages") is not None:
+    """Pull the prompt and responses out of a row, resolving `messages` and implicit prompts.
+
+    `messages` are read when the row lacks what `response_keys` name (an SFT row without a
+    `completion`; a prompt request without a `prompt`): UltraFeedback rows carry `prompt`,
+    `chosen`, `rejected` and `messages`, and each trainer reads the columns of its format.
+    """
+    missing = row.get("prompt") is None if not response_keys else all(
+        row.get(key) is None for key in response_keys
+    )
+    if missing and row.get("messages") is not None:
         messages = list(row["messages"])
         last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
         # The last assistant turn is the completion; validation rejects anything after it.
         return messages[:last], [messages[last:]]
-    if row.get("prompt") is None and "chosen" in row and "rejected" in row:
-        row = split_implicit_prompt(row)
+    if "chosen" in row and "rejected" in row:
+        row = split_implicit_prompt(row)  # shared leading messages become (or repeat) the prompt
     return row["prompt"], [row[key] for key in response_keys]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,8 +55,15 @@ class EvalOptions:
     """Length-controlled win rate regression: logistic or linear."""
     no_embeddings: bool = False
     """Skip the MiniLM embedding diversity."""
-    output: str = "alignkit-eval"
+    no_progress: bool = False
+    """Hide the progress bars of sampling and scoring (they are off when stderr is not a terminal)."""
+    output: str = "runs/alignkit-eval"
     """Directory for eval.json."""
+
+
+def stderr_is_tty() -> bool:
+    """Whether stderr is a terminal (progress bars are shown only there)."""
+    return sys.stderr.isatty()
 
 
 def load_judge(spec: str) -> Any:
@@ -95,6 +103,7 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
         lc_method=options.lc_method,
         name=options.model,
         reference_name=reference_name,
+        progress=not options.no_progress and stderr_is_tty(),
     )
     result["settings"].update(asdict(options))
     output = Path(options.output)

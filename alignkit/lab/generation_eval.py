@@ -18,13 +18,16 @@ it calls).
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from alignkit.eval.diversity import default_embedder, diversity_metrics
 from alignkit.eval.kl import response_logps, sequence_kl
@@ -77,6 +80,17 @@ def encode_prompts(tokenizer: Any, prompts: list[Any]) -> list[list[int]]:
     return ids
 
 
+@contextmanager
+def progress_bar(enabled: bool, desc: str, total: int, unit: str) -> Iterator[Any]:
+    """A tqdm bar on stderr (a disabled one when `enabled` is False), closed on exit."""
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
+               dynamic_ncols=True, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
 def stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
     """eos plus `<|endoftext|>` / `<|im_end|>` where the vocabulary has them."""
     vocab = tokenizer.get_vocab()
@@ -111,35 +125,67 @@ def sample(
     seed: int = 0,
     max_batch_size: int = 64,
     disable_adapter: bool = False,
+    progress: Any = None,
 ) -> Samples:
-    """`n` samples per prompt with `HFEngine` (rows grouped by prompt)."""
+    """`n` samples per prompt with `HFEngine` (rows grouped by prompt).
+
+    Prompts are decoded in chunks of `max(1, max_batch_size // n)`, the engine's own chunks,
+    each a `generate` call whose noise starts at its first global sample index, so the
+    samples are those of one call; `progress` (a tqdm bar) advances by each chunk's prompts.
+    """
     stops = stop_token_ids(tokenizer)
     engine = HFEngine(
         model, pad_id=tokenizer.pad_token_id, eos_ids=stops, max_batch_size=max_batch_size
     )
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        stop_token_ids=stops,
-    )
+    per_chunk = max(1, max_batch_size // n)
+    rollouts = []
     with adapter_disabled(model) if disable_adapter else nullcontext():
-        rollout = engine.generate(prompt_ids, n, params)
+        for first in range(0, len(prompt_ids), per_chunk):
+            chunk = prompt_ids[first : first + per_chunk]
+            params = SamplingParams(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop_token_ids=stops,
+                first_sample=first * n,
+            )
+            rollouts.append(engine.generate(chunk, n, params))
+            if progress is not None:
+                progress.update(len(chunk))
     texts = [
         tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True).strip()
+        for rollout in rollouts
         for ids, mask in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu(), strict=True)
     ]
-    input_ids, attention_mask, response_mask = (
-        t.cpu() for t in rollout.to_sequences(tokenizer.pad_token_id)
+    input_ids, attention_mask, response_mask = _right_padded(
+        [[t.cpu() for t in rollout.to_sequences(tokenizer.pad_token_id)] for rollout in rollouts],
+        tokenizer.pad_token_id,
     )
     return Samples(
         [texts[i * n : (i + 1) * n] for i in range(len(prompt_ids))],
         input_ids,
         attention_mask,
         response_mask,
-        [reason == "length" for reason in rollout.finish_reason],
+        [reason == "length" for rollout in rollouts for reason in rollout.finish_reason],
     )
+
+
+def _right_padded(parts: list[list[Tensor]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Concatenate chunks of (input_ids, attention_mask, response_mask) rows, right-padded to
+    the widest chunk (pad id, 0, False)."""
+    width = max(part[0].shape[1] for part in parts)
+    out = []
+    for index, fill in enumerate((pad_id, 0, False)):
+        out.append(
+            torch.cat(
+                [
+                    torch.nn.functional.pad(part[index], (0, width - part[index].shape[1]), value=fill)
+                    for part in parts
+                ]
+            )
+        )
+    return out[0], out[1], out[2]
 
 
 def tokenize_completions(
@@ -210,6 +256,7 @@ def evaluate_model(
     n_examples: int = 4,
     name: str = "policy",
     reference_name: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate one policy (see the module docstring); returns a JSON-ready dict.
 
@@ -220,6 +267,7 @@ def evaluate_model(
         "adapter", None, or a loaded model sharing the policy's tokenizer.
     judge: a `PairwiseJudge` (`prob(prompts, a, b)`) or a reward callable; default: `reward`.
     completions / reference_completions: pre-generated samples grouped by prompt, K each.
+    progress: show tqdm bars on stderr while sampling and scoring.
 
     Keys (flat ones match `report.MethodResult`): gold_reward, ci_low, ci_high,
     gold_reward_std, kl, kl_k3, kl_ci_low, kl_ci_high, kl_estimator, mean_length_words,
@@ -238,20 +286,28 @@ def evaluate_model(
     prompt_ids = encode_prompts(tokenizer, prompts)
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
-    def draw(disable_adapter: bool, policy: Any) -> Samples:
-        return sample(
-            policy,
-            tokenizer,
-            prompt_ids,
-            samples,
-            max_batch_size=max_batch_size,
-            disable_adapter=disable_adapter,
-            **settings,
-        )
+    def draw(disable_adapter: bool, policy: Any, who: str) -> Samples:
+        with progress_bar(progress, f"sampling {who}", len(prompt_ids), "prompt") as bar:
+            return sample(
+                policy,
+                tokenizer,
+                prompt_ids,
+                samples,
+                max_batch_size=max_batch_size,
+                disable_adapter=disable_adapter,
+                progress=bar,
+                **settings,
+            )
+
+    def score(texts: list[str], who: str) -> np.ndarray:
+        with progress_bar(progress, f"scoring {who}", len(texts), "completion") as bar:
+            values = first_scores(reward, flat_prompts, texts)
+            bar.update(len(texts))
+        return values
 
     # 1. policy samples
     if completions is None:
-        policy = draw(False, model)
+        policy = draw(False, model, "policy")
     else:
         policy = tokenize_completions(tokenizer, prompt_ids, completions)
     k = len(policy.texts[0])
@@ -261,7 +317,7 @@ def evaluate_model(
     flat = [t for g in policy.texts for t in g]
 
     # 2. gold reward
-    scores = first_scores(reward, flat_prompts, flat)
+    scores = score(flat, "policy")
     result: dict[str, Any] = {
         "model": name,
         "reference": None,
@@ -294,7 +350,7 @@ def evaluate_model(
 
     # 4. reference samples, win rate, paired reward difference
     if reference_completions is None and reference is not None:
-        ref_policy = draw(True, model) if reference == "adapter" else draw(False, reference)
+        ref_policy = draw(reference == "adapter", model if reference == "adapter" else reference, "reference")
         reference_completions = ref_policy.texts
     else:
         ref_policy = (
@@ -320,7 +376,7 @@ def evaluate_model(
             raise ValueError(
                 f"{len(ref_flat)} reference completions for {len(flat)} policy completions"
             )
-        ref_scores = first_scores(reward, flat_prompts, ref_flat)
+        ref_scores = score(ref_flat, "reference")
         ref_metrics = _reward_summary(ref_scores, k, confidence, seed)
         ref_metrics.update(_length_summary(ref_policy))
         ref_metrics["diversity"] = (
@@ -340,15 +396,17 @@ def evaluate_model(
         win_judge = judge if judge is not None else reward
         if not hasattr(win_judge, "prob") and callable(win_judge):  # a reward: isolate bad rows
             win_judge = RewardJudge(win_judge, score=safe_scores)
-        details = judged_win_rate(
-            win_judge,
-            flat_prompts,
-            flat,
-            ref_flat,
-            confidence=confidence,
-            seed=seed,
-            clusters=[i // k for i in range(len(flat))],
-        )
+        with progress_bar(progress, "judging policy vs reference", len(flat), "pair") as bar:
+            details = judged_win_rate(
+                win_judge,
+                flat_prompts,
+                flat,
+                ref_flat,
+                confidence=confidence,
+                seed=seed,
+                clusters=[i // k for i in range(len(flat))],
+            )
+            bar.update(len(flat))
         lengths = np.array(policy.token_lengths), np.array(ref_policy.token_lengths)
         details["length_controlled"] = length_controlled_win_rate(
             details["outcomes"], *lengths, method=lc_method

@@ -39,7 +39,7 @@ from alignkit.lab.generation_eval import encode_prompts, first_scores, prompt_te
 from alignkit.lab.policy_loading import checkpoint_step, load_policy
 from alignkit.models import load_model
 from alignkit.rewards import VaderSentiment, load_reward
-from alignkit.rewards.scorer import load_reward_model
+from alignkit.rewards.saved import load_reward_model
 
 log = logging.getLogger("alignkit")
 
@@ -69,7 +69,7 @@ class OveroptOptions:
     """Length limit of every sample."""
     temperature: float = 1.0
     """Sampling temperature (1 = the policy itself, as the analytic best-of-n KL assumes)."""
-    output: str = "alignkit-overopt"
+    output: str = "runs/alignkit-overopt"
     """Directory for overopt.json, pool.jsonl and the PNG plots."""
     seed: int = 0
     """Sampling seed."""

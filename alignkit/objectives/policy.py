@@ -166,9 +166,13 @@ def seq_mean_token_mean(
 def seq_mean_token_sum(
     per_token: Tensor, mask: Tensor, *, num_seqs: float | Tensor | None = None, **_
 ) -> Tensor:
-    """(1/G) sum_i sum_t m l: the sequence-level REINFORCE sum, averaged over sequences."""
+    """(1/G) sum_i sum_t m l: the sequence-level REINFORCE sum, averaged over sequences.
+
+    Sequences with no valid token are not counted in G (as in `seq_mean_token_mean`);
+    `num_seqs` overrides G.
+    """
     _check(per_token, mask)
-    denominator = per_token.shape[0] if num_seqs is None else num_seqs
+    denominator = (mask.bool().sum(-1) > 0).sum() if num_seqs is None else num_seqs
     return _masked_sum_rows(per_token, mask).sum() / max_one(denominator)
 
 

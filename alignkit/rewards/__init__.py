@@ -9,13 +9,16 @@ Reward models as reward functions: `RewardModelScorer` (any sequence classifier)
 (ArmoRM), `EmbeddingRewardModel` (MiniLM + head), `load_reward_model(DIR)` picks the right
 one; `PreferenceJudge` (pairwise P(a > b)) and `SegmentRewardScorer` (per-segment rewards)
 are not scalar rewards and are loaded by name.
+
+`RewardRunner` calls a reward on the online loop's batches: TRL's conventions (conversational
+prompts as message lists, `completion_ids`, `trainer_state`), a deadline, worker threads.
 """
 
 from alignkit.rewards.base import (
     RewardError,
     RewardFunction,
-    as_reward_tensor,
     call_reward,
+    invoke_reward,
     reward_name,
     score_safely,
 )
@@ -24,6 +27,7 @@ from alignkit.rewards.embeddings import MiniLMEmbedder
 from alignkit.rewards.ensemble import BayesRewardScorer, EnsembleScorer
 from alignkit.rewards.loading import BUILTIN_REWARDS, load_reward
 from alignkit.rewards.multi_objective import MultiObjectiveScorer
+from alignkit.rewards.outputs import RewardOutputError, as_reward_tensor, describe_output
 from alignkit.rewards.preference import PreferenceJudge
 from alignkit.rewards.process import SegmentRewardScorer, split_segments
 from alignkit.rewards.rules import (
@@ -34,7 +38,9 @@ from alignkit.rewards.rules import (
     VaderSentiment,
     extract_final_number,
 )
-from alignkit.rewards.scorer import RewardModelScorer, ScoreNormalizer, load_reward_model
+from alignkit.rewards.runner import RewardRunner, RewardTimeout
+from alignkit.rewards.saved import load_reward_model, reward_model_kind
+from alignkit.rewards.scorer import RewardModelScorer, ScoreNormalizer
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -54,12 +60,18 @@ __all__ = [
     "NumericAnswerMatch",
     "RegexMatch",
     "RewardError",
+    "RewardOutputError",
+    "RewardRunner",
+    "RewardTimeout",
     "RewardFunction",
     "VaderSentiment",
     "as_reward_tensor",
     "call_reward",
+    "describe_output",
+    "invoke_reward",
     "extract_final_number",
     "load_reward",
+    "reward_model_kind",
     "reward_name",
     "score_safely",
 ]

@@ -8,7 +8,9 @@ passed by name, to one score per row:
 (B, K) is a multi-objective reward (K objectives per row). Plain Python functions that
 return a list of floats, a numpy array or a tensor are accepted everywhere: `as_reward_tensor`
 turns their output into a float32 tensor and checks its length. A function that does not take
-`**columns` receives only the columns it names as parameters.
+`**columns` receives only the columns it names as parameters. TRL's reward functions work
+unchanged: one that names a `completions` parameter (`def reward_len(completions, **kwargs)`)
+or takes only `**kwargs` is called by keyword, as TRL calls it (`invoke_reward`).
 
 `score_safely` is what callers (the online loop, evaluation) use: it calls the function on the
 whole batch, and when that raises it retries row by row to name the failing row, so a single
@@ -25,9 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignkit.rewards.outputs import RewardOutputError, as_reward_tensor, none_rows
 
-class RewardError(RuntimeError):
-    """A reward function raised, or returned NaN/inf, on a named row of a batch."""
+
+class RewardError(RuntimeError, ValueError):
+    """A reward function raised, returned something that is not one score per completion, or
+    returned NaN/inf/None, on a named row of a batch. A ValueError too: the CLI reports it as
+    one line (the function is the user's input)."""
 
 
 @runtime_checkable
@@ -42,61 +48,77 @@ class RewardFunction(Protocol):
 
 
 def reward_name(fn: Callable[..., Any]) -> str:
-    """A short human-readable name for a reward callable (for logs and error messages)."""
-    name = getattr(fn, "__name__", None) or type(fn).__name__
-    module = getattr(fn, "__module__", None)
-    return f"{module}.{name}" if module and module != "builtins" else name
+    """`module:function` of a reward callable (for logs and error messages): the spec it was
+    loaded from (`my_rewards.py:brevity`), a function's or class's `module:qualname`, or the
+    name an object gives itself (`RewardModelScorer(runs/rm/final)`)."""
+    explicit = getattr(fn, "alignkit_reward_name", None)
+    if isinstance(explicit, str):
+        return explicit
+    target: Any = fn
+    if not (inspect.isroutine(fn) or isinstance(fn, type)):
+        own = getattr(fn, "__dict__", {}).get("__name__")
+        if isinstance(own, str):
+            return own
+        target = type(fn)
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
+    module = getattr(target, "__module__", None)
+    return f"{module}:{name}" if module and module != "builtins" else name
 
 
-def as_reward_tensor(values: Any, n: int) -> Tensor:
-    """Convert a reward function's output to a float32 tensor of shape (n,) or (n, K).
-
-    Accepts a tensor, a numpy array, a list/tuple of numbers (or of equal-length lists for
-    multi-objective rewards) or a single number when n == 1. Raises ValueError naming the
-    expected and the actual length when the first dimension is not `n`.
-
-    >>> as_reward_tensor([1, 0.5], 2)
-    tensor([1.0000, 0.5000])
-    """
-    if isinstance(values, Tensor):
-        tensor = values.detach().to(device="cpu", dtype=torch.float32)
-    else:
-        try:
-            tensor = torch.as_tensor(np.asarray(values, dtype=np.float64), dtype=torch.float32)
-        except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"reward output must be numbers (a list, numpy array or tensor); got "
-                f"{type(values).__name__}: {err}"
-            ) from err
-    if tensor.ndim == 0:
-        tensor = tensor.reshape(1)
-    if tensor.ndim > 2:
-        raise ValueError(f"reward output must be (B,) or (B, K); got shape {tuple(tensor.shape)}")
-    if tensor.shape[0] != n:
-        raise ValueError(
-            f"reward output has {tensor.shape[0]} values for a batch of {n} completions "
-            f"(shape {tuple(tensor.shape)}); return exactly one score per completion"
-        )
-    return tensor
+def _parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins / C callables without a signature
+        return None
 
 
 def _accepted_columns(fn: Callable[..., Any], columns: dict[str, Any]) -> dict[str, Any]:
     """The subset of `columns` that `fn` accepts (all of them when it takes **kwargs)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # builtins / C callables without a signature
-        return columns
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+    params = _parameters(fn)
+    if params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return columns
     names = {p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
     return {key: value for key, value in columns.items() if key in names}
+
+
+def takes_keywords(fn: Callable[..., Any], given: Sequence[str] = ("prompts", "completions")) -> bool:
+    """Whether `fn` is called TRL's way, by keyword (`fn(prompts=..., completions=...,
+    **columns)`): it takes only `**kwargs`, or names a `completions` parameter and every
+    parameter it requires is among `given` (the names that will be passed). Otherwise it is
+    called positionally, `fn(prompts, completions, **columns)`."""
+    params = _parameters(fn)
+    if not params:
+        return False
+    kinds = inspect.Parameter
+    if all(p.kind is kinds.VAR_KEYWORD for p in params):
+        return True
+    by_name = [p for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)]
+    required = [p.name for p in params if p.default is p.empty and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)]
+    return any(p.name == "completions" for p in by_name) and set(required) <= set(given) and not any(
+        p.kind is kinds.POSITIONAL_ONLY for p in params)
+
+
+def invoke_reward(
+    fn: Callable[..., Any], prompts: list[Any], completions: list[Any], columns: dict[str, Any]
+) -> Any:
+    """Call `fn` on a batch and return what it returned, unconverted.
+
+    TRL's reward functions (`def reward_len(completions, **kwargs)`) are called by keyword,
+    exactly as TRL's GRPOTrainer calls them; alignkit's positional form
+    `(prompts, completions, **columns)` (any parameter names) keeps working. Only the
+    columns `fn` accepts are passed (all of them when it takes **kwargs).
+    """
+    if takes_keywords(fn, ("prompts", "completions", *columns)):
+        given = {"prompts": prompts, "completions": completions, **columns}
+        return fn(**_accepted_columns(fn, given))
+    return fn(prompts, completions, **_accepted_columns(fn, columns))
 
 
 def call_reward(
     fn: Callable[..., Any], prompts: list[str], completions: list[str], **columns: Any
 ) -> Tensor:
     """Call `fn` on a batch and convert its output with `as_reward_tensor` (no error handling)."""
-    values = fn(prompts, completions, **_accepted_columns(fn, columns))
+    values = invoke_reward(fn, prompts, completions, columns)
     return as_reward_tensor(values, len(completions))
 
 
@@ -111,33 +133,61 @@ def _slice_columns(columns: dict[str, Any], index: int, n: int) -> dict[str, Any
     return sliced
 
 
-def _row_label(index: int, prompts: Sequence[str]) -> str:
+def prompt_preview(prompt: Any, width: int = 60) -> str:
+    """The first `width` characters of a prompt (of its last turn for a conversation), on one line."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+        prompt = prompt[-1].get("content", "")
+    return str(prompt)[:width].replace("\n", " ")
+
+
+def _row_label(index: int, prompts: Sequence[Any], offset: int = 0) -> str:
     prompt = prompts[index] if index < len(prompts) else ""
-    preview = str(prompt)[:60].replace("\n", " ")
-    return f"row {index} (prompt {preview!r})"
+    return f"row {offset + index} (prompt {prompt_preview(prompt)!r})"
+
+
+def unconverted(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The user's function inside a `load_reward` wrapper (which converts its output to a
+    tensor), so that `score_safely` sees what it really returned; any other callable as is."""
+    return fn.__wrapped__ if getattr(fn, "alignkit_converts", False) else fn
+
+
+def _convert(values: Any, n: int, name: str, where: str) -> tuple[Tensor, dict[int, str]]:
+    """(scores, {row: "returned None"}) of a batch output; RewardError when it is not one
+    score per completion."""
+    try:
+        scores = as_reward_tensor(values, n)
+    except RewardOutputError as err:
+        raise RewardError(f"reward {name} {err.detail}{where}") from err
+    return scores, {i: "returned None" for i in none_rows(values)}
 
 
 def score_safely(
     fn: Callable[..., Any],
-    prompts: list[str],
-    completions: list[str],
+    prompts: list[Any],
+    completions: list[Any],
     *,
     on_error: str = "raise",
     penalty: float = -1.0,
+    row_offset: int = 0,
+    batch: str | None = None,
     **columns: Any,
 ) -> tuple[Tensor, int]:
-    """Score a batch with `fn`, isolating rows that raise or return NaN/inf.
+    """Score a batch with `fn`, isolating rows that raise or return NaN/inf/None.
 
-    1. Call `fn` on the whole batch. If it raises, call it again row by row: rows that work
-       keep their score, rows that raise are "failed".
-    2. Rows whose score is NaN or +-inf (in any objective) are "failed" too.
-    3. With `on_error="raise"` the first failed row raises `RewardError` naming its 0-based
-       index in the batch, the first 60 characters of its prompt and the exception; with
-       `on_error="penalty"` every failed row gets `penalty` (in every objective) and the
-       number of penalised rows is returned for the caller to log.
+    1. Call `fn` on the whole batch (`invoke_reward`: TRL's keyword style or alignkit's
+       positional one). If it raises, call it again row by row: rows that work keep their
+       score, rows that raise are "failed".
+    2. Rows whose score is NaN or +-inf (in any objective), or None, are "failed" too.
+    3. With `on_error="raise"` the first failed row raises `RewardError` naming the function
+       (`module:function`), the row's index in the batch (+ `row_offset`), the first 60
+       characters of its prompt and what went wrong; with `on_error="penalty"` every failed
+       row gets `penalty` (in every objective) and the number of penalised rows is returned
+       for the caller to log.
 
-    An output of the wrong length is a bug in the function, not in a row: it raises
-    ValueError in both modes.
+    An output that is not one score per completion (None, a string, 7 values for 8
+    completions, ragged lists) is a bug in the function, not in a row: it raises
+    `RewardError` saying what the function returned, in both modes. `batch` (e.g.
+    "step 3, data rows 8-11") is added to every message.
 
     Returns (scores (B,) or (B, K) float32, number of penalised rows).
     """
@@ -146,10 +196,13 @@ def score_safely(
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     n = len(completions)
-    name = reward_name(fn)
+    name, raw_fn = reward_name(fn), unconverted(fn)
+    where = f" [{batch}]" if batch else ""
     failures: dict[int, str] = {}
     try:
-        values = fn(prompts, completions, **_accepted_columns(fn, columns))
+        values = invoke_reward(raw_fn, prompts, completions, columns)
+    except RewardOutputError as err:  # a nested reward's output (an ensemble member): no row retry
+        raise RewardError(f"reward {name}: {err}{where}") from err
     except Exception as batch_err:  # isolate the failing row(s) below
         if n == 1:
             failures[0] = f"{type(batch_err).__name__}: {batch_err}"
@@ -158,26 +211,27 @@ def score_safely(
             rows: list[Tensor | None] = []
             for i in range(n):
                 try:
-                    row_values = fn(
-                        prompts[i : i + 1],
-                        completions[i : i + 1],
-                        **_accepted_columns(fn, _slice_columns(columns, i, n)),
+                    row_values = invoke_reward(
+                        raw_fn, prompts[i : i + 1], completions[i : i + 1], _slice_columns(columns, i, n)
                     )
                 except Exception as row_err:
                     failures[i] = f"{type(row_err).__name__}: {row_err}"
                     rows.append(None)
                     continue
-                rows.append(as_reward_tensor(row_values, 1))
+                row_scores, row_none = _convert(row_values, 1, name, where)
+                if row_none:
+                    failures[i] = row_none[0]
+                rows.append(row_scores)
             shape = next((r.shape[1:] for r in rows if r is not None), torch.Size())
             scores = torch.stack([r[0] if r is not None else torch.zeros(shape) for r in rows])
     else:
-        scores = as_reward_tensor(values, n)
+        scores, failures = _convert(values, n, name, where)
 
     finite = torch.isfinite(scores) if scores.ndim == 1 else torch.isfinite(scores).all(dim=1)
     for i in torch.nonzero(~finite).flatten().tolist():
         if i not in failures:
             bad = scores[i].tolist()
-            failures[i] = f"non-finite score {bad}"
+            failures[i] = f"returned a non-finite score ({bad})"
 
     if not failures:
         return scores, 0
@@ -185,7 +239,8 @@ def score_safely(
         first = min(failures)
         more = f" ({len(failures) - 1} more row(s) failed)" if len(failures) > 1 else ""
         raise RewardError(
-            f"reward {name} failed on {_row_label(first, prompts)}: {failures[first]}{more}"
+            f"reward {name} failed on {_row_label(first, prompts, row_offset)}: "
+            f"{failures[first]}{more}{where}"
         )
     for i in failures:
         scores[i] = penalty

@@ -28,7 +28,8 @@ from typing import Any
 
 from torch import Tensor
 
-from alignkit.rewards.base import RewardFunction, _accepted_columns, as_reward_tensor
+from alignkit.rewards.base import RewardFunction, invoke_reward
+from alignkit.rewards.outputs import RewardOutputError, as_reward_tensor
 from alignkit.rewards.rules import (
     JsonValid,
     LengthTarget,
@@ -111,14 +112,23 @@ def _load_module(module_name: str, spec: str) -> Any:
         ) from err
 
 
-def _tensor_returning(fn: Callable[..., Any]) -> RewardFunction:
-    """Wrap a plain reward function so its output is always a float32 tensor (B,) / (B, K)."""
+def _tensor_returning(fn: Callable[..., Any], spec: str) -> RewardFunction:
+    """Wrap a plain reward function so its output is always a float32 tensor (B,) / (B, K).
+
+    The wrapper is called like any reward, `(prompts, completions, **columns)`, and calls `fn`
+    the way it wants (`invoke_reward`: TRL's keyword style or positionally). It carries `spec`
+    as its name in error messages, and `score_safely` unwraps it to see `fn`'s own output."""
 
     @functools.wraps(fn)
     def reward(prompts: list[str], completions: list[str], **columns: Any) -> Tensor:
-        values = fn(prompts, completions, **_accepted_columns(fn, columns))
-        return as_reward_tensor(values, len(completions))
+        values = invoke_reward(fn, prompts, completions, columns)
+        try:
+            return as_reward_tensor(values, len(completions))
+        except RewardOutputError as err:
+            raise err.named(spec) from None
 
+    reward.alignkit_reward_name = spec  # type: ignore[attr-defined]
+    reward.alignkit_converts = True  # type: ignore[attr-defined]
     return reward
 
 
@@ -136,7 +146,7 @@ def load_reward(spec: str, **kwargs: Any) -> RewardFunction:
     if not spec:
         raise ValueError("empty reward spec")
     if spec.startswith("rm:") or os.path.isdir(spec):
-        from alignkit.rewards.scorer import load_reward_model
+        from alignkit.rewards.saved import load_reward_model
 
         directory = spec[3:] if spec.startswith("rm:") else spec
         if not directory:
@@ -170,4 +180,4 @@ def load_reward(spec: str, **kwargs: Any) -> RewardFunction:
         )
     if kwargs:
         raise ValueError(f"reward spec {spec!r}: arguments {sorted(kwargs)} given to a function")
-    return _tensor_returning(obj)
+    return _tensor_returning(obj, spec)

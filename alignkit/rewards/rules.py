@@ -2,7 +2,8 @@
 
 Every class here follows the `RewardFunction` contract: an instance is called as
 `reward(prompts, completions, **columns)` and returns a float32 tensor (B,). They are cheap,
-deterministic and need no model, so they double as gold rewards in demos and tests.
+deterministic and need no model, so they double as gold rewards in demos and tests. A
+completion may be text or, for conversational prompts, a message list (`completion_text`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: the string itself, or the contents of a message list
+    (`[{"role": "assistant", "content": ...}]`, how conversational completions arrive)."""
+    if isinstance(completion, list):
+        return "\n".join(str(m.get("content", "")) for m in completion if isinstance(m, dict))
+    return completion
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,7 +52,7 @@ class VaderSentiment:
         analyzer = _vader_analyzer()
         cache: dict[str, float] = {}
         scores = []
-        for text in completions:
+        for text in map(completion_text, completions):
             if text not in cache:
                 cache[text] = analyzer.polarity_scores(text)["compound"]
             scores.append(cache[text])
@@ -75,7 +84,7 @@ class LengthTarget:
         return len(text.split()) if self.unit == "words" else len(text)
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> Tensor:
-        lengths = torch.tensor([self._length(t) for t in completions], dtype=torch.float32)
+        lengths = torch.tensor([self._length(completion_text(t)) for t in completions], dtype=torch.float32)
         return -(lengths - self.target).abs() / self.scale
 
 
@@ -99,7 +108,8 @@ class RegexMatch:
         self.reward, self.penalty = float(reward), float(penalty)
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> Tensor:
-        hits = [self.reward if self.pattern.search(t) else self.penalty for t in completions]
+        texts = map(completion_text, completions)
+        hits = [self.reward if self.pattern.search(t) else self.penalty for t in texts]
         return torch.tensor(hits, dtype=torch.float32)
 
 
@@ -170,7 +180,7 @@ class NumericAnswerMatch:
             )
             if target is None:
                 raise ValueError(f"no number in {self.answer_column!r} value {answer!r}")
-            predicted = extract_final_number(completion)
+            predicted = extract_final_number(completion_text(completion))
             hit = predicted is not None and abs(predicted - target) <= self.tol
             scores.append(1.0 if hit else 0.0)
         return torch.tensor(scores, dtype=torch.float32)
@@ -198,7 +208,7 @@ class JsonValid:
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> Tensor:
         scores = []
-        for text in completions:
+        for text in map(completion_text, completions):
             valid = _parses_as_json(text.strip())
             if not valid:
                 fence = _JSON_FENCE.search(text)

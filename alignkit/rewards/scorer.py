@@ -28,6 +28,7 @@ from torch import Tensor
 
 from alignkit.data import RowTable, tokenize_sft
 from alignkit.models import load_model, reward_scores
+from alignkit.models.heads import require_trained_head
 
 NORMALIZE_MODES = (None, "running", "reference")
 
@@ -121,8 +122,9 @@ def _as_text(value: Any, policy_tokenizer: Any, what: str) -> Any:
 class RewardModelScorer:
     """A sequence-classification reward model as a `RewardFunction` on text.
 
-    `path_or_model`: a directory / hub id (loaded with `load_model(kind="reward")`) or a loaded
-    model (then pass `tokenizer`). `__call__(prompts, completions) -> Tensor (B,)` (or (B, K)
+    `path_or_model`: a directory / hub id (loaded with `load_model(kind="reward")`; a
+    checkpoint without a score head, such as a causal LM, is refused: its head would be
+    random) or a loaded model (then pass `tokenizer`). `__call__(prompts, completions) -> Tensor (B,)` (or (B, K)
     for `num_labels = K`); `raw_scores` skips normalisation. `padding_side` only changes how
     batches are padded (the score is the same either way).
     """
@@ -156,6 +158,7 @@ class RewardModelScorer:
                 dtype=dtype,
                 num_labels=saved_num_labels(self.path),
             )
+            require_trained_head(self.path, model, "reward model")
             tokenizer = tokenizer or loaded_tokenizer
         else:
             if tokenizer is None:
@@ -251,54 +254,3 @@ class RewardModelScorer:
         if self.normalize is not None:
             scores = self.normalizer.apply(scores)
         return scores
-
-
-def reward_model_kind(directory: str | Path) -> str:
-    """Which scorer a saved reward-model directory needs, from the marker file it holds:
-    ensemble.json, embedding_rm.json, multi_objective.json, brme.json, preference_model.json,
-    segment_rm.json, else "sequence_classifier"."""
-    directory = Path(directory)
-    for marker in (
-        "ensemble",
-        "embedding_rm",
-        "multi_objective",
-        "brme",
-        "preference_model",
-        "segment_rm",
-    ):
-        if (directory / f"{marker}.json").is_file():
-            return marker
-    return "sequence_classifier"
-
-
-def load_reward_model(directory: str | Path, **kwargs: Any) -> Any:
-    """Load any saved alignkit reward model as a `RewardFunction` (scalar score per row).
-
-    Dispatches on `reward_model_kind`: an ensemble directory -> `EnsembleScorer`, an
-    embedding RM -> `EmbeddingRewardModel`, ArmoRM-style -> `MultiObjectiveScorer`, BRME ->
-    `BayesRewardScorer`, a plain sequence classifier (or a hub id) -> `RewardModelScorer`.
-    `kwargs` go to that class.
-    """
-    kind = reward_model_kind(directory) if Path(directory).is_dir() else "sequence_classifier"
-    if kind == "ensemble":
-        from alignkit.rewards.ensemble import EnsembleScorer
-
-        return EnsembleScorer(directory, **kwargs)
-    if kind == "embedding_rm":
-        from alignkit.rewards.embedding_rm import EmbeddingRewardModel
-
-        return EmbeddingRewardModel.load(directory, **kwargs)
-    if kind == "multi_objective":
-        from alignkit.rewards.multi_objective import MultiObjectiveScorer
-
-        return MultiObjectiveScorer(directory, **kwargs)
-    if kind == "brme":
-        from alignkit.rewards.ensemble import BayesRewardScorer
-
-        return BayesRewardScorer(directory, **kwargs)
-    if kind in ("preference_model", "segment_rm"):
-        raise ValueError(
-            f"{directory} is a {kind.replace('_', ' ')}, not a scalar reward model: load it "
-            f"with {'PreferenceJudge' if kind == 'preference_model' else 'SegmentRewardScorer'}"
-        )
-    return RewardModelScorer(directory, **kwargs)

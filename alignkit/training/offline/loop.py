@@ -1,12 +1,13 @@
 """The offline trainer: one loop for SFT, reward models and every pairwise preference loss.
 
-1. resolve the run directory (fresh, or the latest checkpoint of `--resume`)
+1. resolve and lock the run directory (fresh, or the newest intact checkpoint of `--resume`;
+   `run/rundir.py` refuses another run's directory and changed config or data)
 2. load and validate the data, tokenise it, log truncation counts
 3. load the model; compute reference log-probs once (then no reference stays in memory)
 4. wrap with LoRA if asked; AdamW + warm-up/decay schedule
 5. for each step: grad_accum micro-batches (length-bucketed) -> clip -> step, skipping
    non-finite steps without touching the weights; log, evaluate, checkpoint atomically
-   (with the task's own state, if it keeps one)
+   (with the task's own state, if it keeps one); on SIGINT/SIGTERM checkpoint and stop
 6. write `final/` (LoRA merged) that `from_pretrained` loads
 
 Under torchrun every rank runs this same loop (`distributed.py`): each global micro-batch is
@@ -28,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.data import (
+    EVAL_SPLITS,
     DataError,
     RowTable,
     detect_kind,
@@ -39,12 +41,20 @@ from alignkit.models import apply_lora, count_parameters, load_model
 from alignkit.training.offline.reference import attach_reference_logps
 from alignkit.training.offline.tasks import make_task
 from alignkit.training.run.checkpoint import (
-    latest_checkpoint,
+    checkpoint_dir,
     load_checkpoint,
     load_extra_tensors,
     save_checkpoint,
 )
 from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.degenerate import (
+    IDENTICAL_PAIRS,
+    SKIPPED,
+    DegenerateWatch,
+    batch_identical,
+    check_identical_pairs,
+    data_metrics,
+)
 from alignkit.training.run.distributed import (
     Ranks,
     Shard,
@@ -60,6 +70,7 @@ from alignkit.training.run.distributed import (
     split_random_streams,
     split_weighted,
 )
+from alignkit.training.run.interrupt import RunInterrupted, StopSignals
 from alignkit.training.run.metrics import (
     mean_metrics,
     open_metrics,
@@ -67,8 +78,11 @@ from alignkit.training.run.metrics import (
     to_float,
 )
 from alignkit.training.run.result import TrainResult, write_final
+from alignkit.training.run.rundir import RunDir, open_run_dir
 from alignkit.training.run.schedule import build_optimizer, build_scheduler, default_lr
 from alignkit.training.run.seed import seed_everything
+from alignkit.training.run.threads import configure_threads
+from alignkit.training.run.validate import split_holdout
 from alignkit.training.run.wrapping import TaskForward, full_tensor, gradient_sync, wrap
 
 log = logging.getLogger("alignkit")
@@ -126,10 +140,11 @@ def micro_step(engine, task, examples, indices, pad_id, ranks: Ranks, device, sc
 
 
 def load_table(source: Any, task, config: TrainConfig, role: str) -> RowTable:
-    table = load_rows(source)
+    split = config.split if role == "training" else EVAL_SPLITS  # a split directory: its test split
+    table = load_rows(source, split=split, data_format=config.data_format)
     if len(table) == 0:
         raise DataError(str(source), None, f"the {role} data has no rows")
-    kind = detect_kind(table)
+    kind = detect_kind(table, accepted=task.data_kinds)
     if kind not in task.data_kinds:
         raise DataError(
             table.origin(0)[0],
@@ -209,18 +224,20 @@ def run_offline(
 ) -> TrainResult:
     """Train `config.algorithm`; see the module docstring for the steps."""
     ranks = init_ranks(config.strategy, config.device)
-    # 1. run directory
-    run_dir = Path(config.output)
-    resume_from = None
-    if config.resume:
-        run_dir = Path(config.resume)
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is None:
-            log.warning("--resume %s: no checkpoint found, starting from step 0", run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.output = str(run_dir)
+    configure_threads(config)
     seed_everything(config.seed)
     task = make_task(config)
+    if config.lr is None and not hasattr(task, "run"):  # resolved before the run's fingerprint
+        config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
+    # 1. run directory: checked, locked, resumed from its newest intact checkpoint (run/rundir.py)
+    with open_run_dir(config, data=data, eval_data=eval_data) as run:
+        return _train_in(run, task, config, ranks, model, tokenizer, data, eval_data, callbacks)
+
+
+def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, tokenizer, data, eval_data,
+              callbacks: tuple[Callback, ...]) -> TrainResult:
+    """Steps 2-6 (or the task's own loop) in the locked run directory `run`."""
+    run_dir, resume_from = run.path, run.resume_from
     if hasattr(task, "run"):  # algorithms with their own loop (reward ensembles, frozen-feature heads)
         if ranks.distributed and not getattr(task, "data_parallel", False):
             return run_replicated(task, config, model, tokenizer, data, eval_data, callbacks, ranks)
@@ -233,7 +250,7 @@ def run_offline(
     if eval_source is not None:
         eval_table = load_table(eval_source, task, config, "evaluation")
     elif config.eval_holdout:
-        table, eval_table = table.split(config.eval_holdout, seed=config.seed)
+        table, eval_table = split_holdout(table, config.eval_holdout, config.seed)
 
     # 3. model and tokens
     if model is None:
@@ -250,6 +267,8 @@ def run_offline(
     pad_id = tokenizer.pad_token_id
     examples, stats = task.tokenize(table, tokenizer)
     log.info("training data: %s", stats.summary())
+    identical = check_identical_pairs(task, examples, config.allow_degenerate)  # None: not pairs
+    first_row = data_metrics(stats, identical)  # run totals, written with the first logged step
     eval_examples = []
     if eval_table is not None:
         eval_examples, eval_stats = task.tokenize(eval_table, tokenizer)
@@ -304,6 +323,8 @@ def run_offline(
         if _hook(task, "restore_state"):
             task.restore_state(meta["extras"].get("task", {}), load_extra_tensors(resume_from))
         log.info("resumed from %s (step %d)", resume_from, start_step)
+        if start_step >= min(config.logging_steps, total_steps):
+            first_row = {}  # the kept metrics.jsonl has the run totals already
     writer = open_metrics(
         run_dir, ranks.is_main, resume_step=start_step if resume_from is not None else None,
         tensorboard=config.tensorboard,
@@ -315,18 +336,23 @@ def run_offline(
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     skipped = 0
+    watch = DegenerateWatch([SKIPPED] + ([IDENTICAL_PAIRS] if identical is not None else []),
+                            steps=total_steps - start_step, allow=config.allow_degenerate)
     bar = tqdm(
         total=total_steps, initial=start_step, desc=config.algorithm,
         disable=not (config.progress and ranks.is_main), dynamic_ncols=True,
     )
+    stop = StopSignals().install()  # Ctrl-C / SIGTERM: finish the step, checkpoint, RunInterrupted
     try:
         for step in range(start_step + 1, total_steps + 1):
             started = time.perf_counter()
-            parts, tokens = [], 0
+            parts, tokens, identical_step = [], 0, True
             for micro in range(config.grad_accum):
+                indices = next(stream)
+                identical_step = identical_step and batch_identical(task, examples, indices)
                 with gradient_sync(engine, micro == config.grad_accum - 1):
                     loss, metrics, micro_tokens = micro_step(
-                        engine, task, examples, next(stream), pad_id, ranks, device, config.grad_accum)
+                        engine, task, examples, indices, pad_id, ranks, device, config.grad_accum)
                     loss.backward()
                 parts.append(metrics)
                 tokens += micro_tokens
@@ -362,10 +388,12 @@ def run_offline(
                 eval_metrics = evaluate(engine, task, eval_examples, pad_id, config, device, ranks)
                 metrics.update(eval_metrics)
             if step % config.logging_steps == 0 or step == total_steps:
-                last = writer.write(step, metrics)
+                last, first_row = writer.write(step, {**metrics, **first_row}), {}
             bar.set_postfix(progress_postfix(metrics))
             bar.update(1)
-            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+            watch.observe(step, {"skipped": not finite, "identical_pairs": identical_step})  # may stop the run
+            stopping = stop.requested() and step < total_steps
+            if stopping or (config.save_steps and step % config.save_steps == 0 and step < total_steps):
                 state, tensors = task.checkpoint_state() if _hook(task, "checkpoint_state") else ({}, {})
                 save_checkpoint(
                     run_dir, step, model, optimizer, scheduler,
@@ -373,7 +401,10 @@ def run_offline(
                 )
             for callback in callbacks:
                 callback(step, metrics)
+            if stopping:
+                raise RunInterrupted(run_dir, step, checkpoint_dir(run_dir, step), stop.name)
     finally:
+        stop.restore()
         bar.close()
         writer.close()
 

@@ -3,44 +3,33 @@
 The reference is the initial policy (or `--ref-model`); its summed response log-probs for
 every pair (the task's `reference_logps`, e.g. LD-DPO sums when `ld_alpha` is set) are stored in each example's extras (`ref_chosen`, `ref_rejected`) and cached in
 `DIR/reference_logps.safetensors`, so no reference model stays in memory while training and
-a resumed run does not recompute them. Under torchrun each rank computes every W-th batch, the
-values are all-reduced (zeros elsewhere, so the sums are exact) and rank 0 writes the cache.
+a resumed run does not recompute them (keyed by the content of the examples, the reference's
+weights and the tokenizer: `reference_cache.py`). Under torchrun each rank computes every W-th
+batch, the values are all-reduced (zeros elsewhere, so the sums are exact) and rank 0 writes the cache.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from alignkit.models import adapter_disabled, is_peft, load_model
+from alignkit.training.offline.reference_cache import (
+    cache_fingerprint,
+    load_cached_tensors,
+    save_cached_tensors,
+)
 from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
 
 log = logging.getLogger("alignkit")
 CACHE_NAME = "reference_logps.safetensors"
-
-
-def _fingerprint(config: TrainConfig, splits: dict[str, list], task_key: Any = None) -> str:
-    """What the cached values depend on; `task_key` is the task's `reference_key` (e.g. LD-DPO's
-    ld_alpha changes the cached sums), absent for tasks without one."""
-    values = {
-        "reference": config.ref_model or config.model,
-        "max_length": config.max_length,
-        "max_prompt_length": config.max_prompt_length,
-        "sizes": {name: len(examples) for name, examples in splits.items()},
-    }
-    if task_key:
-        values["task"] = task_key
-    return json.dumps(values, sort_keys=True)
 
 
 def reference_batches(task, model, examples, pad_id: int, config: TrainConfig, desc: str) -> Iterator:
@@ -77,20 +66,6 @@ def compute_reference_logps(task, model, examples, pad_id: int, config: TrainCon
     return distributed.all_reduce_sum(chosen), distributed.all_reduce_sum(rejected)
 
 
-def load_cached_tensors(path: Path, fingerprint: str) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors cache whose metadata fingerprint matches; {} otherwise."""
-    if not path.exists():
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        stored = (handle.metadata() or {}).get("fingerprint")
-    if stored != fingerprint:
-        return {}
-    log.info("reference outputs loaded from %s", path)
-    return load_file(str(path))
-
-
 def load_reference(config: TrainConfig, model, tokenizer):
     """`(reference, owned)`: `--ref-model` loaded next to the policy, or the policy itself."""
     if not config.ref_model:
@@ -111,7 +86,7 @@ def attach_reference_logps(task, model, tokenizer, examples, eval_examples, conf
     """Fill `extras['ref_chosen'|'ref_rejected']` of every train and eval example."""
     splits = {"train": examples, "eval": eval_examples}
     cache = Path(run_dir) / CACHE_NAME
-    fingerprint = _fingerprint(config, splits, getattr(task, "reference_key", None))
+    fingerprint = cache_fingerprint(config, model, tokenizer, splits, getattr(task, "reference_key", None))
     tensors = load_cached_tensors(cache, fingerprint)
     if not tensors:
         reference, owned = load_reference(config, model, tokenizer)
@@ -125,7 +100,7 @@ def attach_reference_logps(task, model, tokenizer, examples, eval_examples, conf
             del reference
             gc.collect()
         if distributed.current().is_main:
-            save_file(tensors, str(cache), metadata={"fingerprint": fingerprint})
+            save_cached_tensors(tensors, cache, fingerprint)
     for name, split in splits.items():
         for i, example in enumerate(split):
             example.extras["ref_chosen"] = float(tensors[f"{name}_chosen"][i])

@@ -8,23 +8,24 @@ example, per-token log-probs of a response. A task states them with
 
 and `attach_reference_values` stores `example.extras[name]` (a float32 1-D tensor) for every
 train and eval example, caching them in `DIR/<cache>.safetensors` (values concatenated, plus
-per-example lengths) so that a resumed run does not recompute them.
+per-example lengths) so that a resumed run does not recompute them. The cache is keyed by
+`cache_fingerprint`: the content of the tokenised examples, the reference model's weights and
+the tokenizer, so other data or another model in the same directory recompute it.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from alignkit.training.offline.reference import (
+from alignkit.training.offline.reference import load_reference, reference_batches
+from alignkit.training.offline.reference_cache import (
+    cache_fingerprint,
     load_cached_tensors,
-    load_reference,
-    reference_batches,
+    save_cached_tensors,
 )
 from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
@@ -47,19 +48,6 @@ def compute_reference_values(task, model, examples, pad_id: int, config: TrainCo
     return values
 
 
-def _fingerprint(config: TrainConfig, task_key: str, splits: dict[str, list]) -> str:
-    return json.dumps(
-        {
-            "reference": config.ref_model or config.model,
-            "max_length": config.max_length,
-            "max_prompt_length": config.max_prompt_length,
-            "task": task_key,
-            "sizes": {name: len(examples) for name, examples in splits.items()},
-        },
-        sort_keys=True,
-    )
-
-
 def attach_reference_values(task, model, tokenizer, examples, eval_examples, config, run_dir,
                             cache: str = "reference_values", key: str = "") -> None:
     """Fill `extras[name]` of every train and eval example with the task's reference values.
@@ -68,7 +56,7 @@ def attach_reference_values(task, model, tokenizer, examples, eval_examples, con
     with other settings in the same directory recomputes them instead of reusing the cache."""
     splits = {"train": examples, "eval": eval_examples}
     path = Path(run_dir) / f"{cache}.safetensors"
-    fingerprint = _fingerprint(config, f"{config.algorithm}:{cache}:{key}", splits)
+    fingerprint = cache_fingerprint(config, model, tokenizer, splits, f"{config.algorithm}:{cache}:{key}")
     tensors = load_cached_tensors(path, fingerprint)
     if not tensors:
         reference, owned = load_reference(config, model, tokenizer)
@@ -85,7 +73,7 @@ def attach_reference_values(task, model, tokenizer, examples, eval_examples, con
             del reference
             gc.collect()
         if distributed.current().is_main:
-            save_file(tensors, str(path), metadata={"fingerprint": fingerprint})
+            save_cached_tensors(tensors, path, fingerprint)
     for name, split in splits.items():
         keys = {k.split("/")[1] for k in tensors if k.startswith(f"{name}/")}
         for key in keys:

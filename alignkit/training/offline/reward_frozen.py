@@ -7,7 +7,8 @@
 
 Importing this module registers every reward-model algorithm: it imports
 `tasks_reward_runners` (rm_ensemble), which imports `tasks_reward` (rm_ranked, cost,
-rm_bayes, preference_model, rm_segment).
+rm_bayes, preference_model, rm_segment). Both heads checkpoint and resume through
+`train_pairwise` (features are recomputed: they are deterministic).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from alignkit.rewards.multi_objective import (
 )
 from alignkit.training.offline.reward import register_reward_algorithms
 from alignkit.training.offline.reward_runners import HEAD_LR, _Runner, pair_columns, train_pairwise
-from alignkit.training.run.metrics import MetricsWriter
 
 log = logging.getLogger("alignkit")
 
@@ -156,14 +156,15 @@ class MultiObjectiveTask(_Runner):
                 gates * rejected_r[idx]
             ).sum(-1)
 
-        writer = MetricsWriter(run_dir, tensorboard=c.tensorboard)
-        writer.write(
-            0,
-            {
-                "loss": float("nan"),
-                **{f"stage1/val_mse/{a}": e for a, e in zip(attributes, errors, strict=True)},
-            },
-        )
+        writer, checkpoint = self._open_writer(run_dir)  # --resume: the gate's newest checkpoint
+        if checkpoint is None:  # (a resumed run kept its step-0 row)
+            writer.write(
+                0,
+                {
+                    "loss": float("nan"),
+                    **{f"stage1/val_mse/{a}": e for a, e in zip(attributes, errors, strict=True)},
+                },
+            )
         gate.train()
         last = train_pairwise(
             list(gate.parameters()),
@@ -173,6 +174,9 @@ class MultiObjectiveTask(_Runner):
             lr=self.user_lr or 1e-3,
             seed=c.seed,
             writer=writer,
+            run_dir=run_dir,
+            checkpoint=checkpoint,
+            callbacks=callbacks,
         )
         writer.close()
         gate.eval()
@@ -234,7 +238,7 @@ class EmbeddingRewardTask(_Runner):
             reward_model.embed(prompts, rejected),
         )
         head = reward_model.head.train()
-        writer = MetricsWriter(run_dir, tensorboard=c.tensorboard)
+        writer, checkpoint = self._open_writer(run_dir)  # --resume: the head's newest checkpoint
         last = train_pairwise(
             list(head.parameters()),
             lambda idx: (head(chosen_x[idx]), head(rejected_x[idx])),
@@ -243,6 +247,9 @@ class EmbeddingRewardTask(_Runner):
             lr=self.user_lr or HEAD_LR,
             seed=c.seed,
             writer=writer,
+            run_dir=run_dir,
+            checkpoint=checkpoint,
+            callbacks=callbacks,
         )
         writer.close()
         head.eval()

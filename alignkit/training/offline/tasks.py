@@ -46,6 +46,7 @@ from alignkit.training.offline.pairwise_options import (
 from alignkit.training.offline.reference import attach_reference_logps
 from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.values import hparam_type_error
 
 Metrics = dict[str, Tensor]
 
@@ -63,6 +64,9 @@ def check_hparams(algorithm: str, given: dict[str, Any], accepted: dict[str, Any
             f"{algorithm}: unknown hyper-parameter(s) {unknown}; "
             f"accepted: {sorted(accepted) or 'none'}"
         )
+    wrong = [hparam_type_error(k, v, accepted[k]) for k, v in given.items()]  # types of the defaults
+    if any(wrong):
+        raise ValueError(f"{algorithm}: {next(w for w in wrong if w)}")
 
 
 def scored_tokens(batch: dict[str, Tensor]) -> Tensor:
@@ -176,6 +180,11 @@ class PairData:
 
     def collate(self, examples: list[PairExample], pad_id: int) -> dict[str, Tensor]:
         return collate_pairs(examples, pad_id)
+
+    def identical_pair(self, example: PairExample) -> bool:
+        """Whether chosen and rejected are the same tokens after truncation (they share the
+        prompt): such a pair states no preference (`alignkit.training.run.degenerate`)."""
+        return example.chosen_ids == example.rejected_ids
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from alignkit.models import apply_lora, count_parameters, is_peft, load_model
+from alignkit.models.heads import require_trained_head
 from alignkit.rewards import load_reward
 from alignkit.training.online.distributed_rollout import (
     CopyRollout,
@@ -132,8 +133,11 @@ def copy_reference(config: TrainConfig, s: OnlineSettings, model: nn.Module) -> 
 def build_critic(config: TrainConfig, s: OnlineSettings, model: nn.Module):
     """(separate ValueModel or None, shared value head or None) for `s.critic`."""
     if s.critic == "separate":
-        if s.critic_init:
+        if s.critic_init:  # a trained reward model (PPO-max); unset: the policy + a zero value head
             rm, _ = load_model(s.critic_init, kind="reward", dtype=_dtype(config), device=_device(config))
+            require_trained_head(s.critic_init, rm, "--set critic_init", fix=(
+                "Pass a directory written by `alignkit train rm`, or leave critic_init unset to start "
+                "the critic from the policy with a zero value head"))
             return ValueModel.from_reward_model(rm), None
         return ValueModel.from_policy(model), None
     if s.critic == "shared":
@@ -169,11 +173,13 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
     spec = reward if reward is not None else config.reward
     if spec is not None:
         fn = load_reward(spec) if isinstance(spec, str) else spec
-        return FunctionReward(fn, on_error=s.reward_on_error)
+        return FunctionReward(fn, on_error=s.reward_on_error, timeout=config.reward_timeout,
+                              workers=config.reward_workers)
     if config.reward_model is None:
         raise ValueError(f"{config.algorithm} needs a reward: --reward module:function or --reward-model DIR")
     model, rm_tokenizer = load_model(config.reward_model, kind="reward", dtype=_dtype(config),
                                      device=_device(config), trust_remote_code=config.trust_remote_code)
+    require_trained_head(config.reward_model, model, "--reward-model")
     return ModelReward(model, rm_tokenizer, tokenizer)
 
 

@@ -17,7 +17,11 @@ presets (`presets.py`) of this one loop. `build_online_roles` (`build.py`) makes
               (x micro-batches) of policy loss + aggregation (+ beta KL) (+ vf_coef clipped
               value loss); grad clip; optimizer step; one LR-schedule step
 7. log        rollout engine weight sync, metrics.jsonl, KL controller, atomic checkpoint
-              (trainer state + beta, reward statistics and the data cursor)
+              (trainer state + beta, reward statistics and the data cursor); on SIGINT or
+              SIGTERM a checkpoint, then RunInterrupted (`run/interrupt.py`)
+
+The run directory is checked and locked first (`run/rundir.py`: another run's directory, or a
+--resume with changed config or data, is refused).
 
 The driver keeps the run's own state: beta (the KL controller), the running reward statistics
 and the prompt cursor (in `PromptSampler`). A step left without training rows (dynamic
@@ -53,20 +57,33 @@ from alignkit.data import (
     validate_rows,
 )
 from alignkit.objectives import KL
+from alignkit.rewards.runner import reward_batch, reward_columns
 from alignkit.training.online.build import OnlineRoles, build_online_roles
 from alignkit.training.online.kl_control import RunningMeanStd, make_kl_controller
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch
 from alignkit.training.online.sampling import PromptSampler, StepSamples
-from alignkit.training.online.steps import compute_advantages, summary_stats
+from alignkit.training.online.steps import (
+    check_group_baseline,
+    compute_advantages,
+    no_reward_variance,
+    reward_varies,
+    summary_stats,
+    uses_group_baseline,
+)
 from alignkit.training.online.trainer import Experience
 from alignkit.training.run import distributed
-from alignkit.training.run.checkpoint import latest_checkpoint
+from alignkit.training.run.checkpoint import checkpoint_dir
 from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.degenerate import SKIPPED, DegenerateWatch, data_metrics
 from alignkit.training.run.distributed import init_ranks
+from alignkit.training.run.interrupt import RunInterrupted, StopSignals
 from alignkit.training.run.metrics import open_metrics, progress_postfix
 from alignkit.training.run.result import TrainResult, write_final
+from alignkit.training.run.rundir import RunDir, open_run_dir
+from alignkit.training.run.schedule import default_lr
 from alignkit.training.run.seed import seed_everything
+from alignkit.training.run.threads import configure_threads
 
 log = logging.getLogger("alignkit")
 
@@ -77,15 +94,25 @@ def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = N
     from alignkit.training.run.registry import ALGORITHMS
 
     s: OnlineSettings = ALGORITHMS[config.algorithm].make_task(config)
+    check_group_baseline(s, config.algorithm, config.allow_degenerate)
     ranks = init_ranks(config.strategy, config.device)
-    run_dir = Path(config.resume or config.output)
-    resume_from = latest_checkpoint(run_dir) if config.resume else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.output = str(run_dir)
+    configure_threads(config)
     config.hparams = dataclasses.asdict(s)  # config.yaml records every resolved choice
+    if config.lr is None:  # resolved before the run's fingerprint (the default build_online_roles uses)
+        config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
+    # the run directory: checked, locked, resumed from its newest intact checkpoint (run/rundir.py)
+    with open_run_dir(config, data=data) as run:
+        return _train_in(run, s, config, ranks, model, tokenizer, data, reward, callbacks)
+
+
+def _train_in(run: RunDir, s: OnlineSettings, config: TrainConfig, ranks, model, tokenizer, data, reward,
+              callbacks: tuple) -> TrainResult:
+    """Everything after the run directory: prompts, roles, the driver's steps, final/."""
+    run_dir, resume_from = run.path, run.resume_from
     seed_everything(config.seed)
 
-    table = load_prompt_table(data if data is not None else config.data)
+    table = load_prompt_table(data if data is not None else config.data, split=config.split,
+                              data_format=config.data_format)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(
         config.epochs * len(table) / config.batch_size)
     roles = build_online_roles(config, s, total_steps=total_steps, model=model, tokenizer=tokenizer,
@@ -100,24 +127,24 @@ def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = N
     return TrainResult(run_dir, final_dir, total_steps, driver.last, {}, roles.model, roles.tokenizer)
 
 
-def load_prompt_table(source: Any) -> RowTable:
+def load_prompt_table(source: Any, *, split: str | None = None, data_format: str = "auto") -> RowTable:
     """Prompt rows (other formats' prompts work too; extra columns reach the reward), validated."""
-    table = load_rows(source)
+    table = load_rows(source, split=split, data_format=data_format)
     if len(table) == 0:
         raise DataError(str(source), None, "the prompt data has no rows")
     validate_rows(table, detect_kind(table))
     return table
 
 
-def prompt_rows(table: RowTable, tokenizer, config: TrainConfig) -> tuple[list[list[int]], list[str], list[dict]]:
-    """(token ids, text, extra columns) of every prompt row."""
+def prompt_rows(table: RowTable, tokenizer, config: TrainConfig) -> tuple[list[list[int]], list[str], list[dict], Any]:
+    """(token ids, text, extra columns) of every prompt row, and the truncation counts."""
     prompt_ids, stats = tokenize_prompts(table, tokenizer, max_prompt_length=config.max_prompt_length,
                                          chat=bool(config.chat_template))
     log.info("prompts: %s", stats.summary())
     texts = [row["prompt"] if isinstance(row.get("prompt"), str) else tokenizer.decode(ids)
              for row, ids in zip(table.rows, prompt_ids, strict=True)]
-    columns = [{k: v for k, v in row.items() if k not in ("prompt", "messages")} for row in table.rows]
-    return prompt_ids, texts, columns
+    columns = [reward_columns(row) for row in table.rows]  # + a conversational prompt's messages
+    return prompt_ids, texts, columns, stats
 
 
 class OnlineDriver:
@@ -129,7 +156,9 @@ class OnlineDriver:
         self.config, self.s, self.roles, self.run_dir, self.total_steps = config, s, roles, run_dir, total_steps
         self.kl_control = make_kl_controller(s.beta, s.kl_target, s.kl_horizon)
         self.reward_stats = RunningMeanStd()
-        prompt_ids, texts, columns = prompt_rows(table, roles.tokenizer, config)
+        prompt_ids, texts, columns, stats = prompt_rows(table, roles.tokenizer, config)
+        self.first_row = data_metrics(stats, responses=False)  # run totals, in the first logged row
+        self.flags: dict[str, bool] = {}  # the last step's degenerate-step flags (DegenerateWatch)
         self.sampler = PromptSampler(roles.rollout, roles.reward, roles.tokenizer, prompt_ids, texts, columns,
                                      s, batch_size=config.batch_size, seed=config.seed, device=roles.device,
                                      reward_stats=self.reward_stats)
@@ -145,6 +174,8 @@ class OnlineDriver:
         self.reward_stats.load_state(extras["reward_stats"])
         self.sampler.load_state(extras, step)
         self.resumed_at = step
+        if step >= min(self.config.logging_steps, self.total_steps):
+            self.first_row = {}  # the kept metrics.jsonl has the run totals already
         log.info("resumed from %s (step %d)", checkpoint, step)
         return step
 
@@ -155,18 +186,26 @@ class OnlineDriver:
         writer = open_metrics(self.run_dir, is_main, resume_step=self.resumed_at, tensorboard=config.tensorboard)
         bar = tqdm(total=self.total_steps, initial=start_step, desc=config.algorithm,
                    disable=not (config.progress and is_main), dynamic_ncols=True)
+        watch = DegenerateWatch([SKIPPED, no_reward_variance(self.s)], steps=self.total_steps - start_step,
+                                allow=config.allow_degenerate)
+        stop = StopSignals().install()  # Ctrl-C / SIGTERM: finish the step, checkpoint, RunInterrupted
         try:
             for step in range(start_step + 1, self.total_steps + 1):
                 metrics = self.train_step(step)
                 if step % config.logging_steps == 0 or step == self.total_steps:
-                    self.last = writer.write(step, metrics)
+                    self.last, self.first_row = writer.write(step, {**metrics, **self.first_row}), {}
                 bar.set_postfix({**progress_postfix(metrics), "reward": f"{metrics['reward/mean']:.3f}"})
                 bar.update(1)
-                if config.save_steps and step % config.save_steps == 0 and step < self.total_steps:
+                watch.observe(step, self.flags)  # may stop the run
+                stopping = stop.requested() and step < self.total_steps
+                if stopping or (config.save_steps and step % config.save_steps == 0 and step < self.total_steps):
                     self.save(step)
                 for callback in callbacks:
                     callback(step, metrics)
+                if stopping:
+                    raise RunInterrupted(self.run_dir, step, checkpoint_dir(self.run_dir, step), stop.name)
         finally:
+            stop.restore()
             bar.close()
             writer.close()
 
@@ -182,9 +221,12 @@ class OnlineDriver:
         metrics: dict[str, float] = {"beta": self.kl_control.value}
 
         # 1-2. generate and score (dynamic sampling: rounds until B groups with signal)
-        samples = self.sampler.collect(step)
+        with reward_batch(step=step, max_steps=self.total_steps):  # names the step in reward errors
+            samples = self.sampler.collect(step)
         metrics.update(samples.metrics(s.dynamic_sampling))
         scored = time.perf_counter()
+        self.flags = {"no_reward_variance": samples.rollout is None or not reward_varies(
+            samples.rewards, samples.rollout.group_index, uses_group_baseline(s), samples.baseline)}
         if samples.rollout is None:
             log.warning("step %d: no prompt group with reward variance in %d generation round(s); "
                         "update skipped", step, samples.rounds)
@@ -217,6 +259,7 @@ class OnlineDriver:
         experience = Experience(batch, samples.rewards, group_index, old_logp, ref_logp, advantages, returns,
                                 old_values, beta=self.kl_control.value, step=step)
         metrics.update(roles.trainer.update(experience))
+        self.flags["skipped"] = metrics.get("updates_skipped", 0.0) == 1.0  # every optimizer update skipped
 
         # 7. sync the engine, adapt beta, timings (the caller logs and checkpoints)
         self.sync_rollout(step)

@@ -28,6 +28,7 @@ from typing import Any
 from alignkit.advantages import ADVANTAGE_KINDS, ADVANTAGES
 from alignkit.objectives import KL, PAIRWISE
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
+from alignkit.training.run.values import coerce_fields
 
 
 @dataclass
@@ -167,7 +168,7 @@ def resolve_settings(config, preset: str) -> OnlineSettings:
         raise ValueError(
             f"{preset}: unknown hyper-parameter(s) {unknown}; accepted: {sorted(names)}"
         )
-    settings = OnlineSettings(**{**PRESETS[preset], **config.hparams})
+    settings = OnlineSettings(**{**PRESETS[preset], **coerce_fields(OnlineSettings, config.hparams, preset)})
     _validate(settings, preset)
     return settings
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from alignkit.models import adapter_disabled, is_peft, reward_scores
 from alignkit.models.heads import _score_head
 from alignkit.models.logprobs import decoder_and_head, linear_head_logps, position_ids_from_mask
-from alignkit.rewards import score_safely
+from alignkit.rewards.runner import RewardRunner
 from alignkit.rollout import HFEngine, Rollout, SamplingParams
 
 
@@ -271,13 +271,18 @@ class ModelReference:
 
 
 class FunctionReward:
-    """A reward function on text: `fn(prompts, completions, **columns) -> (N,)`."""
+    """A reward function on text: `fn(prompts, completions, **columns) -> (N,)`, called by a
+    `RewardRunner`: TRL's conventions (conversational prompts as messages, `completion_ids`,
+    `trainer_state`), a deadline of `timeout` seconds and `workers` scoring threads."""
 
-    def __init__(self, fn: Callable[..., Any], on_error: str = "raise") -> None:
+    def __init__(self, fn: Callable[..., Any], on_error: str = "raise", *, timeout: float | None = None,
+                 workers: int = 0) -> None:
         self.fn, self.on_error = fn, on_error
+        self.runner = RewardRunner(fn, on_error=on_error, timeout=timeout, workers=workers)
 
     def score(self, batch, prompts, completions, columns):
-        scores, penalised = score_safely(self.fn, prompts, completions, on_error=self.on_error, **columns)
+        scores, penalised = self.runner(prompts, completions, columns,
+                                        completion_ids=lambda: response_token_ids(batch))
         if scores.ndim != 1:
             raise ValueError(f"the online loop needs one reward per sample, got shape {tuple(scores.shape)}")
         return scores.float(), penalised
@@ -343,6 +348,12 @@ def zero_value_head(hidden_size: int) -> nn.Linear:
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head
+
+
+def response_token_ids(batch: SequenceBatch) -> list[list[int]]:
+    """Each row's generated token ids (the stop token included), as TRL's `completion_ids`."""
+    ids, mask = batch.input_ids.cpu(), batch.sequence_mask.cpu()
+    return [row[keep].tolist() for row, keep in zip(ids, mask, strict=True)]
 
 
 def decode_completions(tokenizer: Any, rollout: Rollout) -> list[str]:

@@ -27,7 +27,13 @@ from alignkit.training.online.kl_control import RunningMeanStd
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch, chunks, decode_completions
 from alignkit.training.run import distributed
+from alignkit.training.run.degenerate import Condition, refuse
 from alignkit.training.run.distributed import Ranks
+
+GROUP_BASELINES = frozenset({"grpo", "rloo", "reinforce_pp_baseline"})
+"""Advantage estimators that subtract a baseline computed from each prompt's group of samples:
+with one sample per group (group_size=1) every advantage is 0 (tests/test_run_degenerate.py
+checks this set against the ADVANTAGES registry)."""
 
 
 def kwargs_for(fn, values: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +86,48 @@ def compute_advantages(s: OnlineSettings, rewards, group_index, mask, kl_penalty
     if s.advantage_clip is not None:
         advantages = advantages.clamp(-s.advantage_clip, s.advantage_clip)
     return advantages.detach(), returns.detach()
+
+
+def uses_group_baseline(s: OnlineSettings) -> bool:
+    """Whether learning needs rewards that differ WITHIN a prompt group: a group-baseline
+    advantage, or online DPO's best-vs-worst pairs."""
+    return s.objective == "pairwise" or s.advantage in GROUP_BASELINES
+
+
+def check_group_baseline(s: OnlineSettings, preset: str, allow: bool) -> None:
+    """Before training: a group-baseline advantage with group_size=1 learns nothing (refused
+    unless --allow-degenerate, `alignkit.training.run.degenerate.refuse`)."""
+    if s.group_size == 1 and s.objective == "policy_gradient" and s.advantage in GROUP_BASELINES:
+        refuse(f"{preset}: group_size=1 with advantage {s.advantage!r}, which subtracts the mean reward of "
+               "each prompt's group of samples: with one sample per group every advantage is 0 and nothing "
+               "is learned; --set group_size=4 (or more) samples each prompt several times", allow)
+
+
+def no_reward_variance(s: OnlineSettings) -> Condition:
+    """The degenerate-step condition of the online loop's rewards for these settings."""
+    if uses_group_baseline(s):
+        what = ("the rewards did not vary within any prompt group (each prompt's samples scored alike), "
+                "so every advantage was 0")
+    else:
+        what = "every sample got the same reward, so the rewards carried no signal"
+    return Condition("no_reward_variance", what,
+                     "check that the reward (--reward, --reward-model) scores different completions "
+                     "differently, or sample more diverse completions (group_size, temperature)")
+
+
+def reward_varies(rewards: Tensor, group_index: Tensor, grouped: bool, baseline: Tensor | None = None) -> bool:
+    """Whether a step's shaped rewards (N,) carry a signal: with `grouped`, some prompt group
+    whose rewards are not all equal (exact comparison, as dynamic sampling); otherwise any two
+    different values among the rewards and ReMax's greedy `baseline` (N,)."""
+    if rewards.numel() == 0:
+        return False
+    if not grouped:
+        values = rewards if baseline is None else torch.cat([rewards, baseline.to(rewards)])
+        return bool(values.max() > values.min())
+    groups, inverse = torch.unique(group_index.to(rewards.device), return_inverse=True)
+    high = rewards.new_full((len(groups),), -float("inf")).scatter_reduce(0, inverse, rewards, "amax")
+    low = rewards.new_full((len(groups),), float("inf")).scatter_reduce(0, inverse, rewards, "amin")
+    return bool((high > low).any())
 
 
 def summary_stats(prefix: str, values: Tensor, mask: Tensor) -> dict[str, float]:

@@ -201,6 +201,7 @@ class PolicyTrainer:
         else:
             log.warning("step %d: non-finite gradient; update skipped", e.step)
         part["grad_norm"] = float(grad_norm)
+        part["updates_skipped"] = 0.0 if torch.isfinite(grad_norm) else 1.0  # averaged: the step's fraction
         return part
 
     # ------------------------------------------------------------------ weights and state

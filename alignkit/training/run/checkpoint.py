@@ -3,11 +3,15 @@
 Layout of `DIR/checkpoints/step-000012/`:
   weights.safetensors    trainable parameters by name
   optimizer.safetensors  optimizer state tensors, keyed `state.<param index>.<name>`
-  state.json             step, scheduler, optimizer param groups, python/numpy RNG, extras
+  state.json             step, scheduler, optimizer param groups, python/numpy RNG, extras,
+                         the run's fingerprint (from DIR/run.json) and `files`: the sha256
+                         and size of every other file of the checkpoint
   rng.safetensors        torch CPU (and CUDA) RNG states
   extra.safetensors      tensors a task keeps across steps (e.g. a live reference), if any
 Each checkpoint is written to a temporary directory and renamed into place, so a killed run
-leaves either the previous checkpoint or the new one, never half of one.
+leaves either the previous checkpoint or the new one, never half of one. A checkpoint damaged
+afterwards (a truncated or altered file) fails `verify_checkpoint`; `resumable_checkpoint`
+then falls back to the newest intact one, with a warning naming both.
 
 Data-parallel runs write the same layout: FSDP2 shards (weights and optimizer state) are
 gathered into full tensors and rank 0 writes them, keyed exactly as one process keys them, so a
@@ -17,7 +21,9 @@ rank's torch RNG state (`torch_cpu`, `torch_cpu.rank1`, ...).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -33,8 +39,11 @@ from alignkit.training.run import distributed
 from alignkit.training.run.distributed import Ranks
 from alignkit.training.run.wrapping import full_tensor, like_parameter
 
+log = logging.getLogger("alignkit")
 CHECKPOINT_PREFIX = "step-"
+CORRUPT_PREFIX = "corrupt-"
 EXTRA_TENSORS = "extra.safetensors"
+STATE_FILE = "state.json"
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -56,6 +65,60 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+REQUIRED_FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """What is wrong with checkpoint `path` (None when it is intact): state.json unreadable, a
+    file missing, or a file whose size or sha256 differs from the one state.json records.
+    Checkpoints written before checksums existed are checked for their files only."""
+    path = Path(path)
+    try:
+        record = json.loads((path / STATE_FILE).read_text())
+        int(record["step"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{STATE_FILE} cannot be read ({error})"
+    files = record.get("files")
+    if not isinstance(files, dict):  # an older checkpoint: no checksums to compare
+        missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+        return f"{missing[0]} is missing" if missing else None
+    for name, expected in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected.get("bytes"):
+            return f"{name} has {size} bytes, {expected.get('bytes')} were written (truncated?)"
+        if _file_checksum(file)["sha256"] != expected.get("sha256"):
+            return f"{name} does not match its sha256 checksum (corrupted)"
+    return None
+
+
+def resumable_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest intact checkpoint of `run_dir` (None when it has none).
+
+    A damaged newer checkpoint is set aside (renamed `checkpoints/corrupt-step-N`) with a
+    warning naming it and the checkpoint used instead; when every checkpoint is damaged, a
+    ValueError lists them. Run by the process that owns the directory (rank 0)."""
+    problems = []
+    for candidate in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            for bad, reason in problems:
+                aside = bad.with_name(CORRUPT_PREFIX + bad.name)
+                log.warning("checkpoint %s is damaged (%s): resuming from %s instead; it is kept as %s",
+                            bad, reason, candidate, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(bad, aside)
+            return candidate
+        problems.append((candidate, problem))
+    if problems:
+        listed = "; ".join(f"{bad.name}: {reason}" for bad, reason in problems)
+        raise ValueError(f"{run_dir}: no intact checkpoint to resume from ({listed}); "
+                         "start afresh with --overwrite")
+    return None
+
+
 def _full(value: torch.Tensor) -> torch.Tensor:
     """A CPU copy of the whole tensor (FSDP2 shards gathered: every rank must call this)."""
     return full_tensor(value.detach()).contiguous().cpu().clone()
@@ -65,7 +128,8 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state tensors keyed `state.<param index>.<name>`, JSON: param groups and scalar state)."""
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -101,6 +165,52 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _file_checksum(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"sha256": digest, "bytes": path.stat().st_size}
+
+
+def _run_fingerprint(run_dir: Path) -> dict | None:
+    """The fingerprint in DIR/run.json (None without one), recorded in every checkpoint."""
+    from alignkit.training.run.rundir import read_run_file
+
+    record = read_run_file(run_dir)
+    return record.get("fingerprint") if record else None
+
+
+def write_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    tensor_files: dict[str, dict[str, torch.Tensor]],
+    meta: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` of `run_dir` atomically (one process: the caller is rank 0):
+    each `tensor_files` entry as a safetensors file, `meta` with `step`, the run's fingerprint
+    and the files' checksums as state.json; then point `latest` at it and prune to the newest
+    `keep` checkpoints."""
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    try:
+        for name, tensors in tensor_files.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+        files = {name: _file_checksum(tmp / name) for name in tensor_files}
+        record = {"step": step, **meta, "fingerprint": _run_fingerprint(Path(run_dir)), "files": files}
+        (tmp / STATE_FILE).write_text(json.dumps(record))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_write_text(final.parent / "latest", final.name + "\n")
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -121,42 +231,43 @@ def save_checkpoint(
     ranks = ranks or distributed.current()
     final = checkpoint_dir(run_dir, step)
     weights = _trainable_state(model)
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    opt_tensors, opt_meta = optimizer_tensors(optimizer)
     rng = _rng_tensors(ranks)
     if not ranks.is_main:
         distributed.barrier()  # rank 0 has written the checkpoint when this returns
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
-    try:
-        save_file(weights, str(tmp / "weights.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        save_file(rng, str(tmp / "rng.safetensors"))
-        if extra_tensors:
-            tensors = {k: v.detach().contiguous().cpu().clone() for k, v in extra_tensors.items()}
-            save_file(tensors, str(tmp / EXTRA_TENSORS))
-        py_state = random.getstate()
-        np_state = np.random.get_state()
-        meta = {
-            "step": step,
-            "scheduler": scheduler.state_dict(),
-            "optimizer": opt_meta,
-            "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
-            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "extras": extras or {},
-        }
-        (tmp / "state.json").write_text(json.dumps(meta))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _atomic_write_text(final.parent / "latest", final.name + "\n")
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    tensor_files = {"weights.safetensors": weights, "optimizer.safetensors": opt_tensors, "rng.safetensors": rng}
+    if extra_tensors:
+        tensor_files[EXTRA_TENSORS] = {k: v.detach().contiguous().cpu().clone() for k, v in extra_tensors.items()}
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "scheduler": scheduler.state_dict(),
+        "optimizer": opt_meta,
+        "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "extras": extras or {},
+    }
+    write_checkpoint(run_dir, step, tensor_files, meta, keep)
     distributed.barrier()
     return final
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Load what `optimizer_tensors` saved: state tensors laid out like each parameter."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in state.items():
+        param = ordered[index]
+        for name, value in values.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.ndim > 0:
+                values[name] = like_parameter(value, param)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def load_checkpoint(
@@ -183,20 +294,7 @@ def load_checkpoint(
                 raise ValueError(f"{path}: checkpoint parameter {name!r} is not in the model")
             params[name].copy_(like_parameter(value, params[name]))
 
-    opt_tensors = load_file(str(path / "optimizer.safetensors"))
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in opt_tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    for index, values in meta["optimizer"]["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    ordered = [p for group in optimizer.param_groups for p in group["params"]]
-    for index, values in state.items():
-        param = ordered[index]
-        for name, value in values.items():
-            if torch.is_tensor(value) and value.shape == param.shape and value.ndim > 0:
-                values[name] = like_parameter(value, param)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
 
     rng = load_file(str(path / "rng.safetensors"))

@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import tyro
 import yaml
+
+from alignkit.training.run.values import allowed_types, coerce_field, load_yaml_file, parse_scalar
 
 
 @dataclass
@@ -70,12 +74,13 @@ class TrainConfig:
     """Log metrics every N steps."""
     eval_data: str | None = None
     """Held-out data to evaluate on; default: --eval-holdout of the training data."""
-    eval_holdout: float = 0.0
-    """Fraction (or count if >= 1) of the training rows held out for evaluation."""
+    eval_holdout: int | float = 0.0
+    """Training rows held out for evaluation: a fraction in (0, 1), or a whole count >= 1."""
     eval_steps: int = 0
     """Evaluate every N steps (0: only at the end, when there is eval data)."""
     resume: str | None = None
-    """Run directory to continue from its latest checkpoint."""
+    """Run directory to continue from its newest intact checkpoint, with the same config and data
+    (see --override); a path without a run is an error."""
     chat_template: bool | None = None
     """Wrap plain-text prompts in the tokenizer's chat template (default: only conversational data)."""
     allow_identical_pairs: bool = False
@@ -100,31 +105,41 @@ class TrainConfig:
     logp_chunk_size: int = 1024
     """Response positions per chunk when computing log-probs from hidden states."""
     overwrite: bool = False
-    """Start afresh in an --output that holds another run (its files are replaced)."""
+    """Start afresh in an --output that is not empty: a previous run's checkpoints, metrics and
+    final/ are removed first (reference caches stay, keyed by the content of data and model; other
+    files are left alone). Without it such an --output is refused, also for the identical command
+    of a finished run (continue an unfinished one with --resume DIR)."""
     override: str = ""
-    """With --resume: comma-separated config keys allowed to differ from the saved run (e.g. lr,max_steps)."""
+    """With --resume: comma-separated config keys, hyper-parameters or `data` (its content) allowed
+    to differ from the resumed run (e.g. lr,max_steps); each change is logged."""
     allow_degenerate: bool = False
-    """Keep going when a run cannot learn (every step skipped, identical pairs, zero reward variance)."""
+    """Keep going (with a warning) when a run cannot learn: every step skipped, every pair identical
+    after truncation, no reward variance, group_size=1 with a group baseline. Otherwise an error,
+    up front or after min(steps, 10) steps on which it held from the first."""
     split: str | None = None
-    """Split to train on when --data is a directory or dataset with several (default: train)."""
+    """Split to train on when --data is a directory or dataset with several (default: train;
+    --eval-data reads its test or validation split)."""
     data_format: str = "auto"
     """Row schema: auto (detected), or hh for Anthropic HH-RLHF (chosen/rejected transcripts, no prompt)."""
     reward_timeout: float = 600.0
-    """Seconds a reward function may take for one batch before the run stops with an error."""
+    """Seconds a reward function may take for one batch before the run stops with an error (it runs in a
+    daemon thread); 0: no limit, called in the training thread (for code that needs the main thread)."""
     reward_workers: int = 0
-    """Threads scoring reward batches concurrently (0: in the training thread); for slow or remote rewards."""
+    """Threads scoring reward batches concurrently, each a chunk of whole prompt groups, results in row order
+    (0: one call per batch); for slow or remote rewards that score each row on its own."""
     threads: int = 0
     """torch CPU threads (0: one per core, fewer when other processes already load the cores)."""
     hparams: Annotated[dict[str, Any], tyro.conf.Suppress] = field(default_factory=dict)
     """Algorithm hyper-parameters (beta, label_smoothing, gamma, ...), set with --set."""
 
     def apply_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
-        """Set config fields by name; any other key becomes an algorithm hyper-parameter."""
-        names = {f.name for f in dataclasses.fields(self)} - {"hparams"}
+        """Set config fields by name (each value checked against the field's type, see
+        `coerce_field`); any other key becomes an algorithm hyper-parameter."""
+        types = field_types()
         for key, value in overrides.items():
             key = key.replace("-", "_")
-            if key in names:
-                setattr(self, key, value)
+            if key in types:
+                setattr(self, key, coerce_override(key, value, types[key]))
             else:
                 self.hparams[key] = value
         return self
@@ -138,7 +153,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         values = dict(values)
-        hparams = dict(values.pop("hparams", None) or {})
+        hparams = values.pop("hparams", None) or {}
+        if not isinstance(hparams, dict):
+            raise ValueError(f"hparams must be a mapping of hyper-parameter names to values, got {hparams!r}")
         config = cls()
         config.apply_overrides(values)
         config.hparams.update(hparams)
@@ -146,18 +163,44 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        """A recipe or a saved config.yaml (YAML 1.2 numbers); errors name the file."""
+        values = load_yaml_file(path) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path}: a recipe must be a YAML mapping of config keys")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """TrainConfig field name -> its annotation (hparams excluded)."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig) if f.name != "hparams"}
+
+
+def coerce_override(key: str, value: Any, annotation: Any) -> Any:
+    """`coerce_field`, except that `reward` may also be a Python callable (alignkit.train)."""
+    if key == "reward" and callable(value):
+        return value
+    return coerce_field(key, value, annotation)
 
 
 def parse_set_values(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Parse `key=value` strings; values are read as YAML (numbers, bools, lists)."""
+    """Parse `key=value` strings. Values of config fields that take text (paths, names) are
+    kept as typed (`null` unsets an optional one); all others are read as YAML with YAML 1.2
+    numbers (1e-4 is a float), true/false, lists and mappings."""
+    types = field_types()
     parsed: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}")
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        allowed = allowed_types(types.get(key.replace("-", "_")))
+        if str in allowed:
+            parsed[key] = None if raw.strip() in ("null", "~") and type(None) in allowed else raw
+        else:
+            parsed[key] = parse_scalar(raw, key)
     return parsed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,23 @@ def to_float(value: Any) -> float:
     return float(value)
 
 
+def lines_up_to(path: Path, step: int) -> list[str]:
+    """The lines of a metrics.jsonl logged at steps <= `step`. A line that is not JSON (the
+    half-written last line a killed run leaves) is dropped with a warning, not an error."""
+    kept = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            log.warning("%s, line %d: not a complete JSON record (a torn write); dropped", path, number)
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    return kept
+
+
 class MetricsWriter:
     """Append-only JSON-lines metrics file; on resume, entries after `resume_step` are dropped
     so the file matches an uninterrupted run step for step."""
@@ -27,12 +45,10 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, *, resume_step: int | None = None, tensorboard: bool = False):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = lines_up_to(self.path, resume_step)
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
         elif resume_step is None:
             self.path.write_text("")
         self.handle = self.path.open("a")

@@ -1,0 +1,81 @@
+"""Argument checks shared by the argparse verbs (eval-rm, algorithms): every check runs before
+a model or a data file is loaded, and fails as one line naming the flag."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` for counts that must be >= 1 (batch sizes, resamples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse `type=` for integers that must be >= 0 (seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def check_data_source(flag: str, source: str) -> None:
+    """A data file named like one (a path, or a data-file suffix) must exist; anything else
+    may be a hub dataset id and is left to the loader."""
+    from alignkit.models.sources import looks_like_path
+
+    if Path(source).exists():
+        return
+    if looks_like_path(source) or source.endswith(DATA_SUFFIXES):
+        raise FileNotFoundError(f"{flag} {source}: no such file or directory")
+
+
+def prepare_output_file(flag: str, target: str) -> None:
+    """Create the directory `target` will be written to, now rather than after the work; a
+    directory or an unwritable place is a ValueError naming the flag."""
+    path = Path(target)
+    if path.is_dir():
+        raise ValueError(f"{flag} {target}: is a directory; name the file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag} {target}: cannot create {path.parent}: {error.strerror or error}") from None
+
+
+def check_no_arguments_but(argv: list[str], allowed: tuple[str, ...], verb: str) -> None:
+    """A verb without options other than `allowed` refuses anything else (a typo is not ignored)."""
+    unknown = [arg for arg in argv if arg not in allowed]
+    if unknown:
+        raise ValueError(f"unrecognized argument(s) {' '.join(unknown)}; alignkit {verb} takes "
+                         f"{' '.join(allowed) or 'no arguments'}")
+
+
+def check_reward_model_source(source: str) -> None:
+    """--model of eval-rm: a plain sequence-classifier directory (or hub id) is checked like any
+    model; the directories of ensembles, BRME, ArmoRM and embedding RMs must exist (their own
+    loaders check the files they hold)."""
+    from alignkit.models.loading import check_model_source
+    from alignkit.models.sources import looks_like_path, missing_path_error
+
+    path = Path(source).expanduser()
+    if path.is_dir() and any((path / f"{marker}.json").is_file() for marker in SPECIAL_REWARD_MODELS):
+        return
+    if not path.exists() and looks_like_path(source):
+        raise missing_path_error(source, "--model")
+    check_model_source(source, "--model")
+
+
+SPECIAL_REWARD_MODELS = ("ensemble", "embedding_rm", "multi_objective", "brme", "preference_model", "segment_rm")
+"""Marker files of reward-model directories that are not one plain sequence classifier."""
