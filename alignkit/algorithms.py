@@ -18,11 +18,17 @@ def algorithms_table(markdown: bool = False) -> str:
     rows = [(s.name, s.kind, s.data, s.models, s.paper) for s in ALGORITHMS.values()]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(f"`{r[0]}`" if i == 0 else r[i] for i in range(len(r))) + " |" for r in rows]
+        cells = [[f"`{r[0]}`", *(markdown_cell(c) for c in r[1:])] for r in rows]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
         return "\n".join(lines)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(fmt.format(*r).rstrip() for r in [header, *rows])
+
+
+def markdown_cell(text: str) -> str:
+    """A table cell: `|` (one data format or another) escaped so it does not split the row."""
+    return str(text).replace("|", "\\|")
 
 
 README_START, README_END = "<!-- algorithms:start -->", "<!-- algorithms:end -->"

@@ -93,3 +93,15 @@ def test_train_help_names_each_algorithms_hyper_parameters():
     assert "heads" in hparams_help("rm_bayes", ALGORITHMS)  # required ones are named
     for name in ALGORITHMS:
         assert hparams_help(name, ALGORITHMS), name
+
+
+def test_readme_algorithm_table_rows_have_five_cells():
+    """A `|` inside a cell (data formats `a|b`) is escaped, so no row splits into extra columns."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("<!-- algorithms:start -->")[1].split("<!-- algorithms:end -->")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == len(ALGORITHMS) + 1
+    for row in rows:
+        assert len(re.split(r"(?<!\\)\|", row)) == 7, row

@@ -41,7 +41,9 @@ def table(outcomes: list[dict]) -> str:
         area = base.split("::")[0].removeprefix("test_").removesuffix(".py")
         counts[item["outcome"]] += 1
         counts[(area, item["outcome"])] += 1
-        rows.append(f"| {area} | {texts.get(base, base).replace('|', chr(92) + '|')} | {item['outcome']} |")
+        case = file_and_name[len(base):]  # the parameter id of a parametrized case, if any
+        text = (texts.get(base, base) + (f" {case}" if case else "")).replace("|", chr(92) + "|")
+        rows.append(f"| {area} | {text} | {item['outcome']} |")
     areas = sorted({r.split(" | ")[0][2:] for r in rows})
     summary = [
         f"Tried {len(outcomes)}: handled {counts['handled']}, lost {counts['lost']}"
