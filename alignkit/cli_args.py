@@ -9,26 +9,23 @@ from pathlib import Path
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-def positive_int(text: str) -> int:
-    """argparse `type=` for counts that must be >= 1 (batch sizes, resamples)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def int_at_least(minimum: int):
+    """argparse `type=` for integers that must be >= `minimum` (counts: 1, seeds: 0)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse `type=` for integers that must be >= 0 (seeds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+positive_int = int_at_least(1)  # batch sizes, resamples
+non_negative_int = int_at_least(0)  # seeds
 
 
 def check_data_source(flag: str, source: str) -> None:

@@ -4,8 +4,30 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
+
+import pytest
+import transformers
+
+from faults.helpers import pairs, write_jsonl
 
 _OUTCOMES: list[dict] = []
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "pairs.jsonl", pairs(8))
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading any model or tokenizer fails the test: the error must come before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the mistake was reported")
+
+    for name in ("AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoTokenizer"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", refuse)
 
 
 def pytest_runtest_logreport(report):

@@ -12,29 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import transformers
 import yaml
 
 from alignkit.training.run.result import TrainResult
-from faults.helpers import assert_one_line_error, pairs, run_cli, write_jsonl
+from faults.helpers import assert_one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def data(tmp_path) -> Path:
-    return write_jsonl(tmp_path / "pairs.jsonl", pairs(8))
-
-
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Loading any model or tokenizer fails the test: the error must come before."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model or tokenizer was loaded before the mistake was reported")
-
-    for name in ("AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoTokenizer"):
-        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", refuse)
 
 
 @pytest.fixture
