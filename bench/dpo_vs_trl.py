@@ -182,6 +182,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps = 60 if args.whole_process else 20
     if args.threads is None:
         args.threads = 0 if args.whole_process else 1
+    if args.whole_process and args.lora_r:
+        parser.error("--whole-process trains all weights on both sides (the TRL script has no LoRA option)")
     if args.steps < 2 and not args.worker:
         parser.error("--steps must be at least 2 (step 1 is the excluded warm-up)")
     return args
