@@ -78,6 +78,15 @@ def build_vocab_llama(path: str | Path, *, vocab_size: int = 2048, hidden_size: 
     return path
 
 
+def bench_model(args, workdir: Path) -> str:
+    """`--model` when given, else a made-up-word Llama built in `workdir` from the bench's
+    --vocab-size, --hidden-size, --num-layers, --num-heads and --seed."""
+    if args.model:
+        return args.model
+    return str(build_vocab_llama(workdir / "model", vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                                 num_layers=args.num_layers, num_heads=args.num_heads, seed=args.seed))
+
+
 def _words(rng: random.Random, words: list[str], low: int, high: int) -> str:
     return " ".join(rng.choice(words) for _ in range(rng.randint(low, high)))
 

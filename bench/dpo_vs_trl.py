@@ -447,7 +447,7 @@ def whole_process(args: argparse.Namespace) -> None:
     from _whole import (
         BENCH_DIR,
         alignkit_command,
-        build_vocab_llama,
+        bench_model,
         run_whole,
         whole_report,
         word_pairs,
@@ -456,9 +456,7 @@ def whole_process(args: argparse.Namespace) -> None:
 
     os.environ.update(WORKER_ENV)
     workdir = Path(tempfile.mkdtemp(prefix="bench-dpo-whole-"))
-    model = args.model or str(build_vocab_llama(workdir / "model", vocab_size=args.vocab_size,
-                                                hidden_size=args.hidden_size, num_layers=args.num_layers,
-                                                num_heads=args.num_heads, seed=args.seed))
+    model = bench_model(args, workdir)
     pairs = args.pairs or args.batch_size * args.steps
     data = write_jsonl(workdir / "pairs.jsonl", word_pairs(pairs, seed=args.seed))
     threads = [] if args.threads == 0 else ["--threads", str(args.threads)]

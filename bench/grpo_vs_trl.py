@@ -266,7 +266,7 @@ def whole_process(args: argparse.Namespace) -> None:
         BENCH_DIR,
         REWARD_FILE,
         alignkit_command,
-        build_vocab_llama,
+        bench_model,
         run_whole,
         whole_report,
         word_prompts,
@@ -275,9 +275,7 @@ def whole_process(args: argparse.Namespace) -> None:
 
     os.environ.update(WORKER_ENV)
     workdir = Path(tempfile.mkdtemp(prefix="bench-grpo-whole-"))
-    model = args.model or str(build_vocab_llama(workdir / "model", vocab_size=args.vocab_size,
-                                                hidden_size=args.hidden_size, num_layers=args.num_layers,
-                                                num_heads=args.num_heads, seed=args.seed))
+    model = bench_model(args, workdir)
     n_prompts = args.prompts_per_step * args.steps
     data = write_jsonl(workdir / "prompts.jsonl", word_prompts(n_prompts, seed=args.seed))
     reward_file = workdir / "reward.py"

@@ -17,7 +17,12 @@ from typing import Any
 
 from alignkit.data.columns import is_id_column
 from alignkit.data.errors import DataError
-from alignkit.data.row_checks import check_number_columns, check_one_style, number_problem
+from alignkit.data.row_checks import (
+    check_number_columns,
+    check_one_style,
+    first_item_problem,
+    number_problem,
+)
 from alignkit.data.table import RowTable
 
 KINDS = ("prompt", "sft", "pairwise", "ranked", "unpaired", "ratings")
@@ -310,19 +315,14 @@ def _check_ranked(row: Mapping[str, Any], **_: Any) -> str | None:
         return "column 'completions' must be a list of responses"
     if len(completions) < 2:
         return f"column 'completions' needs at least 2 responses, got {len(completions)}"
-    for k, completion in enumerate(completions):
-        problem = _text_problem(f"completions[{k}]", completion)
-        if problem:
-            return problem
+    problem = first_item_problem("completions", completions, _text_problem)
+    if problem:
+        return problem
     if not isinstance(scores, list):
         return f"column 'scores' must be a list of numbers, got {type(scores).__name__}"
     if len(scores) != len(completions):
         return f"column 'scores' has {len(scores)} values but 'completions' has {len(completions)}"
-    for k, score in enumerate(scores):
-        problem = number_problem(f"scores[{k}]", score)
-        if problem:
-            return problem
-    return None
+    return first_item_problem("scores", scores, number_problem)
 
 
 def _check_unpaired(row: Mapping[str, Any], **_: Any) -> str | None:

@@ -32,6 +32,15 @@ def check_one_style(table: RowTable, is_conversational: Callable[[Mapping[str, A
             )
 
 
+def first_item_problem(column: str, items: Any, check: Callable[[str, Any], str | None]) -> str | None:
+    """The first problem `check(f"{column}[k]", item)` finds among a list column's items, or None."""
+    for k, item in enumerate(items):
+        problem = check(f"{column}[{k}]", item)
+        if problem:
+            return problem
+    return None
+
+
 def number_problem(column: str, value: Any) -> str | None:
     """Why `value` is not a finite number for `column`, or None when it is one."""
     if value is None:
@@ -69,8 +78,4 @@ def _margins_problem(value: Any) -> str | None:
     """Why a `margins` value is not a list of finite numbers, or None."""
     if not isinstance(value, list | tuple):
         return f"column 'margins' must be a list of numbers, got {type(value).__name__} {value!r}"
-    for k, item in enumerate(value):
-        problem = number_problem(f"margins[{k}]", item)
-        if problem:
-            return problem
-    return None
+    return first_item_problem("margins", value, number_problem)
