@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint bench install clean reliability
+.PHONY: demo test lint bench install clean reliability compile
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,10 +31,15 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-demo
 
 install: $(VENV)/.stamp-demo
 
-demo: $(VENV)/.stamp-demo
+# Byte-code of the editable package, as pip compiles an installed one (where
+# PYTHONDONTWRITEBYTECODE is set, Python would otherwise recompile it on every start).
+compile: $(VENV)/.stamp-base
+	@$(BIN)/python -m compileall -q alignkit >/dev/null
+
+demo: $(VENV)/.stamp-demo compile
 	$(BIN)/alignkit demo
 
-test: $(VENV)/.stamp-dev
+test: $(VENV)/.stamp-dev compile
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(VENV)/.stamp-dev

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -113,10 +114,10 @@ def _from_records(file: str, records: list[Any], first_row: int = 1) -> RowTable
 
 
 def _from_datasets_object(source: Any, split: SplitChoice) -> RowTable | None:
-    """Rows of a `datasets.Dataset` / `DatasetDict`, or None if `source` is neither."""
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
+    """Rows of a `datasets.Dataset` / `DatasetDict`, or None if `source` is neither (it cannot
+    be one while `datasets` is not imported, so file paths do not pay for importing it)."""
+    datasets = sys.modules.get("datasets")
+    if datasets is None:
         return None
     if isinstance(source, datasets.DatasetDict):
         source = source[choose_split(source.keys(), split, "<DatasetDict>")]

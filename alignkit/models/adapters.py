@@ -12,6 +12,7 @@ the reference policy without a second copy of the weights.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import sys
 from contextlib import contextmanager
 
 from torch import nn
@@ -22,12 +23,10 @@ LORA_TASKS = ("causal_lm", "reward")
 
 
 def is_peft(model: nn.Module) -> bool:
-    """True for a `peft.PeftModel` (anything carrying adapters through peft)."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
+    """True for a `peft.PeftModel` (anything carrying adapters through peft). Until peft is
+    imported no object can be one, so plain runs do not pay for importing it."""
+    peft_model = getattr(sys.modules.get("peft"), "PeftModel", None)
+    return peft_model is not None and isinstance(model, peft_model)
 
 
 def _is_sequence_classifier(model: nn.Module) -> bool:

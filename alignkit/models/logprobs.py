@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from alignkit.models.packing import predictor_states
+
 # Config attributes that mean "logits are not just lm_head(hidden)"; a value other than the
 # neutral one (None, or 1.0 for scales) sends us to the full-logits fallback.
 _LOGIT_TRANSFORMS = {
@@ -168,21 +170,23 @@ def token_logps_and_entropy(
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    packable = position_ids is None
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     # Logits at t-1 predict token t: predictor rows are [:, :-1], targets [:, 1:].
     predict_mask = (response_mask.bool() & attention_mask.bool())[:, 1:]  # (B, T-1)
     targets = input_ids[:, 1:][predict_mask]  # (N,)
 
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     parts = decoder_and_head(model)
     if parts is None:  # full (B, T, V) logits; the head is then the identity
-        hidden, head = model(**inputs, use_cache=False).logits, nn.Identity()
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
+        predictors, head = logits[:, :-1][predict_mask], nn.Identity()  # (N, V)
+        del logits
     else:
         decoder, head = parts
-        hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-    predictors = hidden[:, :-1][predict_mask]  # (N, H)
-    del hidden
+        predictors = predictor_states(decoder, input_ids, attention_mask, predict_mask, position_ids,
+                                      packable=packable)  # (N, H)
     logps, entropy = linear_head_logps(head, predictors, targets, chunk_size, temperature, with_entropy)
     return _scatter(logps, predict_mask), _scatter(entropy, predict_mask)
 

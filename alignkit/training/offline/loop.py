@@ -38,6 +38,7 @@ from alignkit.data import (
     validate_rows,
 )
 from alignkit.models import apply_lora, count_parameters, load_model
+from alignkit.models.packing import padding_free
 from alignkit.training.offline.reference import attach_reference_logps
 from alignkit.training.offline.tasks import make_task
 from alignkit.training.run.checkpoint import (
@@ -230,7 +231,7 @@ def run_offline(
     if config.lr is None and not hasattr(task, "run"):  # resolved before the run's fingerprint
         config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
     # 1. run directory: checked, locked, resumed from its newest intact checkpoint (run/rundir.py)
-    with open_run_dir(config, data=data, eval_data=eval_data) as run:
+    with open_run_dir(config, data=data, eval_data=eval_data) as run, padding_free(config.padding_free):
         return _train_in(run, task, config, ranks, model, tokenizer, data, eval_data, callbacks)
 
 

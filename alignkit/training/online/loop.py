@@ -56,6 +56,7 @@ from alignkit.data import (
     tokenize_prompts,
     validate_rows,
 )
+from alignkit.models.packing import padding_free
 from alignkit.objectives import KL
 from alignkit.rewards.runner import reward_batch, reward_columns
 from alignkit.training.online.build import OnlineRoles, build_online_roles
@@ -101,7 +102,7 @@ def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = N
     if config.lr is None:  # resolved before the run's fingerprint (the default build_online_roles uses)
         config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
     # the run directory: checked, locked, resumed from its newest intact checkpoint (run/rundir.py)
-    with open_run_dir(config, data=data) as run:
+    with open_run_dir(config, data=data) as run, padding_free(config.padding_free):
         return _train_in(run, s, config, ranks, model, tokenizer, data, reward, callbacks)
 
 

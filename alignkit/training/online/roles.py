@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from alignkit.models import adapter_disabled, is_peft, reward_scores
 from alignkit.models.heads import _score_head
 from alignkit.models.logprobs import decoder_and_head, linear_head_logps, position_ids_from_mask
+from alignkit.models.packing import predictor_states
 from alignkit.rewards.runner import RewardRunner
 from alignkit.rollout import HFEngine, Rollout, SamplingParams
 
@@ -77,28 +78,21 @@ class SequenceBatch:
         return SequenceBatch(*(t.to(device) for t in (
             self.input_ids, self.attention_mask, self.sequence_mask, self.response_mask)))
 
-    def predictor_rows(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    def predictor_rows(self, decoder: nn.Module) -> tuple[Tensor, Tensor]:
         """Hidden states that predict response tokens, and those tokens: (M, H), (M,).
 
         The logits at position t - 1 predict token t; M = number of response tokens, in the
-        row-major order of `response_mask`.
+        row-major order of `response_mask` (padding-free when enabled: `models.packing`).
         """
         predict = (self.sequence_mask & self.attention_mask.bool())[:, 1:]  # (N, S-1)
-        return hidden[:, :-1][predict], self.input_ids[:, 1:][predict]
+        hidden = predictor_states(decoder, self.input_ids, self.attention_mask, predict,
+                                  position_ids_from_mask(self.attention_mask))
+        return hidden, self.input_ids[:, 1:][predict]
 
     def scatter(self, values: Tensor) -> Tensor:
         """(M,) values of the response tokens -> (N, L) response coordinates, 0 elsewhere."""
         out = values.new_zeros(self.response_mask.shape)
         return out.masked_scatter(self.response_mask, values)
-
-
-def _forward_hidden(decoder: nn.Module, batch: SequenceBatch) -> Tensor:
-    return decoder(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=position_ids_from_mask(batch.attention_mask),
-        use_cache=False,
-    ).last_hidden_state  # (N, S, H)
 
 
 def response_logps(
@@ -120,7 +114,7 @@ def response_logps(
             f"{type(model).__name__}: the online loop needs a model whose logits are lm_head(hidden)"
         )
     decoder, head = parts
-    predictors, targets = batch.predictor_rows(_forward_hidden(decoder, batch))  # (M, H), (M,)
+    predictors, targets = batch.predictor_rows(decoder)  # (M, H), (M,)
     logps, entropy = linear_head_logps(head, predictors, targets, chunk_size, 1.0, with_entropy)
     values = None
     if value_head is not None:
@@ -338,7 +332,7 @@ class ValueModel(nn.Module):
 
     def values(self, batch: SequenceBatch) -> Tensor:
         """(N, L) V(s_t) of one micro-batch, with gradients when enabled."""
-        predictors, _ = batch.predictor_rows(_forward_hidden(self.backbone, batch))
+        predictors, _ = batch.predictor_rows(self.backbone)
         return batch.scatter(self.head(predictors).squeeze(-1).float())
 
 

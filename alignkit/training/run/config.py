@@ -104,6 +104,11 @@ class TrainConfig:
     optimizer state sharded per decoder block). Ignored in one process."""
     logp_chunk_size: int = 1024
     """Response positions per chunk when computing log-probs from hidden states."""
+    padding_free: bool = True
+    """Pack each batch's rows end to end and compute a prompt shared by several rows (a DPO
+    pair, a GRPO group) once, for decoders where that is exact (llama, mistral, qwen2, qwen3
+    with sdpa or eager attention; checked against the padded forward on the first batch).
+    Same values up to rounding; false keeps padded batches."""
     overwrite: bool = False
     """Start afresh in an --output that is not empty: a previous run's checkpoints, metrics and
     final/ are removed first (reference caches stay, keyed by the content of data and model; other
