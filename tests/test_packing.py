@@ -34,7 +34,7 @@ def pair_batch(seed: int = 0):
     prompts = [torch.randint(3, 97, (n,), generator=g) for n in (5, 9, 3)]
     chosen = [torch.randint(3, 97, (n,), generator=g) for n in (4, 7, 6)]
     rejected = [torch.randint(3, 97, (n,), generator=g) for n in (8, 2, 5)]
-    rows = [(p, c) for p, c in zip(prompts, chosen)] + [(p, r) for p, r in zip(prompts, rejected)]
+    rows = [(p, c) for p, c in zip(prompts, chosen, strict=True)] + [(p, r) for p, r in zip(prompts, rejected, strict=True)]
     width = max(len(p) + len(c) for p, c in rows) + 2
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     attention = torch.zeros_like(ids)
@@ -114,10 +114,11 @@ def test_packed_logps_and_gradients_match_padded(kind, layout):
         (logps * weights).sum().backward()
         return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
+    assert plan_packing(ids, attention, (response & attention.bool())[:, 1:]) is not None  # it packs
     padded, padded_grads = run(False)
     packing._verified.clear()
     packed, packed_grads = run(True)
-    assert packing._verified.get(model.get_decoder()) is True  # it did pack, and agreed
+    assert packing._verified.get(model.get_decoder()) is True  # the probe agreed
     assert torch.allclose(packed, padded, atol=2e-5, rtol=1e-5), (packed - padded).abs().max()
     assert packed_grads.keys() == padded_grads.keys()
     for name in padded_grads:
@@ -136,7 +137,7 @@ def test_eager_attention_packs_too():
 
 
 def test_a_wrong_packed_forward_is_caught_and_padding_is_used(monkeypatch, caplog):
-    """The first packed batch of a model is checked against the padded one: a layout the
+    """Packing is checked on a probe batch before a model's first packed batch: a layout the
     model cannot take (here: a mask that lets rows see each other) turns packing off instead of
     training on it."""
     model = tiny("llama")

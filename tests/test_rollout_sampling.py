@@ -23,6 +23,14 @@ def test_mix32_matches_plain_python():
     assert got == [_lowbias32_reference(v) for v in values]
 
 
+def test_counter_uniform_of_all_steps_at_once_equals_step_by_step():
+    ids = torch.arange(40, dtype=torch.long) * 7 + 3
+    table = counter_uniform(11, ids.unsqueeze(-1), torch.arange(9).unsqueeze(0))  # (40, 9)
+    assert table.shape == (40, 9)
+    for step in range(9):
+        assert torch.equal(table[:, step], counter_uniform(11, ids, step))
+
+
 def test_counter_uniform_is_a_pure_function_of_seed_sample_step():
     ids = torch.arange(1000)
     first = counter_uniform(7, ids, 3)

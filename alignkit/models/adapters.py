@@ -11,8 +11,8 @@ the reference policy without a second copy of the weights.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import nn

@@ -19,8 +19,8 @@ rows' gradients, which is what the padded batch computes. The mask is exact only
 decoders whose attention is plain causal attention over `position_ids` (rotary or learned
 absolute positions, no sliding window shorter than a packed row, no ALiBi): `supported`
 lists the architectures checked in tests/test_packing.py, and `predictor_states` compares
-the packed and padded hidden states of the first batch it packs for a model, falling back
-to padding (with a warning) if they differ.
+packed and padded hidden states of a fixed probe batch once per model before packing its
+batches, keeping padding (with a warning) if they differ.
 """
 
 from __future__ import annotations
@@ -252,16 +252,40 @@ def _agrees(decoder: nn.Module, packed: Tensor, padded: Tensor) -> bool:
     return True
 
 
-def _check(decoder: nn.Module, plan: PackPlan, input_ids: Tensor, attention_mask: Tensor, predict: Tensor,
-           position_ids: Tensor) -> bool:
-    """Whether packed and padded forwards agree on this batch, compared in eval mode (no
-    dropout, no random numbers drawn) without gradients; the module's mode is restored."""
+def _probe_batch(vocab_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """A fixed small batch that exercises every packing case: two rows sharing a prompt (right
+    padded), one left-padded row of its own. (input_ids, attention_mask, predict)."""
+    g = torch.Generator().manual_seed(0)
+    high = max(2, min(vocab_size, 1000))
+    prompt, own = torch.randint(1, high, (6,), generator=g), torch.randint(1, high, (9,), generator=g)
+    first, second = torch.randint(1, high, (5,), generator=g), torch.randint(1, high, (3,), generator=g)
+    ids = torch.zeros(3, 11, dtype=torch.long)
+    attention = torch.zeros(3, 11, dtype=torch.long)
+    ids[0, :11], attention[0, :11] = torch.cat([prompt, first]), 1
+    ids[1, :9], attention[1, :9] = torch.cat([prompt, second]), 1
+    ids[2, 2:], attention[2, 2:] = own, 1
+    scored = torch.zeros(3, 11, dtype=torch.bool)
+    scored[0, 6:11], scored[1, 6:9], scored[2, 6:] = True, True, True
+    return ids.to(device), attention.to(device), (scored & attention.bool())[:, 1:].to(device)
+
+
+def _check(decoder: nn.Module) -> bool:
+    """Whether packed and padded forwards agree on `_probe_batch`, compared in eval mode (no
+    dropout, no random numbers drawn) without gradients; the module's mode is restored. The
+    batch is the same on every rank, so under torchrun all ranks run these two forwards
+    together (sharded engines gather weights in each)."""
+    parameter = next(decoder.parameters())
+    ids, attention, predict = _probe_batch(int(getattr(decoder.config, "vocab_size", 2) or 2), parameter.device)
+    plan = plan_packing(ids, attention, predict, capacity=32)
+    if plan is None:
+        return False
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
     was_training = decoder.training
     decoder.eval()
     try:
         with torch.no_grad():
-            packed = _packed_predictors(decoder, plan, predict, input_ids.device, next(decoder.parameters()).dtype)
-            padded = _padded_predictors(decoder, input_ids, attention_mask, predict, position_ids)
+            packed = _packed_predictors(decoder, plan, predict, ids.device, parameter.dtype)
+            padded = _padded_predictors(decoder, ids, attention, predict, positions)
     finally:
         decoder.train(was_training)
     return _agrees(decoder, packed, padded)
@@ -273,21 +297,18 @@ def predictor_states(decoder: nn.Module, input_ids: Tensor, attention_mask: Tens
     order of `predict` (B, T-1), i.e. `decoder(...).last_hidden_state[:, :-1][predict]`.
 
     Inside `padding_free()` and for a `supported` decoder the batch is packed (`plan_packing`);
-    the first packed batch of each decoder is checked against the padded forward.
+    before its first use for a decoder, packing is checked on a fixed probe batch (`_check`).
     `packable=False` (caller-made positions, e.g. rows packed already) keeps the layout.
     """
     plan = None
-    if packable and _ENABLED.get() and supported(decoder) and _verified.get(decoder, True):
-        plan = plan_packing(input_ids, attention_mask, predict)
-        window = _sliding_window(decoder) if plan is not None else None
-        if window is not None and plan.input_ids.shape[1] > window:
-            plan = None
+    if packable and _ENABLED.get() and supported(decoder):
+        if decoder not in _verified:
+            _verified[decoder] = _check(decoder)
+        if _verified[decoder]:
+            plan = plan_packing(input_ids, attention_mask, predict)
+            window = _sliding_window(decoder) if plan is not None else None
+            if window is not None and plan.input_ids.shape[1] > window:
+                plan = None
     if plan is None:
         return _padded_predictors(decoder, input_ids, attention_mask, predict, position_ids)
-    dtype = next(decoder.parameters()).dtype
-    device = input_ids.device
-    if decoder not in _verified:
-        _verified[decoder] = ok = _check(decoder, plan, input_ids, attention_mask, predict, position_ids)
-        if not ok:
-            return _padded_predictors(decoder, input_ids, attention_mask, predict, position_ids)
-    return _packed_predictors(decoder, plan, predict, device, dtype)
+    return _packed_predictors(decoder, plan, predict, input_ids.device, next(decoder.parameters()).dtype)

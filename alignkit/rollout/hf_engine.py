@@ -219,11 +219,13 @@ class HFEngine:
         live = torch.ones(rows, dtype=torch.bool, device=device)  # batch row still recording
         decoded_rows = 0
 
+        noise = None  # (rows, max_new): every step's uniforms at once, the same as step by step
+        if not sampling.is_greedy:
+            steps = torch.arange(max_new, device=device).unsqueeze(0)
+            noise = counter_uniform(seed, sample_ids.unsqueeze(-1), steps)
         for step in range(max_new):
             # 4. draw and score one token per batch row.
-            uniforms = None
-            if not sampling.is_greedy:
-                uniforms = counter_uniform(seed, sample_ids[active], step)
+            uniforms = None if noise is None else noise[active, step]
             tokens, logprobs = sample_next_tokens(logits, sampling, uniforms)  # (A,), (A,)
             recording = active[live]
             out_tokens[recording, step] = tokens[live]

@@ -36,10 +36,13 @@ def mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def counter_uniform(seed: int, sample_ids: Tensor, step: int) -> Tensor:
-    """Uniform [0, 1) float64 noise, one value per sample, a pure function of its arguments.
+def counter_uniform(seed: int, sample_ids: Tensor, step: int | Tensor) -> Tensor:
+    """Uniform [0, 1) float64 noise, one value per sample and step, a pure function of its
+    arguments.
 
-    Shapes: `sample_ids` (A,) int64; returns (A,) float64 with 53 random bits.
+    Shapes: `sample_ids` (A,) int64 and an int `step` -> (A,); or a `step` tensor that
+    broadcasts against `sample_ids` (e.g. (A, 1) ids and (1, S) steps -> (A, S), every step
+    of a rollout in one call, the same values as S calls).
     """
     seed_low = torch.full_like(sample_ids, seed & _MASK32)
     seed_high = torch.full_like(sample_ids, (seed >> 32) & _MASK32)

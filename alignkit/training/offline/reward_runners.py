@@ -50,7 +50,7 @@ from alignkit.training.run.config import TrainConfig, field_types
 from alignkit.training.run.interrupt import RunInterrupted, StopSignals
 from alignkit.training.run.metrics import MetricsWriter, open_metrics
 from alignkit.training.run.rundir import holds_run, override_keys
-from alignkit.training.run.schedule import lr_multiplier
+from alignkit.training.run.schedule import adamw, lr_multiplier
 
 log = logging.getLogger("alignkit")
 HEAD_LR = 1e-2  # default for heads on frozen features (the RM default 1e-5 is for whole models)
@@ -86,7 +86,7 @@ def train_pairwise(
         if config.max_steps > 0
         else math.ceil(config.epochs * math.ceil(n / batch))
     )
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
+    optimizer = adamw(parameters, lr=lr, weight_decay=config.weight_decay)
     warmup = int(round(config.warmup_ratio * steps))
     generator = torch.Generator().manual_seed(seed)
     order, cursor, last, start = torch.randperm(n, generator=generator), 0, {}, 0

@@ -28,7 +28,7 @@ from alignkit.training.online.sampling import step_seed
 from alignkit.training.online.steps import best_worst_pairs, pairwise_update, policy_gradient_update
 from alignkit.training.run import distributed, wrapping
 from alignkit.training.run.checkpoint import load_checkpoint, save_checkpoint
-from alignkit.training.run.schedule import build_scheduler
+from alignkit.training.run.schedule import adamw, build_scheduler
 from alignkit.training.run.wrapping import TaskForward, full_tensor
 
 log = logging.getLogger("alignkit")
@@ -237,4 +237,4 @@ def build_online_optimizer(model: nn.Module, critic: nn.Module | None, lr: float
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
     if critic is not None:
         groups.append({"params": list(critic.parameters()), "lr": critic_lr or lr})
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    return adamw(groups, lr=lr, weight_decay=weight_decay)
