@@ -24,8 +24,10 @@ import alignkit
 
 PROMPTS = ["Write a short review.", "The movie", "Tell me", "What is two plus two?", "Say something nice",
            "A story about"]
-BASE = {"batch_size": 4, "max_steps": 3, "lr": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant",
-        "max_new_tokens": 8, "group_size": 4, "reward": "dist_helpers:count_e"}
+# padded batches: each rank's rows then round as in one process, to ~1e-6 (padding-free packing
+# depends on which rows share a pack; the *-packed cases check it under 2 ranks)
+BASE = {"padding_free": False, "batch_size": 4, "max_steps": 3, "lr": 1e-2, "warmup_ratio": 0.0,
+        "scheduler": "constant", "max_new_tokens": 8, "group_size": 4, "reward": "dist_helpers:count_e"}
 RM = "<reward model>"  # stands for the reward model the fixture builds
 CASES = {
     "grpo": ("grpo", {}),
@@ -44,6 +46,10 @@ CASES = {
     "ppo-fsdp2": ("ppo", {"strategy": "fsdp2"}),
     "grpo-lora-kl-fsdp2": ("grpo", {"strategy": "fsdp2", "lora_r": 4, "beta": 0.05}),
     "dapo-micro3-fsdp2": ("dapo", {"strategy": "fsdp2", "micro_batch_size": 3}),
+}
+PACKED = {  # padding-free (the default): each rank packs its own rows
+    "grpo-packed": ("grpo", {"padding_free": True, "beta": 0.05}),
+    "grpo-fsdp2-packed": ("grpo", {"padding_free": True, "beta": 0.05, "strategy": "fsdp2"}),
 }
 RESUME = {"max_steps": 4, "save_steps": 1}
 
@@ -69,7 +75,8 @@ def runs(tmp_path_factory, tiny_model_dir):
     data = write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in PROMPTS * 3])
     reward_model = build_reward_model(tmp / "rm", tiny_model_dir)
     cases = [{"name": name, "algorithm": algorithm, "model": str(tiny_model_dir), "data": data,
-              "overrides": {**BASE, **resolved(extra, reward_model)}} for name, (algorithm, extra) in CASES.items()]
+              "overrides": {**BASE, **resolved(extra, reward_model)}}
+             for name, (algorithm, extra) in {**CASES, **PACKED}.items()]
     cases.append({"name": "ppo-resumed", "algorithm": "ppo", "model": str(tiny_model_dir), "data": data,
                   "overrides": {**BASE, **RESUME}, "interrupt_at": 2})
     cases.append({"name": "grpo-fsdp2-resumed", "algorithm": "grpo", "model": str(tiny_model_dir), "data": data,
@@ -92,20 +99,35 @@ def one_process(algorithm: str, model_dir, data: str, root: Path, **overrides):
     return _single[key]
 
 
-def assert_runs_match(two: list[dict], one: list[dict], reward_tolerance: float = 0.0) -> None:
+def assert_runs_match(two: list[dict], one: list[dict], reward_tolerance: float = 0.0, rel: float = 1e-5) -> None:
     """`reward_tolerance`: a reward model scores each rank's rows in a batch of another shape,
-    so its scores differ at float level (~1e-9); rule rewards of equal samples are equal."""
+    so its scores differ at float level (~1e-9); rule rewards of equal samples are equal.
+    `rel`: the relative tolerance of loss, grad_norm and kl (float rounding of the update)."""
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for a, b in zip(two, one, strict=True):
         for key in SAMPLED + ("dynamic_sampling/generation_rounds", "dynamic_sampling/kept_groups"):
             if key in b:
                 tolerance = reward_tolerance if key.startswith("reward/") else 0.0
                 assert a[key] == pytest.approx(b[key], rel=tolerance, abs=tolerance), (a["step"], key, a[key], b[key])
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]) + 1e-7, (a["step"], a["loss"], b["loss"])
-        assert relative_error(a["grad_norm"], b["grad_norm"]) < 1e-5, (a["step"], a["grad_norm"], b["grad_norm"])
+        assert abs(a["loss"] - b["loss"]) <= rel * abs(b["loss"]) + 1e-7, (a["step"], a["loss"], b["loss"])
+        assert relative_error(a["grad_norm"], b["grad_norm"]) < rel, (a["step"], a["grad_norm"], b["grad_norm"])
         for key in ("kl", "value_loss", "policy_loss"):
             if key in b:
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+                assert a[key] == pytest.approx(b[key], rel=rel, abs=rel / 10), (a["step"], key)
+
+
+@pytest.mark.parametrize("name", list(PACKED))
+def test_two_ranks_packed_equal_one_process_to_rounding(runs, tiny_model_dir, name):
+    """Padding-free under 2 ranks: the same samples, losses and gradients as one process up to
+    the rounding of packing other rows together (Adam turns float noise on near-zero gradients
+    into visible weight differences after a few steps at lr 1e-2, so weights are compared
+    between the ranks, which must hold identical ones)."""
+    out, data, _ = runs
+    algorithm, extra = PACKED[name]
+    one_metrics, _ = one_process(algorithm, tiny_model_dir, data, out.parent, **extra)
+    assert_runs_match(read_metrics(out / name / "run"), one_metrics, rel=3e-4)
+    rank0, rank1 = (read_params(out / name / f"params-rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0), "ranks diverged"
 
 
 @pytest.mark.parametrize("name", list(CASES))
