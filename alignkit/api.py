@@ -51,17 +51,20 @@ def train(
         eval_data = None
     config.apply_overrides(overrides)
     from alignkit.training.run.registry import ALGORITHMS
+    from alignkit.training.run.validate import validate_values
 
-    if algorithm in ALGORITHMS and ALGORITHMS[algorithm].runner == "online":
+    online = algorithm in ALGORITHMS and ALGORITHMS[algorithm].runner == "online"
+    if isinstance(reward, str | Path):
+        config.reward, reward = str(reward), None
+    elif reward is not None and not online:  # A-LoL scores the reference's own samples with it
+        config.reward = reward
+    validate_values(config)
+    if online:
         from alignkit.training.online.loop import run_online
 
-        if isinstance(reward, str | Path):
-            config.reward, reward = str(reward), None
         return run_online(
             config, model=loaded_model, tokenizer=tokenizer, data=data, reward=reward, callbacks=callbacks
         )
-    if reward is not None:  # A-LoL scores the reference's own samples with it
-        config.reward = str(reward) if isinstance(reward, Path) else reward
     return run_offline(
         config, model=loaded_model, tokenizer=tokenizer, data=data, eval_data=eval_data, callbacks=callbacks
     )

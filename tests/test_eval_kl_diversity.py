@@ -47,6 +47,28 @@ def test_response_logps_of_a_model_against_itself_gives_zero_kl(tiny_model_dir):
     assert kl["k1"].abs().max().item() == 0.0
 
 
+def test_sampler_logprobs_match_packed_forward_logps_of_the_same_rows(tiny_model_dir):
+    """evaluate_model's KL takes the policy side from the sampler: its log-probs must be the
+    teacher-forced ones at the sampling temperature, and the packed (shared prompts),
+    grouped forward must give the padded forward's values."""
+    from alignkit.lab.generation_eval import sample
+    from alignkit.models import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir), device="cpu")
+    prompts = [tokenizer("the cat sat")["input_ids"], tokenizer("a dog ran far away")["input_ids"]]
+    drawn = sample(model, tokenizer, prompts, 3, max_new_tokens=6, temperature=0.7, seed=3)
+    rows = (drawn.input_ids, drawn.attention_mask, drawn.response_mask)
+    padded = response_logps(model, *rows, temperature=0.7, pack=False, batch_size=1)
+    packed = response_logps(model, *rows, temperature=0.7, group_size=3)
+    assert drawn.logprobs.shape == padded.shape
+    assert (drawn.logprobs[~drawn.response_mask] == 0).all()
+    assert drawn.response_mask.sum() > 6
+    torch.testing.assert_close(drawn.logprobs, padded, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="group_size"):
+        response_logps(model, *rows, group_size=0)
+
+
 def test_lexical_diversity_worked_example():
     """["a b a"]: distinct-1 = 2/3, distinct-2 = 2/2; EAD averages n = 1..5 (n >= 4: no n-grams)."""
     out = lexical_diversity(["a b a"], vocab_size=3)

@@ -143,6 +143,32 @@ def test_on_policy_steps_reuse_the_engine_logprobs(tiny_model_dir, tmp_path, mon
     assert calls == [False, True, True] * 2
 
 
+def test_no_grad_forwards_take_more_rows_than_a_training_micro_batch(tiny_model_dir, tmp_path, monkeypatch):
+    """Reference log-probs and old log-probs (no gradients) run 8 x micro_batch_size rows per
+    forward by default, logprob_micro_batch_size when set; the trained weights do not change."""
+    from alignkit.training.online import roles, trainer
+
+    sizes = []
+    original = roles.in_chunks
+
+    def recording(fn, batch, size):
+        sizes.append(size)
+        return original(fn, batch, size)
+
+    monkeypatch.setattr(roles, "in_chunks", recording)
+    monkeypatch.setattr(trainer, "in_chunks", recording)
+    common = dict(steps=2, batch_size=4, group_size=4, micro_batch_size=2, epochs_per_batch=2, beta=0.1,
+                  lora_r=4)
+    default = run("grpo", tiny_model_dir, tmp_path / "default", **common)
+    assert sizes and set(sizes) == {16}
+    sizes.clear()
+    small = run("grpo", tiny_model_dir, tmp_path / "small", logprob_micro_batch_size=3, **common)
+    assert sizes and set(sizes) == {3}
+    assert_same_parameters(default.model, small.model)
+    with pytest.raises(ValueError, match="logprob_micro_batch_size"):
+        run("grpo", tiny_model_dir, tmp_path / "bad", logprob_micro_batch_size=-1, steps=1)
+
+
 def test_cli_trains_an_online_preset_with_a_reward_file(tiny_model_dir, tmp_path):
     reward_file = tmp_path / "my_reward.py"
     reward_file.write_text("def reward(prompts, completions, **kw):\n    return [len(c) / 10 for c in completions]\n")

@@ -55,25 +55,34 @@ def response_logps(
     *,
     temperature: float = 1.0,
     batch_size: int = 32,
+    group_size: int = 1,
     disable_adapter: bool = False,
+    pack: bool = True,
 ) -> Tensor:
     """log pi(y_t | x, y_<t) at response positions, 0 elsewhere, in batches: (B, T) float32.
 
     `disable_adapter=True` scores the base model of a peft `model` (its LoRA switched off).
     Rows are right-padded `Rollout.to_sequences` layouts (or any layout with position ids
-    counted over real tokens).
+    counted over real tokens). Rows come in groups of `group_size` consecutive rows (the
+    samples of one prompt), kept whole in a batch of about `batch_size` rows, so that with
+    `pack` (padding-free forwards, `models.packing`, where the architecture supports them)
+    each prompt is computed once for all its samples.
     """
     from alignkit.models import adapter_disabled, token_logps
+    from alignkit.models.packing import padding_free
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     scale = temperature if temperature > 0 else 1.0
     parts = []
+    if group_size < 1 or batch_size < 1:
+        raise ValueError(f"batch_size ({batch_size}) and group_size ({group_size}) must be >= 1")
+    step = group_size * max(1, batch_size // group_size)
     try:
-        with adapter_disabled(model) if disable_adapter else nullcontext(model):
-            for start in range(0, input_ids.shape[0], batch_size):
-                rows = slice(start, start + batch_size)
+        with adapter_disabled(model) if disable_adapter else nullcontext(model), padding_free(pack):
+            for start in range(0, input_ids.shape[0], step):
+                rows = slice(start, start + step)
                 width = int(attention_mask[rows].sum(-1).max().item())  # trim shared padding
                 parts.append(
                     token_logps(
@@ -89,6 +98,6 @@ def response_logps(
     finally:
         model.train(was_training)
     out = torch.zeros(input_ids.shape, dtype=torch.float32)
-    for start, part in zip(range(0, input_ids.shape[0], batch_size), parts, strict=True):
+    for start, part in zip(range(0, input_ids.shape[0], step), parts, strict=True):
         out[start : start + part.shape[0], : part.shape[1]] = part
     return out

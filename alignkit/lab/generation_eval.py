@@ -107,6 +107,10 @@ class Samples:
     attention_mask: Tensor  # (P*K, T)
     response_mask: Tensor  # (P*K, T)
     truncated: list[bool]  # per row: hit max_new_tokens without a stop token
+    logprobs: Tensor | None = None
+    """(P*K, T) float32: the sampler's log-prob of each response token at the sampling
+    temperature (unfiltered, `Rollout.response_logprobs` in sequence coordinates), 0 elsewhere;
+    None for completions given as text."""
 
     @property
     def token_lengths(self) -> list[int]:
@@ -162,12 +166,18 @@ def sample(
         [[t.cpu() for t in rollout.to_sequences(tokenizer.pad_token_id)] for rollout in rollouts],
         tokenizer.pad_token_id,
     )
+    # response_mask holds each row's generated tokens in order, as the rollouts' own masks do
+    logprobs = torch.zeros(input_ids.shape, dtype=torch.float32).masked_scatter(
+        response_mask,
+        torch.cat([r.response_logprobs.cpu()[r.response_mask.cpu().bool()] for r in rollouts]).float(),
+    )
     return Samples(
         [texts[i * n : (i + 1) * n] for i in range(len(prompt_ids))],
         input_ids,
         attention_mask,
         response_mask,
         [reason == "length" for rollout in rollouts for reason in rollout.finish_reason],
+        logprobs,
     )
 
 
@@ -336,10 +346,15 @@ def evaluate_model(
             "base (adapter disabled)" if reference == "adapter" else "reference"
         )
         rows = (policy.input_ids, policy.attention_mask, policy.response_mask)
-        logps = response_logps(model, *rows, temperature=temperature)
+        # the sampler's own log-probs of the tokens it drew (same temperature, unfiltered);
+        # completions given as text are scored by a forward pass
+        logps = policy.logprobs
+        if logps is None:
+            logps = response_logps(model, *rows, temperature=temperature, group_size=k)
         ref_model = model if reference == "adapter" else reference
         ref_logps = response_logps(
-            ref_model, *rows, temperature=temperature, disable_adapter=reference == "adapter"
+            ref_model, *rows, temperature=temperature, group_size=k,
+            disable_adapter=reference == "adapter",
         )
         kl = sequence_kl(logps, ref_logps, policy.response_mask)
         k1, k3 = kl["k1"].numpy(), kl["k3"].numpy()

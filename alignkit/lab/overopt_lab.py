@@ -141,8 +141,8 @@ def _rl_point(
     )
     rows = (drawn.input_ids, drawn.attention_mask, drawn.response_mask)
     kl = sequence_kl(
-        response_logps(model, *rows, temperature=options.temperature),
-        response_logps(initial, *rows, temperature=options.temperature),
+        drawn.logprobs,  # the sampler's own log-probs at the sampling temperature
+        response_logps(initial, *rows, temperature=options.temperature, group_size=options.rl_samples),
         drawn.response_mask,
     )
     flat_prompts = [prompt_text(p) for p in prompts for _ in range(options.rl_samples)]

@@ -33,13 +33,14 @@ CACHE_NAME = "reference_logps.safetensors"
 
 
 def reference_batches(task, model, examples, pad_id: int, config: TrainConfig, desc: str) -> Iterator:
-    """(indices, batch on the model's device) over `examples` ordered by length, `batch_size`
-    at a time, with a progress bar; while it runs the model is in eval mode with any LoRA
+    """(indices, batch on the model's device) over `examples` ordered by length, one optimizer
+    step's rows (`batch_size x grad_accum`: without gradients a forward holds one layer's
+    activations, not every layer's) at a time, with a progress bar; while it runs the model is in eval mode with any LoRA
     adapter disabled (the reference is the initial policy), and its mode is restored after.
     Under torchrun a rank yields only its share of the batches (every W-th)."""
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: task.length(examples[i]))
-    size = max(1, config.batch_size)
+    size = max(1, config.batch_size) * max(1, config.grad_accum)
     was_training = model.training
     model.eval()
     try:

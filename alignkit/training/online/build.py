@@ -26,7 +26,7 @@ from alignkit.training.online.distributed_rollout import (
     ShardedReward,
     ShardedRollout,
 )
-from alignkit.training.online.presets import OnlineSettings, needs_reference
+from alignkit.training.online.presets import OnlineSettings, needs_reference, no_grad_rows
 from alignkit.training.online.roles import (
     AdapterReference,
     CriticRole,
@@ -164,8 +164,8 @@ def make_reference(config: TrainConfig, s: OnlineSettings, model: nn.Module,
     if not needs_reference(s):
         return None
     if is_peft(model):
-        return AdapterReference(model, config.logp_chunk_size, s.micro_batch_size)
-    return ModelReference(reference_copy, config.logp_chunk_size, s.micro_batch_size)
+        return AdapterReference(model, config.logp_chunk_size, no_grad_rows(s))
+    return ModelReference(reference_copy, config.logp_chunk_size, no_grad_rows(s))
 
 
 def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSettings) -> RewardRole:

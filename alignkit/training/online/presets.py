@@ -30,6 +30,10 @@ from alignkit.objectives import KL, PAIRWISE
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
 from alignkit.training.run.values import coerce_fields
 
+# A forward without gradients keeps one layer's activations at a time, not every layer's for
+# the backward: it takes this many times the rows of a training micro-batch.
+NO_GRAD_ROWS_PER_MICRO_BATCH = 8
+
 
 @dataclass
 class OnlineSettings:
@@ -99,6 +103,10 @@ class OnlineSettings:
     """Optimizer steps per pass over the batch."""
     micro_batch_size: int = 0
     """Rows per forward/backward inside a minibatch (0: the whole minibatch)."""
+    logprob_micro_batch_size: int = 0
+    """Rows per forward without gradients (reference and old log-probs, values before an
+    update), which stores no activations: 0 = NO_GRAD_ROWS_PER_MICRO_BATCH x micro_batch_size
+    (the whole batch when micro_batch_size is 0)."""
     # critic
     critic: str = "none"
     """none, separate (own model; see critic_init) or shared (value head on the policy)."""
@@ -195,6 +203,13 @@ def _validate(s: OnlineSettings, preset: str) -> None:
         raise ValueError(f"{preset}: beta must be >= 0")
     if s.max_generation_rounds < 0:
         raise ValueError(f"{preset}: max_generation_rounds must be >= 0 (0 = no limit)")
+
+
+def no_grad_rows(s: OnlineSettings) -> int:
+    """Rows per forward without gradients (0: all at once); see `logprob_micro_batch_size`."""
+    if s.logprob_micro_batch_size:
+        return s.logprob_micro_batch_size
+    return NO_GRAD_ROWS_PER_MICRO_BATCH * s.micro_batch_size
 
 
 def needs_reference(s: OnlineSettings) -> bool:

@@ -235,14 +235,14 @@ class HFRollout:
 class AdapterReference:
     """Reference = the policy's base weights with its LoRA adapter switched off (no copy)."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, micro_batch_size: int = 0) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, rows_per_forward: int = 0) -> None:
         if not is_peft(model):
             raise ValueError("AdapterReference needs a peft model")
-        self.model, self.chunk_size, self.micro_batch_size = model, chunk_size, micro_batch_size
+        self.model, self.chunk_size, self.rows_per_forward = model, chunk_size, rows_per_forward
 
     @torch.no_grad()
     def logps(self, batch: SequenceBatch) -> Tensor:
-        return in_chunks(self._logps, batch, self.micro_batch_size)
+        return in_chunks(self._logps, batch, self.rows_per_forward)
 
     def _logps(self, batch: SequenceBatch) -> Tensor:
         with adapter_disabled(self.model):
@@ -252,13 +252,13 @@ class AdapterReference:
 class ModelReference:
     """Reference = a separate frozen copy of the initial policy (or --ref-model)."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, micro_batch_size: int = 0) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, rows_per_forward: int = 0) -> None:
         self.model, self.chunk_size = model.eval().requires_grad_(False), chunk_size
-        self.micro_batch_size = micro_batch_size
+        self.rows_per_forward = rows_per_forward
 
     @torch.no_grad()
     def logps(self, batch: SequenceBatch) -> Tensor:
-        return in_chunks(self._logps, batch, self.micro_batch_size)
+        return in_chunks(self._logps, batch, self.rows_per_forward)
 
     def _logps(self, batch: SequenceBatch) -> Tensor:
         return response_logps(self.model, batch, chunk_size=self.chunk_size)[0]

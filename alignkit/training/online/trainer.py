@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from alignkit.models import adapter_disabled, is_peft, merged_state_dict
 from alignkit.training.online.distributed_rollout import rank_rows
-from alignkit.training.online.presets import OnlineSettings
+from alignkit.training.online.presets import OnlineSettings, no_grad_rows
 from alignkit.training.online.roles import SequenceBatch, ValueModel, in_chunks, response_logps
 from alignkit.training.online.sampling import step_seed
 from alignkit.training.online.steps import best_worst_pairs, pairwise_update, policy_gradient_update
@@ -131,7 +131,7 @@ class PolicyTrainer:
         """(N, L) `fn(micro-batch)` over the whole batch without gradients: micro-batches of this
         rank's block of rows (in lockstep under FSDP2), gathered from every rank."""
         with torch.no_grad():
-            return rank_rows(lambda rows: in_chunks(fn, rows, self.s.micro_batch_size), batch, self.ranks,
+            return rank_rows(lambda rows: in_chunks(fn, rows, no_grad_rows(self.s)), batch, self.ranks,
                              self.lockstep)
 
     def logps(self, batch: SequenceBatch) -> Tensor:

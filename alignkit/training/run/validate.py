@@ -209,6 +209,22 @@ def check_field_types(config: TrainConfig) -> None:
 def validate_config(config: TrainConfig, given: set[str] = frozenset()) -> TrainConfig:
     """Check `config` before anything is loaded (see the module docstring); `given` names the
     fields the user set explicitly (an ignored one is an error). Normalises --eval-holdout."""
+    spec, task = validate_values(config)
+    check_device(config.device)
+    if config.tensorboard and not tensorboard_installed():
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if spec.runner == "online" and not (config.reward or config.reward_model):
+        raise ValueError(f"{config.algorithm} needs a reward: --reward module:function (or a built-in "
+                         "such as vader) or --reward-model DIR")
+    check_ignored(config, spec, task, set(given))
+    check_model_sources(config, spec, task)
+    return config
+
+
+def validate_values(config: TrainConfig):
+    """The checks that need no files: the algorithm exists, every field has its type, a known
+    choice and a value in range, and so does every hyper-parameter. Returns (spec, task);
+    `alignkit.train()` runs these (its models, data and rewards may be Python objects)."""
     from alignkit.training.run.registry import ALGORITHMS
 
     if config.algorithm not in ALGORITHMS:
@@ -218,17 +234,9 @@ def validate_config(config: TrainConfig, given: set[str] = frozenset()) -> Train
     check_choices(config)
     check_field_ranges({name: getattr(config, name) for name in field_types()})
     config.eval_holdout = holdout_value(config.eval_holdout)
-    check_device(config.device)
-    if config.tensorboard and not tensorboard_installed():
-        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
-    if spec.runner == "online" and not (config.reward or config.reward_model):
-        raise ValueError(f"{config.algorithm} needs a reward: --reward module:function (or a built-in "
-                         "such as vader) or --reward-model DIR")
     task = spec.make_task(copy.deepcopy(config))
     components = sorted(getattr(task, "weights", None) or {})
     online_pairwise = spec.runner == "online" and getattr(task, "objective", "") == "pairwise"
     check_hparam_ranges(config.algorithm, config.hparams,
                         hparam_ranges(config.algorithm, spec.kind, components, online_pairwise))
-    check_ignored(config, spec, task, set(given))
-    check_model_sources(config, spec, task)
-    return config
+    return spec, task
