@@ -158,6 +158,22 @@ def test_hyper_parameter_out_of_its_papers_range(tiny_model_dir, data, tmp_path,
     assert_one_line_error(run, "train", algorithm, needle)
 
 
+@pytest.mark.parametrize(("algorithm", "overrides", "needle"), [
+    ("dpo", {"beta": -1.0}, "beta must be > 0"),
+    ("dpo", {"batch_size": 0}, ">= 1"),
+    ("dpo", {"nonfinite": "ignore"}, "skip, stop"),
+    ("grpo", {"logprob_micro_batch_size": -1}, "logprob_micro_batch_size"),
+])
+def test_python_api_checks_values_as_the_cli_does(tiny_model_dir, data, tmp_path, no_model_loads, algorithm,
+                                                   overrides, needle):
+    """alignkit.train(..., beta=-1 / batch_size=0 / nonfinite='ignore' / logprob_micro_batch_size=-1) -> ValueError naming the value's range or choices, before anything loads"""
+    import alignkit
+
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        alignkit.train(algorithm, model=str(tiny_model_dir), data=str(data), output_dir=tmp_path / "run",
+                       reward="vader", progress=False, **overrides)
+
+
 @pytest.mark.parametrize(("flag", "allowed"), [
     ("--nonfinite", "skip, stop"),
     ("--scheduler", "cosine, linear, constant"),
