@@ -181,6 +181,7 @@ def test_python_api_checks_values_as_the_cli_does(tiny_model_dir, data, tmp_path
     ("--dtype", "float32, bfloat16"),
     ("--device", "cpu, cuda"),
     ("--data-format", "auto, hh"),
+    ("--rollout", "hf, vllm"),
 ])
 def test_unknown_choice_lists_the_allowed_values(tiny_model_dir, data, tmp_path, no_model_loads, flag, allowed):
     """--nonfinite ignore, --scheduler foo, --strategy x, --dtype x, --device x, --data-format x -> one-line error listing the allowed values"""
@@ -217,6 +218,8 @@ def test_tensorboard_without_the_package(tiny_model_dir, data, tmp_path, no_mode
     ("grpo", ("--reward", "vader", "--max-length", "128"), "--max-length"),
     ("dr_grpo", ("--reward", "vader", "--ref-model", "MODEL"), "--ref-model"),
     ("rm_embedding", ("--lora-r", "8"), "--lora-r"),
+    ("dpo", ("--rollout", "vllm"), "--rollout"),
+    ("grpo", ("--reward", "vader", "--vllm-url", "http://127.0.0.1:8000"), "--vllm-url"),
 ])
 def test_option_the_algorithm_ignores(tiny_model_dir, data, tmp_path, no_model_loads, algorithm, extra, flag):
     """an option the algorithm ignores (--reward for dpo, --ref-model for sft/simpo/orpo, LoRA options with --lora-r 0, --grad-accum for grpo, ...) -> one-line error naming it"""

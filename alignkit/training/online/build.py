@@ -20,6 +20,7 @@ from torch import nn
 from alignkit.models import apply_lora, count_parameters, is_peft, load_model
 from alignkit.models.heads import require_trained_head
 from alignkit.rewards import load_reward
+from alignkit.rollout.http_engine import HTTPEngine
 from alignkit.training.online.distributed_rollout import (
     CopyRollout,
     ShardedReference,
@@ -40,6 +41,7 @@ from alignkit.training.online.roles import (
     ValueModel,
     zero_value_head,
 )
+from alignkit.training.online.server_rollout import ServerRollout
 from alignkit.training.online.trainer import PolicyTrainer
 from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
@@ -79,8 +81,14 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     sharded = ranks.distributed and ranks.strategy == "fsdp2"
     max_batch = s.generation_batch_size or None
     # FSDP2 shards the policy: the engine samples an unsharded copy, refreshed after each update
-    rollout: RolloutEngine = (CopyRollout(HFRollout(copy.deepcopy(model), tokenizer, max_batch_size=max_batch))
-                              if sharded else HFRollout(model, tokenizer, max_batch_size=max_batch))
+    rollout: RolloutEngine
+    if config.rollout == "vllm":  # a server with its own copy, sent the weights after each update
+        engine = HTTPEngine(config.vllm_url, logprobs_mode=config.vllm_logprobs_mode, pad_id=tokenizer.pad_token_id)
+        rollout = ServerRollout(engine, tokenizer, model)
+    elif sharded:
+        rollout = CopyRollout(HFRollout(copy.deepcopy(model), tokenizer, max_batch_size=max_batch))
+    else:
+        rollout = HFRollout(model, tokenizer, max_batch_size=max_batch)
     # (FSDP2 + LoRA: the reference is the sharded policy with its adapter off, made with the trainer)
     reference = None if sharded and is_peft(model) else make_reference(config, s, model, reference_copy)
     if ranks.distributed:  # whole prompt groups per rank, gathered; reference rows split likewise

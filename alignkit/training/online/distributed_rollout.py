@@ -184,6 +184,9 @@ class ShardedRollout:
     def update_weights(self, source, version: int) -> None:
         self.engine.update_weights(source, version)
 
+    def close(self) -> None:
+        getattr(self.engine, "close", lambda: None)()
+
 
 class ShardedReference:
     """The reference role under torchrun: each rank scores its block of rows, gathered

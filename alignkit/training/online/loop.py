@@ -64,6 +64,7 @@ from alignkit.training.online.kl_control import RunningMeanStd, make_kl_controll
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch
 from alignkit.training.online.sampling import PromptSampler, StepSamples
+from alignkit.training.online.server_rollout import logprob_diff
 from alignkit.training.online.steps import (
     check_group_baseline,
     compute_advantages,
@@ -121,8 +122,16 @@ def _train_in(run: RunDir, s: OnlineSettings, config: TrainConfig, ranks, model,
     if ranks.is_main:
         config.save(run_dir / "config.yaml")
     driver = OnlineDriver(config, s, roles, table, run_dir, total_steps)
-    start_step = driver.resume(resume_from) if resume_from is not None else 0
-    driver.run(start_step, callbacks)
+    if resume_from is not None:
+        start_step = driver.resume(resume_from)
+    else:
+        start_step = 0
+        if not roles.rollout.shares_policy:
+            driver.sync_rollout(0)  # an engine with its own copy samples the policy's weights from step 1
+    try:
+        driver.run(start_step, callbacks)
+    finally:
+        getattr(roles.rollout, "close", lambda: None)()
 
     final_dir = write_final(roles.model, roles.tokenizer, run_dir, ranks)
     return TrainResult(run_dir, final_dir, total_steps, driver.last, {}, roles.model, roles.tokenizer)
@@ -237,7 +246,9 @@ class OnlineDriver:
         mask = batch.response_mask  # (N, L)
 
         # 3. reference and old log-probs, values (no gradients)
+        self.engine_metrics: dict[str, float] = {}
         old_logp, ref_logp, old_values = self.logprobs_and_values(samples, batch)
+        metrics.update(self.engine_metrics)
         referenced = time.perf_counter()
 
         # 4. KL of the sampling policy to the reference, per token
@@ -289,6 +300,8 @@ class OnlineDriver:
             old_logp = samples.rollout.response_logprobs.to(roles.device) * batch.response_mask  # engine = policy
         else:
             old_logp = roles.trainer.logps(batch)
+            if not exact and s.temperature == 1.0:  # an external engine's log-probs against ours
+                self.engine_metrics = logprob_diff(samples.rollout.response_logprobs, old_logp, batch.response_mask)
         ref_logp = roles.reference.logps(batch) if roles.reference is not None else None
         old_values = roles.critic.values(batch) if roles.critic is not None else None
         return old_logp, ref_logp, old_values

@@ -126,6 +126,15 @@ class TrainConfig:
     --eval-data reads its test or validation split)."""
     data_format: str = "auto"
     """Row schema: auto (detected), or hh for Anthropic HH-RLHF (chosen/rejected transcripts, no prompt)."""
+    rollout: str = "hf"
+    """Online rollout engine: hf (the trained module sampled in process) or vllm (a vLLM
+    OpenAI-compatible server over HTTP at --vllm-url, sent the policy's weights after every update)."""
+    vllm_url: str | None = None
+    """--rollout vllm: base URL of a running vLLM server (http://127.0.0.1:8000) started with
+    VLLM_SERVER_DEV_MODE=1 (weight reloads) on --model's weights."""
+    vllm_logprobs_mode: str = "raw_logprobs"
+    """--rollout vllm: the server's --logprobs-mode (raw_logprobs: sample at temperature 1;
+    processed_logprobs: any temperature, no top-k/top-p/min-p)."""
     reward_timeout: float = 600.0
     """Seconds a reward function may take for one batch before the run stops with an error (it runs in a
     daemon thread); 0: no limit, called in the training thread (for code that needs the main thread)."""

@@ -33,6 +33,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda", "cuda:N", "mps"),
     "data_format": DATA_FORMATS,
+    "rollout": ("hf", "vllm"),
+    "vllm_logprobs_mode": ("raw_logprobs", "processed_logprobs"),
 }
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -54,6 +56,7 @@ OWN_LOOP_IGNORES = {
     "eval_steps": "it evaluates --eval-data once, at the end",
 }
 REWARD_FIELDS = ("reward", "reward_model", "reward_timeout", "reward_workers")
+ROLLOUT_FIELDS = ("rollout", "vllm_url", "vllm_logprobs_mode")
 
 
 def flag(name: str) -> str:
@@ -138,6 +141,8 @@ def online_ignores(config: TrainConfig, settings: Any) -> dict[str, str]:
     if not config.reward:
         ignored.update({name: "it applies to a reward function (--reward), not to --reward-model"
                         for name in ("reward_timeout", "reward_workers")})
+    if config.rollout != "vllm":
+        ignored.update({name: "it applies to --rollout vllm" for name in ("vllm_url", "vllm_logprobs_mode")})
     return ignored
 
 
@@ -153,6 +158,7 @@ def offline_ignores(config: TrainConfig, task: Any) -> dict[str, str]:
     if hasattr(task, "run") and not getattr(task, "data_parallel", False):
         ignored.update(OWN_LOOP_IGNORES)
         ignored.update({name: OWN_LOOP_IGNORES["lora_r"] for name in LORA_OPTIONS})
+    ignored.update({name: "offline algorithms sample nothing" for name in ROLLOUT_FIELDS})
     if config.algorithm == "rm_embedding":
         ignored["model"] = "its encoder is all-MiniLM-L6-v2; use --set encoder_dir=DIR for another one"
     return ignored
@@ -239,4 +245,7 @@ def validate_values(config: TrainConfig):
     online_pairwise = spec.runner == "online" and getattr(task, "objective", "") == "pairwise"
     check_hparam_ranges(config.algorithm, config.hparams,
                         hparam_ranges(config.algorithm, spec.kind, components, online_pairwise))
+    if spec.runner == "online" and config.rollout == "vllm" and not config.vllm_url:
+        raise ValueError("--rollout vllm needs --vllm-url URL: the base URL of a vLLM server "
+                         "(python -m vllm.entrypoints.openai.api_server, VLLM_SERVER_DEV_MODE=1) serving --model")
     return spec, task
