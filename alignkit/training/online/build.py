@@ -82,9 +82,11 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     max_batch = s.generation_batch_size or None
     # FSDP2 shards the policy: the engine samples an unsharded copy, refreshed after each update
     rollout: RolloutEngine
-    if config.rollout == "vllm":  # a server with its own copy, sent the weights after each update
+    if config.rollout == "vllm" and config.vllm_url:  # a running server, sent the weights after each update
         engine = HTTPEngine(config.vllm_url, logprobs_mode=config.vllm_logprobs_mode, pad_id=tokenizer.pad_token_id)
         rollout = ServerRollout(engine, tokenizer, model)
+    elif config.rollout == "vllm":  # this process's own server, stopped at the end of the run
+        rollout = ServerRollout.launch(config, model, tokenizer)
     elif sharded:
         rollout = CopyRollout(HFRollout(copy.deepcopy(model), tokenizer, max_batch_size=max_batch))
     else:

@@ -4,15 +4,20 @@ The server holds its own copy of the policy: after every update the trainer's we
 merged, HF names) are written once and reloaded by the server, and the version it reports must
 be the step. Its log-probs come from other kernels, so they are not exact: the loop recomputes
 the old log-probs with the trainer and logs `rollout/logprob_diff_mean|max` (|engine - trainer|
-per token) at temperature 1. Under torchrun every rank sends its own prompt groups to the one
-server; rank 0 alone writes and reloads the weights (every rank still walks the weight
-iterator: under FSDP2 gathering them is a collective).
+per token) at temperature 1. With `--vllm-url` every torchrun rank sends its own prompt groups
+to the one server and rank 0 alone writes and reloads the weights (every rank still walks the
+weight iterator: under FSDP2 gathering them is a collective); without it each process starts
+a server of its own from `--vllm-python` (`ServerRollout.launch`) and syncs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import shutil
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -20,6 +25,8 @@ from torch import Tensor
 from alignkit.rollout import Rollout, SamplingParams
 from alignkit.rollout.http_engine import EngineError, HTTPEngine
 from alignkit.training.run import distributed
+
+log = logging.getLogger("alignkit")
 
 
 def eos_ids(tokenizer: Any, model: Any) -> tuple[int, ...]:
@@ -34,17 +41,41 @@ def eos_ids(tokenizer: Any, model: Any) -> tuple[int, ...]:
 
 
 class ServerRollout:
-    """A rollout engine in another process, reached by `HTTPEngine`."""
+    """A rollout engine in another process, reached by `HTTPEngine`. `shared`: one server for
+    every torchrun rank (`--vllm-url`; rank 0 syncs it), else this process's own (`server`,
+    stopped by `close`)."""
 
     shares_policy = False
     exact_logprobs = False
     merged_weights = True
 
-    def __init__(self, engine: HTTPEngine, tokenizer: Any, model: Any) -> None:
-        self.engine = engine
+    def __init__(self, engine: HTTPEngine, tokenizer: Any, model: Any, *, shared: bool = True,
+                 server: Any = None, cleanup: tuple[Path, ...] = ()) -> None:
+        self.engine, self.shared, self.server, self.cleanup = engine, shared, server, cleanup
         self.pad_id = int(tokenizer.pad_token_id)
         self.stop_ids = eos_ids(tokenizer, model)
         self.version = 0
+
+    @classmethod
+    def launch(cls, config: Any, model: Any, tokenizer: Any) -> ServerRollout:
+        """Start this process's vLLM server from `config.vllm_python` on the policy's current
+        weights (saved once under /dev/shm, LoRA merged), logging to the run's directory."""
+        from alignkit.models import save_pretrained_merged
+        from alignkit.rollout.http_engine import weights_root
+        from alignkit.rollout.vllm_server import start_vllm_server
+
+        model_dir = Path(tempfile.mkdtemp(prefix="alignkit-vllm-model-", dir=weights_root()))
+        try:
+            save_pretrained_merged(model, tokenizer, model_dir, merge_lora=True)
+            rank = distributed.current().rank
+            server = start_vllm_server(config.vllm_python, model_dir, Path(config.output) / f"vllm-rank{rank}",
+                                       logprobs_mode=config.vllm_logprobs_mode)
+        except BaseException:
+            shutil.rmtree(model_dir, ignore_errors=True)
+            raise
+        log.info("vLLM server for the rollout at %s (log: %s)", server.url, server.log_path)
+        engine = HTTPEngine(server.url, logprobs_mode=config.vllm_logprobs_mode, pad_id=tokenizer.pad_token_id)
+        return cls(engine, tokenizer, model, shared=False, server=server, cleanup=(model_dir,))
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
         if not sampling.ignore_eos:
@@ -54,18 +85,26 @@ class ServerRollout:
 
     def update_weights(self, source: Iterable[tuple[str, Tensor]] | None, version: int) -> None:
         ranks = distributed.current()
-        if ranks.is_main:
+        if not self.shared:
             self.engine.update_weights(source, version)
         else:
-            for _ in source or ():  # take part in gathering the full weights
-                pass
-        distributed.barrier()
-        if not ranks.is_main and self.engine.weight_version() != str(version):
-            raise EngineError(f"rollout server at {self.engine.url} does not report weight version {version}")
+            if ranks.is_main:
+                self.engine.update_weights(source, version)
+            else:
+                for _ in source or ():  # take part in gathering the full weights
+                    pass
+            distributed.barrier()
+            if not ranks.is_main and self.engine.weight_version() != str(version):
+                raise EngineError(f"rollout server at {self.engine.url} does not report weight version {version}")
         self.version = version
 
     def close(self) -> None:
+        """Remove the weight files; stop the server this process started."""
         self.engine.close()
+        if self.server is not None:
+            self.server.stop()
+        for path in self.cleanup:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def logprob_diff(engine_logprobs: Tensor, trainer_logprobs: Tensor, mask: Tensor) -> dict[str, float]:

@@ -131,7 +131,10 @@ class TrainConfig:
     OpenAI-compatible server over HTTP at --vllm-url, sent the policy's weights after every update)."""
     vllm_url: str | None = None
     """--rollout vllm: base URL of a running vLLM server (http://127.0.0.1:8000) started with
-    VLLM_SERVER_DEV_MODE=1 (weight reloads) on --model's weights."""
+    VLLM_SERVER_DEV_MODE=1 (weight reloads); without it alignkit starts one per process from
+    --vllm-python and stops it at the end."""
+    vllm_python: str = ".venv-vllm/bin/python"
+    """--rollout vllm without --vllm-url: the Python of vLLM's environment (make vllm builds it)."""
     vllm_logprobs_mode: str = "raw_logprobs"
     """--rollout vllm: the server's --logprobs-mode (raw_logprobs: sample at temperature 1;
     processed_logprobs: any temperature, no top-k/top-p/min-p)."""

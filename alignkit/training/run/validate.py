@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import re
+from pathlib import Path
 from typing import Any
 
 from alignkit.data.hh import DATA_FORMATS
@@ -56,7 +57,8 @@ OWN_LOOP_IGNORES = {
     "eval_steps": "it evaluates --eval-data once, at the end",
 }
 REWARD_FIELDS = ("reward", "reward_model", "reward_timeout", "reward_workers")
-ROLLOUT_FIELDS = ("rollout", "vllm_url", "vllm_logprobs_mode")
+ROLLOUT_FIELDS = ("rollout", "vllm_url", "vllm_python", "vllm_logprobs_mode")
+VLLM_FIELDS = ROLLOUT_FIELDS[1:]
 
 
 def flag(name: str) -> str:
@@ -142,7 +144,9 @@ def online_ignores(config: TrainConfig, settings: Any) -> dict[str, str]:
         ignored.update({name: "it applies to a reward function (--reward), not to --reward-model"
                         for name in ("reward_timeout", "reward_workers")})
     if config.rollout != "vllm":
-        ignored.update({name: "it applies to --rollout vllm" for name in ("vllm_url", "vllm_logprobs_mode")})
+        ignored.update({name: "it applies to --rollout vllm" for name in VLLM_FIELDS})
+    elif config.vllm_url:
+        ignored["vllm_python"] = "--vllm-url names a running server; alignkit starts none"
     return ignored
 
 
@@ -224,6 +228,10 @@ def validate_config(config: TrainConfig, given: set[str] = frozenset()) -> Train
                          "such as vader) or --reward-model DIR")
     check_ignored(config, spec, task, set(given))
     check_model_sources(config, spec, task)
+    if spec.runner == "online" and config.rollout == "vllm" and not config.vllm_url:
+        if not Path(config.vllm_python).exists():
+            raise ValueError(f"--vllm-python {config.vllm_python}: no such interpreter; build vLLM's environment "
+                             "with `make vllm`, or pass --vllm-url of a running server")
     return config
 
 
@@ -245,7 +253,4 @@ def validate_values(config: TrainConfig):
     online_pairwise = spec.runner == "online" and getattr(task, "objective", "") == "pairwise"
     check_hparam_ranges(config.algorithm, config.hparams,
                         hparam_ranges(config.algorithm, spec.kind, components, online_pairwise))
-    if spec.runner == "online" and config.rollout == "vllm" and not config.vllm_url:
-        raise ValueError("--rollout vllm needs --vllm-url URL: the base URL of a vLLM server "
-                         "(python -m vllm.entrypoints.openai.api_server, VLLM_SERVER_DEV_MODE=1) serving --model")
     return spec, task
