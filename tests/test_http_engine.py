@@ -152,7 +152,6 @@ def test_grpo_with_a_server_rollout_learns_and_keeps_the_server_on_the_policys_w
 
 def test_rollout_options_are_checked_before_anything_loads(tiny_model_dir, tmp_path):
     import alignkit
-
     from alignkit.cli import main as cli_main
 
     code = cli_main(["train", "grpo", "--model", str(tiny_model_dir), "--data", "x.jsonl", "--reward", "vader",
