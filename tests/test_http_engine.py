@@ -191,3 +191,53 @@ def test_a_launched_server_is_started_on_the_policys_weights_synced_and_stopped(
         alignkit.train("grpo", model=str(tiny_model_dir), data=rows, output_dir=tmp_path / "again",
                        reward="vader", rollout="vllm", vllm_python=str(tmp_path / "nonexistent"), max_steps=1,
                        progress=False)
+
+
+def test_truncated_importance_weights_worked_example():
+    """pi_old / pi_rollout = (.5/.25, .2/.4) = (2, 0.5), cap 1.5 -> w = (1.5, 0.5); padding 0."""
+    import math
+
+    from alignkit.objectives.policy import truncated_importance_weights
+
+    old = torch.tensor([[math.log(0.5), math.log(0.2), 0.0]])
+    rollout = torch.tensor([[math.log(0.25), math.log(0.4), -3.0]])
+    mask = torch.tensor([[True, True, False]])
+    weights, metrics = truncated_importance_weights(old, rollout, mask, 1.5)
+    torch.testing.assert_close(weights, torch.tensor([[1.5, 0.5, 0.0]]))
+    assert metrics["rollout/tis_ratio_mean"] == pytest.approx(1.25)
+    assert metrics["rollout/tis_truncated_fraction"] == pytest.approx(0.5)
+
+
+def test_tis_weights_the_policy_loss_by_the_engine_trainer_ratio(tiny_model_dir, tmp_path, monkeypatch):
+    """An engine that reports every token twice as likely as the trainer finds it: with
+    tis_cap the step's policy loss is half the uncorrected one (w = 0.5 on every token)."""
+    import json
+    import math
+
+    import alignkit
+    from alignkit.models import load_model
+    from alignkit.training.online import server_rollout
+
+    model, tokenizer = load_model(str(tiny_model_dir), device="cpu")
+    original = server_rollout.ServerRollout.generate
+
+    def overconfident(self, prompt_ids, n, sampling):
+        rollout = original(self, prompt_ids, n, sampling)
+        rollout.response_logprobs = torch.where(rollout.response_mask, rollout.response_logprobs + math.log(2), 0.0)
+        return rollout
+
+    monkeypatch.setattr(server_rollout.ServerRollout, "generate", overconfident)
+    rows = [{"prompt": p} for p in ["Write a short review.", "The movie"] * 2]
+    losses = {}
+    with ReferenceServer(model, pad_id=tokenizer.pad_token_id, eos_ids=(tokenizer.eos_token_id,)) as server:
+        for cap in (0.0, 2.0):
+            result = alignkit.train(
+                "grpo", model=str(tiny_model_dir), data=rows, output_dir=tmp_path / f"cap{cap}",
+                reward=lambda prompts, completions, **c: [float(t.count("e")) for t in completions],
+                rollout="vllm", vllm_url=server.url, batch_size=2, max_steps=1, progress=False, max_new_tokens=6,
+                group_size=4, beta=0.0, tis_cap=cap, allow_degenerate=True)
+            losses[cap] = json.loads((result.output_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert losses[2.0]["rollout/tis_ratio_mean"] == pytest.approx(0.5, abs=1e-4)
+    assert losses[2.0]["rollout/logprob_diff_mean"] == pytest.approx(math.log(2), abs=1e-4)
+    assert losses[0.0]["policy_loss"] != 0
+    assert losses[2.0]["policy_loss"] == pytest.approx(0.5 * losses[0.0]["policy_loss"], rel=1e-3, abs=1e-7)

@@ -60,9 +60,9 @@ def spy(monkeypatch):
         seen["advantages"].append((rewards.clone(), group_index.clone()))
         return advantages(s, rewards, group_index, *args)
 
-    def recording_update(policy, batch, rows, *args):
+    def recording_update(policy, batch, rows, *args, **kwargs):
         seen["trained_rows"].append(len(rows))
-        return update(policy, batch, rows, *args)
+        return update(policy, batch, rows, *args, **kwargs)
 
     monkeypatch.setattr(HFRollout, "generate", counting_generate)
     monkeypatch.setattr(loop, "compute_advantages", recording_advantages)

@@ -129,6 +129,28 @@ def reinforce(logp: Tensor, old_logp: Tensor, advantages: Tensor) -> tuple[Tenso
     return -advantages * logp, torch.zeros_like(logp, dtype=torch.bool)
 
 
+def truncated_importance_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor,
+                                 cap: float) -> tuple[Tensor, dict[str, float]]:
+    """Token-level truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL
+    framework secretly brings you off-policy RL training"): the rollout engine samples from
+    pi_rollout, which differs from the trainer's pi_old by kernels and precision, so each
+    token's policy-gradient loss is weighted by
+
+        w_t = min(pi_old(y_t) / pi_rollout(y_t), C) = min(exp(old_logp_t - rollout_logp_t), C),
+
+    detached (a constant of the update). Returns (w (B, T), 0 where `mask` is False; metrics:
+    the mean ratio before truncation and the fraction of tokens truncated)."""
+    _check(old_logp, rollout_logp)
+    if cap <= 0:
+        raise ValueError(f"tis_cap must be > 0, got {cap}")
+    log_ratio = (old_logp.detach() - rollout_logp.detach()).clamp(max=_MAX_LOG_RATIO)
+    ratio = torch.where(mask, log_ratio.exp(), torch.zeros_like(log_ratio))
+    weights = ratio.clamp(max=cap)
+    tokens = mask.sum().clamp(min=1)
+    return weights, {"rollout/tis_ratio_mean": (ratio.sum() / tokens).item(),
+                     "rollout/tis_truncated_fraction": ((ratio > cap) & mask).sum().item() / tokens.item()}
+
+
 # --------------------------------------------------------------------------- aggregations
 
 

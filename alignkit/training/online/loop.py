@@ -58,7 +58,9 @@ from alignkit.data import (
 )
 from alignkit.models.packing import padding_free
 from alignkit.objectives import KL
+from alignkit.objectives.policy import truncated_importance_weights
 from alignkit.rewards.runner import reward_batch, reward_columns
+from alignkit.training.online.async_rollout import Prefetcher
 from alignkit.training.online.build import OnlineRoles, build_online_roles
 from alignkit.training.online.kl_control import RunningMeanStd, make_kl_controller
 from alignkit.training.online.presets import OnlineSettings
@@ -131,6 +133,7 @@ def _train_in(run: RunDir, s: OnlineSettings, config: TrainConfig, ranks, model,
     try:
         driver.run(start_step, callbacks)
     finally:
+        driver.close()
         getattr(roles.rollout, "close", lambda: None)()
 
     final_dir = write_final(roles.model, roles.tokenizer, run_dir, ranks)
@@ -174,6 +177,10 @@ class OnlineDriver:
                                      reward_stats=self.reward_stats)
         self.resumed_at: int | None = None
         self.last: dict[str, float] = {}
+        self.prefetch = Prefetcher() if s.async_rollout else None
+        if self.prefetch is not None and roles.rollout.shares_policy:
+            raise ValueError("--set async_rollout=true needs a rollout engine with its own copy of the weights "
+                             "(--rollout vllm): the in-process engine samples the module being updated")
 
     def resume(self, checkpoint: Path) -> int:
         """Restore the trainer and the driver's state from `checkpoint`; returns its step."""
@@ -220,9 +227,30 @@ class OnlineDriver:
             writer.close()
 
     def save(self, step: int) -> None:
-        """Checkpoint: the trainer's state with the driver's (beta, reward statistics, cursor)."""
-        extras = {"beta": self.kl_control.value, "reward_stats": self.reward_stats.state(), **self.sampler.state()}
+        """Checkpoint: the trainer's state with the driver's (beta, reward statistics, cursor);
+        with a prefetch pending, the cursor and statistics from before it."""
+        cursor, stats = self.sampler.state(), self.reward_stats.state()
+        if self.prefetch is not None and self.prefetch.pending:
+            cursor, stats = self.prefetch.snapshot
+        extras = {"beta": self.kl_control.value, "reward_stats": stats, **cursor}
         self.roles.trainer.save(self.run_dir, step, keep=self.config.save_total_limit, extras=extras)
+
+    def collect(self, step: int) -> StepSamples:
+        """Steps 1-2 of `step`, reward errors naming the step."""
+        with reward_batch(step=step, max_steps=self.total_steps):
+            return self.sampler.collect(step)
+
+    def start_prefetch(self, step: int) -> None:
+        """Async rollout: generate step + 1 in the background during this step's update, unless
+        this is the last step or a checkpoint step (see `async_rollout.py`)."""
+        saves = self.config.save_steps and step % self.config.save_steps == 0
+        if self.prefetch is not None and step < self.total_steps and not saves:
+            snapshot = (self.sampler.state(), self.reward_stats.state())
+            self.prefetch.submit(step + 1, self.collect, snapshot)
+
+    def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
 
     def train_step(self, step: int) -> dict[str, float]:
         """Steps 1-7 of training step `step` (bookkeeping aside); returns its metrics."""
@@ -230,9 +258,12 @@ class OnlineDriver:
         started = time.perf_counter()
         metrics: dict[str, float] = {"beta": self.kl_control.value}
 
-        # 1-2. generate and score (dynamic sampling: rounds until B groups with signal)
-        with reward_batch(step=step, max_steps=self.total_steps):  # names the step in reward errors
-            samples = self.sampler.collect(step)
+        # 1-2. generate and score (dynamic sampling: rounds until B groups with signal); async:
+        # prefetched during the previous step's update, from the weights before it
+        prefetched = self.prefetch.take(step) if self.prefetch is not None else None
+        samples = prefetched if prefetched is not None else self.collect(step)
+        if self.prefetch is not None:
+            metrics["rollout/staleness"] = 1.0 if prefetched is not None else 0.0
         metrics.update(samples.metrics(s.dynamic_sampling))
         scored = time.perf_counter()
         self.flags = {"no_reward_variance": samples.rollout is None or not reward_varies(
@@ -268,12 +299,22 @@ class OnlineDriver:
             metrics.update(summary_stats("advantages", advantages, mask))
 
         # 6. K epochs of minibatch updates
+        tis = None
+        exact = getattr(roles.rollout, "exact_logprobs", roles.rollout.shares_policy)
+        if s.tis_cap > 0 and not exact and s.objective == "policy_gradient":
+            tis, tis_metrics = truncated_importance_weights(
+                old_logp, samples.rollout.response_logprobs.to(roles.device), mask, s.tis_cap)
+            metrics.update(tis_metrics)
         experience = Experience(batch, samples.rewards, group_index, old_logp, ref_logp, advantages, returns,
-                                old_values, beta=self.kl_control.value, step=step)
+                                old_values, beta=self.kl_control.value, step=step, tis_weights=tis)
+        self.start_prefetch(step)
         metrics.update(roles.trainer.update(experience))
         self.flags["skipped"] = metrics.get("updates_skipped", 0.0) == 1.0  # every optimizer update skipped
 
-        # 7. sync the engine, adapt beta, timings (the caller logs and checkpoints)
+        # 7. sync the engine (once the prefetch, sampled from the old weights, is done), adapt
+        # beta, timings (the caller logs and checkpoints)
+        if self.prefetch is not None:
+            metrics.update(self.prefetch.wait())
         self.sync_rollout(step)
         trained_at = time.perf_counter()
         if "kl" in metrics and s.objective == "policy_gradient":
@@ -296,7 +337,9 @@ class OnlineDriver:
         """Step 3: (old log-probs, reference log-probs or None, old values or None), each (N, L)."""
         s, roles = self.s, self.roles
         exact = getattr(roles.rollout, "exact_logprobs", roles.rollout.shares_policy)  # engine = policy weights
-        if roles.trainer.on_policy and s.temperature == 1.0 and exact:
+        if s.async_rollout:  # ratios against the sampling policy: the engine's own log-probs
+            old_logp = samples.rollout.response_logprobs.to(roles.device) * batch.response_mask
+        elif roles.trainer.on_policy and s.temperature == 1.0 and exact:
             old_logp = samples.rollout.response_logprobs.to(roles.device) * batch.response_mask  # engine = policy
         else:
             old_logp = roles.trainer.logps(batch)

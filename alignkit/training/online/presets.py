@@ -103,6 +103,14 @@ class OnlineSettings:
     """Optimizer steps per pass over the batch."""
     micro_batch_size: int = 0
     """Rows per forward/backward inside a minibatch (0: the whole minibatch)."""
+    async_rollout: bool = False
+    """One-step-off asynchronous rollout (needs --rollout vllm): step t+1 is generated from the
+    weights before step t's update while that update runs; ratios are against the engine's own
+    log-probs; staleness 1 (0 after a checkpoint step). See training/online/async_rollout.py."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling against an engine whose log-probs are not the trainer's
+    (--rollout vllm): each token's policy loss is weighted by min(pi_old / pi_rollout, tis_cap),
+    detached (Yao et al. 2025; verl's tis_imp_ratio_cap, 2 in its examples). 0: off."""
     logprob_micro_batch_size: int = 0
     """Rows per forward without gradients (reference and old log-probs, values before an
     update), which stores no activations: 0 = NO_GRAD_ROWS_PER_MICRO_BATCH x micro_batch_size
@@ -201,6 +209,12 @@ def _validate(s: OnlineSettings, preset: str) -> None:
             raise ValueError(f"{preset}: rloo needs group_size >= 2")
     if s.beta < 0:
         raise ValueError(f"{preset}: beta must be >= 0")
+    if s.async_rollout and s.temperature != 1.0:
+        raise ValueError(f"{preset}: async_rollout takes the engine's log-probs as the old ones, which are "
+                         "temperature-1 log-probs: sample at temperature 1")
+    if s.async_rollout and s.tis_cap > 0:
+        raise ValueError(f"{preset}: tis_cap compares the engine with the trainer on the same weights; with "
+                         "async_rollout the old log-probs are the engine's own (set one of them)")
     if s.max_generation_rounds < 0:
         raise ValueError(f"{preset}: max_generation_rounds must be >= 0 (0 = no limit)")
 

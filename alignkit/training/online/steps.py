@@ -154,7 +154,7 @@ def rank_micro_batches(rows: Tensor, size: int, ranks: Ranks) -> list[tuple[Tens
 
 
 def policy_gradient_update(policy, batch, rows, s, old_logp, ref_logp, advantages, returns,
-                            old_values, on_policy, beta, train_policy) -> dict[str, float]:
+                            old_values, on_policy, beta, train_policy, tis_weights=None) -> dict[str, float]:
     """Forward/backward over one minibatch (in micro-batches); returns detached metrics.
 
     Every normaliser (`norm`) counts the whole minibatch, so under torchrun a rank's loss is its
@@ -173,7 +173,7 @@ def policy_gradient_update(policy, batch, rows, s, old_logp, ref_logp, advantage
         with policy.gradient_sync(index == len(pieces) - 1):
             loss, metrics = _micro_batch_loss(policy, batch, micro, s, norm, loss_fn, aggregate, loss_kwargs,
                                               old_logp, ref_logp, advantages, returns, old_values, on_policy,
-                                              beta, train_policy)
+                                              beta, train_policy, tis_weights)
             (loss * (weight * ranks.world) if ranks.distributed else loss).backward()
         if weight > 0:
             for key, value in metrics.items():
@@ -182,14 +182,17 @@ def policy_gradient_update(policy, batch, rows, s, old_logp, ref_logp, advantage
 
 
 def _micro_batch_loss(policy, batch, micro, s, norm, loss_fn, aggregate, loss_kwargs, old_logp, ref_logp,
-                      advantages, returns, old_values, on_policy, beta, train_policy):
-    """(loss of micro-batch `micro` as its share of the minibatch loss, its metric shares)."""
+                      advantages, returns, old_values, on_policy, beta, train_policy, tis_weights=None):
+    """(loss of micro-batch `micro` as its share of the minibatch loss, its metric shares).
+    `tis_weights` (N, L) weight each token's policy-gradient term (not the KL term)."""
     sums: dict[str, float] = {}
     sub = batch.select(micro)
     mask, width = sub.response_mask, sub.response_mask.shape[1]
     logp, entropy, values = policy.forward(sub, with_entropy=s.log_entropy)
     old = logp.detach() if on_policy else old_logp[micro, :width]
     per_token, clipped = loss_fn(logp, old, advantages[micro, :width], **loss_kwargs)
+    if tis_weights is not None:
+        per_token = per_token * tis_weights[micro, :width]
     if s.kl_in == "loss" and ref_logp is not None and beta > 0:
         per_token = per_token + beta * KL[s.kl_estimator](logp, ref_logp[micro, :width])
     policy_loss = aggregate(per_token, mask, **norm)

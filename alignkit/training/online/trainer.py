@@ -56,6 +56,8 @@ class Experience:
     """The KL coefficient of this step (kl_in="loss" adds beta x KL to the loss)."""
     step: int
     """The training step: seeds the minibatch order; the critic warm-up counts it."""
+    tis_weights: Tensor | None = None
+    """(N, L) truncated importance weights of each token's policy loss (--set tis_cap), or None."""
 
 
 class Trainable(nn.Module):
@@ -80,7 +82,8 @@ class PolicyTrainer:
         self.chunk_size, self.seed, self.max_grad_norm = config.logp_chunk_size, config.seed, config.max_grad_norm
         self.module = Trainable(model, critic if critic is not None else value_head)
         self.module.eval()  # dropout off for sampling, old, reference and training log-probs alike
-        self.on_policy = s.epochs_per_batch == 1 and s.minibatches == 1
+        # one pass, one minibatch, samples of the current weights: the old log-probs are the new ones
+        self.on_policy = s.epochs_per_batch == 1 and s.minibatches == 1 and not s.async_rollout
         self.device = next(model.parameters()).device
         # every gradient-enabled forward goes through one module (DDP-wrapped under torchrun)
         self.ranks = distributed.current()
@@ -192,7 +195,7 @@ class PolicyTrainer:
         else:
             part = policy_gradient_update(self, e.batch, rows, s, e.old_logp, e.ref_logp,
                                           e.advantages, e.returns, e.old_values, self.on_policy, e.beta,
-                                          e.step > s.critic_warmup_steps)
+                                          e.step > s.critic_warmup_steps, tis_weights=e.tis_weights)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
             params, self.max_grad_norm if self.max_grad_norm > 0 else float("inf")))

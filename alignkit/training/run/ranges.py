@@ -116,6 +116,7 @@ ONLINE_RANGES: dict[str, Interval] = {
     "clip_ratio_c": Interval("(1, inf)"),  # dual-clip PPO's c > 1
     "micro_batch_size": NON_NEGATIVE,
     "logprob_micro_batch_size": NON_NEGATIVE,
+    "tis_cap": NON_NEGATIVE,
     "critic_lr": POSITIVE,
     "vf_coef": NON_NEGATIVE,
     "cliprange_value": POSITIVE,
