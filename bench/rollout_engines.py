@@ -88,7 +88,8 @@ def grpo_split(model_dir: str, url: str | None, asynchronous: bool, args, out: P
                             overwrite=True, allow_degenerate=True, **extra)
     wall = time.perf_counter() - started
     metrics = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()][1:]
-    split = {key: statistics.median(m[key] for m in metrics) for key in STEP_KEYS if key in metrics[0]}
+    split = {key: statistics.median(m[key] for m in metrics if key in m)
+             for key in STEP_KEYS if any(key in m for m in metrics)}  # the last step prefetches nothing
     return {**split, "train_call_s": wall}
 
 
