@@ -204,6 +204,17 @@ def in_chunks(fn: Callable[[SequenceBatch], Tensor], batch: SequenceBatch, size:
     return out
 
 
+def eos_ids(tokenizer: Any, model: nn.Module) -> tuple[int, ...]:
+    """The ids that end a sample: the tokenizer's eos and the generation config's."""
+    found = {tokenizer.eos_token_id}
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(generation_eos, int):
+        found.add(generation_eos)
+    elif generation_eos:
+        found.update(generation_eos)
+    return tuple(sorted(token for token in found if token is not None))
+
+
 class HFRollout:
     """The rollout engine colocated with the policy: `HFEngine` sampling the trained module
     itself (a transformers causal LM, peft too), so weights never need copying."""
@@ -212,14 +223,7 @@ class HFRollout:
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch_size: int | None = None) -> None:
         self.model, self.version = model, 0
-        eos = {tokenizer.eos_token_id}
-        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        if isinstance(generation_eos, int):
-            eos.add(generation_eos)
-        elif generation_eos:
-            eos.update(generation_eos)
-        self.engine = HFEngine(model, pad_id=tokenizer.pad_token_id,
-                               eos_ids=sorted(e for e in eos if e is not None),
+        self.engine = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_ids=eos_ids(tokenizer, model),
                                max_batch_size=max_batch_size)
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:

@@ -24,20 +24,10 @@ from torch import Tensor
 
 from alignkit.rollout import Rollout, SamplingParams
 from alignkit.rollout.http_engine import EngineError, HTTPEngine
+from alignkit.training.online.roles import eos_ids
 from alignkit.training.run import distributed
 
 log = logging.getLogger("alignkit")
-
-
-def eos_ids(tokenizer: Any, model: Any) -> tuple[int, ...]:
-    """The tokenizer's eos and the generation config's, as `HFRollout` stops on them."""
-    found = {tokenizer.eos_token_id}
-    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(generation_eos, int):
-        found.add(generation_eos)
-    elif generation_eos:
-        found.update(generation_eos)
-    return tuple(sorted(token for token in found if token is not None))
 
 
 class ServerRollout:
