@@ -45,6 +45,17 @@ def run_case(case: dict, out: Path, rank: int, die_at: dict | None) -> None:
             raise Interrupt
 
     train = dict(model=case["model"], data=case["data"], output_dir=run_dir, progress=False, **overrides)
+    if case.get("serve_rollout") and rank == 0:  # the reference rollout server, for every rank
+        from alignkit.models import load_model
+        from alignkit.rollout.reference_server import ReferenceServer
+
+        served, tokenizer = load_model(case["model"], device="cpu")
+        server = ReferenceServer(served, pad_id=tokenizer.pad_token_id, eos_ids=(tokenizer.eos_token_id,),
+                                 port=case["serve_rollout"]).start()
+        try:
+            return run_case({**case, "serve_rollout": None}, out, rank, die_at)
+        finally:
+            server.close()
     if case.get("expect_error"):  # a refusal: record the message instead of training
         try:
             alignkit.train(case["algorithm"], **train)

@@ -3,7 +3,9 @@ a contiguous block of whole prompt groups with the noise keyed on the global sam
 rank holds the gathered global batch for scoring, KL and advantages, step 3's log-probs are split
 by rows and gathered, and step 6 splits each minibatch with losses normalised by its global
 token/sequence counts. Checked for grpo, ppo (separate critic), dapo (dynamic sampling rounds),
-rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches, and under
+rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches, grpo sampling
+through one rollout server shared by both ranks (--rollout vllm --vllm-url, the reference
+server), and under
 FSDP2 grpo, ppo, grpo with LoRA and a KL term, dapo with micro-batches: sampled
 completions identical (reward/mean and response_length equal exactly at every step), grad norms
 to 1e-5 relative, losses to 1e-5 relative + 1e-7 absolute (policy-gradient losses are sums that
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_helpers import launch, read_params, relative_error
+from dist_helpers import free_port, launch, read_params, relative_error
 from run_helpers import read_metrics, write_jsonl
 
 import alignkit
@@ -29,6 +31,8 @@ PROMPTS = ["Write a short review.", "The movie", "Tell me", "What is two plus tw
 BASE = {"padding_free": False, "batch_size": 4, "max_steps": 3, "lr": 1e-2, "warmup_ratio": 0.0,
         "scheduler": "constant", "max_new_tokens": 8, "group_size": 4, "reward": "dist_helpers:count_e"}
 RM = "<reward model>"  # stands for the reward model the fixture builds
+SERVER = "<rollout server>"  # stands for the URL of the reference server the fixture starts
+_server_url: list[str] = []
 CASES = {
     "grpo": ("grpo", {}),
     "ppo": ("ppo", {}),
@@ -40,6 +44,9 @@ CASES = {
     "reinforce_pp-micro3": ("reinforce_pp", {"micro_batch_size": 3}),
     # a reward model scores each rank's rows (gathered) and initialises the critic
     "ppo-reward-model": ("ppo", {"reward": None, "reward_model": RM, "critic_init": RM}),
+    # one rollout server for both ranks (--vllm-url): each rank sends its prompt groups, rank 0
+    # syncs the weights, old log-probs recomputed by the trainer
+    "grpo-server-rollout": ("grpo", {"rollout": "vllm", "vllm_url": SERVER}),
     # FSDP2: the engine samples an unsharded copy refreshed after every update; no-grad passes
     # run in lockstep; LoRA's reference is the sharded policy with the adapter off
     "grpo-fsdp2": ("grpo", {"strategy": "fsdp2"}),
@@ -65,24 +72,41 @@ def build_reward_model(folder: Path, model_dir) -> str:
 
 
 def resolved(extra: dict, reward_model: str) -> dict:
-    return {k: reward_model if v == RM else v for k, v in extra.items()}
+    placeholders = {RM: reward_model, SERVER: _server_url[0] if _server_url else None}
+    return {k: placeholders.get(v, v) if isinstance(v, str) else v for k, v in extra.items()}
 SAMPLED = ("reward/mean", "reward/std", "response_length")  # functions of the sampled tokens only
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir):
+    from alignkit.models import load_model
+    from alignkit.rollout.reference_server import ReferenceServer
+
+    served, tokenizer = load_model(str(tiny_model_dir), device="cpu")
+    with ReferenceServer(served, pad_id=tokenizer.pad_token_id, eos_ids=(tokenizer.eos_token_id,)) as server:
+        _server_url[:] = [server.url]
+        yield from _launched_runs(tmp_path_factory, tiny_model_dir)
+        _server_url.clear()
+
+
+def _launched_runs(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("two-ranks-online")
     data = write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in PROMPTS * 3])
     reward_model = build_reward_model(tmp / "rm", tiny_model_dir)
     cases = [{"name": name, "algorithm": algorithm, "model": str(tiny_model_dir), "data": data,
               "overrides": {**BASE, **resolved(extra, reward_model)}}
              for name, (algorithm, extra) in {**CASES, **PACKED}.items()]
+    for case, (_, extra) in zip(cases, {**CASES, **PACKED}.values(), strict=False):
+        if extra.get("vllm_url") == SERVER:  # the ranks run in their own network namespace: rank 0
+            port = free_port()               # serves the rollout there, on this port
+            case["serve_rollout"] = port
+            case["overrides"]["vllm_url"] = f"http://127.0.0.1:{port}"
     cases.append({"name": "ppo-resumed", "algorithm": "ppo", "model": str(tiny_model_dir), "data": data,
                   "overrides": {**BASE, **RESUME}, "interrupt_at": 2})
     cases.append({"name": "grpo-fsdp2-resumed", "algorithm": "grpo", "model": str(tiny_model_dir), "data": data,
                   "overrides": {**BASE, **RESUME, "strategy": "fsdp2"}, "interrupt_at": 2})
     launch({"cases": cases, "out": str(tmp / "out")}, tmp)
-    return tmp / "out", data, reward_model
+    yield tmp / "out", data, reward_model
 
 
 _single: dict[tuple, tuple] = {}
