@@ -5,7 +5,7 @@ by rows and gathered, and step 6 splits each minibatch with losses normalised by
 token/sequence counts. Checked for grpo, ppo (separate critic), dapo (dynamic sampling rounds),
 rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches, grpo sampling
 through one rollout server shared by both ranks (--rollout vllm --vllm-url, the reference
-server), and under
+server; also with LoRA, a KL term and FSDP2), and under
 FSDP2 grpo, ppo, grpo with LoRA and a KL term, dapo with micro-batches: sampled
 completions identical (reward/mean and response_length equal exactly at every step), grad norms
 to 1e-5 relative, losses to 1e-5 relative + 1e-7 absolute (policy-gradient losses are sums that
@@ -47,6 +47,8 @@ CASES = {
     # one rollout server for both ranks (--vllm-url): each rank sends its prompt groups, rank 0
     # syncs the weights, old log-probs recomputed by the trainer
     "grpo-server-rollout": ("grpo", {"rollout": "vllm", "vllm_url": SERVER}),
+    "grpo-lora-server-rollout-fsdp2": ("grpo", {"rollout": "vllm", "vllm_url": SERVER, "strategy": "fsdp2",
+                                                "lora_r": 4, "beta": 0.05}),
     # FSDP2: the engine samples an unsharded copy refreshed after every update; no-grad passes
     # run in lockstep; LoRA's reference is the sharded policy with the adapter off
     "grpo-fsdp2": ("grpo", {"strategy": "fsdp2"}),
