@@ -18,6 +18,7 @@ stage, `stage_peak_rss_mb`).
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import time
@@ -168,6 +169,7 @@ class StageClock:
     def stop(self) -> None:
         if self.current is not None:
             name, began = self.current
+            gc.collect()  # a finished stage's model (peft graphs hold cycles) goes before the next loads
             release_free_memory()
             self.seconds[name] = time.perf_counter() - began
             self.peak_rss_mb[name] = peak_rss_mb()["self"]

@@ -277,9 +277,8 @@ class OnlineDriver:
         mask = batch.response_mask  # (N, L)
 
         # 3. reference and old log-probs, values (no gradients)
-        self.engine_metrics: dict[str, float] = {}
-        old_logp, ref_logp, old_values = self.logprobs_and_values(samples, batch)
-        metrics.update(self.engine_metrics)
+        old_logp, ref_logp, old_values, engine_metrics = self.logprobs_and_values(samples, batch)
+        metrics.update(engine_metrics)
         referenced = time.perf_counter()
 
         # 4. KL of the sampling policy to the reference, per token
@@ -334,8 +333,11 @@ class OnlineDriver:
                                trainer.weights(merged=getattr(rollout, "merged_weights", True)), version)
 
     def logprobs_and_values(self, samples: StepSamples, batch: SequenceBatch):
-        """Step 3: (old log-probs, reference log-probs or None, old values or None), each (N, L)."""
+        """Step 3: (old log-probs, reference log-probs or None, old values or None), each (N, L),
+        and the engine-vs-trainer log-prob metrics (when the trainer recomputed an external
+        engine's log-probs at temperature 1)."""
         s, roles = self.s, self.roles
+        engine_metrics: dict[str, float] = {}
         exact = getattr(roles.rollout, "exact_logprobs", roles.rollout.shares_policy)  # engine = policy weights
         if s.async_rollout:  # ratios against the sampling policy: the engine's own log-probs
             old_logp = samples.rollout.response_logprobs.to(roles.device) * batch.response_mask
@@ -344,7 +346,7 @@ class OnlineDriver:
         else:
             old_logp = roles.trainer.logps(batch)
             if not exact and s.temperature == 1.0:  # an external engine's log-probs against ours
-                self.engine_metrics = logprob_diff(samples.rollout.response_logprobs, old_logp, batch.response_mask)
+                engine_metrics = logprob_diff(samples.rollout.response_logprobs, old_logp, batch.response_mask)
         ref_logp = roles.reference.logps(batch) if roles.reference is not None else None
         old_values = roles.critic.values(batch) if roles.critic is not None else None
-        return old_logp, ref_logp, old_values
+        return old_logp, ref_logp, old_values, engine_metrics
