@@ -94,3 +94,12 @@ def assert_same_parameters(first: torch.nn.Module, second: torch.nn.Module) -> N
     """The two models' parameters match name for name (torch.testing.assert_close)."""
     for (name, p), (_, q) in zip(first.named_parameters(), second.named_parameters(), strict=True):
         torch.testing.assert_close(p, q, msg=name)
+
+
+def teacher_forced_logps(model: torch.nn.Module, rollout: Any, pad_id: int) -> torch.Tensor:
+    """The log-probs (temperature 1, padded forward) of a rollout's sampled tokens, flattened
+    in the order of `rollout.response_logprobs[rollout.response_mask]`."""
+    from alignkit.eval.kl import response_logps
+
+    ids, attention, mask = rollout.to_sequences(pad_id)
+    return response_logps(model, ids, attention, mask, pack=False)[mask]

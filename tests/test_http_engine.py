@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from run_helpers import teacher_forced_logps
 
 from alignkit.rollout import HFEngine, SamplingParams
 from alignkit.rollout.http_engine import EngineError, HTTPEngine, fold32, request_body
@@ -30,14 +31,6 @@ def served(tiny_model_dir):
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
 
 
-def teacher_forced(model, rollout, pad_id, temperature=1.0):
-    from alignkit.eval.kl import response_logps
-
-    ids, attention, mask = rollout.to_sequences(pad_id)
-    dense = response_logps(model, ids, attention, mask, temperature=temperature, pack=False)
-    return dense[mask]
-
-
 def test_greedy_tokens_and_logprobs_equal_in_process_sampling(served):
     model, tokenizer, server = served
     engine = HTTPEngine(server.url)
@@ -56,7 +49,7 @@ def test_sampled_logprobs_are_the_policys_and_seeds_follow_the_global_prompt_ind
     engine = HTTPEngine(server.url)
     sampling = SamplingParams(max_new_tokens=6, temperature=1.0, seed=1234)
     whole = engine.generate(PROMPTS, 3, sampling)
-    diff = (whole.response_logprobs[whole.response_mask] - teacher_forced(model, whole, tokenizer.pad_token_id)).abs()
+    diff = (whole.response_logprobs[whole.response_mask] - teacher_forced_logps(model, whole, tokenizer.pad_token_id)).abs()
     assert diff.max().item() < 1e-5
     # a rank that samples prompts 1.. sends the seeds one process sends for them
     tail = engine.generate(PROMPTS[1:], 3, SamplingParams(max_new_tokens=6, seed=1234, first_sample=3))

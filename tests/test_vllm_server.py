@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import teacher_forced_logps
 
 from alignkit.rollout import HFEngine, SamplingParams
 from alignkit.rollout.http_engine import HTTPEngine
@@ -44,17 +45,10 @@ def vllm(vllm_model_dir, tmp_path_factory):
     server.stop()
 
 
-def teacher_forced(model, rollout, pad_id):
-    from alignkit.eval.kl import response_logps
-
-    ids, attention, mask = rollout.to_sequences(pad_id)
-    return response_logps(model, ids, attention, mask, pack=False)[mask]
-
-
 def test_vllm_logprobs_and_greedy_tokens_match_ours(vllm):
     model, tokenizer, engine = vllm
     sampled = engine.generate(PROMPTS, 4, SamplingParams(max_new_tokens=8, seed=3))
-    ours = teacher_forced(model, sampled, tokenizer.pad_token_id)
+    ours = teacher_forced_logps(model, sampled, tokenizer.pad_token_id)
     diff = (sampled.response_logprobs[sampled.response_mask] - ours).abs().max().item()
     print(f"sampled-token log-probs, vLLM vs alignkit: max |diff| {diff:.2e} over {ours.numel()} tokens")
     assert diff < 1e-4

@@ -177,6 +177,8 @@ class OnlineDriver:
                                      reward_stats=self.reward_stats)
         self.resumed_at: int | None = None
         self.last: dict[str, float] = {}
+        # the engine's temperature-1 log-probs are the policy's own (it samples the policy's weights)
+        self.exact_engine = getattr(roles.rollout, "exact_logprobs", roles.rollout.shares_policy)
         self.prefetch = Prefetcher() if s.async_rollout else None
         if self.prefetch is not None and roles.rollout.shares_policy:
             raise ValueError("--set async_rollout=true needs a rollout engine with its own copy of the weights "
@@ -299,8 +301,7 @@ class OnlineDriver:
 
         # 6. K epochs of minibatch updates
         tis = None
-        exact = getattr(roles.rollout, "exact_logprobs", roles.rollout.shares_policy)
-        if s.tis_cap > 0 and not exact and s.objective == "policy_gradient":
+        if s.tis_cap > 0 and not self.exact_engine and s.objective == "policy_gradient":
             tis, tis_metrics = truncated_importance_weights(
                 old_logp, samples.rollout.response_logprobs.to(roles.device), mask, s.tis_cap)
             metrics.update(tis_metrics)
@@ -338,14 +339,13 @@ class OnlineDriver:
         engine's log-probs at temperature 1)."""
         s, roles = self.s, self.roles
         engine_metrics: dict[str, float] = {}
-        exact = getattr(roles.rollout, "exact_logprobs", roles.rollout.shares_policy)  # engine = policy weights
         if s.async_rollout:  # ratios against the sampling policy: the engine's own log-probs
             old_logp = samples.rollout.response_logprobs.to(roles.device) * batch.response_mask
-        elif roles.trainer.on_policy and s.temperature == 1.0 and exact:
+        elif roles.trainer.on_policy and s.temperature == 1.0 and self.exact_engine:
             old_logp = samples.rollout.response_logprobs.to(roles.device) * batch.response_mask  # engine = policy
         else:
             old_logp = roles.trainer.logps(batch)
-            if not exact and s.temperature == 1.0:  # an external engine's log-probs against ours
+            if not self.exact_engine and s.temperature == 1.0:  # an external engine's log-probs against ours
                 engine_metrics = logprob_diff(samples.rollout.response_logprobs, old_logp, batch.response_mask)
         ref_logp = roles.reference.logps(batch) if roles.reference is not None else None
         old_values = roles.critic.values(batch) if roles.critic is not None else None

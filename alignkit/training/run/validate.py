@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.data.hh import DATA_FORMATS
+from alignkit.rollout.http_engine import LOGPROBS_MODES
 from alignkit.training.run.config import TrainConfig, field_types
 from alignkit.training.run.distributed import STRATEGIES
 from alignkit.training.run.ranges import check_field_ranges, check_hparam_ranges, hparam_ranges
@@ -35,7 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda", "cuda:N", "mps"),
     "data_format": DATA_FORMATS,
     "rollout": ("hf", "vllm"),
-    "vllm_logprobs_mode": ("raw_logprobs", "processed_logprobs"),
+    "vllm_logprobs_mode": LOGPROBS_MODES,
 }
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
