@@ -59,6 +59,13 @@ def train(
     elif reward is not None and not online:  # A-LoL scores the reference's own samples with it
         config.reward = reward
     validate_values(config)
+    if config.placement != "local":
+        if loaded_model is not None or data is not None or (reward is not None and online):
+            raise ValueError(f"placement={config.placement!r}: the Ray workers load the model, data and reward "
+                             "themselves; pass them as paths or specs, not Python objects")
+        from alignkit.cluster.launch import run_placed
+
+        return run_placed(config)
     if online:
         from alignkit.training.online.loop import run_online
 

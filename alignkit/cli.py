@@ -98,7 +98,9 @@ def cmd_train(argv: list[str]) -> int:
         raise ValueError("--data is required (a JSONL/JSON/Parquet/CSV file, a directory of them or a hub dataset id)")
     validate_config(config, explicit_fields(config, baseline))
 
-    if ALGORITHMS[config.algorithm].runner == "online":
+    if config.placement != "local":  # the workers run on Ray; this process drives them
+        from alignkit.cluster.launch import run_placed as run
+    elif ALGORITHMS[config.algorithm].runner == "online":
         from alignkit.training.online.loop import run_online as run
     else:
         from alignkit.training.offline.loop import run_offline as run
@@ -290,6 +292,11 @@ def run_verb(argv: list[str] | None = None) -> int:
         print(f"alignkit {verb}{where}: error: {' '.join(str(error).split())}", file=sys.stderr)
         print("(set ALIGNKIT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # a failure that names itself in one line (a Ray worker died)
+        if os.environ.get("ALIGNKIT_DEBUG") or not getattr(error, "one_line", False):
+            raise
+        print(f"alignkit {verb}{where}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as stop:  # Ctrl-C / SIGTERM; a RunInterrupted says how to resume
         print(f"alignkit {verb}{where}: {getattr(stop, 'message', 'interrupted')}", file=sys.stderr)
         return 130

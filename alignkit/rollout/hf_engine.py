@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,6 +53,23 @@ def _new_cache(model: nn.Module) -> Any:
         return DynamicCache(config=model.config)
     except TypeError:  # transformers 4.x takes no config
         return DynamicCache()
+
+
+@torch.no_grad()
+def copy_named_weights(model: nn.Module, items: Iterable[tuple[str, Tensor]]) -> int:
+    """Copy each (name, tensor) into `model`'s parameter or buffer of that name (tied names
+    included), cast to its dtype; returns how many were copied. A name the model lacks raises
+    KeyError: a weight that lands nowhere would leave the engine sampling stale weights."""
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(model.named_buffers(remove_duplicate=False))
+    copied = 0
+    for name, tensor in items:
+        if name not in targets:
+            raise KeyError(f"{name} is not a parameter of the engine's model")
+        target = targets[name]
+        target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+        copied += 1
+    return copied
 
 
 class HFEngine:
@@ -93,9 +110,10 @@ class HFEngine:
         self._cache_kwarg, self._logits_kwarg = _forward_kwarg_names(model)
 
     def update_weights(self, state_dict: Mapping[str, Tensor] | None = None) -> None:
-        """Nothing to do when the engine shares the trained module; else load `state_dict`."""
+        """Nothing to do when the engine shares the trained module; else copy `state_dict`
+        into it (`copy_named_weights`: an unknown name is an error)."""
         if state_dict is not None:
-            self.model.load_state_dict(dict(state_dict), strict=False)
+            copy_named_weights(self.model, state_dict.items())
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
         """Sample `n` responses per prompt. Row `i * n + j` is sample `j` of prompt `i`."""

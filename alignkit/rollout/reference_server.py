@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import torch
 from torch import nn
 
-from alignkit.rollout.hf_engine import HFEngine
+from alignkit.rollout.hf_engine import HFEngine, copy_named_weights
 from alignkit.rollout.types import SamplingParams
 
 ACCEPTED_FIELDS = frozenset({
@@ -76,15 +75,12 @@ def load_weights_dir(model: nn.Module, directory: str) -> int:
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
         raise RequestError(f"no .safetensors file in {directory}")
-    params = dict(model.named_parameters())
     loaded = 0
-    with torch.no_grad():
-        for file in files:
-            for name, tensor in load_file(str(file)).items():
-                if name not in params:
-                    raise RequestError(f"{file.name}: {name} is not a parameter of the served model")
-                params[name].copy_(tensor.to(params[name].dtype))
-                loaded += 1
+    for file in files:
+        try:
+            loaded += copy_named_weights(model, load_file(str(file)).items())
+        except KeyError as error:
+            raise RequestError(f"{file.name}: {error.args[0]}") from None
     return loaded
 
 

@@ -82,7 +82,11 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     max_batch = s.generation_batch_size or None
     # FSDP2 shards the policy: the engine samples an unsharded copy, refreshed after each update
     rollout: RolloutEngine
-    if config.rollout == "vllm" and config.vllm_url:  # a running server, sent the weights after each update
+    if config.placement.startswith("split"):  # a pool of rollout workers on Ray, synced after each update
+        from alignkit.cluster.ray_rollout import RayRollout, rollout_workers
+
+        rollout = RayRollout(rollout_workers(), tokenizer.pad_token_id)
+    elif config.rollout == "vllm" and config.vllm_url:  # a running server, sent the weights after each update
         engine = HTTPEngine(config.vllm_url, logprobs_mode=config.vllm_logprobs_mode, pad_id=tokenizer.pad_token_id)
         rollout = ServerRollout(engine, tokenizer, model)
     elif config.rollout == "vllm":  # this process's own server, stopped at the end of the run

@@ -47,9 +47,10 @@ class ServerRollout:
         self.version = 0
 
     @classmethod
-    def launch(cls, config: Any, model: Any, tokenizer: Any) -> ServerRollout:
+    def launch(cls, config: Any, model: Any, tokenizer: Any, name: str | None = None) -> ServerRollout:
         """Start this process's vLLM server from `config.vllm_python` on the policy's current
-        weights (saved once under /dev/shm, LoRA merged), logging to the run's directory."""
+        weights (saved once under /dev/shm, LoRA merged), logging to OUTPUT/`name`
+        (default vllm-rank{r})."""
         from alignkit.models import save_pretrained_merged
         from alignkit.rollout.http_engine import weights_root
         from alignkit.rollout.vllm_server import start_vllm_server
@@ -57,8 +58,8 @@ class ServerRollout:
         model_dir = Path(tempfile.mkdtemp(prefix="alignkit-vllm-model-", dir=weights_root()))
         try:
             save_pretrained_merged(model, tokenizer, model_dir, merge_lora=True)
-            rank = distributed.current().rank
-            server = start_vllm_server(config.vllm_python, model_dir, Path(config.output) / f"vllm-rank{rank}",
+            name = name or f"vllm-rank{distributed.current().rank}"
+            server = start_vllm_server(config.vllm_python, model_dir, Path(config.output) / name,
                                        logprobs_mode=config.vllm_logprobs_mode)
         except BaseException:
             shutil.rmtree(model_dir, ignore_errors=True)

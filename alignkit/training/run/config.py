@@ -126,6 +126,14 @@ class TrainConfig:
     --eval-data reads its test or validation split)."""
     data_format: str = "auto"
     """Row schema: auto (detected), or hh for Anthropic HH-RLHF (chosen/rejected transcripts, no prompt)."""
+    placement: str = "local"
+    """Where the roles run: local (this process, or the torchrun ranks), colocate[:N] (N Ray
+    workers, each hosting every role, one torch.distributed group) or split:P,R (P policy
+    workers + R rollout workers with their own copy of the weights, synced after every update;
+    online algorithms). Results equal local on the same seed."""
+    ray_address: str | None = None
+    """--placement on Ray: join a running cluster (auto, or HOST:PORT); unset, a local cluster
+    on 127.0.0.1 starts and stops with the run."""
     rollout: str = "hf"
     """Online rollout engine: hf (the trained module sampled in process) or vllm (a vLLM
     OpenAI-compatible server over HTTP at --vllm-url, sent the policy's weights after every update)."""

@@ -41,12 +41,15 @@ NON_RESULT_FIELDS = frozenset({
     "output", "resume", "overwrite", "override", "progress", "logging_steps", "tensorboard",
     "save_steps", "save_total_limit", "eval_steps", "threads", "reward_workers", "reward_timeout",
     "allow_degenerate", "strategy", "gradient_checkpointing", "logp_chunk_size", "padding_free",
-    "trust_remote_code", "vllm_url", "vllm_python",
+    "trust_remote_code", "vllm_url", "vllm_python", "placement", "ray_address",
 })
 # What a run writes at the top of its directory (besides its reference caches).
 RUN_ENTRIES = frozenset({RUN_FILE, LOCK_FILE, "config.yaml", "metrics.jsonl", "checkpoints", "final",
                          "tensorboard", "members"})
 RUN_MARKERS = (RUN_FILE, "config.yaml", "metrics.jsonl", "checkpoints")
+# Written by the launch itself (Ray workers' table and logs, vLLM servers' logs): kept by --overwrite.
+LAUNCH_ENTRIES = frozenset({"workers.json", "workers"})
+LAUNCH_PREFIXES = ("vllm-rank", "vllm-rollout")
 
 
 # ---------------------------------------------------------------------------- fingerprints
@@ -221,11 +224,16 @@ def _is_cache(path: Path) -> bool:
         return False
 
 
+def _launch_entry(name: str) -> bool:
+    return name in LAUNCH_ENTRIES or name.startswith(LAUNCH_PREFIXES)
+
+
 def run_entries(run_dir: Path) -> tuple[list[str], list[str]]:
     """(entries a run writes, other entries) at the top of an existing directory."""
     ours, others = [], []
     for entry in sorted(run_dir.iterdir()):
-        (ours if entry.name in RUN_ENTRIES or _is_cache(entry) else others).append(entry.name)
+        written = entry.name in RUN_ENTRIES or _launch_entry(entry.name) or _is_cache(entry)
+        (ours if written else others).append(entry.name)
     return ours, others
 
 
@@ -238,7 +246,8 @@ def remove_run_files(run_dir: Path) -> None:
     Reference caches stay: they are keyed by the content of the data, the reference model and
     the tokenizer, so the new run reuses one only if it was computed from exactly its inputs.
     Files a run does not write are left alone."""
-    removed = [name for name in run_entries(run_dir)[0] if name != LOCK_FILE and not _is_cache(run_dir / name)]
+    removed = [name for name in run_entries(run_dir)[0]
+               if name != LOCK_FILE and not _launch_entry(name) and not _is_cache(run_dir / name)]
     for name in removed:
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,8 @@ def online_ignores(config: TrainConfig, settings: Any) -> dict[str, str]:
     if not config.reward:
         ignored.update({name: "it applies to a reward function (--reward), not to --reward-model"
                         for name in ("reward_timeout", "reward_workers")})
+    if config.placement == "local":
+        ignored["ray_address"] = "it applies to --placement colocate or split"
     if config.rollout != "vllm":
         ignored.update({name: "it applies to --rollout vllm" for name in VLLM_FIELDS})
     elif config.vllm_url:
@@ -164,6 +167,8 @@ def offline_ignores(config: TrainConfig, task: Any) -> dict[str, str]:
         ignored.update(OWN_LOOP_IGNORES)
         ignored.update({name: OWN_LOOP_IGNORES["lora_r"] for name in LORA_OPTIONS})
     ignored.update({name: "offline algorithms sample nothing" for name in ROLLOUT_FIELDS})
+    if config.placement == "local":
+        ignored["ray_address"] = "it applies to --placement colocate"
     if config.algorithm == "rm_embedding":
         ignored["model"] = "its encoder is all-MiniLM-L6-v2; use --set encoder_dir=DIR for another one"
     return ignored
@@ -236,6 +241,25 @@ def validate_config(config: TrainConfig, given: set[str] = frozenset()) -> Train
     return config
 
 
+def check_placement(config: TrainConfig, runner: str) -> None:
+    """--placement parses; split is for online algorithms and starts its own rollout engines;
+    Ray placement is not combined with torchrun (Ray starts the ranks itself)."""
+    from alignkit.cluster.placement import parse_placement
+    from alignkit.training.run.distributed import launched_by_torchrun
+
+    placement = parse_placement(config.placement)
+    if placement.split and runner != "online":
+        raise ValueError(f"--placement {config.placement}: a rollout pool is for online algorithms; "
+                         f"{config.algorithm} trains offline (use --placement colocate:N)")
+    if placement.split and config.rollout == "vllm" and config.vllm_url:
+        raise ValueError(f"--placement {config.placement} starts a vLLM server on each rollout worker: "
+                         "drop --vllm-url (or use --placement local / colocate with it)")
+    if placement.on_ray and importlib.util.find_spec("ray") is None:
+        raise ValueError(f"--placement {config.placement} needs Ray: pip install 'alignkit[ray]'")
+    if placement.on_ray and launched_by_torchrun() and not os.environ.get("ALIGNKIT_RAY_WORKER"):
+        raise ValueError(f"--placement {config.placement} starts its workers on Ray: run it without torchrun")
+
+
 def validate_values(config: TrainConfig):
     """The checks that need no files: the algorithm exists, every field has its type, a known
     choice and a value in range, and so does every hyper-parameter. Returns (spec, task);
@@ -249,6 +273,7 @@ def validate_values(config: TrainConfig):
     check_choices(config)
     check_field_ranges({name: getattr(config, name) for name in field_types()})
     config.eval_holdout = holdout_value(config.eval_holdout)
+    check_placement(config, spec.runner)
     task = spec.make_task(copy.deepcopy(config))
     components = sorted(getattr(task, "weights", None) or {})
     online_pairwise = spec.runner == "online" and getattr(task, "objective", "") == "pairwise"
