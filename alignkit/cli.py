@@ -45,6 +45,16 @@ def _pop_option(argv: list[str], name: str, repeat: bool = False) -> list[str]:
     return values
 
 
+def resumed_config(saved: Path):
+    """The config a run saved, as `--resume` starts from: without the flags that only told that
+    launch how to start (--overwrite, --override)."""
+    from alignkit.training.run.config import TrainConfig
+
+    config = TrainConfig.from_yaml(saved)
+    config.overwrite, config.override = False, ""
+    return config
+
+
 def cmd_train(argv: list[str]) -> int:
     from alignkit.algorithms import ALGORITHMS
     from alignkit.cli_train import explicit_fields, parse_train_flags, train_overview
@@ -66,7 +76,7 @@ def cmd_train(argv: list[str]) -> int:
     if recipe:
         default = TrainConfig.from_yaml(recipe[0])
     elif saved is not None and saved.exists():
-        default = TrainConfig.from_yaml(saved)  # continue with the interrupted run's config
+        default = resumed_config(saved)  # continue with the interrupted run's config
     else:
         default = TrainConfig()
     if resume:
@@ -81,7 +91,7 @@ def cmd_train(argv: list[str]) -> int:
     if default.algorithm not in ALGORITHMS:
         source = recipe[0] if recipe else saved
         raise ValueError(f"{source}: unknown algorithm {default.algorithm!r}; `alignkit algorithms` lists them")
-    baseline = TrainConfig.from_yaml(saved) if saved is not None and saved.exists() and not recipe else TrainConfig()
+    baseline = resumed_config(saved) if saved is not None and saved.exists() and not recipe else TrainConfig()
     description = (
         f"Train {default.algorithm}. Algorithm hyper-parameters: --set key=value "
         "(e.g. --set beta=0.1), repeatable; --config recipe.yaml loads a recipe first. "

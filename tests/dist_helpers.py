@@ -76,3 +76,31 @@ def relative_error(a: float, b: float) -> float:
 def count_e(prompts, completions, **columns):
     """Reward for online tests: +1 per letter e of the completion (a random tiny model emits some)."""
     return [float(text.count("e")) for text in completions]
+
+
+def slow_count_e(prompts, completions, **columns):
+    """`count_e` taking half a second: a run slow enough to kill a worker in the middle of it."""
+    import time
+
+    time.sleep(0.5)
+    return count_e(prompts, completions)
+
+
+SAMPLED = ("reward/mean", "reward/std", "response_length")  # functions of the sampled tokens only
+
+
+def assert_runs_match(two: list[dict], one: list[dict], reward_tolerance: float = 0.0, rel: float = 1e-5) -> None:
+    """`reward_tolerance`: a reward model scores each rank's rows in a batch of another shape,
+    so its scores differ at float level (~1e-9); rule rewards of equal samples are equal.
+    `rel`: the relative tolerance of loss, grad_norm and kl (float rounding of the update)."""
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(two, one, strict=True):
+        for key in SAMPLED + ("dynamic_sampling/generation_rounds", "dynamic_sampling/kept_groups"):
+            if key in b:
+                tolerance = reward_tolerance if key.startswith("reward/") else 0.0
+                assert a[key] == pytest.approx(b[key], rel=tolerance, abs=tolerance), (a["step"], key, a[key], b[key])
+        assert abs(a["loss"] - b["loss"]) <= rel * abs(b["loss"]) + 1e-7, (a["step"], a["loss"], b["loss"])
+        assert relative_error(a["grad_norm"], b["grad_norm"]) < rel, (a["step"], a["grad_norm"], b["grad_norm"])
+        for key in ("kl", "value_loss", "policy_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=rel, abs=rel / 10), (a["step"], key)

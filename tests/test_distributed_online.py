@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_helpers import free_port, launch, read_params, relative_error
+from dist_helpers import assert_runs_match, free_port, launch, read_params
 from run_helpers import read_metrics, write_jsonl
 
 import alignkit
@@ -76,7 +76,6 @@ def build_reward_model(folder: Path, model_dir) -> str:
 def resolved(extra: dict, reward_model: str) -> dict:
     placeholders = {RM: reward_model, SERVER: _server_url[0] if _server_url else None}
     return {k: placeholders.get(v, v) if isinstance(v, str) else v for k, v in extra.items()}
-SAMPLED = ("reward/mean", "reward/std", "response_length")  # functions of the sampled tokens only
 
 
 @pytest.fixture(scope="module")
@@ -123,23 +122,6 @@ def one_process(algorithm: str, model_dir, data: str, root: Path, **overrides):
                                 **{**BASE, **overrides})
         _single[key] = (read_metrics(out), {n: p.detach().float().clone() for n, p in result.model.named_parameters()})
     return _single[key]
-
-
-def assert_runs_match(two: list[dict], one: list[dict], reward_tolerance: float = 0.0, rel: float = 1e-5) -> None:
-    """`reward_tolerance`: a reward model scores each rank's rows in a batch of another shape,
-    so its scores differ at float level (~1e-9); rule rewards of equal samples are equal.
-    `rel`: the relative tolerance of loss, grad_norm and kl (float rounding of the update)."""
-    assert [r["step"] for r in two] == [r["step"] for r in one]
-    for a, b in zip(two, one, strict=True):
-        for key in SAMPLED + ("dynamic_sampling/generation_rounds", "dynamic_sampling/kept_groups"):
-            if key in b:
-                tolerance = reward_tolerance if key.startswith("reward/") else 0.0
-                assert a[key] == pytest.approx(b[key], rel=tolerance, abs=tolerance), (a["step"], key, a[key], b[key])
-        assert abs(a["loss"] - b["loss"]) <= rel * abs(b["loss"]) + 1e-7, (a["step"], a["loss"], b["loss"])
-        assert relative_error(a["grad_norm"], b["grad_norm"]) < rel, (a["step"], a["grad_norm"], b["grad_norm"])
-        for key in ("kl", "value_loss", "policy_loss"):
-            if key in b:
-                assert a[key] == pytest.approx(b[key], rel=rel, abs=rel / 10), (a["step"], key)
 
 
 @pytest.mark.parametrize("name", list(PACKED))

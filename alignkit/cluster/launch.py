@@ -75,10 +75,46 @@ def ray_init(address: str | None, cpus_needed: int, log_dir: Path) -> bool:
     quiet = dict(log_to_driver=loud, logging_level=logging.INFO if loud else logging.ERROR, include_dashboard=False)
     with stderr_to(None if loud else log_dir / "ray.log"):
         if address:
-            ray.init(address=address, **quiet)
-            return False
-        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), _node_ip_address="127.0.0.1", **quiet)
-    return True
+            join_cluster(address, quiet)
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), _node_ip_address="127.0.0.1", **quiet)
+    if not loud:
+        _raylet_notices_to(log_dir / "ray.log")
+    return not address
+
+
+def join_cluster(address: str, options: dict) -> None:
+    """`ray.init(address=...)`, its failures one line naming --ray-address."""
+    import ray
+
+    try:
+        ray.init(address=address, **options)
+    except ConnectionError as error:
+        cause = error.__cause__
+        if type(cause).__name__ == "AuthenticationError" or "AuthenticationError" in repr(cause):
+            raise ValueError(f"--ray-address {address}: the cluster wants its auth token; set RAY_AUTH_MODE=token "
+                             "and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) as on its nodes") from None
+        raise ValueError(f"--ray-address {address}: no Ray cluster answers there ({error})") from None
+
+
+def _raylet_notices_to(path: Path) -> None:
+    """Ray's driver prints the raylet's notices (a worker died: a paragraph of advice) on
+    stdout: append them to `path` instead; alignkit's own error names the worker. Ray's private
+    printer: if it moves, the notices simply show."""
+    from ray._private import worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "_alignkit", False):
+        return
+
+    def to_file(data, ignore_prefix: bool):
+        if data.get("pid") != "raylet":
+            return printer(data, ignore_prefix)
+        with open(path, "a") as sink:
+            sink.writelines(f"(raylet) {line}\n" for line in data.get("lines", ()))
+
+    to_file._alignkit = True
+    ray_worker.print_to_stdstream = to_file
 
 
 def cluster_gpus() -> int:
@@ -162,7 +198,7 @@ def run_placed(config: Any):
                   for rank in range(placement.policy_workers)]
         actors += policy
         rollout_cls = ray.remote(concurrency_groups={"watch": 1})(workers.RolloutWorker)
-        where = _get_all(policy, "policy", [w.where.remote() for w in policy])
+        where = _get_all(policy, "policy", [w.where.remote() for w in policy], output)
         local_workers = placement.policy_workers + placement.rollout_workers if started_here else \
             sum(spot["ip"] == where[0]["ip"] for spot in where)
         base = worker_env(local_workers)
@@ -171,7 +207,7 @@ def run_placed(config: Any):
                    .remote(config, k, base, context) for k in range(placement.rollout_workers)]
         actors += rollout
         watched: dict[Any, tuple[str, int]] = {}
-        rollout_where = _get_all(rollout, "rollout", [w.where.remote() for w in rollout])
+        rollout_where = _get_all(rollout, "rollout", [w.where.remote() for w in rollout], output)
         for k, worker in enumerate(rollout):
             watched[worker.serve.remote()] = ("rollout", k)
         _write_workers(output, where, rollout_where)
@@ -192,15 +228,12 @@ def run_placed(config: Any):
                        summary["metrics"], summary["eval_metrics"])
 
 
-def _get_all(actors: list[Any], role: str, refs: list[Any]) -> list[Any]:
+def _get_all(actors: list[Any], role: str, refs: list[Any], output: Path) -> list[Any]:
     """`ray.get` of one call per worker of `role`, a failure named as in `_watch`."""
-    out = []
-    for k, ref in enumerate(refs):
-        out.append(_result(ref, role, k, len(actors)))
-    return out
+    return [_result(ref, role, k, len(actors), output) for k, ref in enumerate(refs)]
 
 
-def _result(ref: Any, role: str, index: int, world: int) -> Any:
+def _result(ref: Any, role: str, index: int, world: int, output: Path) -> Any:
     """`ray.get(ref)`: a dead worker a `WorkerDied`, an error it raised re-raised as itself."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -210,7 +243,7 @@ def _result(ref: Any, role: str, index: int, world: int) -> Any:
     except RayActorError as error:
         rank = f" (rank {index} of {world})" if role == "policy" else ""
         raise WorkerDied(f"{role} worker {index}{rank} died ({type(error).__name__}): the run stopped; "
-                         "--resume OUTPUT continues from its last checkpoint") from None
+                         f"--resume {output} continues from its last checkpoint") from None
     except RayTaskError as error:
         cause = getattr(error, "cause", None)
         if isinstance(cause, BaseException):
@@ -233,7 +266,7 @@ def _watch(watched: dict[Any, tuple[str, int]], world: int, output: Path, config
             _advance(bar, output / "metrics.jsonl")
             for ref in ready:
                 role, index = watched.pop(ref)
-                value = _result(ref, role, index, world)
+                value = _result(ref, role, index, world, output)
                 if role == "rollout":
                     raise WorkerDied(f"rollout worker {index} stopped serving before the run ended")
                 results[index] = value

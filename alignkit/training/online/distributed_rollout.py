@@ -181,6 +181,10 @@ class ShardedRollout:
             engine = engine.engine
         return int(getattr(engine, "pad_id", 0))
 
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
     def update_weights(self, source, version: int) -> None:
         self.engine.update_weights(source, version)
 

@@ -316,6 +316,8 @@ class OnlineDriver:
         if self.prefetch is not None:
             metrics.update(self.prefetch.wait())
         self.sync_rollout(step)
+        if not roles.rollout.shares_policy:  # the engine's copy: its version must be the step
+            metrics["rollout/weight_version"] = float(roles.rollout.version)
         trained_at = time.perf_counter()
         if "kl" in metrics and s.objective == "policy_gradient":
             self.kl_control.update(metrics["kl"], len(samples.rewards))

@@ -1,0 +1,98 @@
+"""Placed runs on one Ray cluster, for tests/test_ray_placement.py: `python ray_worker.py SPEC`.
+
+Run inside a private network namespace (tests/dist_helpers.in_namespace). Starts a head node on
+127.0.0.1 (`ray start --head`), then every case of the spec joins it with `ray_address`:
+
+- a run: `alignkit.train(..., placement=P)`; its error, if any, is recorded;
+- `kill_rollout_at`: the run in a thread; once metrics.jsonl has that step, the rollout worker's
+  process (from workers.json) is killed; the error and the seconds it took are recorded;
+- `resume`: `alignkit train --resume DIR --ray-address ADDR` through the CLI.
+
+Writes SPEC's `out`/results.json; stops the cluster at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import alignkit
+from alignkit.cli import main as cli_main
+
+
+def start_head(port: int) -> str:
+    """A head node with token auth, as a user's cluster would have; its clients share the token."""
+    import secrets
+
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+    ray = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True)
+    return f"127.0.0.1:{port}"
+
+
+def stop_head() -> None:
+    subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
+
+
+def train(case: dict, address: str) -> dict:
+    out = Path(case["output"])
+    try:
+        result = alignkit.train(case["algorithm"], model=case["model"], data=case["data"], output_dir=out,
+                                progress=False, placement=case["placement"], ray_address=address,
+                                **case["overrides"])
+        return {"final_dir": str(result.final_dir), "metrics": result.metrics}
+    except Exception as error:  # recorded for the test to judge
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def kill_rollout(case: dict, address: str) -> dict:
+    out = Path(case["output"])
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(train(case, address)))
+    thread.start()
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and thread.is_alive():
+        if metrics.exists() and any(json.loads(line)["step"] >= case["kill_rollout_at"]
+                                    for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.1)
+    if not thread.is_alive():
+        return {**box, "never_killed": True}
+    workers = json.loads((out / "workers.json").read_text())["workers"]
+    pid = next(w["pid"] for w in workers if w["role"] == "rollout")
+    killed = time.time()
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    return {**box, "seconds_to_error": time.time() - killed}
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    address = start_head(spec["port"])
+    try:
+        for case in spec["cases"]:
+            if "kill_rollout_at" in case:
+                results[case["name"]] = kill_rollout(case, address)
+            elif "resume" in case:
+                code = cli_main(["train", "--resume", case["resume"], "--ray-address", address, "--no-progress"])
+                results[case["name"]] = {"exit": code}
+            else:
+                results[case["name"]] = train(case, address)
+    finally:
+        stop_head()
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
