@@ -63,7 +63,7 @@ def train(
         if loaded_model is not None or data is not None or (reward is not None and online):
             raise ValueError(f"placement={config.placement!r}: the Ray workers load the model, data and reward "
                              "themselves; pass them as paths or specs, not Python objects")
-        from alignkit.cluster.launch import run_placed
+        from alignkit.training.cluster.launch import run_placed
 
         return run_placed(config)
     if online:

@@ -109,7 +109,7 @@ def cmd_train(argv: list[str]) -> int:
     validate_config(config, explicit_fields(config, baseline))
 
     if config.placement != "local":  # the workers run on Ray; this process drives them
-        from alignkit.cluster.launch import run_placed as run
+        from alignkit.training.cluster.launch import run_placed as run
     elif ALGORITHMS[config.algorithm].runner == "online":
         from alignkit.training.online.loop import run_online as run
     else:

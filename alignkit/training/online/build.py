@@ -83,7 +83,7 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     # FSDP2 shards the policy: the engine samples an unsharded copy, refreshed after each update
     rollout: RolloutEngine
     if config.placement.startswith("split"):  # a pool of rollout workers on Ray, synced after each update
-        from alignkit.cluster.ray_rollout import RayRollout, rollout_workers
+        from alignkit.training.cluster.ray_rollout import RayRollout, rollout_workers
 
         rollout = RayRollout(rollout_workers(), tokenizer.pad_token_id)
     elif config.rollout == "vllm" and config.vllm_url:  # a running server, sent the weights after each update

@@ -244,7 +244,7 @@ def validate_config(config: TrainConfig, given: set[str] = frozenset()) -> Train
 def check_placement(config: TrainConfig, runner: str) -> None:
     """--placement parses; split is for online algorithms and starts its own rollout engines;
     Ray placement is not combined with torchrun (Ray starts the ranks itself)."""
-    from alignkit.cluster.placement import parse_placement
+    from alignkit.training.cluster.placement import parse_placement
     from alignkit.training.run.distributed import launched_by_torchrun
 
     placement = parse_placement(config.placement)

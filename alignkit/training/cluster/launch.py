@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from alignkit.cluster.placement import parse_placement
+from alignkit.training.cluster.placement import parse_placement
 
 log = logging.getLogger("alignkit")
 POLL_S = 1.0
@@ -178,7 +178,7 @@ def run_placed(config: Any):
     (no model in memory: it lives in the workers; final/ is on disk)."""
     import ray
 
-    from alignkit.cluster import workers
+    from alignkit.training.cluster import workers
     from alignkit.training.run.result import TrainResult
 
     config = shipped_config(config)

@@ -72,7 +72,7 @@ class PolicyWorker:
         """Train as rank `rank` of the group; returns rank 0's result summary."""
         _enter(env, context)
         _log_to_file(Path(config.output) / "workers" / f"policy-{self.rank}.log", logging.INFO)
-        from alignkit.cluster.ray_rollout import set_rollout_workers
+        from alignkit.training.cluster.ray_rollout import set_rollout_workers
         from alignkit.training.run.registry import ALGORITHMS
 
         set_rollout_workers(rollout_handles)
