@@ -26,9 +26,9 @@ from run_helpers import read_metrics, write_jsonl
 from safetensors.torch import load_file
 
 import alignkit
+from alignkit.rollout import Rollout
 from alignkit.training.cluster.placement import Placement, parse_placement
 from alignkit.training.cluster.ray_rollout import concat_rollouts
-from alignkit.rollout import Rollout
 
 ray = pytest.importorskip("ray")
 
