@@ -150,6 +150,10 @@ def test_rollout_options_are_checked_before_anything_loads(tiny_model_dir, tmp_p
     code = cli_main(["train", "grpo", "--model", str(tiny_model_dir), "--data", "x.jsonl", "--reward", "vader",
                      "--output", str(tmp_path / "a"), "--rollout", "vllm", "--vllm-python", str(tmp_path / "none")])
     assert code == 2 and not (tmp_path / "a").exists()
+    code = cli_main(["train", "grpo", "--model", str(tiny_model_dir), "--data", "x.jsonl", "--reward", "vader",
+                     "--output", str(tmp_path / "c"), "--rollout", "vllm", "--vllm-url", "http://127.0.0.1:9",
+                     "--vllm-args", "--dtype bfloat16"])
+    assert code == 2 and not (tmp_path / "c").exists()  # ignored: alignkit starts no server
     with pytest.raises(ValueError, match="--rollout must be one of hf, vllm"):
         alignkit.train("grpo", model=str(tiny_model_dir), data=[{"prompt": "a"}], output_dir=tmp_path / "b",
                        reward="vader", rollout="sglang")
@@ -166,14 +170,18 @@ def test_a_launched_server_is_started_on_the_policys_weights_synced_and_stopped(
     import alignkit
 
     fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/sh\n[ "$2" = vllm.entrypoints.openai.api_server ] || exit 3\n'
+    fake.write_text(f'#!/bin/sh\n[ "$2" = vllm.entrypoints.openai.api_server ] || exit 3\necho "argv: $*"\n'
                     f'exec {sys.executable} -m alignkit.rollout.reference_server --model "$4" --port "$8"\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     rows = [{"prompt": p} for p in ["Write a short review.", "The movie"] * 2]
     result = alignkit.train("grpo", model=str(tiny_model_dir), data=rows, output_dir=tmp_path / "run",
                             reward=lambda prompts, completions, **c: [float(t.count("e")) for t in completions],
                             rollout="vllm", vllm_python=str(fake), batch_size=2, max_steps=3, lr=1e-2,
-                            progress=False, max_new_tokens=6, group_size=2, lora_r=4)
+                            progress=False, max_new_tokens=6, group_size=2, lora_r=4,
+                            vllm_args="--gpu-memory-utilization 0.3 --dtype 'bfloat16'")
+    argv = next(line for line in (result.output_dir / "vllm-rank0" / "vllm-server.log").read_text().splitlines()
+                if line.startswith("argv: "))
+    assert argv.endswith("--served-model-name policy --gpu-memory-utilization 0.3 --dtype bfloat16")
     metrics = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and all(m["rollout/logprob_diff_max"] < 1e-4 for m in metrics)
     logged = (result.output_dir / "vllm-rank0" / "vllm-server.log").read_text().split()

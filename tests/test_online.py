@@ -71,7 +71,7 @@ def test_every_preset_learns_the_rule_reward(algorithm, tiny_model_dir, tmp_path
     rows = read_metrics(tmp_path / algorithm)
     assert [r["step"] for r in rows] == list(range(1, 31))
     for key in ("loss", "reward/mean", "reward/std", "entropy", "response_length", "throughput/tokens_per_s",
-                "time/generation_s", "time/training_s", "lr", "grad_norm"):
+                "time/generation_s", "time/training_s", "time/sync_s", "lr", "grad_norm"):
         assert key in rows[0], key
     if algorithm != "online_dpo":
         assert "clip_ratio" in rows[0] and "advantages/mean" in rows[0]

@@ -203,7 +203,7 @@ def run_placed(config: Any):
             sum(spot["ip"] == where[0]["ip"] for spot in where)
         base = worker_env(local_workers)
         context = driver_context()
-        rollout = [rollout_cls.options(num_cpus=1, num_gpus=gpu if config.rollout == "vllm" else 0)
+        rollout = [rollout_cls.options(num_cpus=1, num_gpus=gpu)
                    .remote(config, k, base, context) for k in range(placement.rollout_workers)]
         actors += rollout
         watched: dict[Any, tuple[str, int]] = {}

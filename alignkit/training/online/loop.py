@@ -310,11 +310,13 @@ class OnlineDriver:
         self.start_prefetch(step)
         metrics.update(roles.trainer.update(experience))
         self.flags["skipped"] = metrics.get("updates_skipped", 0.0) == 1.0  # every optimizer update skipped
+        updated = time.perf_counter()
 
         # 7. sync the engine (once the prefetch, sampled from the old weights, is done), adapt
         # beta, timings (the caller logs and checkpoints)
         if self.prefetch is not None:
             metrics.update(self.prefetch.wait())
+        synced_from = time.perf_counter()
         self.sync_rollout(step)
         if not roles.rollout.shares_policy:  # the engine's copy: its version must be the step
             metrics["rollout/weight_version"] = float(roles.rollout.version)
@@ -323,8 +325,8 @@ class OnlineDriver:
             self.kl_control.update(metrics["kl"], len(samples.rewards))
         metrics.update({
             "throughput/tokens_per_s": int(batch.attention_mask.sum()) / max(trained_at - started, 1e-9),
-            "time/logprobs_s": referenced - scored, "time/training_s": trained_at - referenced,
-            "time/step_s": trained_at - started,
+            "time/logprobs_s": referenced - scored, "time/training_s": updated - referenced,
+            "time/sync_s": trained_at - synced_from, "time/step_s": trained_at - started,
         })
         return metrics
 

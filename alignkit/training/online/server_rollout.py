@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -60,7 +61,8 @@ class ServerRollout:
             save_pretrained_merged(model, tokenizer, model_dir, merge_lora=True)
             name = name or f"vllm-rank{distributed.current().rank}"
             server = start_vllm_server(config.vllm_python, model_dir, Path(config.output) / name,
-                                       logprobs_mode=config.vllm_logprobs_mode)
+                                       logprobs_mode=config.vllm_logprobs_mode,
+                                       extra=tuple(shlex.split(config.vllm_args)))
         except BaseException:
             shutil.rmtree(model_dir, ignore_errors=True)
             raise

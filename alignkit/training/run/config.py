@@ -143,6 +143,10 @@ class TrainConfig:
     --vllm-python and stops it at the end."""
     vllm_python: str = ".venv-vllm/bin/python"
     """--rollout vllm without --vllm-url: the Python of vLLM's environment (make vllm builds it)."""
+    vllm_args: str = ""
+    """--rollout vllm without --vllm-url: extra flags for the servers alignkit starts, appended
+    to its own (a later flag wins): "--dtype bfloat16 --gpu-memory-utilization 0.3" for a server
+    sharing one GPU with training."""
     vllm_logprobs_mode: str = "raw_logprobs"
     """--rollout vllm: the server's --logprobs-mode (raw_logprobs: sample at temperature 1;
     processed_logprobs: any temperature, no top-k/top-p/min-p)."""

@@ -41,7 +41,7 @@ NON_RESULT_FIELDS = frozenset({
     "output", "resume", "overwrite", "override", "progress", "logging_steps", "tensorboard",
     "save_steps", "save_total_limit", "eval_steps", "threads", "reward_workers", "reward_timeout",
     "allow_degenerate", "strategy", "gradient_checkpointing", "logp_chunk_size", "padding_free",
-    "trust_remote_code", "vllm_url", "vllm_python", "placement", "ray_address",
+    "trust_remote_code", "vllm_url", "vllm_python", "vllm_args", "placement", "ray_address",
 })
 # What a run writes at the top of its directory (besides its reference caches).
 RUN_ENTRIES = frozenset({RUN_FILE, LOCK_FILE, "config.yaml", "metrics.jsonl", "checkpoints", "final",

@@ -20,6 +20,7 @@ import copy
 import importlib.util
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ OWN_LOOP_IGNORES = {
     "eval_steps": "it evaluates --eval-data once, at the end",
 }
 REWARD_FIELDS = ("reward", "reward_model", "reward_timeout", "reward_workers")
-ROLLOUT_FIELDS = ("rollout", "vllm_url", "vllm_python", "vllm_logprobs_mode")
+ROLLOUT_FIELDS = ("rollout", "vllm_url", "vllm_python", "vllm_args", "vllm_logprobs_mode")
 VLLM_FIELDS = ROLLOUT_FIELDS[1:]
 
 
@@ -150,7 +151,8 @@ def online_ignores(config: TrainConfig, settings: Any) -> dict[str, str]:
     if config.rollout != "vllm":
         ignored.update({name: "it applies to --rollout vllm" for name in VLLM_FIELDS})
     elif config.vllm_url:
-        ignored["vllm_python"] = "--vllm-url names a running server; alignkit starts none"
+        ignored.update({name: "--vllm-url names a running server; alignkit starts none"
+                        for name in ("vllm_python", "vllm_args")})
     return ignored
 
 
@@ -238,6 +240,10 @@ def validate_config(config: TrainConfig, given: set[str] = frozenset()) -> Train
         if not Path(config.vllm_python).exists():
             raise ValueError(f"--vllm-python {config.vllm_python}: no such interpreter; build vLLM's environment "
                              "with `make vllm`, or pass --vllm-url of a running server")
+        try:
+            shlex.split(config.vllm_args)
+        except ValueError as error:
+            raise ValueError(f"--vllm-args {config.vllm_args!r}: {error}") from None
     return config
 
 
