@@ -132,11 +132,11 @@ def grpo_split(model_dir: str, variant: str, server_url: str | None, prompts: Pa
 def print_splits(splits: dict[str, dict[str, float]], args) -> None:
     keys = [key for key in (*STEP_KEYS, "train_call_s") if any(key in split for split in splits.values())]
     print(f"\nGRPO, {args.steps} steps, median over steps 2..{args.steps} (seconds; ratios to the local hf row):")
-    print(f"  {'variant':19s}" + "".join(f"{key.split('/')[-1]:>12s}" for key in keys)
+    print(f"  {'variant':19s}" + "".join(f"{key.split('/')[-1]:>13s}" for key in keys)
           + f"{'step/hf':>9s}{'call/hf':>9s}")
     base = splits["hf"]
     for name, split in splits.items():
-        print(f"  {name:19s}" + "".join(f"{split.get(key, float('nan')):12.2f}" for key in keys)
+        print(f"  {name:19s}" + "".join(f"{split.get(key, float('nan')):13.2f}" for key in keys)
               + f"{split['time/step_s'] / base['time/step_s']:9.2f}"
               + f"{split['train_call_s'] / base['train_call_s']:9.2f}")
 
