@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -164,7 +165,7 @@ def main() -> int:
                 print(f"  {name:5s} {rate:8.1f} tokens/s")
             print(f"  vllm / hf = {rates['vllm'] / rates['hf']:.2f}x")
         splits = {name: grpo_split(str(model_dir), name, server.url if server else None, prompts, args,
-                                   work / name.replace("+", "_").replace("@", "_").replace(":", "_").replace(",", "_"))
+                                   work / re.sub(r"[^\w.-]", "_", name))
                   for name in args.variants}
         print_splits(splits, args)
     finally:

@@ -90,8 +90,7 @@ def join_cluster(address: str, options: dict) -> None:
     try:
         ray.init(address=address, **options)
     except ConnectionError as error:
-        cause = error.__cause__
-        if type(cause).__name__ == "AuthenticationError" or "AuthenticationError" in repr(cause):
+        if "AuthenticationError" in repr(error.__cause__):  # Ray's class is private: matched by name
             raise ValueError(f"--ray-address {address}: the cluster wants its auth token; set RAY_AUTH_MODE=token "
                              "and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) as on its nodes") from None
         raise ValueError(f"--ray-address {address}: no Ray cluster answers there ({error})") from None
@@ -187,8 +186,9 @@ def run_placed(config: Any):
                             Path(config.output) / "workers")
     actors: list[Any] = []
     try:
-        placement = parse_placement(config.placement, gpus=cluster_gpus())
-        gpu = 1 if cluster_gpus() else 0
+        gpus = cluster_gpus()
+        placement = parse_placement(config.placement, gpus=gpus)
+        gpu = 1 if gpus else 0
         log.info("placement: %s on Ray (%s)", placement.describe(), "local cluster" if started_here else
                  f"cluster at {config.ray_address}")
         output = Path(config.output)
