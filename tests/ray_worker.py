@@ -6,7 +6,10 @@ Run inside a private network namespace (tests/dist_helpers.in_namespace). Starts
 - a run: `alignkit.train(..., placement=P)`; its error, if any, is recorded;
 - `kill_rollout_at`: the run in a thread; once metrics.jsonl has that step, the rollout worker's
   process (from workers.json) is killed; the error and the seconds it took are recorded;
-- `resume`: `alignkit train --resume DIR --ray-address ADDR` through the CLI.
+- `resume`: `alignkit train --resume DIR --ray-address ADDR` through the CLI;
+- `cli`: `python -m alignkit ARGS` in a subprocess, `{address}` in ARGS replaced by the head's
+  address, with the variables in `drop_env` unset (a client without the cluster's token); its
+  exit code, stderr and seconds are recorded.
 
 Writes SPEC's `out`/results.json; stops the cluster at the end.
 """
@@ -74,6 +77,16 @@ def kill_rollout(case: dict, address: str) -> dict:
     return {**box, "seconds_to_error": time.time() - killed}
 
 
+def cli_subprocess(case: dict, address: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in case.get("drop_env", ())}
+    env["HOME"] = case.get("home", env.get("HOME", ""))  # no ~/.ray/auth_token to fall back on
+    args = [arg.replace("{address}", address) for arg in case["cli"]]
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "alignkit", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    return {"exit": done.returncode, "stderr": done.stderr, "seconds": time.time() - started}
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     out = Path(spec["out"])
@@ -84,6 +97,8 @@ def main() -> None:
         for case in spec["cases"]:
             if "kill_rollout_at" in case:
                 results[case["name"]] = kill_rollout(case, address)
+            elif "cli" in case:
+                results[case["name"]] = cli_subprocess(case, address)
             elif "resume" in case:
                 code = cli_main(["train", "--resume", case["resume"], "--ray-address", address, "--no-progress"])
                 results[case["name"]] = {"exit": code}

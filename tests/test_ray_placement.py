@@ -110,6 +110,12 @@ def placed(tmp_path_factory, tiny_model_dir):
     cases.append({"name": "rollout-killed", "algorithm": "grpo", "placement": "split:1,1", "model": str(tiny_model_dir),
                   "data": data, "output": str(tmp / "rollout-killed"), "overrides": KILLED, "kill_rollout_at": 1})
     cases.append({"name": "resumed", "resume": killed["output"]})
+    join = ["train", "grpo", "--model", str(tiny_model_dir), "--data", data, "--reward", "vader",
+            "--placement", "colocate:1", "--no-progress"]
+    cases.append({"name": "join-without-token", "drop_env": ["RAY_AUTH_TOKEN", "RAY_AUTH_MODE"],
+                  "home": str(tmp / "home"), "cli": [*join, "--output", str(tmp / "j1"), "--ray-address", "{address}"]})
+    cases.append({"name": "join-nothing-there",
+                  "cli": [*join, "--output", str(tmp / "j2"), "--ray-address", "127.0.0.1:1"]})  # port 1: nothing listens in the namespace
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"cases": cases, "out": str(tmp / "out"), "port": free_port()}))
     done = subprocess.run(in_namespace([sys.executable, str(WORKER), str(spec)]), env=environment(),
@@ -204,3 +210,16 @@ def test_killed_rollout_worker_is_named(placed):
     results = placed[0]["rollout-killed"]
     assert "rollout worker 0" in results.get("error", ""), results
     assert results["seconds_to_error"] < 60
+
+
+@pytest.mark.parametrize("name, message", [
+    ("join-without-token", "the cluster wants its auth token; set RAY_AUTH_MODE=token"),
+    ("join-nothing-there", "nothing answers there"),
+])
+def test_joining_a_cluster_fails_in_one_line(placed, name, message):
+    result = placed[0][name]
+    lines = result["stderr"].strip().splitlines()
+    assert result["exit"] == 2, result["stderr"][-3000:]
+    assert lines[0].startswith("alignkit train: error: --ray-address 127.0.0.1:") and message in lines[0], lines
+    assert len(lines) == 2 and "ALIGNKIT_DEBUG" in lines[1], lines  # the error, then how to see the traceback
+    assert result["seconds"] < 120

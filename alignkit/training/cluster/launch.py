@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -83,10 +84,30 @@ def ray_init(address: str | None, cpus_needed: int, log_dir: Path) -> bool:
     return not address
 
 
+def reachable(address: str, timeout: float = 10.0) -> str | None:
+    """Why `HOST:PORT` cannot be a Ray head (nothing listens, the host does not answer), or
+    None. Ray itself retries a dead address for minutes before it gives up; a TCP connect
+    answers in milliseconds when the port is closed. `auto` and `ray://` are Ray's to resolve."""
+    if address == "auto" or "://" in address:
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return "expected HOST:PORT or auto"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        return f"nothing answers there ({error.strerror or error})"
+    return None
+
+
 def join_cluster(address: str, options: dict) -> None:
     """`ray.init(address=...)`, its failures one line naming --ray-address."""
     import ray
 
+    problem = reachable(address)
+    if problem:
+        raise ValueError(f"--ray-address {address}: {problem}; start the head with `ray start --head` "
+                         "or drop --ray-address to start a local cluster")
     try:
         ray.init(address=address, **options)
     except ConnectionError as error:
