@@ -9,7 +9,8 @@ Run inside a private network namespace (tests/dist_helpers.in_namespace). Starts
 - `resume`: `alignkit train --resume DIR --ray-address ADDR` through the CLI;
 - `cli`: `python -m alignkit ARGS` in a subprocess, `{address}` in ARGS replaced by the head's
   address, with the variables in `drop_env` unset (a client without the cluster's token); its
-  exit code, stderr and seconds are recorded.
+  exit code, stderr and seconds are recorded. With `interrupt_after_step`, SIGINT is sent to it
+  once its `metrics` file has that step (Ctrl-C in the driver).
 
 Writes SPEC's `out`/results.json; stops the cluster at the end.
 """
@@ -60,13 +61,7 @@ def kill_rollout(case: dict, address: str) -> dict:
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(train(case, address)))
     thread.start()
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and thread.is_alive():
-        if metrics.exists() and any(json.loads(line)["step"] >= case["kill_rollout_at"]
-                                    for line in metrics.read_text().splitlines()):
-            break
-        time.sleep(0.1)
+    wait_for_step(out / "metrics.jsonl", case["kill_rollout_at"], alive=thread.is_alive)
     if not thread.is_alive():
         return {**box, "never_killed": True}
     workers = json.loads((out / "workers.json").read_text())["workers"]
@@ -82,9 +77,22 @@ def cli_subprocess(case: dict, address: str) -> dict:
     env["HOME"] = case.get("home", env.get("HOME", ""))  # no ~/.ray/auth_token to fall back on
     args = [arg.replace("{address}", address) for arg in case["cli"]]
     started = time.time()
-    done = subprocess.run([sys.executable, "-m", "alignkit", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
-    return {"exit": done.returncode, "stderr": done.stderr, "seconds": time.time() - started}
+    run = subprocess.Popen([sys.executable, "-m", "alignkit", *args], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    if "interrupt_after_step" in case:
+        wait_for_step(Path(case["metrics"]), case["interrupt_after_step"], alive=lambda: run.poll() is None)
+        run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=300)
+    return {"exit": run.returncode, "stderr": stderr, "seconds": time.time() - started}
+
+
+def wait_for_step(metrics: Path, step: int, alive, timeout: float = 300) -> None:
+    """Until `metrics` (a metrics.jsonl) has `step`, `alive()` turns False, or `timeout`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and alive():
+        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.1)
 
 
 def main() -> None:

@@ -6,7 +6,9 @@ PPO, 3 steps each: sampled tokens identical (reward/mean, reward/std and respons
 at every step), losses, grad norms and KL to 1e-5, final weights to 1e-4, the rollout's weight
 version equal to the step. A killed policy worker ends the CLI run with a one-line error naming
 it and exit 1, and `--resume` continues to the uninterrupted run's metrics; a killed rollout
-worker ends the run with an error naming it. One cluster serves the cases (tests/ray_worker.py);
+worker ends the run with an error naming it. Ctrl-C in the driver checkpoints the workers and
+`--resume` continues to the same metrics; joining a cluster without its token, or where none
+listens, fails in one line. One cluster serves the cases (tests/ray_worker.py);
 the killed-policy run starts (and stops) its own through the CLI.
 """
 
@@ -29,6 +31,7 @@ import alignkit
 from alignkit.rollout import Rollout
 from alignkit.training.cluster.placement import Placement, parse_placement
 from alignkit.training.cluster.ray_rollout import concat_rollouts
+from alignkit.training.run.checkpoint import checkpoint_dir
 
 ray = pytest.importorskip("ray")
 
@@ -116,6 +119,11 @@ def placed(tmp_path_factory, tiny_model_dir):
                   "home": str(tmp / "home"), "cli": [*join, "--output", str(tmp / "j1"), "--ray-address", "{address}"]})
     cases.append({"name": "join-nothing-there",
                   "cli": [*join, "--output", str(tmp / "j2"), "--ray-address", "127.0.0.1:1"]})  # port 1: nothing listens in the namespace
+    interrupted = tmp / "interrupted"
+    cases.append({"name": "interrupted", "interrupt_after_step": 2, "metrics": str(interrupted / "metrics.jsonl"),
+                  "cli": ["train", "grpo", "--model", str(tiny_model_dir), "--data", data, "--output", str(interrupted),
+                          "--placement", "colocate:2", "--ray-address", "{address}", *cli_flags({**KILLED, "save_steps": 0})]})
+    cases.append({"name": "interrupted-resumed", "resume": str(interrupted)})
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"cases": cases, "out": str(tmp / "out"), "port": free_port()}))
     done = subprocess.run(in_namespace([sys.executable, str(WORKER), str(spec)]), env=environment(),
@@ -130,12 +138,8 @@ def _killed_cli_run(tmp: Path, model: str, data: str) -> dict:
     """`alignkit train grpo --placement colocate:2` (a local cluster of its own); policy worker 1
     killed once step 2 is in metrics.jsonl. Returns its exit code, stderr and timing."""
     out = tmp / "policy-killed"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in KILLED.items()
-             if k not in ("max_new_tokens", "group_size", "padding_free")]
     command = [sys.executable, "-m", "alignkit", "train", "grpo", "--model", model, "--data", data, "--output",
-               str(out), "--placement", "colocate:2", "--no-padding-free", "--no-progress",
-               "--set", f"max_new_tokens={KILLED['max_new_tokens']}", "--set", f"group_size={KILLED['group_size']}",
-               *flags]
+               str(out), "--placement", "colocate:2", *cli_flags(KILLED)]
     run = subprocess.Popen(in_namespace(command), env=environment(), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     metrics, deadline = out / "metrics.jsonl", time.time() + 300
@@ -150,6 +154,14 @@ def _killed_cli_run(tmp: Path, model: str, data: str) -> dict:
     _, stderr = run.communicate(timeout=300)
     return {"output": str(out), "exit": run.returncode, "stderr": stderr, "seconds": time.time() - killed,
             "signal_sent": signal_sent}
+
+
+def cli_flags(overrides: dict) -> list[str]:
+    """`overrides` (as BASE) as `alignkit train` flags."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()
+             if k not in ("max_new_tokens", "group_size", "padding_free")]
+    return [*flags, "--no-padding-free", "--no-progress", "--set", f"max_new_tokens={overrides['max_new_tokens']}",
+            "--set", f"group_size={overrides['group_size']}"]
 
 
 def _kill(pid: int) -> bool:
@@ -223,3 +235,22 @@ def test_joining_a_cluster_fails_in_one_line(placed, name, message):
     assert lines[0].startswith("alignkit train: error: --ray-address 127.0.0.1:") and message in lines[0], lines
     assert len(lines) == 2 and "ALIGNKIT_DEBUG" in lines[1], lines  # the error, then how to see the traceback
     assert result["seconds"] < 120
+
+
+def test_ctrl_c_in_the_driver_checkpoints_the_workers_and_the_run_resumes(placed, tiny_model_dir):
+    """SIGINT to the driver reaches both policy workers: they finish the step, write its
+    checkpoint (none is due: save_steps 0), stop with exit 130; --resume then ends where the
+    uninterrupted run ends."""
+    results, root, data, _ = placed
+    stopped = results["interrupted"]
+    last = stopped["stderr"].strip().splitlines()[-1]
+    assert stopped["exit"] == 130, stopped["stderr"][-3000:]
+    assert "SIGINT: stopped after step" in last and "continue with: alignkit train --resume" in last, last
+    assert "Traceback" not in stopped["stderr"]
+    step = int(last.split("stopped after step ")[1].split(",")[0])
+    assert 2 <= step < KILLED["max_steps"]
+    assert checkpoint_dir(root / "interrupted", step).is_dir()
+    assert results["interrupted-resumed"]["exit"] == 0
+    one, _ = local_run("grpo", tiny_model_dir, data, root, **{k: v for k, v in KILLED.items() if k not in BASE or
+                                                              BASE[k] != v})
+    assert_runs_match(read_metrics(root / "interrupted"), one)

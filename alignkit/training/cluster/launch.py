@@ -214,7 +214,7 @@ def run_placed(config: Any):
                  f"cluster at {config.ray_address}")
         output = Path(config.output)
         output.mkdir(parents=True, exist_ok=True)
-        policy_cls = ray.remote(workers.PolicyWorker)
+        policy_cls = ray.remote(concurrency_groups={"control": 1})(workers.PolicyWorker)
         policy = [policy_cls.options(num_cpus=1, num_gpus=gpu, name=None).remote(rank)
                   for rank in range(placement.policy_workers)]
         actors += policy
@@ -237,7 +237,7 @@ def run_placed(config: Any):
         for rank, worker in enumerate(policy):
             env = rank_env(rank, world, master, base)
             watched[worker.run.remote(config, env, rollout, context)] = ("policy", rank)
-        summary = _watch(watched, world, output, config)
+        summary = _watch(watched, policy, output, config)
         for worker in rollout:
             ray.get(worker.close.remote())
     finally:
@@ -272,17 +272,26 @@ def _result(ref: Any, role: str, index: int, world: int, output: Path) -> Any:
         raise
 
 
-def _watch(watched: dict[Any, tuple[str, int]], world: int, output: Path, config: Any) -> dict[str, Any]:
+def _watch(watched: dict[Any, tuple[str, int]], policy: list[Any], output: Path, config: Any) -> dict[str, Any]:
     """Wait for every policy worker's `run`, failing on the first worker that fails; a
-    progress bar follows metrics.jsonl. Returns rank 0's summary."""
+    progress bar follows metrics.jsonl. Ctrl-C / SIGTERM here is passed on to the policy
+    workers (they checkpoint after the step and stop: `RunInterrupted`); a second one stops at
+    once. Returns rank 0's summary."""
     import ray
     from tqdm import tqdm
 
-    results: dict[int, Any] = {}
+    from alignkit.training.run.interrupt import StopSignals
+
+    world, results, forwarded = len(policy), {}, False
     bar = tqdm(total=config.max_steps if config.max_steps > 0 else None, desc=config.algorithm,
                disable=not config.progress, dynamic_ncols=True)
+    stop = StopSignals().install()
     try:
         while len(results) < world:
+            if stop.received and not forwarded:
+                for worker in policy:
+                    worker.stop.remote(stop.received)
+                forwarded = True
             ready, _ = ray.wait(list(watched), num_returns=1, timeout=POLL_S)
             _advance(bar, output / "metrics.jsonl")
             for ref in ready:
@@ -290,9 +299,12 @@ def _watch(watched: dict[Any, tuple[str, int]], world: int, output: Path, config
                 value = _result(ref, role, index, world, output)
                 if role == "rollout":
                     raise WorkerDied(f"rollout worker {index} stopped serving before the run ended")
+                if "interrupted" in value:
+                    raise value["interrupted"]
                 results[index] = value
         _advance(bar, output / "metrics.jsonl")
     finally:
+        stop.restore()
         bar.close()
     return results[0]
 

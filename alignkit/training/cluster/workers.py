@@ -3,7 +3,8 @@
 `PolicyWorker`: one torch.distributed rank. `run` sets the variables torchrun would (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, ...) and calls the same `run_online` /
 `run_offline` a torchrun rank calls: the worker group trains exactly as `Ranks` do, rank 0
-writing the run directory.
+writing the run directory. `stop` (its own thread) passes on the driver's Ctrl-C / SIGTERM: the
+group finishes the step, checkpoints and stops as one torchrun group does.
 
 `RolloutWorker` (split placement): a copy of the policy behind the rollout calls. `--rollout hf`:
 `HFEngine` sampling its own model, weights copied in by name; `--rollout vllm`: a vLLM server
@@ -61,6 +62,13 @@ class PolicyWorker:
         """This worker's node address and process id."""
         return {"ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
+    @ray.method(concurrency_group="control")
+    def stop(self, signal_name: str) -> None:
+        """The driver got `signal_name`: finish the step, checkpoint, stop (`RunInterrupted`)."""
+        from alignkit.training.run.interrupt import request_stop
+
+        request_stop(signal_name)
+
     def free_port(self) -> int:
         """A port free on this worker's node, for the group's rendezvous (rank 0)."""
         with socket.socket() as sock:
@@ -69,12 +77,15 @@ class PolicyWorker:
 
     def run(self, config: Any, env: dict[str, str], rollout_handles: list[Any],
             context: dict[str, Any]) -> dict[str, Any]:
-        """Train as rank `rank` of the group; returns rank 0's result summary."""
+        """Train as rank `rank` of the group; returns rank 0's result summary, or
+        `{"interrupted": RunInterrupted}` when the driver's stop ended the run after a checkpoint."""
         _enter(env, context)
         _log_to_file(Path(config.output) / "workers" / f"policy-{self.rank}.log", logging.INFO)
         from alignkit.training.cluster.ray_rollout import set_rollout_workers
+        from alignkit.training.run.interrupt import RunInterrupted, clear_stop_request
         from alignkit.training.run.registry import ALGORITHMS
 
+        clear_stop_request()
         set_rollout_workers(rollout_handles)
         config.progress = False  # the driver process shows the progress bar
         if ALGORITHMS[config.algorithm].runner == "online":
@@ -83,6 +94,8 @@ class PolicyWorker:
             from alignkit.training.offline.loop import run_offline as run
         try:
             result = run(config)
+        except RunInterrupted as stopped:  # a KeyboardInterrupt: Ray would report it as a cancelled task
+            return {"interrupted": stopped}
         finally:
             import torch.distributed as dist
 

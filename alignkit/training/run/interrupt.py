@@ -5,7 +5,9 @@ step finishes, the loop writes a checkpoint and raises `RunInterrupted`, whose m
 the command that continues the run (`alignkit train --resume DIR`); the CLI prints it and exits
 130 without a traceback. A second signal stops at once (KeyboardInterrupt; the last complete
 checkpoint stays, checkpoints being atomic). Under torchrun every rank asks `requested()` after
-each step (one all-reduce), so all ranks stop after the same step.
+each step (one all-reduce), so all ranks stop after the same step. A Ray worker's loop runs
+outside its process's main thread: the driver forwards its own signal with `request_stop`,
+which every `StopSignals` of the process honours as if the signal had arrived.
 """
 
 from __future__ import annotations
@@ -22,6 +24,19 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
+_forwarded: list[str] = []  # the signal a driver forwarded to this process (`request_stop`)
+
+
+def request_stop(signal_name: str) -> None:
+    """Ask the loops of this process to stop as if `signal_name` had arrived (thread-safe)."""
+    if not _forwarded:
+        _forwarded.append(signal_name)
+
+
+def clear_stop_request() -> None:
+    _forwarded.clear()
+
+
 class RunInterrupted(KeyboardInterrupt):
     """A run stopped by a signal after step `step`, its checkpoint written."""
 
@@ -32,6 +47,9 @@ class RunInterrupted(KeyboardInterrupt):
     def for_run(self, run_dir: str | Path) -> RunInterrupted:
         """The same stop, reported for the enclosing run `run_dir` (what --resume continues)."""
         return RunInterrupted(run_dir, self.step, self.checkpoint, self.signal_name)
+
+    def __reduce__(self):  # pickled across processes (a Ray worker's stop reaches its driver)
+        return RunInterrupted, (self.run_dir, self.step, self.checkpoint, self.signal_name)
 
     @property
     def message(self) -> str:
@@ -79,8 +97,8 @@ class StopSignals:
 
     def requested(self) -> bool:
         """Whether a signal arrived (on any rank under torchrun: one MIN all-reduce)."""
-        return not distributed.all_ranks_true(self.received is None)
+        return not distributed.all_ranks_true(self.received is None and not _forwarded)
 
     @property
     def name(self) -> str:
-        return self.received or "stop requested on another rank"
+        return self.received or (_forwarded[0] if _forwarded else "stop requested on another rank")
