@@ -119,6 +119,8 @@ def placed(tmp_path_factory, tiny_model_dir):
                   "home": str(tmp / "home"), "cli": [*join, "--output", str(tmp / "j1"), "--ray-address", "{address}"]})
     cases.append({"name": "join-nothing-there",
                   "cli": [*join, "--output", str(tmp / "j2"), "--ray-address", "127.0.0.1:1"]})  # port 1: nothing listens in the namespace
+    cases.append({"name": "local-beside-a-head", "cli": [*join, "--output", str(tmp / "j3"), "--max-steps", "1",
+                                                         "--batch-size", "2", "--no-padding-free"]})
     interrupted = tmp / "interrupted"
     cases.append({"name": "interrupted", "interrupt_after_step": 2, "metrics": str(interrupted / "metrics.jsonl"),
                   "cli": ["train", "grpo", "--model", str(tiny_model_dir), "--data", data, "--output", str(interrupted),
@@ -254,3 +256,11 @@ def test_ctrl_c_in_the_driver_checkpoints_the_workers_and_the_run_resumes(placed
     one, _ = local_run("grpo", tiny_model_dir, data, root, **{k: v for k, v in KILLED.items() if k not in BASE or
                                                               BASE[k] != v})
     assert_runs_match(read_metrics(root / "interrupted"), one)
+
+
+def test_without_an_address_a_run_starts_its_own_cluster_beside_a_running_head(placed):
+    """`ray start` leaves /tmp/ray/ray_current_cluster, which a plain ray.init() joins: a run
+    without --ray-address must start (and stop) its own cluster instead."""
+    result = placed[0]["local-beside-a-head"]
+    assert result["exit"] == 0, result["stderr"][-3000:]
+    assert "on Ray (local cluster)" in result["stderr"], result["stderr"][-3000:]

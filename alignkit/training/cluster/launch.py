@@ -78,7 +78,9 @@ def ray_init(address: str | None, cpus_needed: int, log_dir: Path) -> bool:
         if address:
             join_cluster(address, quiet)
         else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), _node_ip_address="127.0.0.1", **quiet)
+            # "local": a cluster of its own even where `ray start` left one (plain ray.init() would join it)
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), _node_ip_address="127.0.0.1",
+                     **quiet)
     if not loud:
         _raylet_notices_to(log_dir / "ray.log")
     return not address
