@@ -74,7 +74,7 @@ def parse_args() -> argparse.Namespace:
                         help=f"comma-separated GRPO rows among {', '.join(VARIANTS)} (default: all the engines allow)")
     args = parser.parse_args()
     engines = set(args.engines.split(","))
-    args.variants = args.variants.split(",") if args.variants else [
+    args.variants = re.split(r",(?!\d)", args.variants) if args.variants else [
         name for name, (engine, _, _) in VARIANTS.items() if engine in engines]
     unknown = sorted(set(args.variants) - VARIANTS.keys())
     if unknown:

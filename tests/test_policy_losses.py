@@ -12,13 +12,19 @@ from alignkit.training.online.kl_control import AdaptiveKL, RunningMeanStd, make
 
 
 def test_clip_loss_at_ratio_one_is_minus_advantage():
+    """The surrogates whose value at rho = 1 is -A (REINFORCE-style losses (reinforce, cispo)
+    are -A logp there and SAPO's gate is 2 / tau: their gradients are checked over the whole
+    registry in tests/test_policy_losses_more.py)."""
     logp = torch.randn(3, 4)
     advantages = torch.randn(3, 4)
-    for name, fn in POLICY_LOSSES.items():
-        loss, clipped = fn(logp, logp.clone(), advantages)
-        if name != "reinforce":
-            assert_close(loss, -advantages)
-        assert not clipped.any()
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    for name in ("ppo_clip", "dual_clip", "gspo", "kl_cov"):
+        fn = POLICY_LOSSES[name]
+        extra = {"mask": mask} if "mask" in fn.__code__.co_varnames else {}
+        loss, clipped = fn(logp, logp.clone(), advantages, **extra)
+        assert_close(loss, -advantages)
+        if name != "kl_cov":  # kl_cov flags its penalised tokens even at |log rho| = 0
+            assert not clipped.any()
 
 
 def test_ppo_clip_worked_examples():

@@ -97,6 +97,24 @@ def test_placement_refusals(tiny_model_dir, tmp_path, flags, message):
                        **({"reward": "dist_helpers:count_e"} if online else {}), **flags)
 
 
+def test_shipped_paths_are_absolute_and_keep_a_venv_interpreter_link(tmp_path, monkeypatch):
+    """A worker gets absolute paths; .venv-vllm/bin/python stays the link (resolved, it would
+    be the base interpreter, which has no vllm: the split vLLM rollout worker died of that)."""
+    from types import SimpleNamespace
+
+    from alignkit.training.cluster.launch import shipped_config
+
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").symlink_to(sys.executable)
+    (tmp_path / "reward.py").write_text("def fn(): pass\n")
+    monkeypatch.chdir(tmp_path)
+    config = SimpleNamespace(vllm_python="venv/bin/python", output="out", data="reward.py", reward="reward.py:fn")
+    shipped = shipped_config(config)
+    assert shipped.vllm_python == str(tmp_path / "venv" / "bin" / "python")
+    assert shipped.output == str(tmp_path / "out") and shipped.reward == f"{tmp_path / 'reward.py'}:fn"
+    assert config.vllm_python == "venv/bin/python"  # the driver's own config is untouched
+
+
 # ---------------------------------------------------------------------------- on a cluster
 
 

@@ -26,3 +26,10 @@ def k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """k3 = exp(-u_t) - 1 + u_t >= 0: unbiased for KL(pi || ref) in expectation."""
     log_ratio = ref_logp - logp
     return torch.expm1(log_ratio) - log_ratio
+
+
+def capped(per_token: Tensor, cap: float | None) -> Tensor:
+    """A per-token KL estimate clamped to [-cap, cap] (gradient 0 outside; None: unchanged).
+    k3 = exp(-u) - 1 + u grows exponentially in -u (142 at u = -5): one rare token can rule a
+    batch's KL term; verl's low_var_kl clamps at 10."""
+    return per_token if cap is None else per_token.clamp(-cap, cap)

@@ -236,3 +236,5 @@ __all__ = [
     "seq_mean_token_sum",
     "token_mean",
 ]
+
+from alignkit.objectives import policy_more as _policy_more  # noqa: E402,F401  (fills POLICY_LOSSES)

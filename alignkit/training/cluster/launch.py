@@ -171,19 +171,21 @@ PATH_FIELDS = ("output", "resume", "data", "eval_data", "model", "ref_model", "r
 
 def shipped_config(config: Any) -> Any:
     """A copy of `config` for the workers: local paths made absolute (a `file.py:fn` reward's
-    file too), so a worker finds them whatever its working directory."""
+    file too), so a worker finds them whatever its working directory. Symlinks are kept: a
+    virtual environment's bin/python is a link to the base interpreter, and only the link
+    finds the environment's packages."""
     import copy
 
     shipped = copy.deepcopy(config)
     for name in PATH_FIELDS:
         value = getattr(shipped, name, None)
         if isinstance(value, str) and value and (name == "output" or Path(value).exists()):
-            setattr(shipped, name, str(Path(value).resolve()))
+            setattr(shipped, name, os.path.abspath(value))
     reward = getattr(shipped, "reward", None)
     if isinstance(reward, str) and ":" in reward:
         file, function = reward.rsplit(":", 1)
         if file.endswith(".py") and Path(file).exists():
-            shipped.reward = f"{Path(file).resolve()}:{function}"
+            shipped.reward = f"{os.path.abspath(file)}:{function}"
     return shipped
 
 

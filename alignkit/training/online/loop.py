@@ -58,6 +58,7 @@ from alignkit.data import (
 )
 from alignkit.models.packing import padding_free
 from alignkit.objectives import KL
+from alignkit.objectives.kl import capped
 from alignkit.objectives.policy import truncated_importance_weights
 from alignkit.rewards.runner import reward_batch, reward_columns
 from alignkit.training.online.async_rollout import Prefetcher
@@ -286,7 +287,7 @@ class OnlineDriver:
         # 4. KL of the sampling policy to the reference, per token
         kl_penalty = None
         if ref_logp is not None:
-            kl_tokens = torch.where(mask, KL[s.kl_estimator](old_logp, ref_logp), 0.0)  # (N, L)
+            kl_tokens = torch.where(mask, capped(KL[s.kl_estimator](old_logp, ref_logp), s.kl_cap), 0.0)  # (N, L)
             metrics["kl"] = kl_tokens.sum(-1).mean().item()  # summed over tokens, mean over samples
             if s.kl_in == "reward" and s.objective == "policy_gradient":
                 kl_penalty = self.kl_control.value * kl_tokens

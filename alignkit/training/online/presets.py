@@ -96,6 +96,30 @@ class OnlineSettings:
     eps_low: float = 0.2
     eps_high: float | None = None
     clip_ratio_c: float | None = None
+    gspo_eps_low: float = 3e-4
+    """gspo: clip range of the sequence ratio, below 1 (the paper's 3e-4)."""
+    gspo_eps_high: float = 4e-4
+    cispo_max: float = 5.0
+    """cispo: upper bound of the detached importance weight (ScaleRL's eps_max)."""
+    cispo_min: float | None = None
+    sapo_tau_pos: float = 1.0
+    """sapo: gate temperature for A > 0 (sapo_tau_neg for A <= 0; TRL's 1.0 / 1.05)."""
+    sapo_tau_neg: float = 1.05
+    cov_ratio: float = 2e-4
+    """clip_cov / kl_cov: share of valid tokens dropped / KL-penalised (verl's 2e-4)."""
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_coef: float = 1.0
+    entropy_coef: float = 0.0
+    """Entropy bonus: the loss minus entropy_coef x the mean per-token entropy (TRL's meaning:
+    the same for every aggregation)."""
+    kl_cap: float | None = None
+    """Clamp each token's KL estimate to [-kl_cap, kl_cap] (k3 reaches 142 at u = -5; verl's
+    low_var_kl caps at 10). None: uncapped."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: the last `overlong_buffer` tokens before max_new_tokens
+    cost up to `overlong_penalty` reward, linearly. 0: off."""
+    overlong_penalty: float = 1.0
     aggregation: str = "token_mean"
     epochs_per_batch: int = 1
     """Passes (K) over each batch of samples; 1 with minibatches=1 is exactly on-policy."""
@@ -217,6 +241,15 @@ def _validate(s: OnlineSettings, preset: str) -> None:
                          "async_rollout the old log-probs are the engine's own (set one of them)")
     if s.max_generation_rounds < 0:
         raise ValueError(f"{preset}: max_generation_rounds must be >= 0 (0 = no limit)")
+    for key in ("gspo_eps_low", "gspo_eps_high", "cispo_max", "sapo_tau_pos", "sapo_tau_neg", "cov_ratio"):
+        if not getattr(s, key) > 0:
+            raise ValueError(f"{preset}: {key} must be > 0, got {getattr(s, key)}")
+    if s.kl_cap is not None and not s.kl_cap > 0:
+        raise ValueError(f"{preset}: kl_cap must be > 0 (or unset), got {s.kl_cap}")
+    if s.entropy_coef < 0 or s.overlong_buffer < 0 or s.overlong_buffer >= s.max_new_tokens > 0:
+        raise ValueError(f"{preset}: entropy_coef must be >= 0 and overlong_buffer in [0, max_new_tokens)")
+    if s.entropy_coef > 0 and not s.log_entropy:
+        raise ValueError(f"{preset}: entropy_coef needs the entropies (log_entropy=true)")
 
 
 def no_grad_rows(s: OnlineSettings) -> int:

@@ -194,7 +194,8 @@ class PromptSampler:
                                            decode_completions(self.tokenizer, rollout), row_columns)
         raw = raw.to(self.device)
         no_eos = torch.tensor([reason != "stop" for reason in rollout.finish_reason], device=self.device)
-        rewards = shape_rewards(raw, no_eos, s, self.reward_stats, update=True)
+        rewards = shape_rewards(raw, no_eos, s, self.reward_stats, update=True,
+                                lengths=rollout.response_mask.sum(-1).to(self.device))
         baseline = None
         if s.advantage == "remax" and s.objective == "policy_gradient":
             baseline = greedy_baseline(self.engine, self.scorer, self.tokenizer, self.prompt_ids,

@@ -21,6 +21,7 @@ from alignkit.advantages import (
     token_level_rewards,
 )
 from alignkit.objectives import KL, PAIRWISE, PairLogps
+from alignkit.objectives.kl import capped
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
 from alignkit.rollout import SamplingParams
 from alignkit.training.online.kl_control import RunningMeanStd
@@ -42,12 +43,26 @@ def kwargs_for(fn, values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k in names}
 
 
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, penalty: float) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13; verl's overlong_buffer):
+
+        R_length(y) = 0                                    |y| <= L_max - L_cache
+                    = ((L_max - L_cache) - |y|) / L_cache   L_max - L_cache < |y| <= L_max
+    times `penalty` (verl's penalty_factor), L_max = `max_len`, L_cache = `buffer`; (N,) -> (N,).
+    Longer responses cannot occur (generation stops at L_max)."""
+    excess = (lengths.float() - (max_len - buffer)).clamp(min=0)
+    return -penalty * excess / buffer
+
+
 def shape_rewards(raw: Tensor, no_eos: Tensor, s: OnlineSettings, stats: RunningMeanStd,
-                   update: bool) -> Tensor:
-    """Missing-EOS penalty, then PPO-max running normalisation and clipping: (N,) -> (N,)."""
+                  update: bool, lengths: Tensor | None = None) -> Tensor:
+    """Missing-EOS penalty, DAPO's overlong penalty (response `lengths` (N,)), then PPO-max
+    running normalisation and clipping: (N,) -> (N,)."""
     rewards = raw.clone()
     if s.missing_eos_penalty is not None:
         rewards = rewards - s.missing_eos_penalty * no_eos.float()
+    if s.overlong_buffer and lengths is not None:
+        rewards = rewards + overlong_penalty(lengths, s.max_new_tokens, s.overlong_buffer, s.overlong_penalty)
     if s.reward_norm:
         if update:
             stats.update(rewards.tolist())
@@ -67,7 +82,8 @@ def greedy_baseline(engine, scorer, tokenizer, prompt_ids, prompt_texts, columns
     raw, _ = scorer.score(batch, [prompt_texts[i] for i in indices], decode_completions(tokenizer, rollout),
                           row_columns)
     no_eos = torch.tensor([reason != "stop" for reason in rollout.finish_reason])
-    return shape_rewards(raw.to(device), no_eos.to(device), s, stats, update=False)
+    return shape_rewards(raw.to(device), no_eos.to(device), s, stats, update=False,
+                         lengths=rollout.response_mask.sum(-1).to(device))
 
 
 def compute_advantages(s: OnlineSettings, rewards, group_index, mask, kl_penalty, values, baseline):
@@ -153,6 +169,11 @@ def rank_micro_batches(rows: Tensor, size: int, ranks: Ranks) -> list[tuple[Tens
     return pieces + [(rows[:1], 0.0)] * (count - len(pieces))
 
 
+# OnlineSettings fields a policy loss may take as keyword arguments (by its signature).
+LOSS_SETTINGS = ("eps_low", "eps_high", "clip_ratio_c", "gspo_eps_low", "gspo_eps_high", "cispo_max", "cispo_min",
+                 "sapo_tau_pos", "sapo_tau_neg", "cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_coef")
+
+
 def policy_gradient_update(policy, batch, rows, s, old_logp, ref_logp, advantages, returns,
                             old_values, on_policy, beta, train_policy, tis_weights=None) -> dict[str, float]:
     """Forward/backward over one minibatch (in micro-batches); returns detached metrics.
@@ -163,8 +184,7 @@ def policy_gradient_update(policy, batch, rows, s, old_logp, ref_logp, advantage
     mask_all = batch.response_mask[rows]
     norm = {"num_tokens": mask_all.sum(), "num_seqs": (mask_all.sum(-1) > 0).sum(), "max_len": s.max_new_tokens}
     loss_fn, aggregate = POLICY_LOSSES[s.policy_loss], AGGREGATIONS[s.aggregation]
-    loss_kwargs = kwargs_for(loss_fn, {"eps_low": s.eps_low, "eps_high": s.eps_high,
-                                        "clip_ratio_c": s.clip_ratio_c})
+    loss_kwargs = kwargs_for(loss_fn, {key: getattr(s, key) for key in LOSS_SETTINGS} | {"mask": None})
     if s.policy_loss == "dual_clip" and s.clip_ratio_c is None:
         loss_kwargs.pop("clip_ratio_c", None)
     sums: dict[str, float] = {}
@@ -190,15 +210,19 @@ def _micro_batch_loss(policy, batch, micro, s, norm, loss_fn, aggregate, loss_kw
     mask, width = sub.response_mask, sub.response_mask.shape[1]
     logp, entropy, values = policy.forward(sub, with_entropy=s.log_entropy)
     old = logp.detach() if on_policy else old_logp[micro, :width]
+    if "mask" in loss_kwargs:  # a loss that reads the tokens' mask (gspo, clip_cov, kl_cov)
+        loss_kwargs = {**loss_kwargs, "mask": mask}
     per_token, clipped = loss_fn(logp, old, advantages[micro, :width], **loss_kwargs)
     if tis_weights is not None:
         per_token = per_token * tis_weights[micro, :width]
     if s.kl_in == "loss" and ref_logp is not None and beta > 0:
-        per_token = per_token + beta * KL[s.kl_estimator](logp, ref_logp[micro, :width])
+        per_token = per_token + beta * capped(KL[s.kl_estimator](logp, ref_logp[micro, :width]), s.kl_cap)
     policy_loss = aggregate(per_token, mask, **norm)
-    loss = policy_loss if train_policy else policy_loss * 0.0
     tokens = mask.sum()
     share = tokens / norm["num_tokens"].clamp(min=1)
+    if s.entropy_coef > 0:  # minus coef x the minibatch's mean token entropy (this micro-batch's share)
+        policy_loss = policy_loss - s.entropy_coef * torch.where(mask, entropy, 0.0).sum() / norm["num_tokens"].clamp(min=1)
+    loss = policy_loss if train_policy else policy_loss * 0.0
     if values is not None:
         value_loss, explained = clipped_value_loss(values, old_values[micro, :width], returns[micro, :width],
                                             mask, s.cliprange_value, norm["num_tokens"])
