@@ -215,6 +215,30 @@ def grpo(
     return _broadcast(advantage, mask)
 
 
+@register_advantage("batch_norm")
+def batch_norm(
+    rewards: Tensor,
+    group_index: Tensor,
+    mask: Tensor,
+    *,
+    kl_penalty: Tensor | None = None,
+    eps: float = 1e-4,
+) -> Tensor:
+    """Batch-normalised outcome advantage: A_i = (R_i - mean R) / (std R + eps) over every
+    sample of the step (unbiased std, eps as TRL). GDPO's last step (Liu et al. 2026): with
+    `reward_aggregation=normalize_then_sum`, R is already a sum of per-group normalised
+    rewards, and GDPO normalises that sum over the batch, not the group (TRL's
+    normalize_then_sum). `group_index` is accepted for the common signature and unused; a KL
+    penalty in the reward is folded in first, as in `grpo`.
+
+    Shapes: rewards (N,), group_index (N,), mask (N, T) -> (N, T).
+    """
+    _check_outcome_shapes(rewards, group_index, mask)
+    rewards = _sequence_reward(rewards, mask, kl_penalty)
+    std = rewards.std() if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
+    return _broadcast((rewards - rewards.mean()) / (std + eps), mask)
+
+
 @register_advantage("rloo")
 def rloo(
     rewards: Tensor, group_index: Tensor, mask: Tensor, *, kl_penalty: Tensor | None = None

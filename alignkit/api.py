@@ -56,6 +56,8 @@ def train(
     online = algorithm in ALGORITHMS and ALGORITHMS[algorithm].runner == "online"
     if isinstance(reward, str | Path):
         config.reward, reward = str(reward), None
+    elif isinstance(reward, list | tuple) and reward and all(isinstance(r, str | Path) for r in reward):
+        config.reward, reward = [str(r) for r in reward], None
     elif reward is not None and not online:  # A-LoL scores the reference's own samples with it
         config.reward = reward
     validate_values(config)

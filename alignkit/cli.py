@@ -63,6 +63,7 @@ def cmd_train(argv: list[str]) -> int:
 
     argv = list(argv)
     sets = _pop_option(argv, "--set", repeat=True)
+    rewards = _pop_option(argv, "--reward", repeat=True)
     recipe = _pop_option(argv, "--config")
     algorithm = argv.pop(0) if argv and not argv[0].startswith("-") else None
     resume = _pop_option(argv, "--resume")
@@ -98,6 +99,8 @@ def cmd_train(argv: list[str]) -> int:
         + hparams_help(default.algorithm, ALGORITHMS)
     )
     config = parse_train_flags(argv, default, description)
+    if rewards:
+        config.reward = rewards[0] if len(rewards) == 1 else rewards
     config.hparams = dict(default.hparams)
     for key, value in parse_set_values(sets).items():
         try:

@@ -86,6 +86,15 @@ def slow_count_e(prompts, completions, **columns):
     return count_e(prompts, completions)
 
 
+def slower_count_e(prompts, completions, **columns):
+    """`count_e` taking two seconds: a run that a Ctrl-C reaches several steps before its end,
+    even on a loaded machine."""
+    import time
+
+    time.sleep(2.0)
+    return count_e(prompts, completions)
+
+
 SAMPLED = ("reward/mean", "reward/std", "response_length")  # functions of the sampled tokens only
 
 

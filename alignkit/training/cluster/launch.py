@@ -182,11 +182,19 @@ def shipped_config(config: Any) -> Any:
         if isinstance(value, str) and value and (name == "output" or Path(value).exists()):
             setattr(shipped, name, os.path.abspath(value))
     reward = getattr(shipped, "reward", None)
-    if isinstance(reward, str) and ":" in reward:
-        file, function = reward.rsplit(":", 1)
-        if file.endswith(".py") and Path(file).exists():
-            shipped.reward = f"{os.path.abspath(file)}:{function}"
+    if isinstance(reward, list):
+        shipped.reward = [_absolute_reward(one) for one in reward]
+    elif isinstance(reward, str):
+        shipped.reward = _absolute_reward(reward)
     return shipped
+
+
+def _absolute_reward(spec: str) -> str:
+    """`file.py:fn` with the file's absolute path; any other spec unchanged."""
+    file, sep, function = spec.rpartition(":")
+    if sep and file.endswith(".py") and Path(file).exists():
+        return f"{os.path.abspath(file)}:{function}"
+    return spec
 
 
 def driver_context() -> dict[str, Any]:

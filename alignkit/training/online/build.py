@@ -185,6 +185,20 @@ def make_reference(config: TrainConfig, s: OnlineSettings, model: nn.Module,
 def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSettings) -> RewardRole:
     """The reward role: a callable or spec given in Python, --reward, or --reward-model DIR."""
     spec = reward if reward is not None else config.reward
+    if isinstance(spec, list | tuple) and len(spec) == 1:
+        spec = spec[0]
+    if isinstance(spec, list | tuple):
+        from alignkit.training.online.multi_reward import MultiReward, parse_weights, reward_names
+
+        if config.reward_model is not None:
+            raise ValueError("several --reward and --reward-model together: give the reward model as one of "
+                             "the rewards' functions, or use one kind")
+        roles = [FunctionReward(load_reward(one) if isinstance(one, str) else one, on_error=s.reward_on_error,
+                                timeout=config.reward_timeout, workers=config.reward_workers) for one in spec]
+        return MultiReward(roles, reward_names(list(spec)), parse_weights(config.reward_weights, len(spec)),
+                           s.reward_aggregation, s.group_size)
+    if config.reward_weights is not None:
+        raise ValueError("--reward-weights weighs several --reward; this run has one reward")
     if spec is not None:
         fn = load_reward(spec) if isinstance(spec, str) else spec
         return FunctionReward(fn, on_error=s.reward_on_error, timeout=config.reward_timeout,

@@ -55,6 +55,9 @@ class OnlineSettings:
     """PPO-max: normalise rewards by a running mean/std of all rewards so far."""
     reward_clip: float | None = None
     """PPO-max: clip (normalised) rewards to [-c, c] (MOSS-RLHF default 10)."""
+    reward_aggregation: str = "sum"
+    """Several --reward: sum (sum_k w_k r_k) or normalize_then_sum (GDPO: each reward normalised
+    in its group first; with advantage=batch_norm). See training/online/multi_reward.py."""
     reward_on_error: str = "raise"
     """A reward function that raises on a row: raise, or penalty (-1, counted in the log)."""
     # KL to the reference
@@ -241,6 +244,12 @@ def _validate(s: OnlineSettings, preset: str) -> None:
                          "async_rollout the old log-probs are the engine's own (set one of them)")
     if s.max_generation_rounds < 0:
         raise ValueError(f"{preset}: max_generation_rounds must be >= 0 (0 = no limit)")
+    if s.reward_aggregation not in ("sum", "normalize_then_sum"):
+        raise ValueError(f"{preset}: reward_aggregation must be sum or normalize_then_sum, got "
+                         f"{s.reward_aggregation!r}")
+    if s.reward_aggregation == "normalize_then_sum" and s.advantage != "batch_norm":
+        raise ValueError(f"{preset}: reward_aggregation=normalize_then_sum (GDPO) normalises the summed reward over "
+                         f"the batch: add --set advantage=batch_norm (advantage is {s.advantage!r})")
     for key in ("gspo_eps_low", "gspo_eps_high", "cispo_max", "sapo_tau_pos", "sapo_tau_neg", "cov_ratio"):
         if not getattr(s, key) > 0:
             raise ValueError(f"{preset}: {key} must be > 0, got {getattr(s, key)}")

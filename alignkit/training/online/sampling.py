@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +102,12 @@ def merge_rows(parts: list[tuple[Rollout, Tensor]], pad_id: int) -> Rollout:
     return Rollout(prompts, torch.cat(ids), torch.cat(logps), torch.cat(masks), reasons, group_index)
 
 
+def drain_components(scorer) -> dict[str, Tensor]:
+    """A `MultiReward`'s per-reward scores since the last call (empty for one reward)."""
+    drain = getattr(scorer, "drain", None)
+    return drain() if drain is not None else {}
+
+
 @dataclass
 class StepSamples:
     """What steps 1-2 hand to the update: the training rows, and statistics of every sample
@@ -127,6 +133,8 @@ class StepSamples:
     kept_groups: int
     generation_s: float
     scoring_s: float
+    components: dict[str, Tensor] = field(default_factory=dict)
+    """Several rewards: each one's raw scores over every sample generated (reward/NAME)."""
 
     def metrics(self, dynamic_sampling: bool) -> dict[str, float]:
         raw, lengths = self.generated_raw, self.generated_lengths.float()
@@ -138,6 +146,7 @@ class StepSamples:
             "throughput/generated_tokens_per_s": lengths.sum().item() / max(self.generation_s, 1e-9),
             "time/generation_s": self.generation_s, "time/scoring_s": self.scoring_s,
         }
+        out.update({f"reward/{name}": scores.mean().item() for name, scores in self.components.items()})
         if dynamic_sampling:
             out.update({
                 "dynamic_sampling/generation_rounds": float(self.rounds),
@@ -192,6 +201,7 @@ class PromptSampler:
         row_columns = {k: [self.columns[r].get(k) for r in rows] for k in keys}
         raw, penalised = self.scorer.score(batch, [self.prompt_texts[r] for r in rows],
                                            decode_completions(self.tokenizer, rollout), row_columns)
+        self.components.append(drain_components(self.scorer))  # several rewards: each one's raw scores
         raw = raw.to(self.device)
         no_eos = torch.tensor([reason != "stop" for reason in rollout.finish_reason], device=self.device)
         rewards = shape_rewards(raw, no_eos, s, self.reward_stats, update=True,
@@ -201,6 +211,7 @@ class PromptSampler:
             baseline = greedy_baseline(self.engine, self.scorer, self.tokenizer, self.prompt_ids,
                                        self.prompt_texts, self.columns, indices, s, self.pad_id, self.device,
                                        self.reward_stats).repeat_interleave(s.group_size)
+            drain_components(self.scorer)  # the greedy responses' scores are not samples'
         scored = time.perf_counter()
         return rollout, raw, rewards, no_eos, penalised, baseline, generated - started, scored - generated
 
@@ -209,6 +220,7 @@ class PromptSampler:
         reward variance are kept (see the module docstring for the bound)."""
         s, target = self.s, self.batch_size
         parts, generated, kept, with_signal = [], [], 0, 0
+        self.components: list[dict[str, Tensor]] = []
         generation_s = scoring_s = 0.0
         while True:
             rollout, raw, rewards, no_eos, penalised, baseline, gen_s, score_s = self.generate_round(
@@ -260,4 +272,5 @@ class PromptSampler:
             generated_lengths=torch.cat([g[3] for g in generated]),
             penalised=sum(g[4] for g in generated), rounds=len(generated),
             groups_generated=len(generated) * target, groups_with_signal=with_signal, kept_groups=kept,
-            generation_s=generation_s, scoring_s=scoring_s)
+            generation_s=generation_s, scoring_s=scoring_s,
+            components={name: torch.cat([c[name] for c in self.components]) for name in self.components[0]})

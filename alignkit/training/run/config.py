@@ -30,8 +30,11 @@ class TrainConfig:
     """Run directory: metrics.jsonl, config.yaml, checkpoints/ and final/ go here."""
     ref_model: str | None = None
     """Reference model for reference-based losses; default: the initial policy itself."""
-    reward: str | None = None
-    """Online algorithms: reward function, `module:function`, `file.py:function` or a built-in (vader, ...)."""
+    reward: str | list[str] | None = None
+    """Online algorithms: reward function, `module:function`, `file.py:function` or a built-in (vader, ...);
+    repeat --reward for several (each logged as reward/NAME, combined by --reward-weights)."""
+    reward_weights: str | None = None
+    """Several --reward: comma-separated weights, one per reward in order (default 1 each)."""
     reward_model: str | None = None
     """Online algorithms: directory of a sequence-classification reward model."""
     batch_size: int = 8

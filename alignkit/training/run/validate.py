@@ -59,7 +59,7 @@ OWN_LOOP_IGNORES = {
     "eval_holdout": "it evaluates --eval-data only",
     "eval_steps": "it evaluates --eval-data once, at the end",
 }
-REWARD_FIELDS = ("reward", "reward_model", "reward_timeout", "reward_workers")
+REWARD_FIELDS = ("reward", "reward_weights", "reward_model", "reward_timeout", "reward_workers")
 ROLLOUT_FIELDS = ("rollout", "vllm_url", "vllm_python", "vllm_args", "vllm_logprobs_mode")
 VLLM_FIELDS = ROLLOUT_FIELDS[1:]
 
