@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 from run_helpers import read_metrics, write_jsonl
-from test_online import PROMPTS, ROWS, count_e
+from test_online import PROMPTS, ROWS, count_e, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from torch.testing import assert_close
 
 import alignkit

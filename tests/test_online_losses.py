@@ -7,15 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from run_helpers import read_metrics
-from test_online import run
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_online import one_thread, run  # noqa: F401  (one_thread: the module's autouse fixture)
 
 
 def _rise(rows) -> float:
