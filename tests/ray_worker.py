@@ -9,8 +9,10 @@ Run inside a private network namespace (tests/dist_helpers.in_namespace). Starts
 - `resume`: `alignkit train --resume DIR --ray-address ADDR` through the CLI;
 - `cli`: `python -m alignkit ARGS` in a subprocess, `{address}` in ARGS replaced by the head's
   address, with the variables in `drop_env` unset (a client without the cluster's token); its
-  exit code, stderr and seconds are recorded. With `interrupt_after_step`, SIGINT is sent to it
-  once its `metrics` file has that step (Ctrl-C in the driver).
+  exit code, stderr and seconds are recorded. With `interrupt_after_step`, SIGTERM is sent to it
+  once its `metrics` file has that step (what a scheduler sends; Ctrl-C's SIGINT takes the same
+  path, but a process started in the background, as `make test &` starts this one, inherits
+  SIGINT ignored, so the test cannot rely on it).
 
 Writes SPEC's `out`/results.json; stops the cluster at the end.
 """
@@ -81,7 +83,7 @@ def cli_subprocess(case: dict, address: str) -> dict:
                            stderr=subprocess.PIPE, text=True)
     if "interrupt_after_step" in case:
         wait_for_step(Path(case["metrics"]), case["interrupt_after_step"], alive=lambda: run.poll() is None)
-        run.send_signal(signal.SIGINT)
+        run.send_signal(signal.SIGTERM)
     _, stderr = run.communicate(timeout=300)
     return {"exit": run.returncode, "stderr": stderr, "seconds": time.time() - started}
 

@@ -6,12 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from run_helpers import read_metrics, write_jsonl
 
 from alignkit.algorithms import ALGORITHMS, readme_with_table
 from alignkit.cli import main
 from alignkit.testing import synthetic_pairs
+from alignkit.training.run.config import parse_set_values
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,3 +107,9 @@ def test_readme_algorithm_table_rows_have_five_cells():
     assert len(rows) == len(ALGORITHMS) + 1
     for row in rows:
         assert len(re.split(r"(?<!\\)\|", row)) == 7, row
+
+
+def test_a_repeated_set_key_is_refused():
+    assert parse_set_values(["beta=0.1", "group_size=4"]) == {"beta": 0.1, "group_size": 4}
+    with pytest.raises(ValueError, match="--set beta given more than once"):
+        parse_set_values(["beta=0.1", "group_size=4", "beta=0.2"])

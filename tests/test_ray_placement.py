@@ -6,7 +6,7 @@ PPO, 3 steps each: sampled tokens identical (reward/mean, reward/std and respons
 at every step), losses, grad norms and KL to 1e-5, final weights to 1e-4, the rollout's weight
 version equal to the step. A killed policy worker ends the CLI run with a one-line error naming
 it and exit 1, and `--resume` continues to the uninterrupted run's metrics; a killed rollout
-worker ends the run with an error naming it. Ctrl-C in the driver checkpoints the workers and
+worker ends the run with an error naming it. A stop signal to the driver checkpoints the workers and
 `--resume` continues to the same metrics; joining a cluster without its token, or where none
 listens, fails in one line. One cluster serves the cases (tests/ray_worker.py);
 the killed-policy run starts (and stops) its own through the CLI.
@@ -140,7 +140,7 @@ def placed(tmp_path_factory, tiny_model_dir):
     cases.append({"name": "local-beside-a-head", "cli": [*join, "--output", str(tmp / "j3"), "--max-steps", "1",
                                                          "--batch-size", "2", "--no-padding-free"]})
     interrupted = tmp / "interrupted"
-    slower = {**KILLED, "save_steps": 0, "reward": "dist_helpers:slower_count_e"}  # 2 s steps: Ctrl-C lands mid-run
+    slower = {**KILLED, "save_steps": 0, "reward": "dist_helpers:slower_count_e"}  # 2 s steps: the stop lands mid-run
     cases.append({"name": "interrupted", "interrupt_after_step": 1, "metrics": str(interrupted / "metrics.jsonl"),
                   "cli": ["train", "grpo", "--model", str(tiny_model_dir), "--data", data, "--output", str(interrupted),
                           "--placement", "colocate:2", "--ray-address", "{address}", *cli_flags(slower)]})
@@ -258,15 +258,15 @@ def test_joining_a_cluster_fails_in_one_line(placed, name, message):
     assert result["seconds"] < 120
 
 
-def test_ctrl_c_in_the_driver_checkpoints_the_workers_and_the_run_resumes(placed, tiny_model_dir):
-    """SIGINT to the driver reaches both policy workers: they finish the step, write its
+def test_a_stop_signal_to_the_driver_checkpoints_the_workers_and_the_run_resumes(placed, tiny_model_dir):
+    """SIGTERM (or Ctrl-C: the same handler) to the driver reaches both policy workers: they finish the step, write its
     checkpoint (none is due: save_steps 0), stop with exit 130; --resume then ends where the
     uninterrupted run ends."""
     results, root, data, _ = placed
     stopped = results["interrupted"]
     last = stopped["stderr"].strip().splitlines()[-1]
     assert stopped["exit"] == 130, stopped["stderr"][-3000:]
-    assert "SIGINT: stopped after step" in last and "continue with: alignkit train --resume" in last, last
+    assert "SIGTERM: stopped after step" in last and "continue with: alignkit train --resume" in last, last
     assert "Traceback" not in stopped["stderr"]
     step = int(last.split("stopped after step ")[1].split(",")[0])
     assert 1 <= step < KILLED["max_steps"]

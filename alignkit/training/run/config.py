@@ -230,6 +230,8 @@ def parse_set_values(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}")
+        if key in parsed:  # the last one would silently win
+            raise ValueError(f"--set {key} given more than once; keep one")
         allowed = allowed_types(types.get(key.replace("-", "_")))
         if str in allowed:
             parsed[key] = None if raw.strip() in ("null", "~") and type(None) in allowed else raw
