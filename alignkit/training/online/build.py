@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -193,14 +194,18 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
         if config.reward_model is not None:
             raise ValueError("several --reward and --reward-model together: give the reward model as one of "
                              "the rewards' functions, or use one kind")
-        roles = [FunctionReward(load_reward(one) if isinstance(one, str) else one, on_error=s.reward_on_error,
-                                timeout=config.reward_timeout, workers=config.reward_workers) for one in spec]
+        roles = [FunctionReward(load_reward_spec(one, s) if isinstance(one, str) else one,
+                                on_error=s.reward_on_error, timeout=config.reward_timeout,
+                                workers=config.reward_workers) for one in spec]
         return MultiReward(roles, reward_names(list(spec)), parse_weights(config.reward_weights, len(spec)),
                            s.reward_aggregation, s.group_size)
     if config.reward_weights is not None:
         raise ValueError("--reward-weights weighs several --reward; this run has one reward")
+    if s.ensemble_reduce is not None and not isinstance(spec, str):
+        raise ValueError(f"ensemble_reduce={s.ensemble_reduce}: it reduces an ensemble's members; give the "
+                         "ensemble as --reward rm:DIR")
     if spec is not None:
-        fn = load_reward(spec) if isinstance(spec, str) else spec
+        fn = load_reward_spec(spec, s) if isinstance(spec, str) else spec
         return FunctionReward(fn, on_error=s.reward_on_error, timeout=config.reward_timeout,
                               workers=config.reward_workers)
     if config.reward_model is None:
@@ -209,6 +214,23 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
                                      device=_device(config), trust_remote_code=config.trust_remote_code)
     require_trained_head(config.reward_model, model, "--reward-model")
     return ModelReward(model, rm_tokenizer, tokenizer)
+
+
+def load_reward_spec(spec: str, s: OnlineSettings):
+    """`load_reward(spec)`, with `ensemble_reduce` (and its lambdas) for an `rm:DIR` of an
+    rm_ensemble or rm_bayes model; a reduction the model cannot take is an error naming both."""
+    if s.ensemble_reduce is None:
+        return load_reward(spec)
+    from alignkit.rewards.saved import reward_model_kind
+
+    directory = spec[3:] if spec.startswith("rm:") else spec
+    kind = reward_model_kind(directory) if Path(directory).is_dir() else "not a reward-model directory"
+    if s.ensemble_reduce == "brme" and kind == "brme":
+        return load_reward(spec, lambda_=s.brme_lambda)
+    if s.ensemble_reduce != "brme" and kind == "ensemble":
+        return load_reward(spec, aggregation=s.ensemble_reduce, uwo_lambda=s.uwo_lambda)
+    wanted = "an rm_bayes model" if s.ensemble_reduce == "brme" else "an rm_ensemble model"
+    raise ValueError(f"ensemble_reduce={s.ensemble_reduce} needs {wanted}; --reward {spec} is {kind}")
 
 
 def _dtype(config: TrainConfig):

@@ -58,6 +58,14 @@ class OnlineSettings:
     reward_aggregation: str = "sum"
     """Several --reward: sum (sum_k w_k r_k) or normalize_then_sum (GDPO: each reward normalised
     in its group first; with advantage=batch_norm). See training/online/multi_reward.py."""
+    ensemble_reduce: str | None = None
+    """A reward `rm:DIR` of an rm_ensemble model: mean, wco (worst member) or uwo (mean - uwo_lambda
+    x variance), Coste et al. 2023; of an rm_bayes model: brme (BRME's brme_lambda x the most
+    confident head + (1 - brme_lambda) x the lowest head). None: what the model's file says."""
+    uwo_lambda: float | None = None
+    """uwo's variance penalty (None: the ensemble's saved value; Coste et al. use 0.1 for PPO)."""
+    brme_lambda: float | None = None
+    """brme's nominal/worst mix (None: the value the model was trained with)."""
     reward_on_error: str = "raise"
     """A reward function that raises on a row: raise, or penalty (-1, counted in the log)."""
     # KL to the reference
@@ -244,6 +252,8 @@ def _validate(s: OnlineSettings, preset: str) -> None:
                          "async_rollout the old log-probs are the engine's own (set one of them)")
     if s.max_generation_rounds < 0:
         raise ValueError(f"{preset}: max_generation_rounds must be >= 0 (0 = no limit)")
+    if s.ensemble_reduce not in (None, "mean", "wco", "uwo", "brme"):
+        raise ValueError(f"{preset}: ensemble_reduce must be mean, wco, uwo or brme, got {s.ensemble_reduce!r}")
     if s.reward_aggregation not in ("sum", "normalize_then_sum"):
         raise ValueError(f"{preset}: reward_aggregation must be sum or normalize_then_sum, got "
                          f"{s.reward_aggregation!r}")
