@@ -52,6 +52,7 @@ from alignkit.training.run.degenerate import (
     IDENTICAL_PAIRS,
     SKIPPED,
     DegenerateWatch,
+    NonFiniteStop,
     batch_identical,
     check_identical_pairs,
     data_metrics,
@@ -366,7 +367,7 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
             else:
                 skipped += 1
                 if config.nonfinite == "stop":
-                    raise FloatingPointError(f"step {step}: non-finite loss or gradient; stopping")
+                    raise NonFiniteStop(step)
                 log.warning("step %d: non-finite loss or gradient; step skipped", step)
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]

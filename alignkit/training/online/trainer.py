@@ -28,6 +28,7 @@ from alignkit.training.online.sampling import step_seed
 from alignkit.training.online.steps import best_worst_pairs, pairwise_update, policy_gradient_update
 from alignkit.training.run import distributed, wrapping
 from alignkit.training.run.checkpoint import load_checkpoint, save_checkpoint
+from alignkit.training.run.degenerate import NonFiniteStop
 from alignkit.training.run.schedule import adamw, build_scheduler
 from alignkit.training.run.wrapping import TaskForward, full_tensor
 
@@ -80,6 +81,7 @@ class PolicyTrainer:
                  critic: ValueModel | None = None, value_head: nn.Module | None = None) -> None:
         self.model, self.s, self.critic, self.value_head = model, s, critic, value_head
         self.chunk_size, self.seed, self.max_grad_norm = config.logp_chunk_size, config.seed, config.max_grad_norm
+        self.nonfinite = config.nonfinite
         self.module = Trainable(model, critic if critic is not None else value_head)
         self.module.eval()  # dropout off for sampling, old, reference and training log-probs alike
         # one pass, one minibatch, samples of the current weights: the old log-probs are the new ones
@@ -201,6 +203,8 @@ class PolicyTrainer:
             params, self.max_grad_norm if self.max_grad_norm > 0 else float("inf")))
         if torch.isfinite(grad_norm):
             self.optimizer.step()
+        elif self.nonfinite == "stop":
+            raise NonFiniteStop(e.step, "gradient")
         else:
             log.warning("step %d: non-finite gradient; update skipped", e.step)
         part["grad_norm"] = float(grad_norm)

@@ -179,3 +179,15 @@ def data_metrics(stats: Any, identical_pairs: int | None = None, *, responses: b
     if identical_pairs is not None:
         metrics["data/identical_pairs"] = float(identical_pairs)
     return metrics
+
+
+class NonFiniteStop(RuntimeError):
+    """`--nonfinite stop`: a step's loss or gradient was not finite. One line at the CLI (no
+    traceback); the weights are those of the last finite step (this one's update never ran)."""
+
+    one_line = True
+
+    def __init__(self, step: int, what: str = "loss or gradient") -> None:
+        super().__init__(f"step {step}: non-finite {what}; stopped (--nonfinite stop) before the update, so the "
+                         "weights and the last checkpoint are from finite steps. Check the model weights, the data "
+                         "and --lr, or --nonfinite skip to skip such steps")
