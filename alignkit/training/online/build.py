@@ -186,6 +186,12 @@ def make_reference(config: TrainConfig, s: OnlineSettings, model: nn.Module,
 def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSettings) -> RewardRole:
     """The reward role: a callable or spec given in Python, --reward, or --reward-model DIR."""
     spec = reward if reward is not None else config.reward
+
+    def function_role(one: Any) -> FunctionReward:  # a spec (ensemble_reduce applied) or a callable
+        fn = load_reward_spec(one, s) if isinstance(one, str) else one
+        return FunctionReward(fn, on_error=s.reward_on_error, timeout=config.reward_timeout,
+                              workers=config.reward_workers)
+
     if isinstance(spec, list | tuple) and len(spec) == 1:
         spec = spec[0]
     if isinstance(spec, list | tuple):
@@ -194,20 +200,15 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
         if config.reward_model is not None:
             raise ValueError("several --reward and --reward-model together: give the reward model as one of "
                              "the rewards' functions, or use one kind")
-        roles = [FunctionReward(load_reward_spec(one, s) if isinstance(one, str) else one,
-                                on_error=s.reward_on_error, timeout=config.reward_timeout,
-                                workers=config.reward_workers) for one in spec]
-        return MultiReward(roles, reward_names(list(spec)), parse_weights(config.reward_weights, len(spec)),
-                           s.reward_aggregation, s.group_size)
+        return MultiReward([function_role(one) for one in spec], reward_names(list(spec)),
+                           parse_weights(config.reward_weights, len(spec)), s.reward_aggregation, s.group_size)
     if config.reward_weights is not None:
         raise ValueError("--reward-weights weighs several --reward; this run has one reward")
     if s.ensemble_reduce is not None and not isinstance(spec, str):
         raise ValueError(f"ensemble_reduce={s.ensemble_reduce}: it reduces an ensemble's members; give the "
                          "ensemble as --reward rm:DIR")
     if spec is not None:
-        fn = load_reward_spec(spec, s) if isinstance(spec, str) else spec
-        return FunctionReward(fn, on_error=s.reward_on_error, timeout=config.reward_timeout,
-                              workers=config.reward_workers)
+        return function_role(spec)
     if config.reward_model is None:
         raise ValueError(f"{config.algorithm} needs a reward: --reward module:function or --reward-model DIR")
     model, rm_tokenizer = load_model(config.reward_model, kind="reward", dtype=_dtype(config),

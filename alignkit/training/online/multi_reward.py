@@ -22,12 +22,14 @@ names get _2, _3, ...).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 GDPO_EPS = 1e-4  # TRL's and GDPO's
+REWARD_AGGREGATIONS = ("sum", "normalize_then_sum")
 
 
 def reward_name(spec: Any) -> str:
@@ -64,7 +66,7 @@ def parse_weights(text: str | None, count: int) -> list[float]:
         raise ValueError(f"--reward-weights {text}: expected comma-separated numbers") from None
     if len(weights) != count:
         raise ValueError(f"--reward-weights {text}: {len(weights)} weight(s) for {count} reward(s)")
-    if not all(torch.isfinite(torch.tensor(weights))):
+    if not all(math.isfinite(weight) for weight in weights):
         raise ValueError(f"--reward-weights {text}: weights must be finite")
     return weights
 
@@ -88,8 +90,8 @@ class MultiReward:
 
     def __init__(self, roles: list[Any], names: list[str], weights: list[float], aggregation: str,
                  group_size: int) -> None:
-        if aggregation not in ("sum", "normalize_then_sum"):
-            raise ValueError(f"reward_aggregation must be sum or normalize_then_sum, got {aggregation!r}")
+        if aggregation not in REWARD_AGGREGATIONS:
+            raise ValueError(f"reward_aggregation must be one of {REWARD_AGGREGATIONS}, got {aggregation!r}")
         if not len(roles) == len(names) == len(weights):
             raise ValueError("one name and one weight per reward")
         self.roles, self.names, self.aggregation, self.group_size = roles, names, aggregation, group_size
@@ -114,4 +116,4 @@ class MultiReward:
         return out
 
 
-__all__ = ["MultiReward", "normalize_then_sum", "parse_weights", "reward_name", "reward_names"]
+__all__ = ["REWARD_AGGREGATIONS", "MultiReward", "normalize_then_sum", "parse_weights", "reward_name", "reward_names"]

@@ -28,11 +28,15 @@ from typing import Any
 from alignkit.advantages import ADVANTAGE_KINDS, ADVANTAGES
 from alignkit.objectives import KL, PAIRWISE
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
+from alignkit.objectives.reward_losses import ENSEMBLE_AGGREGATIONS
+from alignkit.training.online.multi_reward import REWARD_AGGREGATIONS
 from alignkit.training.run.values import coerce_fields
 
 # A forward without gradients keeps one layer's activations at a time, not every layer's for
 # the backward: it takes this many times the rows of a training micro-batch.
 NO_GRAD_ROWS_PER_MICRO_BATCH = 8
+# ensemble_reduce: an rm_ensemble's aggregations, or BRME's mix for an rm_bayes model
+ENSEMBLE_REDUCTIONS = (*ENSEMBLE_AGGREGATIONS, "brme")
 
 
 @dataclass
@@ -252,9 +256,9 @@ def _validate(s: OnlineSettings, preset: str) -> None:
                          "async_rollout the old log-probs are the engine's own (set one of them)")
     if s.max_generation_rounds < 0:
         raise ValueError(f"{preset}: max_generation_rounds must be >= 0 (0 = no limit)")
-    if s.ensemble_reduce not in (None, "mean", "wco", "uwo", "brme"):
+    if s.ensemble_reduce not in (None, *ENSEMBLE_REDUCTIONS):
         raise ValueError(f"{preset}: ensemble_reduce must be mean, wco, uwo or brme, got {s.ensemble_reduce!r}")
-    if s.reward_aggregation not in ("sum", "normalize_then_sum"):
+    if s.reward_aggregation not in REWARD_AGGREGATIONS:
         raise ValueError(f"{preset}: reward_aggregation must be sum or normalize_then_sum, got "
                          f"{s.reward_aggregation!r}")
     if s.reward_aggregation == "normalize_then_sum" and s.advantage != "batch_norm":

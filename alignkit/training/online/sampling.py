@@ -205,7 +205,7 @@ class PromptSampler:
         raw = raw.to(self.device)
         no_eos = torch.tensor([reason != "stop" for reason in rollout.finish_reason], device=self.device)
         rewards = shape_rewards(raw, no_eos, s, self.reward_stats, update=True,
-                                lengths=rollout.response_mask.sum(-1).to(self.device))
+                                lengths=rollout.lengths.to(self.device))
         baseline = None
         if s.advantage == "remax" and s.objective == "policy_gradient":
             baseline = greedy_baseline(self.engine, self.scorer, self.tokenizer, self.prompt_ids,

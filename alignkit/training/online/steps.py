@@ -83,7 +83,7 @@ def greedy_baseline(engine, scorer, tokenizer, prompt_ids, prompt_texts, columns
                           row_columns)
     no_eos = torch.tensor([reason != "stop" for reason in rollout.finish_reason])
     return shape_rewards(raw.to(device), no_eos.to(device), s, stats, update=False,
-                         lengths=rollout.response_mask.sum(-1).to(device))
+                         lengths=rollout.lengths.to(device))
 
 
 def compute_advantages(s: OnlineSettings, rewards, group_index, mask, kl_penalty, values, baseline):
