@@ -3,7 +3,8 @@ a contiguous block of whole prompt groups with the noise keyed on the global sam
 rank holds the gathered global batch for scoring, KL and advantages, step 3's log-probs are split
 by rows and gathered, and step 6 splits each minibatch with losses normalised by its global
 token/sequence counts. Checked for grpo, ppo (separate critic), dapo (dynamic sampling rounds),
-rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches, grpo sampling
+rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches, raft,
+superhf with micro-batches and pf_ppo, grpo sampling
 through one rollout server shared by both ranks (--rollout vllm --vllm-url, the reference
 server; also with LoRA, a KL term and FSDP2), and under
 FSDP2 grpo, ppo, grpo with LoRA and a KL term, dapo with micro-batches: sampled
@@ -42,6 +43,11 @@ CASES = {
     "online_dpo": ("online_dpo", {}),
     "remax": ("remax", {}),
     "reinforce_pp-micro3": ("reinforce_pp", {"micro_batch_size": 3}),
+    # filtered samples: SFT on each group's best (superhf: + the full-vocabulary KL prior, the
+    # reference's distributions split by rows), PPO on best + random
+    "raft": ("raft", {}),
+    "superhf-micro3": ("superhf", {"micro_batch_size": 3}),
+    "pf_ppo": ("pf_ppo", {}),
     # a reward model scores each rank's rows (gathered) and initialises the critic
     "ppo-reward-model": ("ppo", {"reward": None, "reward_model": RM, "critic_init": RM}),
     # one rollout server for both ranks (--vllm-url): each rank sends its prompt groups, rank 0

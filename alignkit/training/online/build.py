@@ -124,6 +124,9 @@ class _TrainerReference:
     def logps(self, batch):
         return self.trainer.reference_logps(batch)
 
+    def distributions(self, batch):
+        return self.trainer.reference_distributions(batch)
+
 
 def load_policy(config: TrainConfig, model, tokenizer):
     """(model, tokenizer): the ones passed in, or `config.model` loaded."""

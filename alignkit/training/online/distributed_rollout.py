@@ -202,6 +202,9 @@ class ShardedReference:
     def logps(self, batch) -> Tensor:
         return rank_rows(self.reference.logps, batch, self.ranks, self.lockstep)
 
+    def distributions(self, batch) -> Tensor:
+        return rank_rows(self.reference.distributions, batch, self.ranks, self.lockstep)
+
 
 class ShardedReward:
     """A reward model under torchrun: each rank scores its block of rows, the scores are

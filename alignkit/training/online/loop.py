@@ -269,8 +269,9 @@ class OnlineDriver:
             metrics["rollout/staleness"] = 1.0 if prefetched is not None else 0.0
         metrics.update(samples.metrics(s.dynamic_sampling))
         scored = time.perf_counter()
+        signal_rows = samples.unfiltered or (samples.rewards, getattr(samples.rollout, "group_index", None))
         self.flags = {"no_reward_variance": samples.rollout is None or not reward_varies(
-            samples.rewards, samples.rollout.group_index, uses_group_baseline(s), samples.baseline)}
+            *signal_rows, uses_group_baseline(s), samples.baseline)}
         if samples.rollout is None:
             log.warning("step %d: no prompt group with reward variance in %d generation round(s); "
                         "update skipped", step, samples.rounds)
@@ -306,8 +307,12 @@ class OnlineDriver:
             tis, tis_metrics = truncated_importance_weights(
                 old_logp, samples.rollout.response_logprobs.to(roles.device), mask, s.tis_cap)
             metrics.update(tis_metrics)
+        ref_dist = None
+        if s.objective == "sft" and s.beta > 0 and roles.reference is not None:  # SuperHF's KL prior
+            ref_dist = roles.reference.distributions(batch)
         experience = Experience(batch, samples.rewards, group_index, old_logp, ref_logp, advantages, returns,
-                                old_values, beta=self.kl_control.value, step=step, tis_weights=tis)
+                                old_values, beta=self.kl_control.value, step=step, tis_weights=tis,
+                                ref_dist=ref_dist)
         self.start_prefetch(step)
         metrics.update(roles.trainer.update(experience))
         self.flags["skipped"] = metrics.get("updates_skipped", 0.0) == 1.0  # every optimizer update skipped

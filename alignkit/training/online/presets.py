@@ -10,6 +10,9 @@
 | remax        | remax (greedy base)  | reinforce            | token_mean          | 0.05, k1, reward (per token)        | no     |
 | reinforce_pp | reinforce_pp         | ppo_clip             | token_mean          | 0.01, k1, reward (return-to-go)     | no     |
 | online_dpo   | - (pairs best/worst) | dpo (PAIRWISE)       | mean over pairs     | beta 0.1 is DPO's; live reference   | no     |
+| raft         | - (best of 8 kept)   | sft (NLL)            | token_mean          | 0.0 (none)                          | no     |
+| superhf      | - (best of 32 kept)  | sft (NLL) + KL prior | token_mean          | 0.1, full-vocabulary KL(ref||policy)| no     |
+| pf_ppo       | gae (+whitening)     | ppo_clip             | token_mean          | 0.05, k1, reward; best+random of 4  | yes    |
 
 Dynamic sampling (dapo): groups whose rewards are all equal are dropped and further prompt
 batches are generated until --batch-size groups remain (at most max_generation_rounds batches;
@@ -29,6 +32,7 @@ from alignkit.advantages import ADVANTAGE_KINDS, ADVANTAGES
 from alignkit.objectives import KL, PAIRWISE
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
 from alignkit.objectives.reward_losses import ENSEMBLE_AGGREGATIONS
+from alignkit.training.online.filters import SAMPLE_FILTERS
 from alignkit.training.online.multi_reward import REWARD_AGGREGATIONS
 from alignkit.training.run.values import coerce_fields
 
@@ -165,9 +169,15 @@ class OnlineSettings:
     cliprange_value: float = 0.2
     critic_warmup_steps: int = 0
     """PPO-max: steps that train only the critic before the policy moves."""
-    # pairwise (online DPO)
+    # filtering and the objective
+    sample_filter: str = "none"
+    """Which scored samples the update trains on: none, best_of_n, best_random, best_worst (per
+    prompt group) or top_fraction (of the batch); see training/online/filters.py."""
+    filter_fraction: float = 0.125
+    """top_fraction: share of the batch's samples kept (RAFT's 1/K)."""
     objective: str = "policy_gradient"
-    """policy_gradient, or pairwise (best vs worst sample of each prompt, a PAIRWISE loss)."""
+    """policy_gradient; pairwise (best vs worst sample of each prompt, a PAIRWISE loss); or sft
+    (negative log-likelihood of the kept samples + beta x KL(ref || policy), RAFT / SuperHF)."""
     pairwise_loss: str = "dpo"
     label_smoothing: float = 0.0
     # engine and logging
@@ -193,6 +203,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "reinforce_pp": dict(advantage="reinforce_pp", policy_loss="ppo_clip", aggregation="token_mean",
                          kl_in="reward", kl_estimator="k1", beta=0.01, group_size=1),
     "online_dpo": dict(objective="pairwise", pairwise_loss="dpo", beta=0.1, kl_in="none", group_size=2),
+    "raft": dict(objective="sft", sample_filter="best_of_n", group_size=8, beta=0.0, kl_in="none",
+                 aggregation="token_mean"),
+    "superhf": dict(objective="sft", sample_filter="best_of_n", group_size=32, top_p=0.95, beta=0.1,
+                    kl_in="loss", aggregation="token_mean"),
+    "pf_ppo": dict(advantage="gae", policy_loss="ppo_clip", aggregation="token_mean", kl_in="reward",
+                   kl_estimator="k1", beta=0.05, critic="separate", whiten_advantages=True,
+                   epochs_per_batch=4, minibatches=1, group_size=4, sample_filter="best_random"),
 }
 
 PAPERS = {
@@ -204,12 +221,16 @@ PAPERS = {
     "remax": "ReMax (Li et al. 2024)",
     "reinforce_pp": "REINFORCE++ (Hu 2025)",
     "online_dpo": "Online / iterative DPO (Dong et al. 2024, RLHF Workflow)",
+    "raft": "RAFT: reward-ranked fine-tuning (Dong et al. 2023)",
+    "superhf": "SuperHF (Mukobi et al. 2023)",
+    "pf_ppo": "PF-PPO: policy filtration for PPO (Zhang et al. 2024)",
 }
 
 CHOICES = {
     "kl_in": ("reward", "loss", "none"),
     "critic": ("none", "separate", "shared"),
-    "objective": ("policy_gradient", "pairwise"),
+    "objective": ("policy_gradient", "pairwise", "sft"),
+    "sample_filter": SAMPLE_FILTERS,
     "reward_on_error": ("raise", "penalty"),
     "rounds_exhausted": ("raise", "train"),
 }
@@ -239,6 +260,11 @@ def _validate(s: OnlineSettings, preset: str) -> None:
             raise ValueError(f"{preset}: unknown {key} {getattr(s, key)!r}; known: {sorted(registry)}")
     if s.group_size < 1 or s.epochs_per_batch < 1 or s.minibatches < 1:
         raise ValueError(f"{preset}: group_size, epochs_per_batch and minibatches must be >= 1")
+    if not 0 < s.filter_fraction <= 1:
+        raise ValueError(f"{preset}: filter_fraction must be in (0, 1], got {s.filter_fraction}")
+    if s.sample_filter in ("best_of_n", "best_random", "best_worst") and s.group_size < 2:
+        raise ValueError(f"{preset}: sample_filter={s.sample_filter} chooses among each prompt's samples: "
+                         "--set group_size=4 (or more)")
     if s.objective == "pairwise" and s.group_size < 2:
         raise ValueError(f"{preset}: pairwise online training needs group_size >= 2")
     if s.objective == "policy_gradient":
@@ -286,6 +312,8 @@ def needs_reference(s: OnlineSettings) -> bool:
     """beta = 0 (or kl_in = none) loads no reference model; pairwise losses always need one."""
     if s.objective == "pairwise":
         return s.pairwise_loss not in _reference_free()
+    if s.objective == "sft":  # beta: the KL prior's coefficient (SuperHF)
+        return s.beta > 0
     return s.beta > 0 and s.kl_in != "none"
 
 
@@ -300,7 +328,7 @@ def register_online_family() -> None:
 
     for name, preset in PRESETS.items():
         models = ["policy"]
-        if preset.get("beta", 0) > 0:
+        if needs_reference(OnlineSettings(**preset)):
             models.append("reference")
         models.append("reward")
         if preset.get("critic", "none") != "none":

@@ -122,6 +122,23 @@ def response_logps(
     return batch.scatter(logps), batch.scatter(entropy), values
 
 
+def response_distributions(model: nn.Module, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward keeping the whole next-token distribution: log-probs (N, L), entropies (N, L)
+    and log softmax over the vocabulary (N, L, V), at temperature 1, zero off the response.
+    Memory grows with V: for the few rows of a filtered batch (SuperHF's KL prior)."""
+    parts = decoder_and_head(model)
+    if parts is None:
+        raise ValueError(f"{type(model).__name__}: the online loop needs a model whose logits are lm_head(hidden)")
+    decoder, head = parts
+    predictors, targets = batch.predictor_rows(decoder)  # (M, H), (M,)
+    log_dist = torch.log_softmax(head(predictors).float(), dim=-1)  # (M, V)
+    logps = log_dist.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_dist.exp() * log_dist).sum(-1)
+    full = log_dist.new_zeros((*batch.response_mask.shape, log_dist.shape[-1]))
+    full[batch.response_mask] = log_dist
+    return batch.scatter(logps), batch.scatter(entropy), full
+
+
 # --------------------------------------------------------------------------- roles
 
 
@@ -179,6 +196,10 @@ class ReferenceRole(Protocol):
         """(N, L) log-probs of the frozen reference over a global batch, no gradient."""
         ...
 
+    def distributions(self, batch: SequenceBatch) -> Tensor:
+        """(N, L, V) log softmax over the vocabulary, no gradient (SuperHF's KL prior only)."""
+        ...
+
 
 class RewardRole(Protocol):
     def score(
@@ -196,10 +217,12 @@ class CriticRole(Protocol):
 
 def in_chunks(fn: Callable[[SequenceBatch], Tensor], batch: SequenceBatch, size: int) -> Tensor:
     """fn over row chunks of at most `size` rows of `batch` (0: one chunk), reassembled to a
-    float32 (N, L) tensor."""
-    out = torch.zeros(batch.response_mask.shape, device=batch.input_ids.device)
+    float32 (N, L, ...) tensor (the trailing dimensions are fn's)."""
+    out = None
     for rows in chunks(torch.arange(len(batch), device=batch.input_ids.device), size):
         part = fn(batch.select(rows))
+        if out is None:
+            out = torch.zeros((*batch.response_mask.shape, *part.shape[2:]), device=batch.input_ids.device)
         out[rows, : part.shape[1]] = part.float()
     return out
 
@@ -252,6 +275,14 @@ class AdapterReference:
         with adapter_disabled(self.model):
             return response_logps(self.model, batch, chunk_size=self.chunk_size)[0]
 
+    @torch.no_grad()
+    def distributions(self, batch: SequenceBatch) -> Tensor:
+        """(N, L, V) log softmax of the reference over the vocabulary at each response token."""
+        def one(rows: SequenceBatch) -> Tensor:
+            with adapter_disabled(self.model):
+                return response_distributions(self.model, rows)[2]
+        return in_chunks(one, batch, self.rows_per_forward)
+
 
 class ModelReference:
     """Reference = a separate frozen copy of the initial policy (or --ref-model)."""
@@ -266,6 +297,11 @@ class ModelReference:
 
     def _logps(self, batch: SequenceBatch) -> Tensor:
         return response_logps(self.model, batch, chunk_size=self.chunk_size)[0]
+
+    @torch.no_grad()
+    def distributions(self, batch: SequenceBatch) -> Tensor:
+        """(N, L, V) log softmax of the reference over the vocabulary at each response token."""
+        return in_chunks(lambda rows: response_distributions(self.model, rows)[2], batch, self.rows_per_forward)
 
 
 class FunctionReward:

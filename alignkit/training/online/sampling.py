@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignkit.rollout import Rollout, SamplingParams
+from alignkit.training.online.filters import filter_rows
 from alignkit.training.online.kl_control import RunningMeanStd
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch, decode_completions
@@ -135,6 +136,11 @@ class StepSamples:
     scoring_s: float
     components: dict[str, Tensor] = field(default_factory=dict)
     """Several rewards: each one's raw scores over every sample generated (reward/NAME)."""
+    filter_metrics: dict[str, float] = field(default_factory=dict)
+    """--set sample_filter: filter/kept_samples and filter/kept_reward_mean (raw reward)."""
+    unfiltered: tuple[Tensor, Tensor] | None = None
+    """--set sample_filter: the (shaped rewards, group index) of the rows before filtering,
+    whose variance says whether the step carried a signal."""
 
     def metrics(self, dynamic_sampling: bool) -> dict[str, float]:
         raw, lengths = self.generated_raw, self.generated_lengths.float()
@@ -147,6 +153,7 @@ class StepSamples:
             "time/generation_s": self.generation_s, "time/scoring_s": self.scoring_s,
         }
         out.update({f"reward/{name}": scores.mean().item() for name, scores in self.components.items()})
+        out.update(self.filter_metrics)
         if dynamic_sampling:
             out.update({
                 "dynamic_sampling/generation_rounds": float(self.rounds),
@@ -264,6 +271,16 @@ class PromptSampler:
             rollout, baseline = None, None
             raw = rewards = torch.zeros(0, device=self.device)
             no_eos = torch.zeros(0, dtype=torch.bool, device=self.device)
+        filtered: dict[str, float] = {}
+        unfiltered = None
+        if s.sample_filter != "none" and rollout is not None:
+            rows = filter_rows(s.sample_filter, rewards, rollout.group_index, fraction=s.filter_fraction,
+                               seed=step_seed(self.seed, step, 7_919))
+            filtered = {"filter/kept_samples": float(len(rows)), "filter/kept_reward_mean": raw[rows].mean().item()}
+            unfiltered = (rewards, rollout.group_index)
+            rollout = merge_rows([(rollout, rows.cpu())], self.pad_id)
+            raw, rewards, no_eos = raw[rows], rewards[rows], no_eos[rows]
+            baseline = None if baseline is None else baseline[rows]
         return StepSamples(
             rollout, raw, rewards, no_eos, baseline,
             generated_raw=torch.cat([g[0] for g in generated]),
@@ -272,5 +289,5 @@ class PromptSampler:
             generated_lengths=torch.cat([g[3] for g in generated]),
             penalised=sum(g[4] for g in generated), rounds=len(generated),
             groups_generated=len(generated) * target, groups_with_signal=with_signal, kept_groups=kept,
-            generation_s=generation_s, scoring_s=scoring_s,
+            generation_s=generation_s, scoring_s=scoring_s, filter_metrics=filtered, unfiltered=unfiltered,
             components={name: torch.cat([c[name] for c in self.components]) for name in self.components[0]})

@@ -106,7 +106,9 @@ def compute_advantages(s: OnlineSettings, rewards, group_index, mask, kl_penalty
 
 def uses_group_baseline(s: OnlineSettings) -> bool:
     """Whether learning needs rewards that differ WITHIN a prompt group: a group-baseline
-    advantage, or online DPO's best-vs-worst pairs."""
+    advantage, online DPO's best-vs-worst pairs, or SFT on each group's best sample."""
+    if s.objective == "sft":
+        return s.sample_filter in ("best_of_n", "best_random", "best_worst")
     return s.objective == "pairwise" or s.advantage in GROUP_BASELINES
 
 
@@ -293,3 +295,50 @@ def pairwise_update(policy, batch, pairs, ref_logp, s) -> dict[str, float]:
         metrics.update({"rewards/margins": margin.mean().item(),
                         "rewards/accuracies": (margin > 0).float().mean().item()})
     return metrics
+
+
+def kl_prior(ref_dist: Tensor, log_dist: Tensor) -> Tensor:
+    """SuperHF's KL prior per token: KL(pi_ref || pi_theta) over the whole vocabulary,
+
+        KL_t = sum_v pi_ref(v | s_t) (log pi_ref(v | s_t) - log pi_theta(v | s_t)),
+
+    clamped at 0 (the paper's max(0, KL), here per token: each KL_t >= 0 up to rounding), from
+    (..., V) log softmaxes -> (...). The reference code: KLDivLoss(log pi_theta, log pi_ref,
+    log_target=True) on generated positions, the LoRA adapter off for the reference."""
+    return (ref_dist.exp() * (ref_dist - log_dist)).sum(-1).clamp(min=0)
+
+
+def sft_update(policy, batch, rows, s, ref_dist) -> dict[str, float]:
+    """RAFT / SuperHF: negative log-likelihood of the kept samples, aggregated like a policy
+    loss (token_mean: the mean over the minibatch's tokens), plus beta x the KL prior:
+
+        L = aggregate(-log pi_theta(y_t | s_t)) + beta x sum_t KL_t / tokens   (KL_t: `kl_prior`)
+
+    `ref_dist` (N, L, V): the reference's log softmax (None when beta = 0). Normalisers count
+    the whole minibatch, as `policy_gradient_update`."""
+    ranks = distributed.current()
+    mask_all = batch.response_mask[rows]
+    norm = {"num_tokens": mask_all.sum(), "num_seqs": (mask_all.sum(-1) > 0).sum(), "max_len": s.max_new_tokens}
+    aggregate, tokens_all = AGGREGATIONS[s.aggregation], norm["num_tokens"].clamp(min=1)
+    with_prior = ref_dist is not None and s.beta > 0
+    sums: dict[str, float] = {}
+    pieces = rank_micro_batches(rows, s.micro_batch_size, ranks)
+    for index, (micro, weight) in enumerate(pieces):
+        with policy.gradient_sync(index == len(pieces) - 1):
+            sub = batch.select(micro)
+            mask, width = sub.response_mask, sub.response_mask.shape[1]
+            if with_prior:
+                logp, entropy, log_dist = policy.forward(sub, with_entropy=True, distributions=True)
+                kl = torch.where(mask, kl_prior(ref_dist[micro, :width], log_dist), 0.0).sum() / tokens_all
+            else:
+                logp, entropy, _ = policy.forward(sub, with_entropy=s.log_entropy)
+                kl = logp.new_zeros(())
+            nll = aggregate(-logp, mask, **norm)
+            loss = nll + s.beta * kl
+            (loss * (weight * ranks.world) if ranks.distributed else loss).backward()
+        if weight > 0:
+            share = (mask.sum() / tokens_all).item()
+            for key, value in {"loss": loss.item(), "nll": nll.item(), "kl_prior": kl.item(),
+                               "entropy": masked_mean(entropy.detach(), mask).item() * share}.items():
+                add(sums, key, value)
+    return distributed.sum_over_ranks(sums)

@@ -23,9 +23,20 @@ from torch import Tensor, nn
 from alignkit.models import adapter_disabled, is_peft, merged_state_dict
 from alignkit.training.online.distributed_rollout import rank_rows
 from alignkit.training.online.presets import OnlineSettings, no_grad_rows
-from alignkit.training.online.roles import SequenceBatch, ValueModel, in_chunks, response_logps
+from alignkit.training.online.roles import (
+    SequenceBatch,
+    ValueModel,
+    in_chunks,
+    response_distributions,
+    response_logps,
+)
 from alignkit.training.online.sampling import step_seed
-from alignkit.training.online.steps import best_worst_pairs, pairwise_update, policy_gradient_update
+from alignkit.training.online.steps import (
+    best_worst_pairs,
+    pairwise_update,
+    policy_gradient_update,
+    sft_update,
+)
 from alignkit.training.run import distributed, wrapping
 from alignkit.training.run.checkpoint import load_checkpoint, save_checkpoint
 from alignkit.training.run.degenerate import NonFiniteStop
@@ -59,6 +70,8 @@ class Experience:
     """The training step: seeds the minibatch order; the critic warm-up counts it."""
     tis_weights: Tensor | None = None
     """(N, L) truncated importance weights of each token's policy loss (--set tis_cap), or None."""
+    ref_dist: Tensor | None = None
+    """(N, L, V) reference log softmax over the vocabulary (objective sft with beta > 0), or None."""
 
 
 class Trainable(nn.Module):
@@ -109,24 +122,32 @@ class PolicyTrainer:
     # ------------------------------------------------------------------ log-probs and values
 
     def _compute(self, module: Trainable, batch: SequenceBatch, with_entropy: bool = False,
-                 with_values: bool = True, reference: bool = False):
+                 with_values: bool = True, reference: bool = False, distributions: bool = False):
         """The trained computation of one micro-batch (the wrapped module's forward): (N, L)
         log-probs, entropies and values (shared head or separate critic; None without one).
-        `reference`: the log-probs of the policy with its LoRA adapter off (the reference)."""
+        `reference`: the log-probs of the policy with its LoRA adapter off (the reference).
+        `distributions`: (log-probs, entropies, (N, L, V) log softmax) instead; with
+        `reference`, the reference's (N, L, V) log softmax alone."""
         if reference:
             with adapter_disabled(module.policy):
+                if distributions:
+                    return response_distributions(module.policy, batch)[2]
                 return response_logps(module.policy, batch, chunk_size=self.chunk_size)[0]
+        if distributions:
+            return response_distributions(module.policy, batch)
         logps, entropy, values = response_logps(module.policy, batch, chunk_size=self.chunk_size,
                                                 with_entropy=with_entropy, value_head=self.value_head)
         if self.critic is not None and with_values:
             values = self.critic.values(batch)
         return logps, entropy, values
 
-    def forward(self, batch: SequenceBatch, *, with_entropy: bool = False, with_values: bool = True):
-        """One forward of a micro-batch: (N, L) log-probs, entropies and values. With gradients
+    def forward(self, batch: SequenceBatch, *, with_entropy: bool = False, with_values: bool = True,
+                distributions: bool = False):
+        """One forward of a micro-batch: (N, L) log-probs, entropies and values (with
+        `distributions`: log-probs, entropies and the (N, L, V) log softmax). With gradients
         it runs through the data-parallel wrapper; without, on this rank's module directly."""
         module = self.engine if torch.is_grad_enabled() else self.forward_module
-        return module(batch, with_entropy, with_values)
+        return module(batch, with_entropy, with_values, False, distributions)
 
     def gradient_sync(self, enabled: bool):
         """Context: all-reduce gradients in this backward (the last micro-batch) or not."""
@@ -147,6 +168,10 @@ class PolicyTrainer:
         """(N, L) log-probs of the LoRA policy with its adapter off, through the (sharded)
         module: the reference role of an FSDP2 LoRA run."""
         return self._no_grad_rows(lambda b: self.forward_module(b, False, False, True), batch)
+
+    def reference_distributions(self, batch: SequenceBatch) -> Tensor:
+        """(N, L, V) log softmax of the LoRA policy with its adapter off (see reference_logps)."""
+        return self._no_grad_rows(lambda b: self.forward_module(b, False, False, True, True), batch)
 
     def values(self, batch: SequenceBatch) -> Tensor:
         """(N, L) V(s_t) of the current critic (the critic role)."""
@@ -194,6 +219,8 @@ class PolicyTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if s.objective == "pairwise":
             part = pairwise_update(self, e.batch, rows, e.ref_logp, s)
+        elif s.objective == "sft":
+            part = sft_update(self, e.batch, rows, s, e.ref_dist)
         else:
             part = policy_gradient_update(self, e.batch, rows, s, e.old_logp, e.ref_logp,
                                           e.advantages, e.returns, e.old_values, self.on_policy, e.beta,
