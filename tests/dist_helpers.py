@@ -78,6 +78,12 @@ def count_e(prompts, completions, **columns):
     return [float(text.count("e")) for text in completions]
 
 
+def e_excess(prompts, completions, **columns):
+    """Cost for safe_ppo tests: the letters e beyond 3, max(0, count_e - 3): maximising count_e
+    alone drives it up, to 5 at 8 e's."""
+    return [max(0.0, text.count("e") - 3.0) for text in completions]
+
+
 def slow_count_e(prompts, completions, **columns):
     """`count_e` taking half a second: a run slow enough to kill a worker in the middle of it."""
     import time

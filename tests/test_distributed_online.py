@@ -4,7 +4,7 @@ rank holds the gathered global batch for scoring, KL and advantages, step 3's lo
 by rows and gathered, and step 6 splits each minibatch with losses normalised by its global
 token/sequence counts. Checked for grpo, ppo (separate critic), dapo (dynamic sampling rounds),
 rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches, raft,
-superhf with micro-batches and pf_ppo, grpo sampling
+superhf with micro-batches, pf_ppo, safe_ppo, grpo sampling
 through one rollout server shared by both ranks (--rollout vllm --vllm-url, the reference
 server; also with LoRA, a KL term and FSDP2), and under
 FSDP2 grpo, ppo, grpo with LoRA and a KL term, dapo with micro-batches: sampled
@@ -48,6 +48,8 @@ CASES = {
     "raft": ("raft", {}),
     "superhf-micro3": ("superhf", {"micro_batch_size": 3}),
     "pf_ppo": ("pf_ppo", {}),
+    # safe_ppo: the cost scored on every rank, both critics' values split by rows
+    "safe_ppo": ("safe_ppo", {"cost": "dist_helpers:e_excess", "cost_limit": 0.0, "lambda_lr": 0.5}),
     # a reward model scores each rank's rows (gathered) and initialises the critic
     "ppo-reward-model": ("ppo", {"reward": None, "reward_model": RM, "critic_init": RM}),
     # one rollout server for both ranks (--vllm-url): each rank sends its prompt groups, rank 0

@@ -42,6 +42,7 @@ from alignkit.training.online.roles import (
     ValueModel,
     zero_value_head,
 )
+from alignkit.training.online.safe import DualCritic
 from alignkit.training.online.server_rollout import ServerRollout
 from alignkit.training.online.trainer import PolicyTrainer
 from alignkit.training.run import distributed
@@ -68,6 +69,8 @@ class OnlineRoles:
     critic: CriticRole | None
     """The trainer itself when the settings train a critic, else None."""
     device: torch.device
+    cost: RewardRole | None = None
+    """safe_ppo: the cost role (--cost or --cost-model), scored like the reward; else None."""
 
 
 def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: int, model=None,
@@ -76,6 +79,8 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     model, tokenizer = load_policy(config, model, tokenizer)
     reference_copy = copy_reference(config, s, model)
     critic, value_head = build_critic(config, s, model)
+    if s.lagrangian:  # safe_ppo: a cost critic beside the reward critic
+        critic = DualCritic(critic, build_cost_critic(config, s, model))
     model = attach_adapters(config, model)
     model.eval()  # dropout off for sampling, old, reference and training log-probs alike
     ranks = distributed.current()
@@ -104,6 +109,9 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     scorer = load_reward_role(config, reward, tokenizer, s)
     if ranks.distributed and isinstance(scorer, ModelReward):  # a reward model splits its rows
         scorer = ShardedReward(scorer, ranks)
+    cost = load_cost_role(config, tokenizer, s)
+    if ranks.distributed and isinstance(cost, ModelReward):
+        cost = ShardedReward(cost, ranks)
     if config.lr is None:
         config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
     trainer = PolicyTrainer(model, s, config, total_steps=total_steps, critic=critic, value_head=value_head)
@@ -112,7 +120,7 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     trained, total = count_parameters(trainer.module)
     log.info("parameters: %s trainable of %s", f"{trained:,}", f"{total:,}")
     return OnlineRoles(model, tokenizer, rollout, trainer, reference, scorer,
-                       trainer if trainer.has_critic else None, trainer.device)
+                       trainer if trainer.has_critic else None, trainer.device, cost)
 
 
 class _TrainerReference:
@@ -161,6 +169,39 @@ def build_critic(config: TrainConfig, s: OnlineSettings, model: nn.Module):
     if s.critic == "shared":
         return None, zero_value_head(model.config.hidden_size).to(next(model.parameters()).device)
     return None, None
+
+
+def build_cost_critic(config: TrainConfig, s: OnlineSettings, model: nn.Module) -> ValueModel:
+    """safe_ppo's cost critic: from a cost model (`cost_critic_init`, safe-rlhf's choice) or the
+    policy with a zero value head."""
+    if s.cost_critic_init:
+        cost_model, _ = load_model(s.cost_critic_init, kind="reward", dtype=_dtype(config), device=_device(config))
+        require_trained_head(s.cost_critic_init, cost_model, "--set cost_critic_init",
+                             fix="Pass a directory written by `alignkit train cost`")
+        return ValueModel.from_reward_model(cost_model)
+    return ValueModel.from_policy(model)
+
+
+def load_cost_role(config: TrainConfig, tokenizer, s: OnlineSettings) -> RewardRole | None:
+    """safe_ppo's cost: --cost SPEC (a function, as --reward) or --cost-model DIR; exactly one,
+    and only with lagrangian=true."""
+    given = [flag for flag, value in (("--cost", config.cost), ("--cost-model", config.cost_model)) if value]
+    if not s.lagrangian:
+        if given:
+            raise ValueError(f"{given[0]} is the cost of safe_ppo (lagrangian=true); {config.algorithm} has no "
+                             "cost constraint")
+        return None
+    if len(given) != 1:
+        raise ValueError(f"{config.algorithm}: give the cost as exactly one of --cost module:function or "
+                         f"--cost-model DIR (got {' and '.join(given) or 'neither'})")
+    if config.cost:
+        return FunctionReward(load_reward(config.cost), on_error=s.reward_on_error, timeout=config.reward_timeout,
+                              workers=config.reward_workers)
+    cost_model, cost_tokenizer = load_model(config.cost_model, kind="reward", dtype=_dtype(config),
+                                            device=_device(config), trust_remote_code=config.trust_remote_code)
+    require_trained_head(config.cost_model, cost_model, "--cost-model",
+                         fix="Pass a directory written by `alignkit train cost`")
+    return ModelReward(cost_model, cost_tokenizer, tokenizer)
 
 
 def attach_adapters(config: TrainConfig, model: nn.Module) -> nn.Module:

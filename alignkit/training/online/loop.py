@@ -66,6 +66,7 @@ from alignkit.training.online.build import OnlineRoles, build_online_roles
 from alignkit.training.online.kl_control import RunningMeanStd, make_kl_controller
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch
+from alignkit.training.online.safe import CostWindow, lagrange_step
 from alignkit.training.online.sampling import PromptSampler, StepSamples
 from alignkit.training.online.server_rollout import logprob_diff
 from alignkit.training.online.steps import (
@@ -175,7 +176,9 @@ class OnlineDriver:
         self.flags: dict[str, bool] = {}  # the last step's degenerate-step flags (DegenerateWatch)
         self.sampler = PromptSampler(roles.rollout, roles.reward, roles.tokenizer, prompt_ids, texts, columns,
                                      s, batch_size=config.batch_size, seed=config.seed, device=roles.device,
-                                     reward_stats=self.reward_stats)
+                                     reward_stats=self.reward_stats, cost=roles.cost)
+        self.log_lambda = math.log(s.lambda_init)  # safe_ppo's Lagrange multiplier (training/online/safe.py)
+        self.cost_window = CostWindow(s.cost_window)
         self.resumed_at: int | None = None
         self.last: dict[str, float] = {}
         # the engine's temperature-1 log-probs are the policy's own (it samples the policy's weights)
@@ -193,6 +196,9 @@ class OnlineDriver:
         self.kl_control.value = float(extras["beta"])
         self.reward_stats.load_state(extras["reward_stats"])
         self.sampler.load_state(extras, step)
+        if self.s.lagrangian:
+            self.log_lambda = float(extras["log_lambda"])
+            self.cost_window.load_state(extras["cost_window"])
         self.resumed_at = step
         if step >= min(self.config.logging_steps, self.total_steps):
             self.first_row = {}  # the kept metrics.jsonl has the run totals already
@@ -236,6 +242,8 @@ class OnlineDriver:
         if self.prefetch is not None and self.prefetch.pending:
             cursor, stats = self.prefetch.snapshot
         extras = {"beta": self.kl_control.value, "reward_stats": stats, **cursor}
+        if self.s.lagrangian:
+            extras.update(log_lambda=self.log_lambda, cost_window=self.cost_window.state())
         self.roles.trainer.save(self.run_dir, step, keep=self.config.save_total_limit, extras=extras)
 
     def collect(self, step: int) -> StepSamples:
@@ -296,9 +304,12 @@ class OnlineDriver:
         # 5. advantages
         group_index = samples.rollout.group_index.to(roles.device)  # (N,)
         advantages = returns = None
+        if s.lagrangian:  # safe_ppo: lambda's step on the recent episodes' mean cost, before the advantages
+            metrics.update(self.step_lagrange(samples.costs))
         if s.objective == "policy_gradient":
             advantages, returns = compute_advantages(s, samples.rewards, group_index, mask, kl_penalty,
-                                                     old_values, samples.baseline)
+                                                     old_values, samples.baseline, samples.costs,
+                                                     math.exp(self.log_lambda))
             metrics.update(summary_stats("advantages", advantages, mask))
 
         # 6. K epochs of minibatch updates
@@ -335,6 +346,14 @@ class OnlineDriver:
             "time/sync_s": trained_at - synced_from, "time/step_s": trained_at - started,
         })
         return metrics
+
+    def step_lagrange(self, costs) -> dict[str, float]:
+        """safe_ppo: add the step's costs to the window, step log lambda on its mean; metrics."""
+        window_mean = self.cost_window.add(costs.tolist())
+        self.log_lambda = lagrange_step(self.log_lambda, window_mean, self.s.cost_limit, self.s.lambda_lr,
+                                        self.s.lambda_max)
+        return {"cost/mean": costs.mean().item(), "cost/window_mean": window_mean,
+                "lambda": math.exp(self.log_lambda)}
 
     def sync_rollout(self, version: int) -> None:
         """Make the rollout engine sample the trainer's current weights (nothing to copy when

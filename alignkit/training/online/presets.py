@@ -12,6 +12,7 @@
 | online_dpo   | - (pairs best/worst) | dpo (PAIRWISE)       | mean over pairs     | beta 0.1 is DPO's; live reference   | no     |
 | raft         | - (best of 8 kept)   | sft (NLL)            | token_mean          | 0.0 (none)                          | no     |
 | superhf      | - (best of 32 kept)  | sft (NLL) + KL prior | token_mean          | 0.1, full-vocabulary KL(ref||policy)| no     |
+| safe_ppo     | (A_R - l A_C)/(1+l)  | ppo_clip 0.1         | token_mean          | 0.1, k1, reward (-KL) and cost (+KL)| 2      |
 | pf_ppo       | gae (+whitening)     | ppo_clip             | token_mean          | 0.05, k1, reward; best+random of 4  | yes    |
 
 Dynamic sampling (dapo): groups whose rewards are all equal are dropped and further prompt
@@ -180,6 +181,21 @@ class OnlineSettings:
     (negative log-likelihood of the kept samples + beta x KL(ref || policy), RAFT / SuperHF)."""
     pairwise_loss: str = "dpo"
     label_smoothing: float = 0.0
+    # Safe RLHF (safe_ppo): a cost, its critic and a Lagrange multiplier (training/online/safe.py)
+    lagrangian: bool = False
+    """Constrain the mean cost (--cost or --cost-model) to cost_limit with a Lagrange multiplier."""
+    cost_limit: float = 0.0
+    """The constraint's threshold d on the mean episode cost (safe-rlhf's example: 0)."""
+    lambda_init: float = 1.0
+    """Initial Lagrange multiplier."""
+    lambda_lr: float = 0.01
+    """Step size of log lambda's gradient step, once per training step."""
+    lambda_max: float | None = None
+    """Upper bound on lambda (None: unbounded)."""
+    cost_window: int = 128
+    """Episodes whose mean cost drives lambda's update."""
+    cost_critic_init: str | None = None
+    """Directory of a cost model to initialise the cost critic (default: the policy + zero head)."""
     # engine and logging
     generation_batch_size: int = 0
     """Most samples decoded together (0: all at once)."""
@@ -207,6 +223,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  aggregation="token_mean"),
     "superhf": dict(objective="sft", sample_filter="best_of_n", group_size=32, top_p=0.95, beta=0.1,
                     kl_in="loss", aggregation="token_mean"),
+    "safe_ppo": dict(advantage="gae", policy_loss="ppo_clip", eps_low=0.1, aggregation="token_mean",
+                     kl_in="reward", kl_estimator="k1", beta=0.1, critic="separate", cliprange_value=5.0,
+                     whiten_advantages=True, epochs_per_batch=4, minibatches=1, group_size=1, lagrangian=True),
     "pf_ppo": dict(advantage="gae", policy_loss="ppo_clip", aggregation="token_mean", kl_in="reward",
                    kl_estimator="k1", beta=0.05, critic="separate", whiten_advantages=True,
                    epochs_per_batch=4, minibatches=1, group_size=4, sample_filter="best_random"),
@@ -224,6 +243,7 @@ PAPERS = {
     "raft": "RAFT: reward-ranked fine-tuning (Dong et al. 2023)",
     "superhf": "SuperHF (Mukobi et al. 2023)",
     "pf_ppo": "PF-PPO: policy filtration for PPO (Zhang et al. 2024)",
+    "safe_ppo": "Safe RLHF: PPO-Lagrangian (Dai et al. 2024)",
 }
 
 CHOICES = {
@@ -260,6 +280,8 @@ def _validate(s: OnlineSettings, preset: str) -> None:
             raise ValueError(f"{preset}: unknown {key} {getattr(s, key)!r}; known: {sorted(registry)}")
     if s.group_size < 1 or s.epochs_per_batch < 1 or s.minibatches < 1:
         raise ValueError(f"{preset}: group_size, epochs_per_batch and minibatches must be >= 1")
+    if s.lagrangian:
+        _validate_lagrangian(s, preset)
     if not 0 < s.filter_fraction <= 1:
         raise ValueError(f"{preset}: filter_fraction must be in (0, 1], got {s.filter_fraction}")
     if s.sample_filter in ("best_of_n", "best_random", "best_worst") and s.group_size < 2:
@@ -301,6 +323,20 @@ def _validate(s: OnlineSettings, preset: str) -> None:
         raise ValueError(f"{preset}: entropy_coef needs the entropies (log_entropy=true)")
 
 
+def _validate_lagrangian(s: OnlineSettings, preset: str) -> None:
+    """safe_ppo's settings: a critic of its own per signal, one generation round, no filter."""
+    if s.objective != "policy_gradient" or s.advantage != "gae" or s.critic != "separate":
+        raise ValueError(f"{preset}: lagrangian=true needs objective=policy_gradient, advantage=gae and "
+                         "critic=separate (a reward critic and a cost critic)")
+    if s.dynamic_sampling or s.sample_filter != "none":
+        raise ValueError(f"{preset}: lagrangian=true trains on every sample generated: dynamic_sampling and "
+                         "sample_filter are not supported with it")
+    if not s.lambda_init > 0 or not s.lambda_lr > 0 or s.cost_window < 1:
+        raise ValueError(f"{preset}: lambda_init and lambda_lr must be > 0 and cost_window >= 1")
+    if s.lambda_max is not None and not s.lambda_max >= s.lambda_init:
+        raise ValueError(f"{preset}: lambda_max must be >= lambda_init ({s.lambda_init}), got {s.lambda_max}")
+
+
 def no_grad_rows(s: OnlineSettings) -> int:
     """Rows per forward without gradients (0: all at once); see `logprob_micro_batch_size`."""
     if s.logprob_micro_batch_size:
@@ -331,8 +367,12 @@ def register_online_family() -> None:
         if needs_reference(OnlineSettings(**preset)):
             models.append("reference")
         models.append("reward")
+        if preset.get("lagrangian"):
+            models.append("cost")
         if preset.get("critic", "none") != "none":
             models.append("critic")
+        if preset.get("lagrangian"):
+            models.append("cost critic")
         register_algorithm(AlgorithmSpec(
             name, "online", "prompt", " + ".join(models), PAPERS[name],
             partial(resolve_settings, preset=name), runner="online"))

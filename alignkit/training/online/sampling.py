@@ -138,6 +138,8 @@ class StepSamples:
     """Several rewards: each one's raw scores over every sample generated (reward/NAME)."""
     filter_metrics: dict[str, float] = field(default_factory=dict)
     """--set sample_filter: filter/kept_samples and filter/kept_reward_mean (raw reward)."""
+    costs: Tensor | None = None
+    """safe_ppo: (N,) raw costs of the training rows (one generation round, unfiltered)."""
     unfiltered: tuple[Tensor, Tensor] | None = None
     """--set sample_filter: the (shaped rewards, group index) of the rows before filtering,
     whose variance says whether the step carried a signal."""
@@ -173,8 +175,8 @@ class PromptSampler:
 
     def __init__(self, engine, scorer, tokenizer, prompt_ids: list[list[int]], prompt_texts: list[str],
                  columns: list[dict], s: OnlineSettings, *, batch_size: int, seed: int, device,
-                 reward_stats: RunningMeanStd) -> None:
-        self.engine, self.scorer, self.tokenizer = engine, scorer, tokenizer
+                 reward_stats: RunningMeanStd, cost=None) -> None:
+        self.engine, self.scorer, self.tokenizer, self.cost = engine, scorer, tokenizer, cost
         self.prompt_ids, self.prompt_texts, self.columns = prompt_ids, prompt_texts, columns
         self.s, self.batch_size, self.seed, self.device = s, batch_size, seed, device
         self.reward_stats = reward_stats
@@ -192,7 +194,8 @@ class PromptSampler:
     def generate_round(self, step: int, round_: int):
         """Round `round_` of step `step`: the next B prompts x G samples, scored.
 
-        Returns (rollout, raw, rewards, no_eos, penalised, baseline, generation_s, scoring_s).
+        Returns (rollout, raw, rewards, no_eos, penalised, baseline, generation_s, scoring_s);
+        with a cost role (safe_ppo) its (N,) costs are kept as `self.round_costs`.
         """
         s = self.s
         indices = prompt_indices(len(self.prompt_ids), self.position, self.batch_size, self.seed)
@@ -206,8 +209,10 @@ class PromptSampler:
         rows = [indices[g] for g in rollout.group_index.tolist()]
         keys = {k for c in self.columns for k in c}
         row_columns = {k: [self.columns[r].get(k) for r in rows] for k in keys}
-        raw, penalised = self.scorer.score(batch, [self.prompt_texts[r] for r in rows],
-                                           decode_completions(self.tokenizer, rollout), row_columns)
+        prompts, completions = [self.prompt_texts[r] for r in rows], decode_completions(self.tokenizer, rollout)
+        raw, penalised = self.scorer.score(batch, prompts, completions, row_columns)
+        if self.cost is not None:
+            self.round_costs = self.cost.score(batch, prompts, completions, row_columns)[0].to(self.device)
         self.components.append(drain_components(self.scorer))  # several rewards: each one's raw scores
         raw = raw.to(self.device)
         no_eos = torch.tensor([reason != "stop" for reason in rollout.finish_reason], device=self.device)
@@ -290,4 +295,5 @@ class PromptSampler:
             penalised=sum(g[4] for g in generated), rounds=len(generated),
             groups_generated=len(generated) * target, groups_with_signal=with_signal, kept_groups=kept,
             generation_s=generation_s, scoring_s=scoring_s, filter_metrics=filtered, unfiltered=unfiltered,
+            costs=self.round_costs if self.cost is not None else None,
             components={name: torch.cat([c[name] for c in self.components]) for name in self.components[0]})

@@ -27,6 +27,7 @@ from alignkit.rollout import SamplingParams
 from alignkit.training.online.kl_control import RunningMeanStd
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch, chunks, decode_completions
+from alignkit.training.online.safe import lagrangian_advantages
 from alignkit.training.run import distributed
 from alignkit.training.run.degenerate import Condition, refuse
 from alignkit.training.run.distributed import Ranks
@@ -86,9 +87,15 @@ def greedy_baseline(engine, scorer, tokenizer, prompt_ids, prompt_texts, columns
                          lengths=rollout.lengths.to(device))
 
 
-def compute_advantages(s: OnlineSettings, rewards, group_index, mask, kl_penalty, values, baseline):
-    """(advantages, returns), both (N, L); returns only matter with a critic."""
-    if ADVANTAGE_KINDS[s.advantage] == "critic":
+def compute_advantages(s: OnlineSettings, rewards, group_index, mask, kl_penalty, values, baseline,
+                       costs=None, lagrange: float = 0.0):
+    """(advantages, returns), (N, L) each; returns only matter with a critic. safe_ppo
+    (`lagrangian`): the mix of reward and cost advantages with multiplier `lagrange` and returns
+    (N, L, 2) of both critics (`training/online/safe.py`)."""
+    if s.lagrangian:
+        advantages, returns = lagrangian_advantages(rewards, costs, mask, kl_penalty, values, lagrange,
+                                                    s.gamma, s.lam)
+    elif ADVANTAGE_KINDS[s.advantage] == "critic":
         token_rewards = token_level_rewards(rewards, mask, kl_penalty)
         advantages, returns = gae(token_rewards, values, mask, gamma=s.gamma, lam=s.lam)
     else:
@@ -251,6 +258,10 @@ def add(sums: dict[str, float], key: str, value: float) -> None:
 def clipped_value_loss(values, old_values, returns, mask, clip, num_tokens) -> tuple[Tensor, float]:
     """0.5 max((V - G)^2, (clip(V, V_old +- eps) - G)^2), summed over the micro-batch's tokens and
     divided by the minibatch's token count; also the explained variance 1 - Var(G - V) / Var(G)."""
+    if values.dim() == 3:  # the reward and cost critics of safe_ppo: the sum of their losses
+        parts = [clipped_value_loss(values[..., k], old_values[..., k], returns[..., k], mask, clip, num_tokens)
+                 for k in range(values.shape[-1])]
+        return sum(part[0] for part in parts), parts[0][1]
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     loss = torch.where(mask, per_token, 0.0).sum() / num_tokens.clamp(min=1)

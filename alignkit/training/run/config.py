@@ -37,6 +37,10 @@ class TrainConfig:
     """Several --reward: comma-separated weights, one per reward in order (default 1 each)."""
     reward_model: str | None = None
     """Online algorithms: directory of a sequence-classification reward model."""
+    cost: str | None = None
+    """safe_ppo: cost function (`module:function`, `file.py:function`; higher = less safe), like --reward."""
+    cost_model: str | None = None
+    """safe_ppo: directory of a cost model (`alignkit train cost`; cost > 0 means unsafe)."""
     batch_size: int = 8
     """Examples (pairs for preference data) per micro-batch; a step sees batch_size x grad_accum."""
     grad_accum: int = 1
