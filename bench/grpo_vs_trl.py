@@ -135,13 +135,16 @@ def worker_alignkit(spec: dict) -> dict:
         lengths.append(float(metrics["response_length"]))
         rewards.append(float(metrics["reward/mean"]))
 
+    # `alignkit_settings` (bench/grpo_losses_vs_trl.py) overrides the GRPO loss choices below
+    settings = dict(beta=spec["beta"], temperature=1.0, eps_low=0.2, scale_by_std=True)
+    settings.update(spec.get("alignkit_settings", {}))
     begin = time.perf_counter()
     alignkit.train(
         "grpo", model=spec["model"], data=[{"prompt": p} for p in PROMPTS], output_dir=spec["out"],
         reward=count_e, callbacks=(on_step,), batch_size=spec["prompts_per_step"], max_steps=spec["steps"],
         lr=spec["lr"], warmup_ratio=0.0, scheduler="constant", seed=spec["seed"], dtype="float32",
         device="cpu", progress=False, group_size=spec["group_size"], max_new_tokens=spec["max_new_tokens"],
-        beta=spec["beta"], temperature=1.0, eps_low=0.2, scale_by_std=True,
+        **settings,
     )
     return {"end_to_end_s": time.perf_counter() - begin, **loop_stats(stamps, lengths, spec),
             "first_reward": rewards[0], "final_reward": rewards[-1]}
@@ -168,13 +171,16 @@ def worker_trl(spec: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     samples = spec["prompts_per_step"] * spec["group_size"]
+    # `trl_settings` (bench/grpo_losses_vs_trl.py) overrides the loss choices (loss_type, epsilons, ...)
+    loss = dict(beta=spec["beta"], loss_type="grpo", temperature=1.0, epsilon=0.2, scale_rewards="group")
+    loss.update(spec.get("trl_settings", {}))
     config = GRPOConfig(
         output_dir=spec["out"], per_device_train_batch_size=samples, num_generations=spec["group_size"],
         steps_per_generation=1, num_iterations=1, max_completion_length=spec["max_new_tokens"],
         max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
-        beta=spec["beta"], loss_type="grpo", temperature=1.0, epsilon=0.2, scale_rewards="group", logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=spec["seed"],
-        disable_tqdm=True, **({"gradient_checkpointing": False} if spec["trl_no_gc"] else {}),
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False,
+        dataloader_num_workers=0, seed=spec["seed"], disable_tqdm=True,
+        **({"gradient_checkpointing": False} if spec["trl_no_gc"] else {}), **loss,
     )
     dataset = Dataset.from_list([{"prompt": p} for p in PROMPTS] * spec["steps"])
     trainer = GRPOTrainer(model=model, reward_funcs=[count_e], args=config, train_dataset=dataset,

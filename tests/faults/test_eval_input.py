@@ -58,3 +58,45 @@ def test_eval_shows_progress_on_a_terminal(tiny_model_dir, tmp_path, monkeypatch
     assert "sampling policy" not in piped.err and "sampling policy" not in hidden.err
     results = [json.loads((tmp_path / d / "eval.json").read_text())["completions"] for d in "abc"]
     assert results[0] == results[1] == results[2]  # the bars change nothing
+
+
+SAMPLE = {"prompt": "Write a short review.", "completion": " It was good."}
+
+
+@pytest.mark.parametrize(
+    "name, content, extra, needles",
+    [
+        ("missing.jsonl", [{**SAMPLE, "score": 1.0}, dict(SAMPLE)], [],
+         ["missing.jsonl, row 2", "column 'score' is missing"]),
+        ("none.jsonl", [dict(SAMPLE)], [],
+         ["none.jsonl, row 1", "column 'score' (the true score) is missing", "--score-column"]),
+        ("text.jsonl", [{**SAMPLE, "passed": 0.5}, {**SAMPLE, "passed": "yes"}], ["--score-column", "passed"],
+         ["text.jsonl, row 2", "column 'passed' must be a number, got str 'yes'"]),
+        ("cells.csv", "prompt,completion,pass_rate\nWrite,good,0.5\nWrite,bad,n/a\n", ["--score-column", "pass_rate"],
+         ["cells.csv, line 3", "column 'pass_rate' (the true score) must be a number, got 'n/a'"]),
+        ("pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b", "score": 1.0}], [],
+         ["pairs.jsonl, row 1", "column 'completion' is missing"]),
+    ],
+)
+def test_eval_rm_r2_bad_true_scores_named_before_loading(tiny_model_dir, tmp_path, no_model_loads, name,
+                                                         content, extra, needles):
+    """alignkit eval-rm --r2 on samples whose true score is missing, text, or a CSV cell that is not a number (or on pairs) -> one-line error naming the file and row, before the model loads"""
+    path = tmp_path / name
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        write_jsonl(path, content)
+    run = run_cli("eval-rm", "--model", tiny_model_dir, "--data", path, "--r2", *extra)
+    assert_one_line_error(run, "eval-rm", *needles)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [(["--score-column", "pass_rate"], "add --r2"), (["--r2", "--consistency", "DATA"], "without --r2")],
+)
+def test_eval_rm_r2_flag_combinations_refused(tiny_model_dir, tmp_path, no_model_loads, extra, needle):
+    """alignkit eval-rm --score-column without --r2, or --r2 with --consistency -> a usage error naming the flags, before the model loads"""
+    data = write_jsonl(tmp_path / "samples.jsonl", [{**SAMPLE, "score": 1.0}])
+    run = run_cli("eval-rm", "--model", tiny_model_dir, "--data", data,
+                  *[str(data) if arg == "DATA" else arg for arg in extra])
+    assert run.code == 2 and needle in run.err, run.err
