@@ -31,6 +31,8 @@ def train(
     hyper-parameter (`beta=0.1`). `reward` (online algorithms and A-LoL): a callable
     `(prompts, completions, **columns) -> Tensor (B,) | list[float]` or a spec string
     (`module:function`, `file.py:function`, a built-in); `reward_model=DIR` uses a reward model.
+    Online validation: `eval_data` (held-out prompts), `eval_steps=N` and `gold_reward` (a
+    callable or spec, like `reward`).
     """
     config = config or TrainConfig()
     config.algorithm = algorithm
@@ -49,11 +51,19 @@ def train(
     if isinstance(eval_data, str | Path):
         config.eval_data = str(eval_data)
         eval_data = None
+    gold_reward = overrides.pop("gold_reward", None)
+    if isinstance(overrides.get("eval_k"), int | list | tuple):  # eval_k=4 or [1, 4]: --eval-k's text
+        ks = overrides["eval_k"]
+        overrides["eval_k"] = ",".join(str(k) for k in (ks if isinstance(ks, list | tuple) else [ks]))
+    if isinstance(gold_reward, str | Path):
+        config.gold_reward, gold_reward = str(gold_reward), None
     config.apply_overrides(overrides)
     from alignkit.training.run.registry import ALGORITHMS
     from alignkit.training.run.validate import validate_values
 
     online = algorithm in ALGORITHMS and ALGORITHMS[algorithm].runner == "online"
+    if online and eval_data is not None:  # validation checks that there are held-out prompts
+        config.eval_data = "<in-memory data>"
     if isinstance(reward, str | Path):
         config.reward, reward = str(reward), None
     elif isinstance(reward, list | tuple) and reward and all(isinstance(r, str | Path) for r in reward):
@@ -62,7 +72,8 @@ def train(
         config.reward = reward
     validate_values(config)
     if config.placement != "local":
-        if loaded_model is not None or data is not None or (reward is not None and online):
+        if (loaded_model is not None or data is not None or eval_data is not None or gold_reward is not None
+                or (reward is not None and online)):
             raise ValueError(f"placement={config.placement!r}: the Ray workers load the model, data and reward "
                              "themselves; pass them as paths or specs, not Python objects")
         from alignkit.training.cluster.launch import run_placed
@@ -72,8 +83,11 @@ def train(
         from alignkit.training.online.loop import run_online
 
         return run_online(
-            config, model=loaded_model, tokenizer=tokenizer, data=data, reward=reward, callbacks=callbacks
+            config, model=loaded_model, tokenizer=tokenizer, data=data, reward=reward, callbacks=callbacks,
+            eval_data=eval_data, gold_reward=gold_reward,
         )
+    if gold_reward is not None:
+        raise ValueError(f"gold_reward applies to online validation; {algorithm} trains offline")
     return run_offline(
         config, model=loaded_model, tokenizer=tokenizer, data=data, eval_data=eval_data, callbacks=callbacks
     )

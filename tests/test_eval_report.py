@@ -2,7 +2,7 @@
 
 import json
 
-from alignkit.eval.report import curve_from_metrics, write_report
+from alignkit.eval.report import curve_from_metrics, validation_from_metrics, write_report
 
 
 def _method(reward, kl=None, curve=None):
@@ -80,3 +80,28 @@ def test_write_report_with_demo_shaped_methods_and_no_curves(tmp_path):
     paths = write_report(demo, tmp_path)
     assert [p.name for p in paths["plots"]] == ["reward_bars.png"]
     assert "no samples given" in paths["html"].read_text()
+
+
+def test_validation_curves_from_an_online_run_with_eval_rows(tmp_path):
+    """An online run's metrics.jsonl with --eval-data rows (step 0 alone, later joined to the
+    training rows): validation_from_metrics keeps step, eval/* and reward/mean; the report draws
+    validation.png (train reward/mean beside eval/reward and eval/gold) and explains it."""
+    rows = [{"step": 0, "eval/reward": 0.1, "eval/gold": 0.2, "eval/pass@1": 0.2, "eval/kl": 0.0}]
+    rows += [{"step": s, "loss": 0.5, "kl": 0.1 * s, "reward/mean": 0.3 * s} for s in (1, 2, 3)]
+    rows[-1].update({"eval/reward": 0.9, "eval/gold": 0.1, "eval/pass@1": 0.1, "eval/pass@4": 0.3, "eval/kl": 0.4})
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in rows))
+    validation = validation_from_metrics(metrics)
+    assert [p["step"] for p in validation] == [0, 1, 2, 3]
+    assert validation[0] == {"step": 0, "eval/reward": 0.1, "eval/gold": 0.2, "eval/pass@1": 0.2, "eval/kl": 0.0}
+    assert validation[1] == {"step": 1, "reward/mean": 0.3} and "loss" not in validation[3]
+    assert [p["step"] for p in curve_from_metrics(metrics)] == [1, 2, 3]  # the eval-only row has no reward/mean
+    results = {"methods": {"grpo": _method(0.5, kl=0.4, curve=curve_from_metrics(metrics)) | {"validation": validation},
+                           "base": _method(0.1)}}
+    paths = write_report(results, tmp_path / "out")
+    assert [p.name for p in paths["plots"]] == ["reward_bars.png", "reward_vs_kl.png", "validation.png"]
+    assert (tmp_path / "out" / "validation.png").stat().st_size > 10_000
+    page = paths["html"].read_text()
+    assert page.count("data:image/png;base64,") == 3 and "over-optimisation" in page
+    without = write_report({"methods": {"grpo": _method(0.5) | {"validation": validation[1:3]}}}, tmp_path / "no")
+    assert "validation.png" not in [p.name for p in without["plots"]]  # no eval/* rows: no figure

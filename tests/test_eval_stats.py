@@ -15,8 +15,10 @@ from alignkit.eval import (
     ead,
     format_table,
     intervals_overlap,
+    mean_pass_at_k,
     ngrams,
     paired_bootstrap_diff,
+    pass_at_k,
     win_rate,
 )
 
@@ -183,3 +185,38 @@ def test_format_table_aligns_columns():
     assert lines[2].index("  64") + 4 == lines[3].index("128") + 3
     assert format_table([], ["a"]).splitlines()[0] == "a"
     assert format_table([{"x": 1}, {"y": True}]).splitlines()[0].split() == ["x", "y"]
+
+
+def test_pass_at_k_worked_examples():
+    """n = 5 samples, c = 2 correct: pass@1 = 1 - C(3,1)/C(5,1) = 1 - 3/5 = 0.4;
+    pass@2 = 1 - C(3,2)/C(5,2) = 1 - 3/10 = 0.7; none correct: 0; n - c < k: 1 (every draw of
+    k samples holds a correct one)."""
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    assert pass_at_k(5, 0, 3) == 0.0
+    assert pass_at_k(5, 3, 3) == 1.0 and pass_at_k(5, 5, 1) == 1.0
+    assert pass_at_k(1, 1, 1) == 1.0 and pass_at_k(1, 0, 1) == 0.0
+    # two prompts: (0.4 + pass@1 of n=5, c=5 = 1) / 2
+    assert mean_pass_at_k([2, 5], 5, 1) == pytest.approx(0.7)
+
+
+@given(st.integers(1, 12).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n), st.integers(1, n))))
+@settings(max_examples=200, deadline=None)
+def test_pass_at_k_equals_the_binomial_formula(nck):
+    """The product form equals 1 - C(n-c, k) / C(n, k) (Chen et al. 2021, eq. 1), is in [0, 1]
+    and grows with k; pass@1 = c / n."""
+    n, c, k = nck
+    assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+    assert 0.0 <= pass_at_k(n, c, k) <= 1.0
+    assert pass_at_k(n, c, 1) == pytest.approx(c / n)
+    if k < n:
+        assert pass_at_k(n, c, k + 1) >= pass_at_k(n, c, k) - 1e-12
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(2, 1, 3)
+    with pytest.raises(ValueError, match="0 <= c <= n"):
+        pass_at_k(2, 3, 1)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        mean_pass_at_k([], 2, 1)

@@ -17,15 +17,23 @@ from alignkit.eval.overopt import (
     bon_weights,
     fit_overoptimization,
 )
-from alignkit.eval.report import MethodResult, ReportInput, curve_from_metrics, write_report
+from alignkit.eval.report import (
+    MethodResult,
+    ReportInput,
+    curve_from_metrics,
+    validation_from_metrics,
+    write_report,
+)
 from alignkit.eval.stats import (
     bootstrap_ci,
     distinct_n,
     ead,
     format_table,
     intervals_overlap,
+    mean_pass_at_k,
     ngrams,
     paired_bootstrap_diff,
+    pass_at_k,
     win_rate,
 )
 from alignkit.eval.winrate import (
@@ -52,6 +60,7 @@ __all__ = [
     "length_controlled_win_rate",
     "lexical_diversity",
     "sequence_kl",
+    "validation_from_metrics",
     "write_report",
     "MiniLMEmbedder",
     "bootstrap_ci",
@@ -60,8 +69,10 @@ __all__ = [
     "embedding_diversity",
     "format_table",
     "intervals_overlap",
+    "mean_pass_at_k",
     "minilm_model_dir",
     "ngrams",
     "paired_bootstrap_diff",
+    "pass_at_k",
     "win_rate",
 ]

@@ -4,6 +4,7 @@ it reads without the code."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,53 @@ def plot_reward_vs_kl(
         ax2.set_ylabel(reward_label)
         ax2.set_title("Methods without a logged KL: reward against step")
         ax2.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_validation(
+    curves: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | Path,
+    *,
+    title: str = "Validation while training",
+) -> Path:
+    """Held-out metrics against the training step, one colour per method, in up to four panels:
+    rewards (the training batches' `reward/mean` as a thin line beside `eval/reward` and, dashed,
+    `eval/gold`: a trained reward that rises while the gold one falls is over-optimisation),
+    `eval/pass@k` (one line style per k), `eval/kl` and `eval/length`. `curves[method]` holds
+    metrics.jsonl rows (`step` and any of those keys); a panel no method has data for is left out."""
+    plt = _pyplot()
+    keys = {key for points in curves.values() for p in points for key in p}
+    passes = sorted((k for k in keys if k.startswith("eval/pass@")), key=lambda k: int(k.split("@")[1]))
+    panels = [("reward (mean over samples)", [("reward/mean", "train reward/mean", "-", 1.0),
+                                              ("eval/reward", "eval/reward", "-o", 1.8),
+                                              ("eval/gold", "eval/gold", "--s", 1.8)]),
+              ("pass@k over held-out prompts", [(k, k, ("-o", "--s", ":^", "-.v")[i % 4], 1.6)
+                                                for i, k in enumerate(passes)]),
+              ("KL(policy || reference) [nats per response]", [("eval/kl", "eval/kl", "-o", 1.6)]),
+              ("response length [tokens]", [("eval/length", "eval/length", "-o", 1.6)])]
+    panels = [(label, [line for line in lines if line[0] in keys]) for label, lines in panels]
+    panels = [(label, lines) for label, lines in panels if lines]
+    columns = min(2, max(1, len(panels)))
+    rows = max(1, math.ceil(len(panels) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 3.9 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (label, lines) in zip(axes.flat, panels, strict=False):
+        for i, (method, points) in enumerate(curves.items()):
+            color = COLORS[i % len(COLORS)]
+            for key, name, style, width in lines:
+                shown = sorted((p for p in points if p.get(key) is not None), key=lambda p: p.get("step", 0))
+                if shown:
+                    ax.plot([p.get("step", 0) for p in shown], [float(p[key]) for p in shown], style, color=color,
+                            linewidth=width, markersize=3, alpha=0.6 if key == "reward/mean" else 1.0,
+                            label=f"{method}: {name}" if len(curves) > 1 else name)
+        ax.set_xlabel("training step (0: before the first update)")
+        ax.set_ylabel(label)
+        ax.legend(loc="best", fontsize=7)
+    if not panels:
+        axes[0, 0].set_visible(True)
+        axes[0, 0].text(0.5, 0.5, "no validation metrics logged", ha="center", va="center")
+    fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -6,6 +6,9 @@
                          and samples of every method side by side, prompt by prompt;
   reward_bars.png        gold reward per method with 95% CI error bars;
   reward_vs_kl.png       reward against KL over training, for methods that carry a `curve`;
+  validation.png         eval/* against the step (train reward/mean beside eval/reward and
+                         eval/gold), for methods that carry a `validation` (an online run's
+                         --eval-data rows, `validation_from_metrics`);
   results.json           `results` as given (NaN/inf written as null).
 
 The input schema is `ReportInput` below. A method's entry may be exactly what
@@ -22,7 +25,7 @@ import math
 from pathlib import Path
 from typing import Any, TypedDict
 
-from alignkit.eval.plots import plot_reward_bars, plot_reward_vs_kl
+from alignkit.eval.plots import plot_reward_bars, plot_reward_vs_kl, plot_validation
 
 
 class Sample(TypedDict, total=False):
@@ -50,6 +53,7 @@ class MethodResult(TypedDict, total=False):
     diversity: dict[str, dict[str, float]]  # {"per_input": {...}, "across_input": {...}}
     samples: list[Sample]  # shown side by side across methods, matched by prompt
     curve: list[CurvePoint]  # training trajectory for reward_vs_kl.png
+    validation: list[dict[str, float]]  # metrics.jsonl rows with eval/* (and reward/mean) for validation.png
 
 
 class ReportInput(TypedDict, total=False):
@@ -75,6 +79,21 @@ def curve_from_metrics(
                     step=row.get("step"), kl=row.get(kl_key), reward=row[reward_key], metric=reward_key
                 )
             )
+    return points
+
+
+def validation_from_metrics(metrics_jsonl: str | Path) -> list[dict[str, float]]:
+    """The rows of an online run's metrics.jsonl that validation.png draws: `step` with the
+    eval/* metrics (--eval-data) and the training batches' `reward/mean`, where logged."""
+    points = []
+    for line in Path(metrics_jsonl).read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        kept = {k: v for k, v in row.items() if (k.startswith("eval/") or k == "reward/mean")
+                and isinstance(v, int | float)}
+        if kept:
+            points.append({"step": row.get("step", 0), **kept})
     return points
 
 
@@ -171,6 +190,12 @@ margin-top:4px}img{max-width:100%;border:1px solid #eee}.notes{color:#444}
 """
 
 
+_VALIDATION_NOTE = """<p class="notes">Validation: held-out prompts sampled during training with the
+training sampling settings (step 0: before the first update). eval/reward: the trained reward;
+eval/gold: the gold reward, whose fall while the trained reward rises is over-optimisation;
+eval/pass@k: unbiased estimator of Chen et al. 2021 over prompts; eval/kl: k1 per response.</p>"""
+
+
 def _image(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
@@ -179,8 +204,9 @@ def _image(path: Path, alt: str) -> str:
 def write_report(
     results: ReportInput | dict[str, Any], out_dir: str | Path, *, samples: int = 4
 ) -> dict[str, Any]:
-    """Write report.html, reward_bars.png, reward_vs_kl.png (when any method has a `curve`)
-    and results.json into `out_dir`; returns their paths. `samples`: prompts shown in the
+    """Write report.html, reward_bars.png, reward_vs_kl.png (when any method has a `curve`),
+    validation.png (when any has eval/* in its `validation`) and results.json into `out_dir`;
+    returns their paths. `samples`: prompts shown in the
     side-by-side sample table."""
     methods: dict[str, MethodResult] = dict(results.get("methods") or {})
     if not methods:
@@ -195,6 +221,10 @@ def write_report(
     curves = {name: m["curve"] for name, m in methods.items() if m.get("curve")}
     if curves:
         figures.append(plot_reward_vs_kl(curves, out / "reward_vs_kl.png"))
+    validation = {name: m["validation"] for name, m in methods.items()
+                  if any(k.startswith("eval/") for p in m.get("validation") or [] for k in p)}
+    if validation:
+        figures.append(plot_validation(validation, out / "validation.png"))
     (out / "results.json").write_text(json.dumps(json_safe(dict(results)), indent=2))
 
     notes = "".join(f"<li>{html.escape(str(n))}</li>" for n in results.get("notes") or [])
@@ -211,6 +241,7 @@ KL: sampled KL(policy || reference) per response (k1 estimator). Win rate: judge
 orders, ties half; LC = length-controlled. Diversity: Kirk et al. 2023 (EAD averaged over
 n = 1..5; embedding = 1 - mean pairwise cosine of all-MiniLM-L6-v2 embeddings).</p>
 <ul class="notes">{notes}</ul>
+{_VALIDATION_NOTE if validation else ""}
 <h2>Plots</h2>
 {"".join(_image(path, path.stem) for path in figures)}
 <h2>Samples side by side</h2>

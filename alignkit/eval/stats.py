@@ -1,4 +1,4 @@
-"""Basic evaluation statistics: bootstrap intervals, win rates, n-gram diversity, tables.
+"""Basic evaluation statistics: bootstrap intervals, win rates, pass@k, n-gram diversity, tables.
 
 Everything here is plain numpy on small arrays (scores of a few hundred to a few thousand
 completions), deterministic given `seed`, and has no knowledge of models or training.
@@ -127,6 +127,36 @@ def win_rate(
     ties = np.abs(diff) <= tie_tolerance
     wins = (diff > tie_tolerance) & ~ties
     return float((wins.sum() + 0.5 * ties.sum()) / diff.size)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one prompt (Chen et al. 2021, "Evaluating Large Language Models
+    Trained on Code", eq. 1): the chance that at least one of k samples drawn without
+    replacement from n samples, c of them correct, is correct,
+
+        pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n - c + 1}^{n} (1 - k / i),
+
+    the product form being the paper's numerically stable one; 1 when n - c < k.
+
+    Worked example: n = 5, c = 2: pass@1 = 1 - C(3,1)/C(5,1) = 1 - 3/5 = 0.4,
+    pass@2 = 1 - C(3,2)/C(5,2) = 1 - 3/10 = 0.7.
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n; got n={n}, k={k}")
+    if not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n; got n={n}, c={c}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def mean_pass_at_k(correct_counts: Iterable[int], n: int, k: int) -> float:
+    """pass@k over prompts: the mean of `pass_at_k(n, c, k)` over each prompt's count c of
+    correct samples out of n."""
+    values = [pass_at_k(n, int(c), k) for c in correct_counts]
+    if not values:
+        raise ValueError("mean_pass_at_k needs at least one prompt")
+    return sum(values) / len(values)
 
 
 def ngrams(texts: Iterable[str], n: int) -> list[tuple[str, ...]]:

@@ -59,6 +59,8 @@ class BatchContext:
 
     step: int
     max_steps: int = 0
+    validation: bool = False
+    """Scoring held-out samples after `step` updates (online validation), not step `step`'s."""
 
 
 _CURRENT: contextvars.ContextVar[BatchContext | None] = contextvars.ContextVar(
@@ -67,9 +69,10 @@ _CURRENT: contextvars.ContextVar[BatchContext | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def reward_batch(step: int, max_steps: int = 0) -> Iterator[BatchContext]:
-    """Within this block, rewards scored by a `RewardRunner` belong to training step `step`."""
-    context = BatchContext(step, max_steps)
+def reward_batch(step: int, max_steps: int = 0, validation: bool = False) -> Iterator[BatchContext]:
+    """Within this block, rewards scored by a `RewardRunner` belong to training step `step`
+    (`validation`: to the validation after `step` updates)."""
+    context = BatchContext(step, max_steps, validation)
     token = _CURRENT.set(context)
     try:
         yield context
@@ -224,10 +227,13 @@ def _trainer_state(context: BatchContext) -> Any:
     """TRL's `trainer_state`: a transformers TrainerState at the step being scored."""
     from transformers import TrainerState
 
-    return TrainerState(global_step=context.step - 1, max_steps=context.max_steps)
+    done = context.step if context.validation else context.step - 1  # optimizer steps taken
+    return TrainerState(global_step=done, max_steps=context.max_steps)
 
 
 def _batch_label(context: BatchContext | None, prompts: Sequence[Any]) -> str:
     """ "step 3, 8 completions, first prompt 'Say something'" (no step outside training)."""
     where = f"{len(prompts)} completions" + (f", first prompt {prompt_preview(prompts[0])!r}" if prompts else "")
-    return f"step {context.step}, {where}" if context is not None else where
+    if context is None:
+        return where
+    return f"{'validation at ' if context.validation else ''}step {context.step}, {where}"

@@ -186,6 +186,8 @@ def shipped_config(config: Any) -> Any:
         shipped.reward = [_absolute_reward(one) for one in reward]
     elif isinstance(reward, str):
         shipped.reward = _absolute_reward(reward)
+    if isinstance(getattr(shipped, "gold_reward", None), str):
+        shipped.gold_reward = _absolute_reward(shipped.gold_reward)
     return shipped
 
 

@@ -8,4 +8,5 @@
 - `sampling.py`  steps 1-2 (prompt stream, generate, score) and DAPO's dynamic sampling
 - `presets.py`   the algorithms as settings of this one loop
 - `kl_control.py` the KL coefficient controller and running reward statistics
+- `validation.py` --eval-data: held-out prompts sampled and scored while training (eval/*)
 """

@@ -18,7 +18,8 @@ presets (`presets.py`) of this one loop. `build_online_roles` (`build.py`) makes
               value loss); grad clip; optimizer step; one LR-schedule step
 7. log        rollout engine weight sync, metrics.jsonl, KL controller, atomic checkpoint
               (trainer state + beta, reward statistics and the data cursor); on SIGINT or
-              SIGTERM a checkpoint, then RunInterrupted (`run/interrupt.py`)
+              SIGTERM a checkpoint, then RunInterrupted (`run/interrupt.py`); at step 0, every
+              --eval-steps and the last step, validation on --eval-data (`validation.py`)
 
 The run directory is checked and locked first (`run/rundir.py`: another run's directory, or a
 --resume with changed config or data, is refused).
@@ -78,6 +79,7 @@ from alignkit.training.online.steps import (
     uses_group_baseline,
 )
 from alignkit.training.online.trainer import Experience
+from alignkit.training.online.validation import NoValidation, make_validation
 from alignkit.training.run import distributed
 from alignkit.training.run.checkpoint import checkpoint_dir
 from alignkit.training.run.config import TrainConfig
@@ -95,8 +97,9 @@ log = logging.getLogger("alignkit")
 
 
 def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = None, reward: Any = None,
-               callbacks: tuple = ()) -> TrainResult:
-    """Train an online preset; see the module docstring for the steps."""
+               callbacks: tuple = (), eval_data: Any = None, gold_reward: Any = None) -> TrainResult:
+    """Train an online preset; see the module docstring for the steps (and `validation.py` for
+    --eval-data's held-out prompts, `eval_data` here, scored also by `gold_reward`)."""
     from alignkit.training.run.registry import ALGORITHMS
 
     s: OnlineSettings = ALGORITHMS[config.algorithm].make_task(config)
@@ -107,12 +110,13 @@ def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = N
     if config.lr is None:  # resolved before the run's fingerprint (the default build_online_roles uses)
         config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
     # the run directory: checked, locked, resumed from its newest intact checkpoint (run/rundir.py)
-    with open_run_dir(config, data=data) as run, padding_free(config.padding_free):
-        return _train_in(run, s, config, ranks, model, tokenizer, data, reward, callbacks)
+    with open_run_dir(config, data=data, eval_data=eval_data) as run, padding_free(config.padding_free):
+        return _train_in(run, s, config, ranks, model, tokenizer, data, reward, callbacks,
+                         eval_data=eval_data, gold_reward=gold_reward)
 
 
 def _train_in(run: RunDir, s: OnlineSettings, config: TrainConfig, ranks, model, tokenizer, data, reward,
-              callbacks: tuple) -> TrainResult:
+              callbacks: tuple, *, eval_data: Any = None, gold_reward: Any = None) -> TrainResult:
     """Everything after the run directory: prompts, roles, the driver's steps, final/."""
     run_dir, resume_from = run.path, run.resume_from
     seed_everything(config.seed)
@@ -126,6 +130,8 @@ def _train_in(run: RunDir, s: OnlineSettings, config: TrainConfig, ranks, model,
     if ranks.is_main:
         config.save(run_dir / "config.yaml")
     driver = OnlineDriver(config, s, roles, table, run_dir, total_steps)
+    driver.validation = make_validation(config, s, roles, total_steps=total_steps, exact_engine=driver.exact_engine,
+                                        eval_data=eval_data, gold_reward=gold_reward)
     if resume_from is not None:
         start_step = driver.resume(resume_from)
     else:
@@ -139,7 +145,8 @@ def _train_in(run: RunDir, s: OnlineSettings, config: TrainConfig, ranks, model,
         getattr(roles.rollout, "close", lambda: None)()
 
     final_dir = write_final(roles.model, roles.tokenizer, run_dir, ranks)
-    return TrainResult(run_dir, final_dir, total_steps, driver.last, {}, roles.model, roles.tokenizer)
+    return TrainResult(run_dir, final_dir, total_steps, driver.last, driver.validation.last, roles.model,
+                       roles.tokenizer)
 
 
 def load_prompt_table(source: Any, *, split: str | None = None, data_format: str = "auto") -> RowTable:
@@ -180,6 +187,7 @@ class OnlineDriver:
         self.log_lambda = math.log(s.lambda_init)  # safe_ppo's Lagrange multiplier (training/online/safe.py)
         self.cost_window = CostWindow(s.cost_window)
         self.resumed_at: int | None = None
+        self.validation = NoValidation()  # held-out prompts sampled and scored (validation.py)
         self.last: dict[str, float] = {}
         # the engine's temperature-1 log-probs are the policy's own (it samples the policy's weights)
         self.exact_engine = getattr(roles.rollout, "exact_logprobs", roles.rollout.shares_policy)
@@ -216,10 +224,16 @@ class OnlineDriver:
                                 allow=config.allow_degenerate)
         stop = StopSignals().install()  # Ctrl-C / SIGTERM: finish the step, checkpoint, RunInterrupted
         try:
+            if start_step == 0 and self.validation.due(0):
+                writer.write(0, self.validation.evaluate(0))  # the policy before any update
             for step in range(start_step + 1, self.total_steps + 1):
                 metrics = self.train_step(step)
+                evaluated = self.validation.evaluate(step) if self.validation.due(step) else {}
                 if step % config.logging_steps == 0 or step == self.total_steps:
-                    self.last, self.first_row = writer.write(step, {**metrics, **self.first_row}), {}
+                    self.last, self.first_row = writer.write(step, {**metrics, **evaluated, **self.first_row}), {}
+                elif evaluated:  # between logging steps: a row of eval/* alone
+                    writer.write(step, evaluated)
+                metrics.update(evaluated)
                 bar.set_postfix({**progress_postfix(metrics), "reward": f"{metrics['reward/mean']:.3f}"})
                 bar.update(1)
                 watch.observe(step, self.flags)  # may stop the run

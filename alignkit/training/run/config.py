@@ -80,11 +80,24 @@ class TrainConfig:
     logging_steps: int = 1
     """Log metrics every N steps."""
     eval_data: str | None = None
-    """Held-out data to evaluate on; default: --eval-holdout of the training data."""
+    """Held-out data to evaluate on; default: --eval-holdout of the training data. Online
+    algorithms: held-out prompts (same formats as --data), sampled and scored at step 0, every
+    --eval-steps steps and the last step (eval/* metrics)."""
     eval_holdout: int | float = 0.0
     """Training rows held out for evaluation: a fraction in (0, 1), or a whole count >= 1."""
     eval_steps: int = 0
-    """Evaluate every N steps (0: only at the end, when there is eval data)."""
+    """Evaluate every N steps (0: only at the end, when there is eval data). Online algorithms:
+    validate at step 0, every N steps and the last step; N >= 1 with --eval-data."""
+    gold_reward: str | None = None
+    """Online validation: a second reward spec (like --reward: `file.py:fn`, a built-in, `rm:DIR`)
+    scoring the eval samples as eval/gold, e.g. a true reward that exposes over-optimisation."""
+    eval_samples: int = 1
+    """Online validation: samples per eval prompt (pass@k needs --eval-samples >= k)."""
+    eval_k: str = "1"
+    """Online validation: comma-separated k of the logged eval/pass@k (e.g. 1,4), each <= --eval-samples."""
+    eval_pass_threshold: float = 1.0
+    """Online validation: a sample is correct for pass@k when its gold reward (else its training
+    reward) is >= this (1: a reward of 1 or more, as a 0/1 correctness reward gives)."""
     resume: str | None = None
     """Run directory to continue from its newest intact checkpoint, with the same config and data
     (see --override); a path without a run is an error."""

@@ -57,6 +57,7 @@ FIELD_RANGES: dict[str, Interval] = {
         "save_total_limit": "[1, inf)",
         "logging_steps": "[1, inf)",
         "eval_steps": "[0, inf)",
+        "eval_samples": "[1, inf)",
         "logp_chunk_size": "[1, inf)",
         "reward_timeout": "[0, inf)",  # 0: no limit (alignkit.rewards.runner)
         "reward_workers": "[0, inf)",

@@ -7,6 +7,7 @@ well under a second, as one ValueError / FileNotFoundError naming the flag or ke
 - numeric ranges of the fields (`ranges.FIELD_RANGES`) and of the algorithm's
   hyper-parameters where its paper fixes them (`ranges.HPARAM_RANGES`);
 - `--eval-holdout`: a fraction in (0, 1) or a whole count (4.0 becomes the count 4);
+- online validation: --eval-data and --eval-steps together, --eval-k within --eval-samples;
 - `--device cuda` needs CUDA, `--tensorboard` the tensorboard package;
 - the algorithm's task is built (unknown or mistyped hyper-parameters fail there);
 - an option the algorithm ignores, given explicitly, is an error (`ignored_fields`);
@@ -46,9 +47,7 @@ LORA_OPTIONS = ("lora_alpha", "lora_dropout", "lora_target_modules")
 ONLINE_IGNORES = {
     "grad_accum": "a step is --batch-size prompts; split it with --set minibatches / micro_batch_size",
     "max_length": "generation is bounded by --set max_new_tokens (and --max-prompt-length)",
-    "eval_data": "online runs do not evaluate held-out data (use alignkit eval)",
-    "eval_holdout": "online runs do not evaluate held-out data (use alignkit eval)",
-    "eval_steps": "online runs do not evaluate held-out data (use alignkit eval)",
+    "eval_holdout": "online runs validate on held-out prompts given as --eval-data",
     "allow_identical_pairs": "online runs read prompts only",
 }
 OWN_LOOP_IGNORES = {
@@ -60,6 +59,7 @@ OWN_LOOP_IGNORES = {
     "eval_steps": "it evaluates --eval-data once, at the end",
 }
 REWARD_FIELDS = ("reward", "reward_weights", "reward_model", "reward_timeout", "reward_workers")
+ONLINE_EVAL_FIELDS = ("gold_reward", "eval_samples", "eval_k", "eval_pass_threshold")
 ROLLOUT_FIELDS = ("rollout", "vllm_url", "vllm_python", "vllm_args", "vllm_logprobs_mode")
 VLLM_FIELDS = ROLLOUT_FIELDS[1:]
 
@@ -143,7 +143,7 @@ def online_ignores(config: TrainConfig, settings: Any) -> dict[str, str]:
                                 "model is loaded")
     elif config.lora_r > 0:
         ignored["ref_model"] = "with LoRA the reference is the base model with the adapter off"
-    if not config.reward:
+    if not (config.reward or config.gold_reward):
         ignored.update({name: "it applies to a reward function (--reward), not to --reward-model"
                         for name in ("reward_timeout", "reward_workers")})
     if config.placement == "local":
@@ -168,7 +168,7 @@ def offline_ignores(config: TrainConfig, task: Any) -> dict[str, str]:
     if hasattr(task, "run") and not getattr(task, "data_parallel", False):
         ignored.update(OWN_LOOP_IGNORES)
         ignored.update({name: OWN_LOOP_IGNORES["lora_r"] for name in LORA_OPTIONS})
-    ignored.update({name: "offline algorithms sample nothing" for name in ROLLOUT_FIELDS})
+    ignored.update({name: "offline algorithms sample nothing" for name in ROLLOUT_FIELDS + ONLINE_EVAL_FIELDS})
     if config.placement == "local":
         ignored["ray_address"] = "it applies to --placement colocate"
     if config.algorithm == "rm_embedding":
@@ -280,6 +280,10 @@ def validate_values(config: TrainConfig):
     check_field_ranges({name: getattr(config, name) for name in field_types()})
     config.eval_holdout = holdout_value(config.eval_holdout)
     check_placement(config, spec.runner)
+    if spec.runner == "online":
+        from alignkit.training.online.validation import check_eval_options
+
+        check_eval_options(config)
     task = spec.make_task(copy.deepcopy(config))
     components = sorted(getattr(task, "weights", None) or {})
     online_pairwise = spec.runner == "online" and getattr(task, "objective", "") == "pairwise"
