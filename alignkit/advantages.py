@@ -337,6 +337,28 @@ def reinforce_pp_baseline(
     return reinforce_pp(centred, group_index, mask, kl_penalty=kl_penalty, gamma=gamma)
 
 
+@register_advantage("return_to_go")
+def return_to_go(
+    rewards: Tensor,
+    group_index: Tensor,
+    mask: Tensor,
+    *,
+    kl_penalty: Tensor | None = None,
+    gamma: float = 1.0,
+) -> Tensor:
+    """Discounted return-to-go of the token rewards, with no baseline and no whitening:
+
+        r_t = -kl_penalty_t + 1[t = last] R ;  A_t = sum_l gamma^l r_{t+l}.
+
+    With beta x the k1 KL to a teacher as the penalty and gamma = 0, each token's advantage is
+    beta (log pi_T(y_t) - log pi(y_t)), its own negative reverse-KL estimate: on-policy
+    distillation (Agarwal et al. 2024, GKD; Thinking Machines 2025, discount 0). `group_index`
+    is unused. Shapes: rewards (N,), group_index (N,), mask (N, T) -> (N, T).
+    """
+    _check_outcome_shapes(rewards, group_index, mask)
+    return discounted_returns(token_level_rewards(rewards, mask, kl_penalty), mask, gamma)
+
+
 __all__ = [
     "ADVANTAGES",
     "ADVANTAGE_KINDS",
@@ -350,6 +372,7 @@ __all__ = [
     "register_advantage",
     "reinforce_pp",
     "reinforce_pp_baseline",
+    "return_to_go",
     "remax",
     "rloo",
     "token_level_rewards",

@@ -4,7 +4,7 @@ rank holds the gathered global batch for scoring, KL and advantages, step 3's lo
 by rows and gathered, and step 6 splits each minibatch with losses normalised by its global
 token/sequence counts. Checked for grpo, ppo (separate critic), dapo (dynamic sampling rounds),
 rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches, raft,
-superhf with micro-batches, pf_ppo, safe_ppo, grpo sampling
+superhf with micro-batches, pf_ppo, safe_ppo, distill (reverse_kl and jsd), grpo sampling
 through one rollout server shared by both ranks (--rollout vllm --vllm-url, the reference
 server; also with LoRA, a KL term and FSDP2), and under
 FSDP2 grpo, ppo, grpo with LoRA and a KL term, dapo with micro-batches: sampled
@@ -24,6 +24,7 @@ from dist_helpers import assert_runs_match, free_port, launch, read_params
 from run_helpers import read_metrics, write_jsonl
 
 import alignkit
+from alignkit.testing import build_tiny_model
 
 PROMPTS = ["Write a short review.", "The movie", "Tell me", "What is two plus two?", "Say something nice",
            "A story about"]
@@ -34,6 +35,8 @@ BASE = {"padding_free": False, "batch_size": 4, "max_steps": 3, "lr": 1e-2, "war
 RM = "<reward model>"  # stands for the reward model the fixture builds
 SERVER = "<rollout server>"  # stands for the URL of the reference server the fixture starts
 _server_url: list[str] = []
+TEACHER = "<teacher>"  # stands for a second tiny model (another seed) the fixture builds
+_teacher_dir: list[str] = []
 CASES = {
     "grpo": ("grpo", {}),
     "ppo": ("ppo", {}),
@@ -49,6 +52,9 @@ CASES = {
     "superhf-micro3": ("superhf", {"micro_batch_size": 3}),
     "pf_ppo": ("pf_ppo", {}),
     # safe_ppo: the cost scored on every rank, both critics' values split by rows
+    # distill: the teacher's log-probs split by rows (reverse_kl) and its distributions (jsd)
+    "distill": ("distill", {"teacher": TEACHER}),
+    "distill-jsd": ("distill", {"teacher": TEACHER, "distill_loss": "jsd"}),
     "safe_ppo": ("safe_ppo", {"cost": "dist_helpers:e_excess", "cost_limit": 0.0, "lambda_lr": 0.5}),
     # a reward model scores each rank's rows (gathered) and initialises the critic
     "ppo-reward-model": ("ppo", {"reward": None, "reward_model": RM, "critic_init": RM}),
@@ -81,8 +87,24 @@ def build_reward_model(folder: Path, model_dir) -> str:
     return str(folder)
 
 
+def build_teacher(folder: Path) -> str:
+    """A tiny model of another seed with its output head scaled x30: peaked next-token
+    distributions, far from the near-uniform policy's (so distillation's gradients are not
+    float noise that Adam would amplify)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    build_tiny_model(folder, seed=1)
+    teacher = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(30.0)
+    teacher.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    return str(folder)
+
+
 def resolved(extra: dict, reward_model: str) -> dict:
-    placeholders = {RM: reward_model, SERVER: _server_url[0] if _server_url else None}
+    placeholders = {RM: reward_model, SERVER: _server_url[0] if _server_url else None,
+                    TEACHER: _teacher_dir[0] if _teacher_dir else None}
     return {k: placeholders.get(v, v) if isinstance(v, str) else v for k, v in extra.items()}
 
 
@@ -102,6 +124,7 @@ def _launched_runs(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("two-ranks-online")
     data = write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in PROMPTS * 3])
     reward_model = build_reward_model(tmp / "rm", tiny_model_dir)
+    _teacher_dir[:] = [build_teacher(tmp / "teacher")]
     cases = [{"name": name, "algorithm": algorithm, "model": str(tiny_model_dir), "data": data,
               "overrides": {**BASE, **resolved(extra, reward_model)}}
              for name, (algorithm, extra) in {**CASES, **PACKED}.items()]

@@ -102,7 +102,8 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     else:
         rollout = HFRollout(model, tokenizer, max_batch_size=max_batch)
     # (FSDP2 + LoRA: the reference is the sharded policy with its adapter off, made with the trainer)
-    reference = None if sharded and is_peft(model) else make_reference(config, s, model, reference_copy)
+    adapter_reference = sharded and is_peft(model) and config.teacher is None
+    reference = None if adapter_reference else make_reference(config, s, model, reference_copy)
     if ranks.distributed:  # whole prompt groups per rank, gathered; reference rows split likewise
         rollout = ShardedRollout(rollout, ranks)
         reference = ShardedReference(reference, ranks) if reference is not None else None
@@ -115,7 +116,7 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     if config.lr is None:
         config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
     trainer = PolicyTrainer(model, s, config, total_steps=total_steps, critic=critic, value_head=value_head)
-    if sharded and is_peft(model) and needs_reference(s):
+    if adapter_reference and needs_reference(s):
         reference = _TrainerReference(trainer)  # splits the rows across ranks itself, in lockstep
     trained, total = count_parameters(trainer.module)
     log.info("parameters: %s trainable of %s", f"{trained:,}", f"{total:,}")
@@ -149,11 +150,32 @@ def load_policy(config: TrainConfig, model, tokenizer):
 def copy_reference(config: TrainConfig, s: OnlineSettings, model: nn.Module) -> nn.Module | None:
     """A frozen reference model (--ref-model, or a copy of the initial policy), when one is
     needed and no LoRA adapter can stand in for it (without LoRA)."""
+    if s.distill_loss != "none" or config.teacher is not None:
+        return load_teacher(config, s, model)
     if not needs_reference(s) or config.lora_r != 0:
         return None
     if config.ref_model:
         return load_model(config.ref_model, dtype=_dtype(config), device=_device(config))[0]
     return copy.deepcopy(model)
+
+
+def load_teacher(config: TrainConfig, s: OnlineSettings, policy: nn.Module) -> nn.Module:
+    """distill: the --teacher model, frozen, in the reference's place; it must share the
+    policy's vocabulary (the per-token KL compares the same token ids)."""
+    if s.distill_loss == "none":
+        raise ValueError("--teacher is the teacher of on-policy distillation: use `alignkit train distill` "
+                         "(or --set distill_loss=reverse_kl|jsd)")
+    if config.teacher is None:
+        raise ValueError(f"{config.algorithm}: on-policy distillation needs --teacher DIR (a causal LM with the "
+                         "policy's vocabulary)")
+    teacher, teacher_tokenizer = load_model(config.teacher, dtype=_dtype(config), device=_device(config),
+                                            trust_remote_code=config.trust_remote_code)
+    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+    policy_vocab = policy.get_output_embeddings().weight.shape[0]
+    if teacher_vocab != policy_vocab:
+        raise ValueError(f"--teacher {config.teacher}: its vocabulary has {teacher_vocab} tokens, the policy's "
+                         f"{policy_vocab}; distillation compares the same token ids, so both need one tokenizer")
+    return teacher
 
 
 def build_critic(config: TrainConfig, s: OnlineSettings, model: nn.Module):
@@ -222,7 +244,7 @@ def make_reference(config: TrainConfig, s: OnlineSettings, model: nn.Module,
     """The reference role: the policy with its adapter off (LoRA), else the frozen copy."""
     if not needs_reference(s):
         return None
-    if is_peft(model):
+    if is_peft(model) and reference_copy is None:
         return AdapterReference(model, config.logp_chunk_size, no_grad_rows(s))
     return ModelReference(reference_copy, config.logp_chunk_size, no_grad_rows(s))
 
@@ -253,12 +275,20 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
                          "ensemble as --reward rm:DIR")
     if spec is not None:
         return function_role(spec)
+    if config.reward_model is None and s.distill_loss != "none":  # the teacher's KL is the signal
+        return FunctionReward(no_task_reward)
     if config.reward_model is None:
         raise ValueError(f"{config.algorithm} needs a reward: --reward module:function or --reward-model DIR")
     model, rm_tokenizer = load_model(config.reward_model, kind="reward", dtype=_dtype(config),
                                      device=_device(config), trust_remote_code=config.trust_remote_code)
     require_trained_head(config.reward_model, model, "--reward-model")
     return ModelReward(model, rm_tokenizer, tokenizer)
+
+
+def no_task_reward(prompts, completions, **columns) -> list[float]:
+    """distill without --reward: no task reward (0 for every sample); the KL to the teacher is
+    the whole signal."""
+    return [0.0] * len(completions)
 
 
 def load_reward_spec(spec: str, s: OnlineSettings):

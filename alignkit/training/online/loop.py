@@ -292,8 +292,8 @@ class OnlineDriver:
         metrics.update(samples.metrics(s.dynamic_sampling))
         scored = time.perf_counter()
         signal_rows = samples.unfiltered or (samples.rewards, getattr(samples.rollout, "group_index", None))
-        self.flags = {"no_reward_variance": samples.rollout is None or not reward_varies(
-            *signal_rows, uses_group_baseline(s), samples.baseline)}
+        self.flags = {"no_reward_variance": samples.rollout is None or (s.distill_loss == "none" and not reward_varies(
+            *signal_rows, uses_group_baseline(s), samples.baseline))}  # distill: the teacher's KL is the signal
         if samples.rollout is None:
             log.warning("step %d: no prompt group with reward variance in %d generation round(s); "
                         "update skipped", step, samples.rounds)
@@ -312,6 +312,8 @@ class OnlineDriver:
         if ref_logp is not None:
             kl_tokens = torch.where(mask, capped(KL[s.kl_estimator](old_logp, ref_logp), s.kl_cap), 0.0)  # (N, L)
             metrics["kl"] = kl_tokens.sum(-1).mean().item()  # summed over tokens, mean over samples
+            if s.distill_loss != "none":  # the reference is the teacher: the student's reverse KL to it
+                metrics["distill/reverse_kl"] = torch.where(mask, old_logp - ref_logp, 0.0).sum(-1).mean().item()
             if s.kl_in == "reward" and s.objective == "policy_gradient":
                 kl_penalty = self.kl_control.value * kl_tokens
 
@@ -333,8 +335,8 @@ class OnlineDriver:
                 old_logp, samples.rollout.response_logprobs.to(roles.device), mask, s.tis_cap)
             metrics.update(tis_metrics)
         ref_dist = None
-        if s.objective == "sft" and s.beta > 0 and roles.reference is not None:  # SuperHF's KL prior
-            ref_dist = roles.reference.distributions(batch)
+        if (s.objective == "sft" and s.beta > 0 or s.objective == "distill") and roles.reference is not None:
+            ref_dist = roles.reference.distributions(batch)  # SuperHF's KL prior; GKD's teacher
         experience = Experience(batch, samples.rewards, group_index, old_logp, ref_logp, advantages, returns,
                                 old_values, beta=self.kl_control.value, step=step, tis_weights=tis,
                                 ref_dist=ref_dist)

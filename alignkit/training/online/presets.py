@@ -13,6 +13,7 @@
 | raft         | - (best of 8 kept)   | sft (NLL)            | token_mean          | 0.0 (none)                          | no     |
 | superhf      | - (best of 32 kept)  | sft (NLL) + KL prior | token_mean          | 0.1, full-vocabulary KL(ref||policy)| no     |
 | safe_ppo     | (A_R - l A_C)/(1+l)  | ppo_clip 0.1         | token_mean          | 0.1, k1, reward (-KL) and cost (+KL)| 2      |
+| distill      | return_to_go, gamma 0| ppo_clip (jsd: GKD)  | token_mean          | 1.0, k1 to the --teacher, reward    | no     |
 | pf_ppo       | gae (+whitening)     | ppo_clip             | token_mean          | 0.05, k1, reward; best+random of 4  | yes    |
 
 Dynamic sampling (dapo): groups whose rewards are all equal are dropped and further prompt
@@ -181,6 +182,14 @@ class OnlineSettings:
     (negative log-likelihood of the kept samples + beta x KL(ref || policy), RAFT / SuperHF)."""
     pairwise_loss: str = "dpo"
     label_smoothing: float = 0.0
+    # on-policy distillation (distill): --teacher DIR stands where the reference does
+    distill_loss: str = "none"
+    """none; reverse_kl (the student's samples, beta x (log pi_T - log pi) per token as the reward,
+    a policy-gradient update); or jsd (GKD's generalised JSD to the teacher's whole next-token
+    distribution as a supervised loss on the student's samples: objective becomes distill)."""
+    jsd_beta: float = 0.5
+    """jsd: the mixture weight beta of GKD / TRL's generalized_jsd_loss (0: KL(teacher || student),
+    1: KL(student || teacher))."""
     # Safe RLHF (safe_ppo): a cost, its critic and a Lagrange multiplier (training/online/safe.py)
     lagrangian: bool = False
     """Constrain the mean cost (--cost or --cost-model) to cost_limit with a Lagrange multiplier."""
@@ -223,6 +232,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  aggregation="token_mean"),
     "superhf": dict(objective="sft", sample_filter="best_of_n", group_size=32, top_p=0.95, beta=0.1,
                     kl_in="loss", aggregation="token_mean"),
+    "distill": dict(distill_loss="reverse_kl", advantage="return_to_go", gamma=0.0, policy_loss="ppo_clip",
+                    aggregation="token_mean", kl_in="reward", kl_estimator="k1", beta=1.0, group_size=4),
     "safe_ppo": dict(advantage="gae", policy_loss="ppo_clip", eps_low=0.1, aggregation="token_mean",
                      kl_in="reward", kl_estimator="k1", beta=0.1, critic="separate", cliprange_value=5.0,
                      whiten_advantages=True, epochs_per_batch=4, minibatches=1, group_size=1, lagrangian=True),
@@ -244,12 +255,14 @@ PAPERS = {
     "superhf": "SuperHF (Mukobi et al. 2023)",
     "pf_ppo": "PF-PPO: policy filtration for PPO (Zhang et al. 2024)",
     "safe_ppo": "Safe RLHF: PPO-Lagrangian (Dai et al. 2024)",
+    "distill": "On-policy distillation (Agarwal et al. 2024 GKD; Thinking Machines 2025)",
 }
 
 CHOICES = {
     "kl_in": ("reward", "loss", "none"),
     "critic": ("none", "separate", "shared"),
-    "objective": ("policy_gradient", "pairwise", "sft"),
+    "objective": ("policy_gradient", "pairwise", "sft", "distill"),
+    "distill_loss": ("none", "reverse_kl", "jsd"),
     "sample_filter": SAMPLE_FILTERS,
     "reward_on_error": ("raise", "penalty"),
     "rounds_exhausted": ("raise", "train"),
@@ -265,6 +278,8 @@ def resolve_settings(config, preset: str) -> OnlineSettings:
             f"{preset}: unknown hyper-parameter(s) {unknown}; accepted: {sorted(names)}"
         )
     settings = OnlineSettings(**{**PRESETS[preset], **coerce_fields(OnlineSettings, config.hparams, preset)})
+    if settings.distill_loss == "jsd":  # GKD's JSD is a supervised loss on the samples, not a policy gradient
+        settings.objective = "distill"
     _validate(settings, preset)
     return settings
 
@@ -282,6 +297,13 @@ def _validate(s: OnlineSettings, preset: str) -> None:
         raise ValueError(f"{preset}: group_size, epochs_per_batch and minibatches must be >= 1")
     if s.lagrangian:
         _validate_lagrangian(s, preset)
+    if s.objective == "distill" and s.distill_loss != "jsd":
+        raise ValueError(f"{preset}: objective=distill is GKD's supervised JSD: set distill_loss=jsd")
+    if s.distill_loss == "reverse_kl" and (s.kl_in != "reward" or s.kl_estimator != "k1" or not s.beta > 0):
+        raise ValueError(f"{preset}: distill_loss=reverse_kl takes beta x the k1 KL to the teacher as the "
+                         "per-token reward: kl_in=reward, kl_estimator=k1 and beta > 0")
+    if not 0 <= s.jsd_beta <= 1:
+        raise ValueError(f"{preset}: jsd_beta must be in [0, 1], got {s.jsd_beta}")
     if not 0 < s.filter_fraction <= 1:
         raise ValueError(f"{preset}: filter_fraction must be in (0, 1], got {s.filter_fraction}")
     if s.sample_filter in ("best_of_n", "best_random", "best_worst") and s.group_size < 2:
@@ -348,6 +370,8 @@ def needs_reference(s: OnlineSettings) -> bool:
     """beta = 0 (or kl_in = none) loads no reference model; pairwise losses always need one."""
     if s.objective == "pairwise":
         return s.pairwise_loss not in _reference_free()
+    if s.distill_loss != "none":  # the teacher stands where the reference does
+        return True
     if s.objective == "sft":  # beta: the KL prior's coefficient (SuperHF)
         return s.beta > 0
     return s.beta > 0 and s.kl_in != "none"
@@ -364,9 +388,12 @@ def register_online_family() -> None:
 
     for name, preset in PRESETS.items():
         models = ["policy"]
-        if needs_reference(OnlineSettings(**preset)):
+        if preset.get("distill_loss", "none") != "none":
+            models.append("teacher")
+        elif needs_reference(OnlineSettings(**preset)):
             models.append("reference")
-        models.append("reward")
+        if preset.get("distill_loss", "none") == "none":  # distill: a task reward is optional
+            models.append("reward")
         if preset.get("lagrangian"):
             models.append("cost")
         if preset.get("critic", "none") != "none":

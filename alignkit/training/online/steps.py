@@ -319,19 +319,36 @@ def kl_prior(ref_dist: Tensor, log_dist: Tensor) -> Tensor:
     return (ref_dist.exp() * (ref_dist - log_dist)).sum(-1).clamp(min=0)
 
 
+def generalized_jsd(student: Tensor, teacher: Tensor, beta: float) -> Tensor:
+    """GKD's generalised Jensen-Shannon divergence (Agarwal et al. 2024, eq. 1; TRL's
+    generalized_jsd_loss) per position, from (..., V) log softmaxes -> (...):
+
+        M = beta pi_T + (1 - beta) pi_S ;  JSD_beta = beta KL(pi_T || M) + (1 - beta) KL(pi_S || M),
+    with the limits beta = 0: KL(pi_T || pi_S) and beta = 1: KL(pi_S || pi_T)."""
+    if beta == 0:
+        return (teacher.exp() * (teacher - student)).sum(-1)
+    if beta == 1:
+        return (student.exp() * (student - teacher)).sum(-1)
+    mixture = torch.logaddexp(student + math.log1p(-beta), teacher + math.log(beta))
+    return (beta * (teacher.exp() * (teacher - mixture)).sum(-1)
+            + (1 - beta) * (student.exp() * (student - mixture)).sum(-1))
+
+
 def sft_update(policy, batch, rows, s, ref_dist) -> dict[str, float]:
-    """RAFT / SuperHF: negative log-likelihood of the kept samples, aggregated like a policy
-    loss (token_mean: the mean over the minibatch's tokens), plus beta x the KL prior:
+    """The supervised objectives on the step's (kept) samples, aggregated like a policy loss
+    (token_mean: the mean over the minibatch's tokens).
 
-        L = aggregate(-log pi_theta(y_t | s_t)) + beta x sum_t KL_t / tokens   (KL_t: `kl_prior`)
-
-    `ref_dist` (N, L, V): the reference's log softmax (None when beta = 0). Normalisers count
-    the whole minibatch, as `policy_gradient_update`."""
+    sft (RAFT / SuperHF): L = aggregate(-log pi_theta(y_t | s_t)) + beta x sum_t KL_t / tokens,
+    KL_t the KL prior (`kl_prior`), `ref_dist` (N, L, V) the reference's log softmax (None when
+    beta = 0). distill (GKD, on-policy): L = aggregate(JSD_beta(pi_T, pi_theta)_t), `ref_dist`
+    the teacher's log softmax (`generalized_jsd`, jsd_beta). Normalisers count the whole
+    minibatch, as `policy_gradient_update`."""
     ranks = distributed.current()
     mask_all = batch.response_mask[rows]
     norm = {"num_tokens": mask_all.sum(), "num_seqs": (mask_all.sum(-1) > 0).sum(), "max_len": s.max_new_tokens}
     aggregate, tokens_all = AGGREGATIONS[s.aggregation], norm["num_tokens"].clamp(min=1)
-    with_prior = ref_dist is not None and s.beta > 0
+    jsd = s.objective == "distill"
+    with_prior = ref_dist is not None and (s.beta > 0 or jsd)
     sums: dict[str, float] = {}
     pieces = rank_micro_batches(rows, s.micro_batch_size, ranks)
     for index, (micro, weight) in enumerate(pieces):
@@ -340,16 +357,21 @@ def sft_update(policy, batch, rows, s, ref_dist) -> dict[str, float]:
             mask, width = sub.response_mask, sub.response_mask.shape[1]
             if with_prior:
                 logp, entropy, log_dist = policy.forward(sub, with_entropy=True, distributions=True)
-                kl = torch.where(mask, kl_prior(ref_dist[micro, :width], log_dist), 0.0).sum() / tokens_all
+                target = ref_dist[micro, :width]
             else:
                 logp, entropy, _ = policy.forward(sub, with_entropy=s.log_entropy)
-                kl = logp.new_zeros(())
             nll = aggregate(-logp, mask, **norm)
-            loss = nll + s.beta * kl
+            if jsd:
+                kl = aggregate(generalized_jsd(log_dist, target, s.jsd_beta), mask, **norm)
+                loss = kl
+            else:
+                kl = (torch.where(mask, kl_prior(target, log_dist), 0.0).sum() / tokens_all if with_prior
+                      else logp.new_zeros(()))
+                loss = nll + s.beta * kl
             (loss * (weight * ranks.world) if ranks.distributed else loss).backward()
         if weight > 0:
             share = (mask.sum() / tokens_all).item()
-            for key, value in {"loss": loss.item(), "nll": nll.item(), "kl_prior": kl.item(),
+            for key, value in {"loss": loss.item(), "nll": nll.item(), ("jsd" if jsd else "kl_prior"): kl.item(),
                                "entropy": masked_mean(entropy.detach(), mask).item() * share}.items():
                 add(sums, key, value)
     return distributed.sum_over_ranks(sums)

@@ -71,7 +71,8 @@ class Experience:
     tis_weights: Tensor | None = None
     """(N, L) truncated importance weights of each token's policy loss (--set tis_cap), or None."""
     ref_dist: Tensor | None = None
-    """(N, L, V) reference log softmax over the vocabulary (objective sft with beta > 0), or None."""
+    """(N, L, V) log softmax over the vocabulary of the reference (objective sft with beta > 0) or
+    the teacher (objective distill), or None."""
 
 
 class Trainable(nn.Module):
@@ -219,7 +220,7 @@ class PolicyTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if s.objective == "pairwise":
             part = pairwise_update(self, e.batch, rows, e.ref_logp, s)
-        elif s.objective == "sft":
+        elif s.objective in ("sft", "distill"):
             part = sft_update(self, e.batch, rows, s, e.ref_dist)
         else:
             part = policy_gradient_update(self, e.batch, rows, s, e.old_logp, e.ref_logp,

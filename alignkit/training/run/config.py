@@ -39,6 +39,8 @@ class TrainConfig:
     """Online algorithms: directory of a sequence-classification reward model."""
     cost: str | None = None
     """safe_ppo: cost function (`module:function`, `file.py:function`; higher = less safe), like --reward."""
+    teacher: str | None = None
+    """distill: directory of the teacher model (same vocabulary as --model); the KL is taken to it."""
     cost_model: str | None = None
     """safe_ppo: directory of a cost model (`alignkit train cost`; cost > 0 means unsafe)."""
     batch_size: int = 8
