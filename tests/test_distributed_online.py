@@ -4,7 +4,7 @@ rank holds the gathered global batch for scoring, KL and advantages, step 3's lo
 by rows and gathered, and step 6 splits each minibatch with losses normalised by its global
 token/sequence counts. Checked for grpo, ppo (separate critic), dapo (dynamic sampling rounds),
 rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches, raft,
-superhf with micro-batches, pf_ppo, safe_ppo, distill (reverse_kl and jsd), grpo sampling
+superhf with micro-batches, pf_ppo, safe_ppo, distill (reverse_kl and jsd), inpo, grpo sampling
 through one rollout server shared by both ranks (--rollout vllm --vllm-url, the reference
 server; also with LoRA, a KL term and FSDP2), and under
 FSDP2 grpo, ppo, grpo with LoRA and a KL term, dapo with micro-batches: sampled
@@ -54,6 +54,7 @@ CASES = {
     # safe_ppo: the cost scored on every rank, both critics' values split by rows
     # distill: the teacher's log-probs split by rows (reverse_kl) and its distributions (jsd)
     "distill": ("distill", {"teacher": TEACHER}),
+    "inpo": ("inpo", {"inpo_eta": 0.1}),
     "distill-jsd": ("distill", {"teacher": TEACHER, "distill_loss": "jsd"}),
     "safe_ppo": ("safe_ppo", {"cost": "dist_helpers:e_excess", "cost_limit": 0.0, "lambda_lr": 0.5}),
     # a reward model scores each rank's rows (gathered) and initialises the critic

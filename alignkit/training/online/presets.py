@@ -13,6 +13,7 @@
 | raft         | - (best of 8 kept)   | sft (NLL)            | token_mean          | 0.0 (none)                          | no     |
 | superhf      | - (best of 32 kept)  | sft (NLL) + KL prior | token_mean          | 0.1, full-vocabulary KL(ref||policy)| no     |
 | safe_ppo     | (A_R - l A_C)/(1+l)  | ppo_clip 0.1         | token_mean          | 0.1, k1, reward (-KL) and cost (+KL)| 2      |
+| inpo         | - (pairs best/worst) | (h - 1/(2 eta))^2    | mean over pairs     | tau/eta on ref, rest on pi_t        | no     |
 | distill      | return_to_go, gamma 0| ppo_clip (jsd: GKD)  | token_mean          | 1.0, k1 to the --teacher, reward    | no     |
 | pf_ppo       | gae (+whitening)     | ppo_clip             | token_mean          | 0.05, k1, reward; best+random of 4  | yes    |
 
@@ -181,6 +182,13 @@ class OnlineSettings:
     """policy_gradient; pairwise (best vs worst sample of each prompt, a PAIRWISE loss); or sft
     (negative log-likelihood of the kept samples + beta x KL(ref || policy), RAFT / SuperHF)."""
     pairwise_loss: str = "dpo"
+    """A PAIRWISE loss (alignkit.objectives), or inpo (objectives/nash.py)."""
+    inpo_eta: float = 0.005
+    """inpo: eta, the coefficient of KL(pi || pi_t) in the mirror-descent step; the regression
+    target is 1 / (2 eta) (the paper's final 0.005: target 100)."""
+    inpo_tau: float | None = None
+    """inpo: tau, the KL-to-reference coefficient of the game, 0 <= tau < eta (None: eta / 3,
+    the paper's choice; 0: its "w/o KL" ablation)."""
     label_smoothing: float = 0.0
     # on-policy distillation (distill): --teacher DIR stands where the reference does
     distill_loss: str = "none"
@@ -232,6 +240,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  aggregation="token_mean"),
     "superhf": dict(objective="sft", sample_filter="best_of_n", group_size=32, top_p=0.95, beta=0.1,
                     kl_in="loss", aggregation="token_mean"),
+    "inpo": dict(objective="pairwise", pairwise_loss="inpo", kl_in="none", group_size=8),
     "distill": dict(distill_loss="reverse_kl", advantage="return_to_go", gamma=0.0, policy_loss="ppo_clip",
                     aggregation="token_mean", kl_in="reward", kl_estimator="k1", beta=1.0, group_size=4),
     "safe_ppo": dict(advantage="gae", policy_loss="ppo_clip", eps_low=0.1, aggregation="token_mean",
@@ -255,6 +264,7 @@ PAPERS = {
     "superhf": "SuperHF (Mukobi et al. 2023)",
     "pf_ppo": "PF-PPO: policy filtration for PPO (Zhang et al. 2024)",
     "safe_ppo": "Safe RLHF: PPO-Lagrangian (Dai et al. 2024)",
+    "inpo": "INPO: iterative Nash policy optimisation (Zhang et al. 2025)",
     "distill": "On-policy distillation (Agarwal et al. 2024 GKD; Thinking Machines 2025)",
 }
 
@@ -289,7 +299,7 @@ def _validate(s: OnlineSettings, preset: str) -> None:
         if getattr(s, key) not in allowed:
             raise ValueError(f"{preset}: {key} must be one of {allowed}, got {getattr(s, key)!r}")
     registries = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES, "aggregation": AGGREGATIONS,
-                  "kl_estimator": KL, "pairwise_loss": PAIRWISE}
+                  "kl_estimator": KL, "pairwise_loss": {**PAIRWISE, "inpo": None}}
     for key, registry in registries.items():
         if getattr(s, key) not in registry:
             raise ValueError(f"{preset}: unknown {key} {getattr(s, key)!r}; known: {sorted(registry)}")
@@ -302,6 +312,10 @@ def _validate(s: OnlineSettings, preset: str) -> None:
     if s.distill_loss == "reverse_kl" and (s.kl_in != "reward" or s.kl_estimator != "k1" or not s.beta > 0):
         raise ValueError(f"{preset}: distill_loss=reverse_kl takes beta x the k1 KL to the teacher as the "
                          "per-token reward: kl_in=reward, kl_estimator=k1 and beta > 0")
+    if s.pairwise_loss == "inpo" and not (s.inpo_eta > 0 and 0 <= (s.inpo_eta / 3 if s.inpo_tau is None
+                                                                    else s.inpo_tau) < s.inpo_eta):
+        raise ValueError(f"{preset}: inpo needs eta > 0 and 0 <= tau < eta (got eta={s.inpo_eta}, "
+                         f"tau={s.inpo_tau})")
     if not 0 <= s.jsd_beta <= 1:
         raise ValueError(f"{preset}: jsd_beta must be in [0, 1], got {s.jsd_beta}")
     if not 0 < s.filter_fraction <= 1:

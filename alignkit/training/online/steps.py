@@ -22,6 +22,7 @@ from alignkit.advantages import (
 )
 from alignkit.objectives import KL, PAIRWISE, PairLogps
 from alignkit.objectives.kl import capped
+from alignkit.objectives.nash import inpo_h, inpo_loss
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
 from alignkit.rollout import SamplingParams
 from alignkit.training.online.kl_control import RunningMeanStd
@@ -283,8 +284,10 @@ def best_worst_pairs(rewards: Tensor, group_index: Tensor) -> Tensor:
     return torch.stack(pairs) if pairs else torch.zeros((0, 2), dtype=torch.long, device=rewards.device)
 
 
-def pairwise_update(policy, batch, pairs, ref_logp, s) -> dict[str, float]:
-    """Online DPO: a PAIRWISE loss on (best, worst) samples, live reference log-probs."""
+def pairwise_update(policy, batch, pairs, ref_logp, s, old_logp=None) -> dict[str, float]:
+    """Online DPO: a PAIRWISE loss on (best, worst) samples, live reference log-probs. INPO
+    (pairwise_loss=inpo, `objectives/nash.py`): the regression on h, pi_t's log-probs being
+    `old_logp` (N, L), those of the policy that sampled the pairs."""
     chosen, rejected = pairs[:, 0], pairs[:, 1]
     rows = torch.cat([chosen, rejected])
     sub = batch.select(rows)
@@ -296,16 +299,28 @@ def pairwise_update(policy, batch, pairs, ref_logp, s) -> dict[str, float]:
     logps = PairLogps(chosen=sums[:half], rejected=sums[half:], chosen_tokens=counts[:half],
                       rejected_tokens=counts[half:], ref_chosen=None if ref is None else ref[:half],
                       ref_rejected=None if ref is None else ref[half:])
-    fn = PAIRWISE[s.pairwise_loss]
-    hparams = kwargs_for(fn, {"beta": s.beta, "label_smoothing": s.label_smoothing})
-    loss = fn(logps, **hparams).mean()
+    metrics: dict[str, float] = {}
+    if s.pairwise_loss == "inpo":
+        prev = torch.where(mask, old_logp[rows, : mask.shape[1]], 0.0).sum(-1)
+        args = (sums[:half], sums[half:], ref[:half], ref[half:], prev[:half], prev[half:], s.inpo_eta, inpo_tau(s))
+        loss = inpo_loss(*args).mean()
+        metrics["inpo/h"] = inpo_h(*args).mean().item()
+    else:
+        fn = PAIRWISE[s.pairwise_loss]
+        hparams = kwargs_for(fn, {"beta": s.beta, "label_smoothing": s.label_smoothing})
+        loss = fn(logps, **hparams).mean()
     loss.backward()
-    metrics = {"loss": loss.item(), "entropy": masked_mean(entropy.detach(), mask).item(), "pairs": float(half)}
+    metrics.update({"loss": loss.item(), "entropy": masked_mean(entropy.detach(), mask).item(), "pairs": float(half)})
     if ref is not None:
         margin = s.beta * ((sums[:half] - ref[:half]) - (sums[half:] - ref[half:])).detach()
         metrics.update({"rewards/margins": margin.mean().item(),
                         "rewards/accuracies": (margin > 0).float().mean().item()})
     return metrics
+
+
+def inpo_tau(s: OnlineSettings) -> float:
+    """INPO's KL-to-reference coefficient: inpo_tau, or the paper's eta / 3."""
+    return s.inpo_eta / 3 if s.inpo_tau is None else s.inpo_tau
 
 
 def kl_prior(ref_dist: Tensor, log_dist: Tensor) -> Tensor:

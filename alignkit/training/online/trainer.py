@@ -219,7 +219,7 @@ class PolicyTrainer:
         s = self.s
         self.optimizer.zero_grad(set_to_none=True)
         if s.objective == "pairwise":
-            part = pairwise_update(self, e.batch, rows, e.ref_logp, s)
+            part = pairwise_update(self, e.batch, rows, e.ref_logp, s, e.old_logp)
         elif s.objective in ("sft", "distill"):
             part = sft_update(self, e.batch, rows, s, e.ref_dist)
         else:
