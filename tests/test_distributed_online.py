@@ -4,7 +4,8 @@ rank holds the gathered global batch for scoring, KL and advantages, step 3's lo
 by rows and gathered, and step 6 splits each minibatch with losses normalised by its global
 token/sequence counts. Checked for grpo, ppo (separate critic), dapo (dynamic sampling rounds),
 rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches, raft,
-superhf with micro-batches, pf_ppo, safe_ppo, distill (reverse_kl and jsd), inpo, grpo sampling
+superhf with micro-batches, pf_ppo, safe_ppo, distill (reverse_kl and jsd), inpo, ma_ppo
+(random macro actions), grpo sampling
 through one rollout server shared by both ranks (--rollout vllm --vllm-url, the reference
 server; also with LoRA, a KL term and FSDP2), and under
 FSDP2 grpo, ppo, grpo with LoRA and a KL term, dapo with micro-batches: sampled
@@ -57,6 +58,9 @@ CASES = {
     "inpo": ("inpo", {"inpo_eta": 0.1}),
     "distill-jsd": ("distill", {"teacher": TEACHER, "distill_loss": "jsd"}),
     "safe_ppo": ("safe_ppo", {"cost": "dist_helpers:e_excess", "cost_limit": 0.0, "lambda_lr": 0.5}),
+    # ma_ppo: random macro actions drawn from the same (seed, step) stream on every rank, over the
+    # gathered global batch
+    "ma_ppo-random": ("ma_ppo", {"macro_termination": "random", "macro_repeat": 1}),
     # a reward model scores each rank's rows (gathered) and initialises the critic
     "ppo-reward-model": ("ppo", {"reward": None, "reward_model": RM, "critic_init": RM}),
     # one rollout server for both ranks (--vllm-url): each rank sends its prompt groups, rank 0

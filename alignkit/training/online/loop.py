@@ -12,7 +12,8 @@ presets (`presets.py`) of this one loop. `build_online_roles` (`build.py`) makes
               samples the trained module), critic values
 4. KL         per-token k1/k2/k3 of old vs reference; beta x KL shapes the reward
               (kl_in="reward") or is added to the loss (kl_in="loss")
-5. advantages one registered estimator (alignkit.advantages); whitening/clipping
+5. advantages one registered estimator (alignkit.advantages), or ma_ppo's GAE over macro
+              actions (`macro.py`); whitening/clipping
 6. update     the policy role (`PolicyTrainer.update`, `trainer.py`): K epochs x M minibatches
               (x micro-batches) of policy loss + aggregation (+ beta KL) (+ vf_coef clipped
               value loss); grad clip; optimizer step; one LR-schedule step
@@ -68,7 +69,7 @@ from alignkit.training.online.kl_control import RunningMeanStd, make_kl_controll
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch
 from alignkit.training.online.safe import CostWindow, lagrange_step
-from alignkit.training.online.sampling import PromptSampler, StepSamples
+from alignkit.training.online.sampling import PromptSampler, StepSamples, step_seed
 from alignkit.training.online.server_rollout import logprob_diff
 from alignkit.training.online.steps import (
     check_group_baseline,
@@ -94,6 +95,8 @@ from alignkit.training.run.seed import seed_everything
 from alignkit.training.run.threads import configure_threads
 
 log = logging.getLogger("alignkit")
+MACRO_SEED_ROUND = 104_723
+"""ma_ppo's random macro actions draw from step_seed(seed, step, this), a stream of their own."""
 
 
 def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = None, reward: Any = None,
@@ -325,7 +328,8 @@ class OnlineDriver:
         if s.objective == "policy_gradient":
             advantages, returns = compute_advantages(s, samples.rewards, group_index, mask, kl_penalty,
                                                      old_values, samples.baseline, samples.costs,
-                                                     math.exp(self.log_lambda))
+                                                     math.exp(self.log_lambda), ref_logp,
+                                                     step_seed(self.config.seed, step, MACRO_SEED_ROUND))
             metrics.update(summary_stats("advantages", advantages, mask))
 
         # 6. K epochs of minibatch updates

@@ -16,6 +16,7 @@
 | inpo         | - (pairs best/worst) | (h - 1/(2 eta))^2    | mean over pairs     | tau/eta on ref, rest on pi_t        | no     |
 | distill      | return_to_go, gamma 0| ppo_clip (jsd: GKD)  | token_mean          | 1.0, k1 to the --teacher, reward    | no     |
 | pf_ppo       | gae (+whitening)     | ppo_clip             | token_mean          | 0.05, k1, reward; best+random of 4  | yes    |
+| ma_ppo       | gae over macro spans | ppo_clip             | token_mean          | 0.05, k1, reward (per token)        | yes    |
 
 Dynamic sampling (dapo): groups whose rewards are all equal are dropped and further prompt
 batches are generated until --batch-size groups remain (at most max_generation_rounds batches;
@@ -36,6 +37,7 @@ from alignkit.objectives import KL, PAIRWISE
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
 from alignkit.objectives.reward_losses import ENSEMBLE_AGGREGATIONS
 from alignkit.training.online.filters import SAMPLE_FILTERS
+from alignkit.training.online.macro import MACRO_TERMINATIONS, MACRO_VALUES
 from alignkit.training.online.multi_reward import REWARD_AGGREGATIONS
 from alignkit.training.run.values import coerce_fields
 
@@ -102,6 +104,18 @@ class OnlineSettings:
     """PPO-max: clip advantages to [-c, c] after whitening (MOSS-RLHF 0.5)."""
     remax_clip: float | None = None
     """remax: clip R - R_greedy to [-c, c]."""
+    macro_termination: str = "none"
+    """MA-RLHF (ma_ppo): GAE over macro actions, spans of tokens cut by fixed (n-grams of
+    macro_n), random (lengths from {1,2,3,5,10}, each macro_repeat times, seeded by (seed, step))
+    or perplexity (a span starts where the reference's perplexity rises; needs beta > 0);
+    none: token-level GAE. See training/online/macro.py."""
+    macro_n: int = 5
+    """fixed macro actions: tokens per span (1 is token-level PPO exactly)."""
+    macro_repeat: int = 3
+    """random macro actions: times each length of {1,2,3,5,10} is drawn (the code's repeat_times)."""
+    macro_value: str = "equal"
+    """Macro value and reward from a span's tokens: equal (mean), unit (last token) or position
+    (weights proportional to 1/position in the span)."""
     dynamic_sampling: bool = False
     """DAPO: train only on prompt groups whose rewards are not all equal (the others have zero
     advantage), generating further batches of prompts until --batch-size such groups are kept."""
@@ -250,6 +264,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                    kl_estimator="k1", beta=0.05, critic="separate", whiten_advantages=True,
                    epochs_per_batch=4, minibatches=1, group_size=4, sample_filter="best_random"),
 }
+# MA-RLHF: ppo's choices with GAE over fixed 5-gram macro actions, so macro_n=1 is ppo exactly.
+# kl 0.05, gamma 1, lam 0.95, clip 0.2 and value clip 0.2 are also the paper's Gemma-2B TL;DR
+# settings; its code also uses 1 PPO epoch, no advantage whitening, temperature 0.8 and its
+# reward model's clip 2.5 (--set epochs_per_batch=1, whiten_advantages=false, temperature=0.8,
+# reward_clip=2.5 to match it).
+PRESETS["ma_ppo"] = {**PRESETS["ppo"], "macro_termination": "fixed"}
 
 PAPERS = {
     "ppo": "PPO for LMs (Ouyang et al. 2022; Zheng et al. 2023 PPO-max)",
@@ -266,6 +286,7 @@ PAPERS = {
     "safe_ppo": "Safe RLHF: PPO-Lagrangian (Dai et al. 2024)",
     "inpo": "INPO: iterative Nash policy optimisation (Zhang et al. 2025)",
     "distill": "On-policy distillation (Agarwal et al. 2024 GKD; Thinking Machines 2025)",
+    "ma_ppo": "MA-RLHF: PPO over macro actions (Chai et al. 2024)",
 }
 
 CHOICES = {
@@ -276,6 +297,8 @@ CHOICES = {
     "sample_filter": SAMPLE_FILTERS,
     "reward_on_error": ("raise", "penalty"),
     "rounds_exhausted": ("raise", "train"),
+    "macro_termination": MACRO_TERMINATIONS,
+    "macro_value": MACRO_VALUES,
 }
 
 
@@ -318,6 +341,8 @@ def _validate(s: OnlineSettings, preset: str) -> None:
                          f"tau={s.inpo_tau})")
     if not 0 <= s.jsd_beta <= 1:
         raise ValueError(f"{preset}: jsd_beta must be in [0, 1], got {s.jsd_beta}")
+    if s.macro_termination != "none":
+        _validate_macro(s, preset)
     if not 0 < s.filter_fraction <= 1:
         raise ValueError(f"{preset}: filter_fraction must be in (0, 1], got {s.filter_fraction}")
     if s.sample_filter in ("best_of_n", "best_random", "best_worst") and s.group_size < 2:
@@ -371,6 +396,18 @@ def _validate_lagrangian(s: OnlineSettings, preset: str) -> None:
         raise ValueError(f"{preset}: lambda_init and lambda_lr must be > 0 and cost_window >= 1")
     if s.lambda_max is not None and not s.lambda_max >= s.lambda_init:
         raise ValueError(f"{preset}: lambda_max must be >= lambda_init ({s.lambda_init}), got {s.lambda_max}")
+
+
+def _validate_macro(s: OnlineSettings, preset: str) -> None:
+    """ma_ppo's settings: macro actions replace token-level GAE, so they need it."""
+    if s.objective != "policy_gradient" or ADVANTAGE_KINDS[s.advantage] != "critic" or s.lagrangian:
+        raise ValueError(f"{preset}: macro_termination={s.macro_termination} runs GAE over macro actions: it needs "
+                         "objective=policy_gradient, advantage=gae and a critic (not lagrangian)")
+    if s.macro_n < 1 or s.macro_repeat < 1:
+        raise ValueError(f"{preset}: macro_n and macro_repeat must be >= 1, got {s.macro_n} and {s.macro_repeat}")
+    if s.macro_termination == "perplexity" and not needs_reference(s):
+        raise ValueError(f"{preset}: macro_termination=perplexity reads the reference model's log-probs: it needs "
+                         "beta > 0 and kl_in=reward or loss")
 
 
 def no_grad_rows(s: OnlineSettings) -> int:

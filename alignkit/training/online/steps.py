@@ -26,6 +26,7 @@ from alignkit.objectives.nash import inpo_h, inpo_loss
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
 from alignkit.rollout import SamplingParams
 from alignkit.training.online.kl_control import RunningMeanStd
+from alignkit.training.online.macro import macro_gae, macro_spans
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch, chunks, decode_completions
 from alignkit.training.online.safe import lagrangian_advantages
@@ -89,16 +90,23 @@ def greedy_baseline(engine, scorer, tokenizer, prompt_ids, prompt_texts, columns
 
 
 def compute_advantages(s: OnlineSettings, rewards, group_index, mask, kl_penalty, values, baseline,
-                       costs=None, lagrange: float = 0.0):
+                       costs=None, lagrange: float = 0.0, ref_logp=None, seed: int = 0):
     """(advantages, returns), (N, L) each; returns only matter with a critic. safe_ppo
     (`lagrangian`): the mix of reward and cost advantages with multiplier `lagrange` and returns
-    (N, L, 2) of both critics (`training/online/safe.py`)."""
+    (N, L, 2) of both critics (`training/online/safe.py`). ma_ppo (`macro_termination`): GAE over
+    macro actions cut from `mask` (perplexity: from `ref_logp` (N, L); random: by `seed`),
+    broadcast back to their tokens (`training/online/macro.py`)."""
     if s.lagrangian:
         advantages, returns = lagrangian_advantages(rewards, costs, mask, kl_penalty, values, lagrange,
                                                     s.gamma, s.lam)
     elif ADVANTAGE_KINDS[s.advantage] == "critic":
         token_rewards = token_level_rewards(rewards, mask, kl_penalty)
-        advantages, returns = gae(token_rewards, values, mask, gamma=s.gamma, lam=s.lam)
+        if s.macro_termination == "none":
+            advantages, returns = gae(token_rewards, values, mask, gamma=s.gamma, lam=s.lam)
+        else:
+            spans = macro_spans(s.macro_termination, mask, n=s.macro_n, repeat=s.macro_repeat, ref_logp=ref_logp,
+                                seed=seed)
+            advantages, returns = macro_gae(token_rewards, values, mask, spans, s.gamma, s.lam, s.macro_value)
     else:
         fn = ADVANTAGES[s.advantage]
         extra = kwargs_for(fn, {"scale_by_std": s.scale_by_std, "gamma": s.gamma, "clip": s.remax_clip,
