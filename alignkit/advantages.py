@@ -359,6 +359,28 @@ def return_to_go(
     return discounted_returns(token_level_rewards(rewards, mask, kl_penalty), mask, gamma)
 
 
+@register_advantage("sequence_reward")
+def sequence_reward(
+    rewards: Tensor,
+    group_index: Tensor,
+    mask: Tensor,
+    *,
+    kl_penalty: Tensor | None = None,
+) -> Tensor:
+    """The sequence reward on every token, minus that token's own KL penalty:
+
+        A_t = R - kl_penalty_t,
+
+    REINFORCE with the KL by REINFORCE (TRL's Nash-MD: (p - 0.5) - beta sg(log pi - log pi_ref)
+    per token). `group_index` is unused. Shapes: rewards (N,), mask (N, T) -> (N, T)."""
+    _check_outcome_shapes(rewards, group_index, mask)
+    advantages = _broadcast(rewards, mask)
+    if kl_penalty is not None:
+        _check_token_shapes(mask, kl_penalty)
+        advantages = advantages - kl_penalty.to(advantages.dtype)
+    return torch.where(mask.bool(), advantages, 0.0)
+
+
 __all__ = [
     "ADVANTAGES",
     "ADVANTAGE_KINDS",
@@ -373,6 +395,7 @@ __all__ = [
     "reinforce_pp",
     "reinforce_pp_baseline",
     "return_to_go",
+    "sequence_reward",
     "remax",
     "rloo",
     "token_level_rewards",

@@ -169,14 +169,25 @@ class HFEngine:
             },
         )
 
+    def _new_cache(self) -> Any:
+        """The decode cache of one chunk (a subclass sampling several models keeps several)."""
+        return _new_cache(self.model)
+
     def _forward(
         self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor, cache: Any
     ) -> Tensor:
         """One forward with the cache; returns the last position's logits (rows, V)."""
+        return self._model_forward(self.model, input_ids, attention_mask, position_ids, cache)
+
+    def _model_forward(
+        self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor,
+        cache: Any,
+    ) -> Tensor:
+        """`model`'s forward with `cache`: the last position's logits (rows, V)."""
         kwargs: dict[str, Any] = {self._cache_kwarg: cache}
         if self._logits_kwarg is not None:
             kwargs[self._logits_kwarg] = 1
-        output = self.model(
+        output = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -212,7 +223,7 @@ class HFEngine:
         position_ids = (prompt_mask.cumsum(-1) - 1).clamp_(min=0)  # (B, P)
 
         # 2. prefill once per prompt; 3. one cache row per sample.
-        cache = _new_cache(self.model)
+        cache = self._new_cache()
         # Without left padding the mask is plain causal: let the model skip building it.
         padded = any(len(prompt) != prompt_len for prompt in prompts)
         logits = self._forward(

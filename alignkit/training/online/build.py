@@ -28,6 +28,7 @@ from alignkit.training.online.distributed_rollout import (
     ShardedReward,
     ShardedRollout,
 )
+from alignkit.training.online.nash import build_opponent
 from alignkit.training.online.presets import OnlineSettings, needs_reference, no_grad_rows
 from alignkit.training.online.roles import (
     AdapterReference,
@@ -71,6 +72,8 @@ class OnlineRoles:
     device: torch.device
     cost: RewardRole | None = None
     """safe_ppo: the cost role (--cost or --cost-model), scored like the reward; else None."""
+    opponent: Any = None
+    """nash_md: the NashOpponent (mixture sampler and judge), else None."""
 
 
 def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: int, model=None,
@@ -113,6 +116,12 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     cost = load_cost_role(config, tokenizer, s)
     if ranks.distributed and isinstance(cost, ModelReward):
         cost = ShardedReward(cost, ranks)
+    opponent = None
+    if s.mixture_coef is not None:  # nash_md: samples the policy/reference mixture in this process
+        check_opponent_placement(config, sharded)
+        opponent = build_opponent(config, s, model, reference_copy, scorer, tokenizer, next(model.parameters()).device)
+    elif config.preference_model:
+        raise ValueError("--preference-model judges nash_md's pairs (mixture_coef); this run has no opponent")
     if config.lr is None:
         config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
     trainer = PolicyTrainer(model, s, config, total_steps=total_steps, critic=critic, value_head=value_head)
@@ -121,7 +130,7 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     trained, total = count_parameters(trainer.module)
     log.info("parameters: %s trainable of %s", f"{trained:,}", f"{total:,}")
     return OnlineRoles(model, tokenizer, rollout, trainer, reference, scorer,
-                       trainer if trainer.has_critic else None, trainer.device, cost)
+                       trainer if trainer.has_critic else None, trainer.device, cost, opponent)
 
 
 class _TrainerReference:
@@ -157,6 +166,16 @@ def copy_reference(config: TrainConfig, s: OnlineSettings, model: nn.Module) -> 
     if config.ref_model:
         return load_model(config.ref_model, dtype=_dtype(config), device=_device(config))[0]
     return copy.deepcopy(model)
+
+
+def check_opponent_placement(config: TrainConfig, sharded: bool) -> None:
+    """nash_md samples its opponent from the policy module and the reference in this process:
+    not with a rollout server, Ray placement or an FSDP2-sharded policy."""
+    where = ("--rollout vllm" if config.rollout == "vllm" else f"--placement {config.placement}"
+             if config.placement != "local" else "--strategy fsdp2" if sharded else None)
+    if where:
+        raise ValueError(f"nash_md samples its mixture opponent from the policy in this process; {where} is not "
+                         "supported with it (run in one process or with --strategy ddp)")
 
 
 def load_teacher(config: TrainConfig, s: OnlineSettings, policy: nn.Module) -> nn.Module:

@@ -186,7 +186,7 @@ class OnlineDriver:
         self.flags: dict[str, bool] = {}  # the last step's degenerate-step flags (DegenerateWatch)
         self.sampler = PromptSampler(roles.rollout, roles.reward, roles.tokenizer, prompt_ids, texts, columns,
                                      s, batch_size=config.batch_size, seed=config.seed, device=roles.device,
-                                     reward_stats=self.reward_stats, cost=roles.cost)
+                                     reward_stats=self.reward_stats, cost=roles.cost, opponent=roles.opponent)
         self.log_lambda = math.log(s.lambda_init)  # safe_ppo's Lagrange multiplier (training/online/safe.py)
         self.cost_window = CostWindow(s.cost_window)
         self.resumed_at: int | None = None

@@ -13,6 +13,7 @@
 | raft         | - (best of 8 kept)   | sft (NLL)            | token_mean          | 0.0 (none)                          | no     |
 | superhf      | - (best of 32 kept)  | sft (NLL) + KL prior | token_mean          | 0.1, full-vocabulary KL(ref||policy)| no     |
 | safe_ppo     | (A_R - l A_C)/(1+l)  | ppo_clip 0.1         | token_mean          | 0.1, k1, reward (-KL) and cost (+KL)| 2      |
+| nash_md      | sequence_reward      | reinforce            | seq_mean_token_sum  | 0.1, k1, per token (REINFORCE)      | no     |
 | inpo         | - (pairs best/worst) | (h - 1/(2 eta))^2    | mean over pairs     | tau/eta on ref, rest on pi_t        | no     |
 | distill      | return_to_go, gamma 0| ppo_clip (jsd: GKD)  | token_mean          | 1.0, k1 to the --teacher, reward    | no     |
 | pf_ppo       | gae (+whitening)     | ppo_clip             | token_mean          | 0.05, k1, reward; best+random of 4  | yes    |
@@ -204,6 +205,10 @@ class OnlineSettings:
     """inpo: tau, the KL-to-reference coefficient of the game, 0 <= tau < eta (None: eta / 3,
     the paper's choice; 0: its "w/o KL" ablation)."""
     label_smoothing: float = 0.0
+    # Nash-MD (nash_md): an opponent from the policy/reference mixture, a judge (training/online/nash.py)
+    mixture_coef: float | None = None
+    """nash_md: alpha of the opponent's geometric mixture pi_theta^(1 - alpha) pi_ref^alpha (TRL's 0.5);
+    None: no opponent. The reward of a sample becomes p = P(y > y'), minus 0.5 in the advantage."""
     # on-policy distillation (distill): --teacher DIR stands where the reference does
     distill_loss: str = "none"
     """none; reverse_kl (the student's samples, beta x (log pi_T - log pi) per token as the reward,
@@ -254,6 +259,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  aggregation="token_mean"),
     "superhf": dict(objective="sft", sample_filter="best_of_n", group_size=32, top_p=0.95, beta=0.1,
                     kl_in="loss", aggregation="token_mean"),
+    "nash_md": dict(mixture_coef=0.5, advantage="sequence_reward", policy_loss="reinforce",
+                    aggregation="seq_mean_token_sum", kl_in="reward", kl_estimator="k1", beta=0.1, group_size=1),
     "inpo": dict(objective="pairwise", pairwise_loss="inpo", kl_in="none", group_size=8),
     "distill": dict(distill_loss="reverse_kl", advantage="return_to_go", gamma=0.0, policy_loss="ppo_clip",
                     aggregation="token_mean", kl_in="reward", kl_estimator="k1", beta=1.0, group_size=4),
@@ -284,6 +291,7 @@ PAPERS = {
     "superhf": "SuperHF (Mukobi et al. 2023)",
     "pf_ppo": "PF-PPO: policy filtration for PPO (Zhang et al. 2024)",
     "safe_ppo": "Safe RLHF: PPO-Lagrangian (Dai et al. 2024)",
+    "nash_md": "Nash-MD: Nash learning from human feedback (Munos et al. 2023)",
     "inpo": "INPO: iterative Nash policy optimisation (Zhang et al. 2025)",
     "distill": "On-policy distillation (Agarwal et al. 2024 GKD; Thinking Machines 2025)",
     "ma_ppo": "MA-RLHF: PPO over macro actions (Chai et al. 2024)",
@@ -339,6 +347,9 @@ def _validate(s: OnlineSettings, preset: str) -> None:
                                                                     else s.inpo_tau) < s.inpo_eta):
         raise ValueError(f"{preset}: inpo needs eta > 0 and 0 <= tau < eta (got eta={s.inpo_eta}, "
                          f"tau={s.inpo_tau})")
+    if s.mixture_coef is not None and not (0 <= s.mixture_coef <= 1 and s.objective == "policy_gradient"):
+        raise ValueError(f"{preset}: mixture_coef must be in [0, 1] with objective=policy_gradient, got "
+                         f"{s.mixture_coef}")
     if not 0 <= s.jsd_beta <= 1:
         raise ValueError(f"{preset}: jsd_beta must be in [0, 1], got {s.jsd_beta}")
     if s.macro_termination != "none":
@@ -421,7 +432,7 @@ def needs_reference(s: OnlineSettings) -> bool:
     """beta = 0 (or kl_in = none) loads no reference model; pairwise losses always need one."""
     if s.objective == "pairwise":
         return s.pairwise_loss not in _reference_free()
-    if s.distill_loss != "none":  # the teacher stands where the reference does
+    if s.distill_loss != "none" or s.mixture_coef is not None:  # the teacher; nash_md's mixture
         return True
     if s.objective == "sft":  # beta: the KL prior's coefficient (SuperHF)
         return s.beta > 0

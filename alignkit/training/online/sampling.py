@@ -35,6 +35,7 @@ every sample generated in the step, kept or not. --epochs sets the number of ste
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -47,6 +48,7 @@ from torch import Tensor
 from alignkit.rollout import Rollout, SamplingParams
 from alignkit.training.online.filters import filter_rows
 from alignkit.training.online.kl_control import RunningMeanStd
+from alignkit.training.online.nash import OPPONENT_ROUND
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch, decode_completions
 from alignkit.training.online.steps import greedy_baseline, shape_rewards
@@ -136,8 +138,8 @@ class StepSamples:
     scoring_s: float
     components: dict[str, Tensor] = field(default_factory=dict)
     """Several rewards: each one's raw scores over every sample generated (reward/NAME)."""
-    filter_metrics: dict[str, float] = field(default_factory=dict)
-    """--set sample_filter: filter/kept_samples and filter/kept_reward_mean (raw reward)."""
+    extra_metrics: dict[str, float] = field(default_factory=dict)
+    """sample_filter: filter/kept_samples and filter/kept_reward_mean (raw reward); nash_md: nash/*."""
     costs: Tensor | None = None
     """safe_ppo: (N,) raw costs of the training rows (one generation round, unfiltered)."""
     unfiltered: tuple[Tensor, Tensor] | None = None
@@ -155,7 +157,7 @@ class StepSamples:
             "time/generation_s": self.generation_s, "time/scoring_s": self.scoring_s,
         }
         out.update({f"reward/{name}": scores.mean().item() for name, scores in self.components.items()})
-        out.update(self.filter_metrics)
+        out.update(self.extra_metrics)
         if dynamic_sampling:
             out.update({
                 "dynamic_sampling/generation_rounds": float(self.rounds),
@@ -175,8 +177,10 @@ class PromptSampler:
 
     def __init__(self, engine, scorer, tokenizer, prompt_ids: list[list[int]], prompt_texts: list[str],
                  columns: list[dict], s: OnlineSettings, *, batch_size: int, seed: int, device,
-                 reward_stats: RunningMeanStd, cost=None) -> None:
+                 reward_stats: RunningMeanStd, cost=None, opponent=None) -> None:
         self.engine, self.scorer, self.tokenizer, self.cost = engine, scorer, tokenizer, cost
+        self.opponent = opponent  # nash_md: NashOpponent (training/online/nash.py)
+        self.round_metrics: dict[str, float] = {}
         self.prompt_ids, self.prompt_texts, self.columns = prompt_ids, prompt_texts, columns
         self.s, self.batch_size, self.seed, self.device = s, batch_size, seed, device
         self.reward_stats = reward_stats
@@ -213,11 +217,18 @@ class PromptSampler:
         raw, penalised = self.scorer.score(batch, prompts, completions, row_columns)
         if self.cost is not None:
             self.round_costs = self.cost.score(batch, prompts, completions, row_columns)[0].to(self.device)
+        if self.opponent is not None:  # nash_md: the reward is p = P(y > y') against a mixture sample
+            opponent_sampling = dataclasses.replace(sampling, seed=step_seed(self.seed, step, OPPONENT_ROUND + round_))
+            raw, self.round_metrics = self.opponent.preferences(
+                [self.prompt_ids[i] for i in indices], s.group_size, opponent_sampling, batch, prompts, completions,
+                row_columns, raw)
         self.components.append(drain_components(self.scorer))  # several rewards: each one's raw scores
         raw = raw.to(self.device)
         no_eos = torch.tensor([reason != "stop" for reason in rollout.finish_reason], device=self.device)
         rewards = shape_rewards(raw, no_eos, s, self.reward_stats, update=True,
                                 lengths=rollout.lengths.to(self.device))
+        if self.opponent is not None:
+            rewards = rewards - 0.5  # Nash-MD's control variate
         baseline = None
         if s.advantage == "remax" and s.objective == "policy_gradient":
             baseline = greedy_baseline(self.engine, self.scorer, self.tokenizer, self.prompt_ids,
@@ -276,12 +287,12 @@ class PromptSampler:
             rollout, baseline = None, None
             raw = rewards = torch.zeros(0, device=self.device)
             no_eos = torch.zeros(0, dtype=torch.bool, device=self.device)
-        filtered: dict[str, float] = {}
+        extra: dict[str, float] = dict(self.round_metrics)
         unfiltered = None
         if s.sample_filter != "none" and rollout is not None:
             rows = filter_rows(s.sample_filter, rewards, rollout.group_index, fraction=s.filter_fraction,
                                seed=step_seed(self.seed, step, 7_919))
-            filtered = {"filter/kept_samples": float(len(rows)), "filter/kept_reward_mean": raw[rows].mean().item()}
+            extra.update({"filter/kept_samples": float(len(rows)), "filter/kept_reward_mean": raw[rows].mean().item()})
             unfiltered = (rewards, rollout.group_index)
             rollout = merge_rows([(rollout, rows.cpu())], self.pad_id)
             raw, rewards, no_eos = raw[rows], rewards[rows], no_eos[rows]
@@ -294,6 +305,6 @@ class PromptSampler:
             generated_lengths=torch.cat([g[3] for g in generated]),
             penalised=sum(g[4] for g in generated), rounds=len(generated),
             groups_generated=len(generated) * target, groups_with_signal=with_signal, kept_groups=kept,
-            generation_s=generation_s, scoring_s=scoring_s, filter_metrics=filtered, unfiltered=unfiltered,
+            generation_s=generation_s, scoring_s=scoring_s, extra_metrics=extra, unfiltered=unfiltered,
             costs=self.round_costs if self.cost is not None else None,
             components={name: torch.cat([c[name] for c in self.components]) for name in self.components[0]})

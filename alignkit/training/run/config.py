@@ -39,6 +39,9 @@ class TrainConfig:
     """Online algorithms: directory of a sequence-classification reward model."""
     cost: str | None = None
     """safe_ppo: cost function (`module:function`, `file.py:function`; higher = less safe), like --reward."""
+    preference_model: str | None = None
+    """nash_md: directory of a pairwise preference model (`alignkit train preference_model`) judging
+    each policy sample against its opponent; default: sigmoid(r(y) - r(y')) of the reward."""
     teacher: str | None = None
     """distill: directory of the teacher model (same vocabulary as --model); the KL is taken to it."""
     cost_model: str | None = None
