@@ -78,6 +78,11 @@ def count_e(prompts, completions, **columns):
     return [float(text.count("e")) for text in completions]
 
 
+def e_and_o(prompts, completions, **columns):
+    """Two attribute scores per completion for dpa tests: its letters e and its letters o."""
+    return [[float(text.count("e")), float(text.count("o"))] for text in completions]
+
+
 def e_excess(prompts, completions, **columns):
     """Cost for safe_ppo tests: the letters e beyond 3, max(0, count_e - 3): maximising count_e
     alone drives it up, to 5 at 8 e's."""

@@ -4,7 +4,7 @@ rank holds the gathered global batch for scoring, KL and advantages, step 3's lo
 by rows and gathered, and step 6 splits each minibatch with losses normalised by its global
 token/sequence counts. Checked for grpo, ppo (separate critic), dapo (dynamic sampling rounds),
 rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches, raft,
-superhf with micro-batches, pf_ppo, safe_ppo, distill (reverse_kl and jsd), inpo, nash_md, ma_ppo
+superhf with micro-batches, pf_ppo, safe_ppo, distill (reverse_kl and jsd), inpo, nash_md, dpa, ma_ppo
 (random macro actions), grpo sampling
 through one rollout server shared by both ranks (--rollout vllm --vllm-url, the reference
 server; also with LoRA, a KL term and FSDP2), and under
@@ -56,6 +56,8 @@ CASES = {
     # distill: the teacher's log-probs split by rows (reverse_kl) and its distributions (jsd)
     "distill": ("distill", {"teacher": TEACHER}),
     "inpo": ("inpo", {"inpo_eta": 0.1}),
+    # dpa: prompts tokenised per step under drawn directions (every rank draws the same)
+    "dpa": ("dpa", {"reward": "dist_helpers:e_and_o", "dpa_attributes": "e,o"}),
     # nash_md: every rank samples the same mixture opponents (replicated), judged by count_e
     "nash_md": ("nash_md", {"beta": 0.02}),
     "distill-jsd": ("distill", {"teacher": TEACHER, "distill_loss": "jsd"}),

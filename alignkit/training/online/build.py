@@ -28,6 +28,7 @@ from alignkit.training.online.distributed_rollout import (
     ShardedReward,
     ShardedRollout,
 )
+from alignkit.training.online.dpa import DirectionalReward, rm_multi_attributes
 from alignkit.training.online.nash import build_opponent
 from alignkit.training.online.presets import OnlineSettings, needs_reference, no_grad_rows
 from alignkit.training.online.roles import (
@@ -272,6 +273,10 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
     """The reward role: a callable or spec given in Python, --reward, or --reward-model DIR."""
     spec = reward if reward is not None else config.reward
 
+    if s.dpa:  # R_v = v . (r_1, r_2), each row's direction in its columns
+        return FunctionReward(directional_reward(config, spec, s), on_error=s.reward_on_error,
+                              timeout=config.reward_timeout, workers=config.reward_workers)
+
     def function_role(one: Any) -> FunctionReward:  # a spec (ensemble_reduce applied) or a callable
         fn = load_reward_spec(one, s) if isinstance(one, str) else one
         return FunctionReward(fn, on_error=s.reward_on_error, timeout=config.reward_timeout,
@@ -302,6 +307,23 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
                                      device=_device(config), trust_remote_code=config.trust_remote_code)
     require_trained_head(config.reward_model, model, "--reward-model")
     return ModelReward(model, rm_tokenizer, tokenizer)
+
+
+def directional_reward(config: TrainConfig, spec: Any, s: OnlineSettings) -> DirectionalReward:
+    """dpa's reward: the two `dpa_attributes` of an rm_multi model (rm:DIR or --reward-model DIR),
+    or a function (a spec or a callable) returning two attribute scores per sample."""
+    names = tuple(name.strip() for name in s.dpa_attributes.split(","))
+    if isinstance(spec, list | tuple):
+        raise ValueError("dpa scalarises one two-attribute reward; give one --reward (or --reward-model)")
+    directory = spec[3:] if isinstance(spec, str) and spec.startswith("rm:") else None
+    if spec is None:
+        directory = config.reward_model
+    if directory is not None:
+        return DirectionalReward(rm_multi_attributes(directory, names))
+    if spec is None:
+        raise ValueError(f"{config.algorithm} needs a two-attribute reward: --reward rm:DIR of an rm_multi model "
+                         "or --reward module:function returning (N, 2) scores")
+    return DirectionalReward(load_reward(spec) if isinstance(spec, str) else spec)
 
 
 def no_task_reward(prompts, completions, **columns) -> list[float]:

@@ -65,6 +65,7 @@ from alignkit.objectives.policy import truncated_importance_weights
 from alignkit.rewards.runner import reward_batch, reward_columns
 from alignkit.training.online.async_rollout import Prefetcher
 from alignkit.training.online.build import OnlineRoles, build_online_roles
+from alignkit.training.online.dpa import DirectionalPrompts
 from alignkit.training.online.kl_control import RunningMeanStd, make_kl_controller
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch
@@ -172,6 +173,16 @@ def prompt_rows(table: RowTable, tokenizer, config: TrainConfig) -> tuple[list[l
     return prompt_ids, texts, columns, stats
 
 
+def directional_prompts(s: OnlineSettings, config: TrainConfig, table: RowTable, tokenizer) -> DirectionalPrompts | None:
+    """dpa: the prompts under a drawn direction each (training/online/dpa.py); else None."""
+    if not s.dpa:
+        return None
+    first, second = (name.strip() for name in s.dpa_attributes.split(","))
+    return DirectionalPrompts(table.rows, tokenizer, attributes=(first, second), max_angle=s.dpa_max_angle,
+                              max_prompt_length=config.max_prompt_length, chat=bool(config.chat_template),
+                              seed=config.seed)
+
+
 class OnlineDriver:
     """Steps 1-7 of each training step as role calls; keeps beta (the KL controller), the
     running reward statistics and, in its `PromptSampler`, the prompt cursor."""
@@ -186,7 +197,8 @@ class OnlineDriver:
         self.flags: dict[str, bool] = {}  # the last step's degenerate-step flags (DegenerateWatch)
         self.sampler = PromptSampler(roles.rollout, roles.reward, roles.tokenizer, prompt_ids, texts, columns,
                                      s, batch_size=config.batch_size, seed=config.seed, device=roles.device,
-                                     reward_stats=self.reward_stats, cost=roles.cost, opponent=roles.opponent)
+                                     reward_stats=self.reward_stats, cost=roles.cost, opponent=roles.opponent,
+                                     directions=directional_prompts(s, config, table, roles.tokenizer))
         self.log_lambda = math.log(s.lambda_init)  # safe_ppo's Lagrange multiplier (training/online/safe.py)
         self.cost_window = CostWindow(s.cost_window)
         self.resumed_at: int | None = None

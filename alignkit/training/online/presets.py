@@ -13,6 +13,7 @@
 | raft         | - (best of 8 kept)   | sft (NLL)            | token_mean          | 0.0 (none)                          | no     |
 | superhf      | - (best of 32 kept)  | sft (NLL) + KL prior | token_mean          | 0.1, full-vocabulary KL(ref||policy)| no     |
 | safe_ppo     | (A_R - l A_C)/(1+l)  | ppo_clip 0.1         | token_mean          | 0.1, k1, reward (-KL) and cost (+KL)| 2      |
+| dpa          | - (best of 8 by v.r) | sft (NLL)            | token_mean          | 0.0 (none); direction in the prompt | no     |
 | nash_md      | sequence_reward      | reinforce            | seq_mean_token_sum  | 0.1, k1, per token (REINFORCE)      | no     |
 | inpo         | - (pairs best/worst) | (h - 1/(2 eta))^2    | mean over pairs     | tau/eta on ref, rest on pi_t        | no     |
 | distill      | return_to_go, gamma 0| ppo_clip (jsd: GKD)  | token_mean          | 1.0, k1 to the --teacher, reward    | no     |
@@ -205,6 +206,14 @@ class OnlineSettings:
     """inpo: tau, the KL-to-reference coefficient of the game, 0 <= tau < eta (None: eta / 3,
     the paper's choice; 0: its "w/o KL" ablation)."""
     label_smoothing: float = 0.0
+    # DPA (dpa): a direction per prompt in its system prompt, R_v = v . r (training/online/dpa.py)
+    dpa: bool = False
+    """Condition each prompt on a drawn direction v and score R_v = v . (r_1, r_2) (the reward gives two
+    attribute scores per sample: an rm_multi model as rm:DIR, or a function returning (N, 2))."""
+    dpa_attributes: str = "helpfulness,verbosity"
+    """dpa: the two attribute names, as written into the system prompt (and picked from an rm_multi model)."""
+    dpa_max_angle: float = 45.0
+    """dpa: directions theta ~ U[-max, max] degrees (the model card's w_1 >= 71 is |theta| <= 45)."""
     # Nash-MD (nash_md): an opponent from the policy/reference mixture, a judge (training/online/nash.py)
     mixture_coef: float | None = None
     """nash_md: alpha of the opponent's geometric mixture pi_theta^(1 - alpha) pi_ref^alpha (TRL's 0.5);
@@ -259,6 +268,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  aggregation="token_mean"),
     "superhf": dict(objective="sft", sample_filter="best_of_n", group_size=32, top_p=0.95, beta=0.1,
                     kl_in="loss", aggregation="token_mean"),
+    "dpa": dict(dpa=True, objective="sft", sample_filter="best_of_n", group_size=8, beta=0.0, kl_in="none",
+                aggregation="token_mean"),
     "nash_md": dict(mixture_coef=0.5, advantage="sequence_reward", policy_loss="reinforce",
                     aggregation="seq_mean_token_sum", kl_in="reward", kl_estimator="k1", beta=0.1, group_size=1),
     "inpo": dict(objective="pairwise", pairwise_loss="inpo", kl_in="none", group_size=8),
@@ -291,6 +302,7 @@ PAPERS = {
     "superhf": "SuperHF (Mukobi et al. 2023)",
     "pf_ppo": "PF-PPO: policy filtration for PPO (Zhang et al. 2024)",
     "safe_ppo": "Safe RLHF: PPO-Lagrangian (Dai et al. 2024)",
+    "dpa": "DPA: directional preference alignment (Wang et al. 2024)",
     "nash_md": "Nash-MD: Nash learning from human feedback (Munos et al. 2023)",
     "inpo": "INPO: iterative Nash policy optimisation (Zhang et al. 2025)",
     "distill": "On-policy distillation (Agarwal et al. 2024 GKD; Thinking Machines 2025)",
@@ -350,6 +362,9 @@ def _validate(s: OnlineSettings, preset: str) -> None:
     if s.mixture_coef is not None and not (0 <= s.mixture_coef <= 1 and s.objective == "policy_gradient"):
         raise ValueError(f"{preset}: mixture_coef must be in [0, 1] with objective=policy_gradient, got "
                          f"{s.mixture_coef}")
+    if s.dpa and (len(s.dpa_attributes.split(",")) != 2 or not 0 < s.dpa_max_angle <= 180):
+        raise ValueError(f"{preset}: dpa needs two dpa_attributes (got {s.dpa_attributes!r}) and dpa_max_angle in "
+                         f"(0, 180] (got {s.dpa_max_angle})")
     if not 0 <= s.jsd_beta <= 1:
         raise ValueError(f"{preset}: jsd_beta must be in [0, 1], got {s.jsd_beta}")
     if s.macro_termination != "none":

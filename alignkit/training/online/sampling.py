@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignkit.rollout import Rollout, SamplingParams
+from alignkit.training.online.dpa import DIRECTION_COLUMN
 from alignkit.training.online.filters import filter_rows
 from alignkit.training.online.kl_control import RunningMeanStd
 from alignkit.training.online.nash import OPPONENT_ROUND
@@ -177,9 +178,10 @@ class PromptSampler:
 
     def __init__(self, engine, scorer, tokenizer, prompt_ids: list[list[int]], prompt_texts: list[str],
                  columns: list[dict], s: OnlineSettings, *, batch_size: int, seed: int, device,
-                 reward_stats: RunningMeanStd, cost=None, opponent=None) -> None:
+                 reward_stats: RunningMeanStd, cost=None, opponent=None, directions=None) -> None:
         self.engine, self.scorer, self.tokenizer, self.cost = engine, scorer, tokenizer, cost
         self.opponent = opponent  # nash_md: NashOpponent (training/online/nash.py)
+        self.directions = directions  # dpa: DirectionalPrompts (training/online/dpa.py)
         self.round_metrics: dict[str, float] = {}
         self.prompt_ids, self.prompt_texts, self.columns = prompt_ids, prompt_texts, columns
         self.s, self.batch_size, self.seed, self.device = s, batch_size, seed, device
@@ -203,16 +205,22 @@ class PromptSampler:
         """
         s = self.s
         indices = prompt_indices(len(self.prompt_ids), self.position, self.batch_size, self.seed)
+        prompt_ids, directions = [self.prompt_ids[i] for i in indices], None
+        if self.directions is not None:  # dpa: each prompt under its drawn direction's system prompt
+            positions = list(range(self.position, self.position + self.batch_size))
+            prompt_ids, directions = self.directions.prompts(indices, positions, step, round_)
         self.position += self.batch_size
         started = time.perf_counter()
         sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                   top_k=s.top_k, seed=step_seed(self.seed, step, round_))
-        rollout = self.engine.generate([self.prompt_ids[i] for i in indices], s.group_size, sampling)
+        rollout = self.engine.generate(prompt_ids, s.group_size, sampling)
         generated = time.perf_counter()
         batch = SequenceBatch.from_rollout(rollout, self.pad_id).to(self.device)
         rows = [indices[g] for g in rollout.group_index.tolist()]
         keys = {k for c in self.columns for k in c}
         row_columns = {k: [self.columns[r].get(k) for r in rows] for k in keys}
+        if directions is not None:
+            row_columns[DIRECTION_COLUMN] = directions[rollout.group_index].tolist()
         prompts, completions = [self.prompt_texts[r] for r in rows], decode_completions(self.tokenizer, rollout)
         raw, penalised = self.scorer.score(batch, prompts, completions, row_columns)
         if self.cost is not None:
