@@ -10,12 +10,9 @@ import pytest
 
 from alignkit.eval.policy_filter import (
     FILTERS,
-    best_of_n,
-    best_random,
-    best_worst,
     filter_r2,
     group_by_prompt,
-    keep_all,
+    kept_rows,
     linear_fit,
 )
 
@@ -88,10 +85,10 @@ GROUPS = [[0, 1, 2], [3, 4], [5]]
 def test_filters_worked_example():
     """rewards (0.1, 0.9, 0.5 | 0.3, 0.2 | 0.7): best of each group 1, 3, 5; worst 0, 4 (the
     lone sample 5 has no second)."""
-    assert keep_all(REWARDS, GROUPS) == [0, 1, 2, 3, 4, 5]
-    assert best_of_n(REWARDS, GROUPS) == [1, 3, 5]
-    assert best_worst(REWARDS, GROUPS) == [0, 1, 3, 4, 5]
-    kept = best_random(REWARDS, GROUPS, seed=0)
+    assert kept_rows("all", REWARDS, GROUPS) == [0, 1, 2, 3, 4, 5]
+    assert kept_rows("best_of_n", REWARDS, GROUPS) == [1, 3, 5]
+    assert kept_rows("best_worst", REWARDS, GROUPS) == [0, 1, 3, 4, 5]
+    kept = kept_rows("best_random", REWARDS, GROUPS, seed=0)
     assert {1, 3, 5} <= set(kept) and len(kept) == 5
     assert len(set(kept) & {0, 2}) == 1 and 4 in kept  # one other of group 1; group 2's only other
 
@@ -99,15 +96,15 @@ def test_filters_worked_example():
 def test_best_random_is_seeded_and_draws_every_other_sample():
     rewards = np.array([0.0, 1.0, 0.2, 0.4])
     groups = [[0, 1, 2, 3]]
-    assert best_random(rewards, groups, seed=5) == best_random(rewards, groups, seed=5)
-    drawn = {i for seed in range(60) for i in best_random(rewards, groups, seed=seed) if i != 1}
+    assert kept_rows("best_random", rewards, groups, seed=5) == kept_rows("best_random", rewards, groups, seed=5)
+    drawn = {i for seed in range(60) for i in kept_rows("best_random", rewards, groups, seed=seed) if i != 1}
     assert drawn == {0, 2, 3}  # the best (1) is never drawn as "the other"
 
 
 def test_ties_keep_the_first_best_and_a_distinct_worst():
     rewards = np.array([0.5, 0.5, 0.5])
-    assert best_of_n(rewards, [[0, 1, 2]]) == [0]
-    assert best_worst(rewards, [[0, 1, 2]]) == [0, 1]
+    assert kept_rows("best_of_n", rewards, [[0, 1, 2]]) == [0]
+    assert kept_rows("best_worst", rewards, [[0, 1, 2]]) == [0, 1]
 
 
 def test_filter_r2_worked_example():

@@ -40,8 +40,8 @@ def test_best_worst_and_best_random_keep_two_per_group():
     assert len(kept) == 4 and 1 in kept and 6 in kept
     assert set(kept) - {1, 6} <= {0, 2, 3, 4, 5, 7}
     assert sum(k < 4 for k in kept) == 2  # one other from each group
-    # equal rewards still give two samples (the first as best, the last as worst)
-    assert best_worst(torch.zeros(4), torch.zeros(4, dtype=torch.long)).tolist() == [0, 3]
+    # equal rewards still give two samples (the first as best, the first of the others as worst)
+    assert best_worst(torch.zeros(4), torch.zeros(4, dtype=torch.long)).tolist() == [0, 1]
     # a group of one keeps its one sample
     assert best_worst(torch.tensor([1.0]), torch.tensor([0])).tolist() == [0]
 

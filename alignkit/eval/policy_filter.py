@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,60 +98,27 @@ def group_by_prompt(prompts: Sequence[Any]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _best(rewards: np.ndarray, group: list[int]) -> int:
-    """The group's highest-reward index (the first one on a tie)."""
-    return group[int(np.argmax(rewards[group]))]
+FILTERS = {"all": "none", "best_of_n": "best_of_n", "best_random": "best_random", "best_worst": "best_worst"}
+"""This report's filter names -> the training loop's `sample_filter` names (the same code keeps
+the samples here and in pf_ppo: alignkit.training.online.filters)."""
 
 
-def keep_all(rewards: np.ndarray, groups: list[list[int]], seed: int = 0) -> list[int]:
-    """Every sample: the unfiltered baseline."""
-    return sorted(i for group in groups for i in group)
+def kept_rows(name: str, rewards: np.ndarray, groups: list[list[int]], seed: int = 0) -> list[int]:
+    """The samples filter `name` keeps (ascending), through `filters.filter_rows`.
 
-
-def best_of_n(rewards: np.ndarray, groups: list[list[int]], seed: int = 0) -> list[int]:
-    """BoN: argmax_i r_i of each group.
-
-    Worked example: rewards (0.1, 0.9, 0.5 | 0.3, 0.2), groups [[0, 1, 2], [3, 4]] -> [1, 3].
+    Worked example: rewards (0.1, 0.9, 0.5 | 0.3, 0.2), groups [[0, 1, 2], [3, 4]]: best_of_n
+    -> [1, 3]; best_worst -> [0, 1, 3, 4].
     """
-    return sorted(_best(rewards, group) for group in groups)
+    import torch
 
+    from alignkit.training.online.filters import filter_rows
 
-def best_random(rewards: np.ndarray, groups: list[list[int]], seed: int = 0) -> list[int]:
-    """BR: the best of each group plus one of its other samples drawn uniformly at random
-    (numpy's default_rng(seed), one draw per group of >= 2 samples, groups in order)."""
-    rng = np.random.default_rng(seed)
-    kept = []
-    for group in groups:
-        best = _best(rewards, group)
-        kept.append(best)
-        others = [i for i in group if i != best]
-        if others:
-            kept.append(others[int(rng.integers(len(others)))])
-    return sorted(kept)
-
-
-def best_worst(rewards: np.ndarray, groups: list[list[int]], seed: int = 0) -> list[int]:
-    """BW: argmax_i r_i and argmin_i r_i of each group (the worst among the others, so a
-    group of equal rewards still gives two samples).
-
-    Worked example: rewards (0.1, 0.9, 0.5 | 0.3, 0.2), groups [[0, 1, 2], [3, 4]] -> [0, 1, 3, 4].
-    """
-    kept = []
-    for group in groups:
-        best = _best(rewards, group)
-        kept.append(best)
-        others = [i for i in group if i != best]
-        if others:
-            kept.append(others[int(np.argmin(rewards[others]))])
-    return sorted(kept)
-
-
-FILTERS: dict[str, Callable[[np.ndarray, list[list[int]], int], list[int]]] = {
-    "all": keep_all,
-    "best_of_n": best_of_n,
-    "best_random": best_random,
-    "best_worst": best_worst,
-}
+    group_index = torch.zeros(len(rewards), dtype=torch.long)
+    for number, members in enumerate(groups):
+        group_index[members] = number
+    kept = filter_rows(FILTERS[name], torch.as_tensor(rewards, dtype=torch.float64), group_index, fraction=1.0,
+                       seed=seed)
+    return kept.tolist()
 
 
 def filter_r2(rewards: Any, scores: Any, prompts: Sequence[Any], *, seed: int = 0) -> dict[str, Any]:
@@ -169,8 +136,8 @@ def filter_r2(rewards: Any, scores: Any, prompts: Sequence[Any], *, seed: int = 
     groups = group_by_prompt(prompts)
     singles = sum(len(group) == 1 for group in groups)
     filters = {}
-    for name, choose in FILTERS.items():
-        kept = choose(rewards, groups, seed)
+    for name in FILTERS:
+        kept = kept_rows(name, rewards, groups, seed)
         fit = linear_fit(rewards[kept], scores[kept])
         notes = [fit.note] if fit.note else []
         if singles and name in FILTERS_NEEDING_TWO:

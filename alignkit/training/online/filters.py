@@ -36,7 +36,7 @@ def best_of_n(rewards: Tensor, group_index: Tensor) -> Tensor:
 
 
 def best_worst(rewards: Tensor, group_index: Tensor) -> Tensor:
-    """Best row of each group and the lowest-reward row among the others (the last on ties,
+    """Best row of each group and the lowest-reward row among the others (the first on ties,
     so a group of equal rewards still gives two samples; one row when the group has one
     sample); sorted."""
     kept = []
@@ -45,8 +45,7 @@ def best_worst(rewards: Tensor, group_index: Tensor) -> Tensor:
         others = rows[rows != best]
         kept.append(int(best))
         if len(others):
-            scores = rewards[others].flip(0)
-            kept.append(int(others.flip(0)[scores.argmin()]))
+            kept.append(int(others[rewards[others].argmin()]))
     return torch.tensor(sorted(kept), dtype=torch.long, device=rewards.device)
 
 
