@@ -13,6 +13,7 @@ from dist_helpers import assert_runs_match, launch, read_params
 from run_helpers import read_metrics, write_jsonl
 
 import alignkit
+from alignkit.eval.report import validation_points
 
 PROMPTS = ["Write a short review.", "The movie", "Tell me", "What is two plus two?", "Say something nice",
            "A story about"]
@@ -47,9 +48,10 @@ def test_two_ranks_validate_as_one_process(runs, tiny_model_dir, tmp_path, name)
     alignkit.train(algorithm, model=str(tiny_model_dir), data=data, eval_data=held_out, output_dir=tmp_path / "one",
                    progress=False, **single)
     two, one = read_metrics(out / name / "run"), read_metrics(tmp_path / "one")
-    assert [r["step"] for r in two if "eval/reward" in r] == [0, 2, 3]
-    assert_runs_match([r for r in two if "loss" in r], [r for r in one if "loss" in r])
-    for a, b in zip([r for r in two if "eval/reward" in r], [r for r in one if "eval/reward" in r], strict=True):
+    validated = [[p for p in validation_points(rows) if "eval/reward" in p] for rows in (two, one)]
+    assert [p["step"] for p in validated[0]] == [0, 2, 3]
+    assert_runs_match(two, one)
+    for a, b in zip(*validated, strict=True):
         assert {k: a[k] for k in EVAL_KEYS} == {k: b[k] for k in EVAL_KEYS}, a["step"]
         assert a["eval/kl"] == pytest.approx(b["eval/kl"], rel=1e-5, abs=1e-6), a["step"]
     rank0, rank1 = (read_params(out / name / f"params-rank{r}.safetensors") for r in (0, 1))

@@ -20,6 +20,7 @@ from run_helpers import (
 )
 
 import alignkit
+from alignkit.eval.report import validation_points
 from alignkit.training.online.sampling import step_seed
 from alignkit.training.online.validation import eval_seed, parse_eval_k
 
@@ -72,7 +73,8 @@ def training_rows(rows):
 
 
 def eval_rows(rows):
-    return [r for r in rows if any(k.startswith("eval/") for k in r)]
+    """The validations of a run, each as {step, eval/*}: the first row's eval_start/* at step 0."""
+    return [point for point in validation_points(rows) if "eval/reward" in point]
 
 
 def test_grpo_logs_eval_rows_at_step_0_every_n_steps_and_the_last(tiny_model_dir, tmp_path):
@@ -82,13 +84,13 @@ def test_grpo_logs_eval_rows_at_step_0_every_n_steps_and_the_last(tiny_model_dir
     result = run("grpo", tiny_model_dir, tmp_path / "run", steps=20, eval_data=HELD_OUT, eval_steps=10,
                  gold_reward=has_e, eval_samples=4, eval_k=[1, 2, 4])
     rows = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == list(range(0, 21))
-    assert "loss" not in rows[0]  # step 0: the validation alone
+    assert [r["step"] for r in rows] == list(range(1, 21)) and all("loss" in r for r in rows)  # DESIGN
+    assert "eval_start/reward" in rows[0] and "eval/reward" not in rows[0]  # step 0: in the first row
     evaluated = eval_rows(rows)
     assert [r["step"] for r in evaluated] == [0, 10, 20]
     for row in evaluated:
         for key in ("eval/reward", "eval/gold", "eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/kl",
-                    "eval/length", "time/eval_s"):
+                    "eval/length"):
             assert key in row, (row["step"], key)
         assert 0 < row["eval/length"] <= 8
         assert 0.0 <= row["eval/pass@1"] <= row["eval/pass@2"] <= row["eval/pass@4"] <= 1.0
@@ -103,7 +105,8 @@ def test_grpo_logs_eval_rows_at_step_0_every_n_steps_and_the_last(tiny_model_dir
 
 def test_cli_validation_rows_between_logging_steps(tiny_model_dir, tmp_path):
     """The CLI flags reach the run: --eval-steps 3 with --logging-steps 2 over 4 steps logs rows
-    0 (eval), 2 (training), 3 (eval alone), 4 (training + eval); a gold reward file scored at
+    2 (training, with the step-0 validation as eval_start/*), 3 (training + eval: a validation
+    logs its step) and 4 (training + eval); a gold reward file scored at
     threshold 0.5; no reference (beta 0): no eval/kl."""
     data = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
     held_out = write_jsonl(tmp_path / "held_out.jsonl", HELD_OUT)
@@ -117,11 +120,10 @@ def test_cli_validation_rows_between_logging_steps(tiny_model_dir, tmp_path):
                   "--set", "max_new_tokens=4", "--set", "beta=0.0", "--no-progress")
     assert run.code == 0, run.err
     rows = read_metrics(tmp_path / "cli")
-    assert [r["step"] for r in rows] == [0, 2, 3, 4]
-    assert [("loss" in r, "eval/reward" in r) for r in rows] == [(False, True), (True, False), (False, True),
-                                                                 (True, True)]
-    assert set(rows[2]) == {"step", "eval/reward", "eval/gold", "eval/pass@1", "eval/pass@2", "eval/length",
-                            "time/eval_s"}
+    assert [r["step"] for r in rows] == [2, 3, 4]
+    assert [("loss" in r, "eval/reward" in r) for r in rows] == [(True, False), (True, True), (True, True)]
+    assert {"eval_start/reward", "eval_start/gold", "eval_start/pass@2", "time/eval_start_s"} <= set(rows[0])
+    assert {"eval/reward", "eval/gold", "eval/pass@1", "eval/pass@2", "eval/length", "time/eval_s"} <= set(rows[1])
     config = (tmp_path / "cli" / "config.yaml").read_text()
     assert "eval_samples: 2" in config and "eval_k: 1,2" in config and "has_e" in config
 

@@ -83,13 +83,20 @@ def curve_from_metrics(
 
 
 def validation_from_metrics(metrics_jsonl: str | Path) -> list[dict[str, float]]:
-    """The rows of an online run's metrics.jsonl that validation.png draws: `step` with the
-    eval/* metrics (--eval-data) and the training batches' `reward/mean`, where logged."""
+    """The points of an online run's metrics.jsonl that validation.png draws (`validation_points`)."""
+    lines = Path(metrics_jsonl).read_text().splitlines()
+    return validation_points([json.loads(line) for line in lines if line.strip()])
+
+
+def validation_points(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """`step` with the eval/* metrics (--eval-data) and the training batches' `reward/mean`, where
+    logged; the first row's eval_start/* (the validation before step 1) as a point at step 0."""
     points = []
-    for line in Path(metrics_jsonl).read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in rows:
+        start = {"eval/" + k[len("eval_start/"):]: v for k, v in row.items()
+                 if k.startswith("eval_start/") and isinstance(v, int | float)}
+        if start:
+            points.append({"step": 0, **start})
         kept = {k: v for k, v in row.items() if (k.startswith("eval/") or k == "reward/mean")
                 and isinstance(v, int | float)}
         if kept:

@@ -173,6 +173,14 @@ def prompt_rows(table: RowTable, tokenizer, config: TrainConfig) -> tuple[list[l
     return prompt_ids, texts, columns, stats
 
 
+def initial_validation(evaluated: dict[str, float]) -> dict[str, float]:
+    """The validation before step 1, as the first row's `eval_start/*` (and time/eval_start_s)
+    keys: a row holds its step's training metrics, and no training happened at step 0
+    (`alignkit.eval.report.validation_points` draws them at step 0)."""
+    return {key.replace("eval/", "eval_start/", 1).replace("time/eval_s", "time/eval_start_s"): value
+            for key, value in evaluated.items()}
+
+
 def directional_prompts(s: OnlineSettings, config: TrainConfig, table: RowTable, tokenizer) -> DirectionalPrompts | None:
     """dpa: the prompts under a drawn direction each (training/online/dpa.py); else None."""
     if not s.dpa:
@@ -239,15 +247,15 @@ class OnlineDriver:
                                 allow=config.allow_degenerate)
         stop = StopSignals().install()  # Ctrl-C / SIGTERM: finish the step, checkpoint, RunInterrupted
         try:
-            if start_step == 0 and self.validation.due(0):
-                writer.write(0, self.validation.evaluate(0))  # the policy before any update
+            if start_step == 0 and self.validation.due(0):  # the policy before any update, in the first row
+                self.first_row.update(initial_validation(self.validation.evaluate(0)))
             for step in range(start_step + 1, self.total_steps + 1):
                 metrics = self.train_step(step)
                 evaluated = self.validation.evaluate(step) if self.validation.due(step) else {}
-                if step % config.logging_steps == 0 or step == self.total_steps:
+                # every row holds the step's training metrics (DESIGN: always step and loss), so a
+                # validation between logging steps logs its step too
+                if step % config.logging_steps == 0 or step == self.total_steps or evaluated:
                     self.last, self.first_row = writer.write(step, {**metrics, **evaluated, **self.first_row}), {}
-                elif evaluated:  # between logging steps: a row of eval/* alone
-                    writer.write(step, evaluated)
                 metrics.update(evaluated)
                 bar.set_postfix({**progress_postfix(metrics), "reward": f"{metrics['reward/mean']:.3f}"})
                 bar.update(1)

@@ -1,6 +1,6 @@
 """Validation while training an online preset: `--eval-data FILE --eval-steps N`.
 
-Before step 1 (logged at step 0, the curves' starting point), every N steps and at the last
+Before step 1 (the curves' starting point, step 0), every N steps and at the last
 step, the driver samples every held-out prompt `--eval-samples K` times from the rollout
 engine with the training sampling settings (max_new_tokens, temperature, top_p, top_k),
 scores the samples and logs, at that step:
@@ -29,8 +29,10 @@ roles as training: the engine splits the prompt groups across ranks (`ShardedRol
 log-probs split rows, the rewards score as in training; the metrics are equal on every rank
 and rank 0 writes them.
 
-Rows: at a logging step eval/* join that step's row; otherwise (step 0, or an eval step
-between logging steps) the row holds `step` and the eval/* metrics only.
+Rows: eval/* join that step's row, and an eval step between logging steps is logged as well
+(every metrics row holds `step` and `loss`, DESIGN.md); the validation before step 1 goes into
+the first row as eval_start/* (`loop.initial_validation`), drawn at step 0 by
+`alignkit.eval.report.validation_points`.
 """
 
 from __future__ import annotations
