@@ -14,8 +14,9 @@ from run_helpers import (
     read_metrics,
     run_interrupted_and_resumed,
 )
-from test_online import one_thread, run  # noqa: F401  (one_thread: the module's autouse fixture)
+from test_online import ROWS, one_thread, run  # noqa: F401  (one_thread: the module's autouse fixture)
 
+import alignkit
 from alignkit.training.online.filters import (
     best_of_n,
     best_random,
@@ -118,3 +119,48 @@ def test_filtered_presets_resume_exactly(preset, extra, tiny_model_dir, tmp_path
     assert_resumed_matches(runs.full, runs.resumed, keys, steps=6, tolerance=dict(rel=1e-5, abs=1e-6),
                            skip_missing=True)
     assert_same_parameters(runs.full_result.model, runs.resumed_result.model)
+
+
+def noisy_low_e(prompts, completions, **columns):
+    """PF-PPO's premise on the planted reward: trustworthy at the top (3 or more e's score their
+    count), noisy below it (count + N(0, 3), the noise a function of the text)."""
+    import hashlib
+    import random
+
+    scores = []
+    for text in completions:
+        count = text.count("e")
+        noise = random.Random(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)).gauss(0.0, 3.0)
+        scores.append(float(count) if count >= 3 else count + noise)
+    return scores
+
+
+def held_out_e(model, tokenizer) -> float:
+    """Mean letters e of 16 samples on each of 4 prompts the run never trained on."""
+    from alignkit.rollout import HFEngine, SamplingParams
+
+    prompts = [tokenizer(p)["input_ids"] for p in ("A story:", "Say something", "Once", "My favourite")]
+    engine = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_ids=(tokenizer.eos_token_id,))
+    rollout = engine.generate(prompts, 16, SamplingParams(max_new_tokens=8, seed=123))
+    texts = tokenizer.batch_decode([rollout.response_ids[i, :n].tolist() for i, n in enumerate(rollout.lengths.tolist())],
+                                   skip_special_tokens=True)
+    return sum(t.count("e") for t in texts) / len(texts)
+
+
+@pytest.mark.slow
+def test_pf_ppo_beats_ppo_on_a_reward_noisy_below_the_top(tiny_model_dir, tmp_path):
+    """8 prompts x 4 samples, 25 steps, seeds 0-3, held-out true e's (max 8). Measured per seed:
+    PPO 3.98, 2.52, 2.09, 0.78 (mean 2.34); pf_ppo best_worst 1.02, 4.67, 3.48, 6.72 (mean 3.97;
+    best_random: mean 3.46). A tiny model either finds the e's or not within 25 steps, so single
+    seeds are noisy: the claim is on the mean."""
+    means = {}
+    for preset, extra in (("ppo", {}), ("pf_ppo", {"sample_filter": "best_worst"})):
+        scores = []
+        for seed in range(4):
+            result = alignkit.train(preset, model=str(tiny_model_dir), data=ROWS, output_dir=tmp_path / f"{preset}{seed}",
+                                    reward=noisy_low_e, seed=seed, batch_size=8, max_steps=25, lr=1e-2,
+                                    warmup_ratio=0.0, scheduler="constant", progress=False, max_new_tokens=8,
+                                    group_size=4, **extra)
+            scores.append(held_out_e(result.model, result.tokenizer))
+        means[preset] = sum(scores) / len(scores)
+    assert means["pf_ppo"] > means["ppo"] + 0.5, means
