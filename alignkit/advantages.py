@@ -108,16 +108,27 @@ def last_token_index(mask: Tensor) -> Tensor:
 
 
 def token_level_rewards(rewards: Tensor, mask: Tensor, kl_penalty: Tensor | None = None) -> Tensor:
-    """r_t = -kl_penalty_t + 1[t = last] R: the per-token reward of PPO and REINFORCE++.
+    """The per-token reward of PPO and REINFORCE++:
 
-    Shapes: rewards (N,), mask (N, T), kl_penalty (N, T) or None -> (N, T), 0 off the mask.
+        scalar rewards R (N,):          r_t = -kl_penalty_t + 1[t = last] R
+        dense rewards R_t (N, T):       r_t = -kl_penalty_t + R_t
+
+    The dense form is Fine-Grained RLHF's (Wu et al. 2023, eq. 1; ALGORITHMS.md §1.8): each
+    reward sits on its own token (a segment's reward on the segment's last token) instead of
+    the whole reward on the last token; R on the last token alone is the scalar form exactly.
+
+    Shapes: rewards (N,) or (N, T), mask (N, T), kl_penalty (N, T) or None -> (N, T), 0 off
+    the mask.
     """
-    assert rewards.dim() == 1 and mask.dim() == 2 and mask.shape[0] == rewards.shape[0]
+    assert rewards.dim() in (1, 2) and mask.dim() == 2 and mask.shape[0] == rewards.shape[0]
     mask = mask.bool()
     token_rewards = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
     if kl_penalty is not None:
         _check_token_shapes(mask, kl_penalty)
         token_rewards = token_rewards - kl_penalty.to(rewards.dtype)
+    if rewards.dim() == 2:
+        _check_token_shapes(mask, rewards)
+        return torch.where(mask, token_rewards + rewards, 0.0)
     rows = torch.arange(mask.shape[0], device=mask.device)
     has_token = mask.any(-1)
     token_rewards[rows, last_token_index(mask)] += torch.where(has_token, rewards, 0.0)
@@ -300,17 +311,22 @@ def reinforce_pp(
     *,
     kl_penalty: Tensor | None = None,
     gamma: float = 1.0,
+    dense_rewards: Tensor | None = None,
 ) -> Tensor:
     """REINFORCE++ (Hu 2025): discounted return-to-go of token rewards, whitened globally.
 
     r_t = -kl_penalty_t + 1[t = last] R ;  G_t = sum_l gamma^l r_{t+l} ;
     A = (G - mean) / std, mean and std over every valid token of the batch (OpenRLHF
     `experience_maker.py`, estimator "reinforce"). `group_index` is unused.
+    `dense_rewards` (N, T): per-token rewards whose per-sample sums are `rewards` (Fine-Grained
+    RLHF); then r_t = -kl_penalty_t + R_t, so a token's return counts only the rewards at and
+    after it.
 
-    Shapes: rewards (N,), group_index (N,), mask (N, T) -> (N, T).
+    Shapes: rewards (N,), group_index (N,), mask (N, T), dense_rewards (N, T) -> (N, T).
     """
     _check_outcome_shapes(rewards, group_index, mask)
-    returns = discounted_returns(token_level_rewards(rewards, mask, kl_penalty), mask, gamma)
+    placed = rewards if dense_rewards is None else dense_rewards
+    returns = discounted_returns(token_level_rewards(placed, mask, kl_penalty), mask, gamma)
     return masked_whiten(returns, mask)
 
 
@@ -322,19 +338,25 @@ def reinforce_pp_baseline(
     *,
     kl_penalty: Tensor | None = None,
     gamma: float = 1.0,
+    dense_rewards: Tensor | None = None,
 ) -> Tensor:
     """REINFORCE++-baseline (Hu 2025): subtract the prompt's group mean reward, then as
     REINFORCE++ (return-to-go with the token KL penalty, global-batch whitening).
 
     R'_i = R_i - mean_{g(i)} R ; r_t = -kl_penalty_t + 1[t = last] R'_i ; A = whiten(G).
-    (OpenRLHF estimator "reinforce_baseline".)
+    (OpenRLHF estimator "reinforce_baseline".) `dense_rewards` (N, T) whose per-sample sums
+    are `rewards`: they stay on their tokens, and the baseline mean_{g(i)} R (of the sums) is
+    subtracted on the last token.
 
-    Shapes: rewards (N,), group_index (N,), mask (N, T) -> (N, T).
+    Shapes: rewards (N,), group_index (N,), mask (N, T), dense_rewards (N, T) -> (N, T).
     """
     _check_outcome_shapes(rewards, group_index, mask)
     sums, counts, _ = group_stats(rewards, group_index)
     centred = rewards - sums / counts
-    return reinforce_pp(centred, group_index, mask, kl_penalty=kl_penalty, gamma=gamma)
+    if dense_rewards is not None:
+        _check_token_shapes(mask, dense_rewards)
+        dense_rewards = dense_rewards - token_level_rewards(sums / counts, mask)
+    return reinforce_pp(centred, group_index, mask, kl_penalty=kl_penalty, gamma=gamma, dense_rewards=dense_rewards)
 
 
 @register_advantage("return_to_go")

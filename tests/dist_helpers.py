@@ -83,6 +83,11 @@ def e_and_o(prompts, completions, **columns):
     return [[float(text.count("e")), float(text.count("o"))] for text in completions]
 
 
+def even_tokens(prompts, completions, completion_ids, **columns):
+    """A dense reward for online tests: +1 on each sampled token whose id is even, 0 elsewhere."""
+    return [[float(token % 2 == 0) for token in ids] for ids in completion_ids]
+
+
 def e_excess(prompts, completions, **columns):
     """Cost for safe_ppo tests: the letters e beyond 3, max(0, count_e - 3): maximising count_e
     alone drives it up, to 5 at 8 e's."""

@@ -5,7 +5,8 @@ by rows and gathered, and step 6 splits each minibatch with losses normalised by
 token/sequence counts. Checked for grpo, ppo (separate critic), dapo (dynamic sampling rounds),
 rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches, raft,
 superhf with micro-batches, pf_ppo, safe_ppo, distill (reverse_kl and jsd), inpo, nash_md, dpa, ma_ppo
-(random macro actions), grpo sampling
+(random macro actions), ppo on dense (per-token) rewards from a function (replicated) and from an
+rm_segment model (each rank scores its rows, dense rows gathered), grpo sampling
 through one rollout server shared by both ranks (--rollout vllm --vllm-url, the reference
 server; also with LoRA, a KL term and FSDP2), and under
 FSDP2 grpo, ppo, grpo with LoRA and a KL term, dapo with micro-batches: sampled
@@ -34,10 +35,12 @@ PROMPTS = ["Write a short review.", "The movie", "Tell me", "What is two plus tw
 BASE = {"padding_free": False, "batch_size": 4, "max_steps": 3, "lr": 1e-2, "warmup_ratio": 0.0,
         "scheduler": "constant", "max_new_tokens": 8, "group_size": 4, "reward": "dist_helpers:count_e"}
 RM = "<reward model>"  # stands for the reward model the fixture builds
+SEGMENT_RM = "<segment reward model>"  # stands for the rm_segment model the fixture trains
 SERVER = "<rollout server>"  # stands for the URL of the reference server the fixture starts
 _server_url: list[str] = []
 TEACHER = "<teacher>"  # stands for a second tiny model (another seed) the fixture builds
 _teacher_dir: list[str] = []
+_segment_model: list[str] = []
 CASES = {
     "grpo": ("grpo", {}),
     "ppo": ("ppo", {}),
@@ -67,6 +70,10 @@ CASES = {
     "ma_ppo-random": ("ma_ppo", {"macro_termination": "random", "macro_repeat": 1}),
     # a reward model scores each rank's rows (gathered) and initialises the critic
     "ppo-reward-model": ("ppo", {"reward": None, "reward_model": RM, "critic_init": RM}),
+    # dense rewards: a function's per-token rewards on every rank; an rm_segment model's per-segment
+    # rewards scored on each rank's rows and gathered as (N, L) rows
+    "ppo-dense": ("ppo", {"reward": "dist_helpers:even_tokens"}),
+    "ppo-segment-model": ("ppo", {"reward": None, "reward_model": SEGMENT_RM}),
     # one rollout server for both ranks (--vllm-url): each rank sends its prompt groups, rank 0
     # syncs the weights, old log-probs recomputed by the trainer
     "grpo-server-rollout": ("grpo", {"rollout": "vllm", "vllm_url": SERVER}),
@@ -111,9 +118,19 @@ def build_teacher(folder: Path) -> str:
     return str(folder)
 
 
+def build_segment_model(folder: Path, model_dir) -> str:
+    """A tiny rm_segment model (one epoch on 32 synthetic rows): its final/ directory."""
+    from reward_helpers import train_tiny
+
+    from alignkit.testing import synthetic_segments
+
+    return str(train_tiny("rm_segment", synthetic_segments(32, seed=6), folder, model_dir=model_dir, epochs=1,
+                          lr=2e-3).final_dir)
+
+
 def resolved(extra: dict, reward_model: str) -> dict:
-    placeholders = {RM: reward_model, SERVER: _server_url[0] if _server_url else None,
-                    TEACHER: _teacher_dir[0] if _teacher_dir else None}
+    placeholders = {RM: reward_model, SEGMENT_RM: _segment_model[0] if _segment_model else None,
+                    SERVER: _server_url[0] if _server_url else None, TEACHER: _teacher_dir[0] if _teacher_dir else None}
     return {k: placeholders.get(v, v) if isinstance(v, str) else v for k, v in extra.items()}
 
 
@@ -134,6 +151,7 @@ def _launched_runs(tmp_path_factory, tiny_model_dir):
     data = write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in PROMPTS * 3])
     reward_model = build_reward_model(tmp / "rm", tiny_model_dir)
     _teacher_dir[:] = [build_teacher(tmp / "teacher")]
+    _segment_model[:] = [build_segment_model(tmp / "segment-rm", tiny_model_dir)]
     cases = [{"name": name, "algorithm": algorithm, "model": str(tiny_model_dir), "data": data,
               "overrides": {**BASE, **resolved(extra, reward_model)}}
              for name, (algorithm, extra) in {**CASES, **PACKED}.items()]

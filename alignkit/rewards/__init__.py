@@ -10,6 +10,10 @@ Reward models as reward functions: `RewardModelScorer` (any sequence classifier)
 one; `PreferenceJudge` (pairwise P(a > b)) and `SegmentRewardScorer` (per-segment rewards)
 are not scalar rewards and are loaded by name.
 
+Dense rewards (`alignkit.rewards.dense`, Fine-Grained RLHF): where the response tokens are
+known (the online loop), a reward may return one reward per token or per segment instead of
+one per completion; `DenseRewards` holds them.
+
 `RewardRunner` calls a reward on the online loop's batches: TRL's conventions (conversational
 prompts as message lists, `completion_ids`, `trainer_state`), a deadline, worker threads.
 """
@@ -22,6 +26,7 @@ from alignkit.rewards.base import (
     reward_name,
     score_safely,
 )
+from alignkit.rewards.dense import DenseRewards
 from alignkit.rewards.embedding_rm import EmbeddingRewardModel
 from alignkit.rewards.embeddings import MiniLMEmbedder
 from alignkit.rewards.ensemble import BayesRewardScorer, EnsembleScorer
@@ -45,6 +50,7 @@ from alignkit.rewards.scorer import RewardModelScorer, ScoreNormalizer
 __all__ = [
     "BUILTIN_REWARDS",
     "BayesRewardScorer",
+    "DenseRewards",
     "EmbeddingRewardModel",
     "EnsembleScorer",
     "MultiObjectiveScorer",

@@ -5,7 +5,9 @@ passed by name, to one score per row:
 
     fn(prompts: list[str], completions: list[str], **columns) -> Tensor (B,)  or (B, K)
 
-(B, K) is a multi-objective reward (K objectives per row). Plain Python functions that
+(B, K) is a multi-objective reward (K objectives per row). Where the caller knows each
+completion's response tokens (the online loop), a reward may instead be dense, per token or
+per segment (`alignkit.rewards.dense`); `score_safely(..., token_counts=...)` accepts those. Plain Python functions that
 return a list of floats, a numpy array or a tensor are accepted everywhere: `as_reward_tensor`
 turns their output into a float32 tensor and checks its length. A function that does not take
 `**columns` receives only the columns it names as parameters. TRL's reward functions work
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignkit.rewards.dense import DenseRewards, Scores, as_scores, stack_rows
 from alignkit.rewards.outputs import RewardOutputError, as_reward_tensor, none_rows
 
 
@@ -151,11 +154,12 @@ def unconverted(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn.__wrapped__ if getattr(fn, "alignkit_converts", False) else fn
 
 
-def _convert(values: Any, n: int, name: str, where: str) -> tuple[Tensor, dict[int, str]]:
+def _convert(values: Any, n: int, name: str, where: str, counts: Sequence[int] | None = None,
+             offset: int = 0) -> tuple[Scores, dict[int, str]]:
     """(scores, {row: "returned None"}) of a batch output; RewardError when it is not one
-    score per completion."""
+    score per completion (nor, given the `counts` of response tokens, dense rewards)."""
     try:
-        scores = as_reward_tensor(values, n)
+        scores = as_reward_tensor(values, n) if counts is None else as_scores(values, n, counts, offset)
     except RewardOutputError as err:
         raise RewardError(f"reward {name} {err.detail}{where}") from err
     return scores, {i: "returned None" for i in none_rows(values)}
@@ -170,8 +174,9 @@ def score_safely(
     penalty: float = -1.0,
     row_offset: int = 0,
     batch: str | None = None,
+    token_counts: Sequence[int] | None = None,
     **columns: Any,
-) -> tuple[Tensor, int]:
+) -> tuple[Scores, int]:
     """Score a batch with `fn`, isolating rows that raise or return NaN/inf/None.
 
     1. Call `fn` on the whole batch (`invoke_reward`: TRL's keyword style or alignkit's
@@ -189,13 +194,20 @@ def score_safely(
     `RewardError` saying what the function returned, in both modes. `batch` (e.g.
     "step 3, data rows 8-11") is added to every message.
 
-    Returns (scores (B,) or (B, K) float32, number of penalised rows).
+    `token_counts` (each completion's number of response tokens, where the caller knows its
+    tokens): the function may return dense per-token or per-segment rewards instead
+    (`alignkit.rewards.dense`; a 2-D output is then per-token); a failed row's penalty sits
+    on its last token.
+
+    Returns (scores (B,) or (B, K) float32, or `DenseRewards`; number of penalised rows).
     """
     if on_error not in ("raise", "penalty"):
         raise ValueError(f"on_error must be 'raise' or 'penalty'; got {on_error!r}")
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     n = len(completions)
+    if token_counts is not None and len(token_counts) != n:
+        raise ValueError(f"{len(token_counts)} token counts for {n} completions")
     name, raw_fn = reward_name(fn), unconverted(fn)
     where = f" [{batch}]" if batch else ""
     failures: dict[int, str] = {}
@@ -208,7 +220,7 @@ def score_safely(
             failures[0] = f"{type(batch_err).__name__}: {batch_err}"
             scores = torch.zeros(1)
         else:
-            rows: list[Tensor | None] = []
+            rows: list[Scores | None] = []
             for i in range(n):
                 try:
                     row_values = invoke_reward(
@@ -218,20 +230,23 @@ def score_safely(
                     failures[i] = f"{type(row_err).__name__}: {row_err}"
                     rows.append(None)
                     continue
-                row_scores, row_none = _convert(row_values, 1, name, where)
+                row_counts = None if token_counts is None else token_counts[i : i + 1]
+                row_scores, row_none = _convert(row_values, 1, name, where, row_counts, row_offset + i)
                 if row_none:
                     failures[i] = row_none[0]
                 rows.append(row_scores)
-            shape = next((r.shape[1:] for r in rows if r is not None), torch.Size())
-            scores = torch.stack([r[0] if r is not None else torch.zeros(shape) for r in rows])
+            scores = stack_rows(rows, token_counts if token_counts is not None else [1] * n)
     else:
-        scores, failures = _convert(values, n, name, where)
+        scores, failures = _convert(values, n, name, where, token_counts, row_offset)
 
-    finite = torch.isfinite(scores) if scores.ndim == 1 else torch.isfinite(scores).all(dim=1)
+    if isinstance(scores, DenseRewards):
+        finite = scores.row_finite()
+    else:
+        finite = torch.isfinite(scores) if scores.ndim == 1 else torch.isfinite(scores).all(dim=1)
     for i in torch.nonzero(~finite).flatten().tolist():
         if i not in failures:
-            bad = scores[i].tolist()
-            failures[i] = f"returned a non-finite score ({bad})"
+            bad = (scores.tokens[i, : int(scores.lengths[i])] if isinstance(scores, DenseRewards) else scores[i]).tolist()
+            failures[i] = f"returned a non-finite {'per-token reward' if isinstance(scores, DenseRewards) else 'score'} ({bad})"
 
     if not failures:
         return scores, 0
@@ -243,5 +258,8 @@ def score_safely(
             f"{failures[first]}{more}{where}"
         )
     for i in failures:
-        scores[i] = penalty
+        if isinstance(scores, DenseRewards):
+            scores.penalise(i, penalty)
+        else:
+            scores[i] = penalty
     return scores, len(failures)

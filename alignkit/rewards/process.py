@@ -10,11 +10,17 @@ through the tokenizer's offset mapping (a fast tokenizer is needed), separately 
 reward tokenizer and for the POLICY tokenizer, so the rewards land on the policy's own
 tokens even when the two tokenizers differ (the pitfall of §1.8: the reference code
 re-tokenises prefixes for the same reason).
+
+In the online loop the scorer is a dense reward (`alignkit.rewards.dense`): called with the
+policy's sampled `completion_ids`, it returns each completion's (end_token_index, reward)
+pairs on THOSE tokens (`segment_end_tokens` over the decoded prefixes, `token_char_ends`),
+not on a re-tokenisation of the text, which need not give the sampled ids back.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,8 @@ from torch import Tensor, nn
 
 from alignkit.models import load_model, position_ids_from_mask
 from alignkit.models.heads import _HEAD_NAMES
+
+log = logging.getLogger("alignkit")
 
 GRANULARITIES = {"sentence": r"[.!?]+", "subsentence": r"[.!?,;:]+"}
 
@@ -71,6 +79,30 @@ def end_token_indices(offsets: list[tuple[int, int]], char_ends: list[int]) -> l
                 found = t
         indices.append(found)
     return indices
+
+
+def token_char_ends(tokenizer: Any, ids: list[int]) -> list[int]:
+    """Where each token of `ids` ends in their decoded text: e_t = len(decode(ids[: t + 1]))
+    (special tokens skipped, so a stop token ends where the text does), kept non-decreasing
+    (a prefix cut inside a multi-byte character may decode a replacement character)."""
+    ends, furthest = [], 0
+    for t in range(len(ids)):
+        furthest = max(furthest, len(tokenizer.decode(ids[: t + 1], skip_special_tokens=True)))
+        ends.append(furthest)
+    return ends
+
+
+def segment_end_tokens(token_ends: list[int], char_ends: list[int]) -> list[int]:
+    """The token holding the last character of each segment: t(e) = min{t : e_t >= e} for a
+    segment ending (exclusively) at character e, clamped to the last token.
+
+    Shapes: token_ends [T] (`token_char_ends`), char_ends [S] -> [S].
+
+    >>> segment_end_tokens([3, 7, 9, 9], [7, 9])
+    [1, 2]
+    """
+    last = max(len(token_ends) - 1, 0)
+    return [next((t for t, end in enumerate(token_ends) if end >= char_end), last) for char_end in char_ends]
 
 
 def encode_completion(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -129,6 +161,14 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _completion_text(value: Any) -> str:
+    """A completion's own text: the content of the last message of a conversational one (the
+    online loop passes [{"role": "assistant", "content": text}] with conversational prompts)."""
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return str(value[-1].get("content", ""))
+    return str(value)
+
+
 class SegmentRewardScorer:
     """Per-segment rewards of a trained segment reward model (`alignkit train rm_segment`).
 
@@ -140,6 +180,11 @@ class SegmentRewardScorer:
     `good` when its score is > 0 (P(no error) > 1/2 for a BCE-trained model) else `bad`, as
     the fine-grained RLHF reference does (e.g. (-0.3, 0.3) for relevance); None keeps raw
     scores.
+
+    Called as a reward, `scorer(prompts, completions, completion_ids)` gives each completion's
+    per-segment rewards as (end_token_index, reward) pairs over its `completion_ids`, decoded
+    with `policy_tokenizer` (default: the reward model's own tokenizer): the online loop's
+    dense reward contract. Segments cut off by `max_length` get no reward (logged).
     """
 
     def __init__(
@@ -151,6 +196,7 @@ class SegmentRewardScorer:
         values: tuple[float, float] | None = None,
         max_length: int = 1024,
         device: str | None = None,
+        policy_tokenizer: Any = None,
     ) -> None:
         manifest: dict[str, Any] = {}
         if isinstance(path_or_model, str | Path):
@@ -167,6 +213,29 @@ class SegmentRewardScorer:
         self.granularity = granularity or manifest.get("granularity", "sentence")
         self.values = values
         self.max_length = max_length
+        self.policy_tokenizer = policy_tokenizer
+        self.__name__ = f"SegmentRewardScorer({path_or_model})" if isinstance(path_or_model, str | Path) else (
+            "SegmentRewardScorer")
+
+    def __call__(self, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]] | None = None,
+                 **columns: Any) -> list[list[tuple[int, float]]]:
+        """Per-segment rewards on the sampled tokens: for each completion, (end_token_index,
+        reward) of each segment, end_token_index counted in its `completion_ids`."""
+        if completion_ids is None:
+            raise ValueError(f"{self.__name__} puts each segment's reward on a token of the sampled response: "
+                             "call it with completion_ids (the online loop passes them)")
+        texts = [_completion_text(c) for c in completions]
+        tokenizer = self.policy_tokenizer or self.tokenizer
+        pairs, cut = [], 0
+        for text, ids, scores in zip(texts, completion_ids, self.segment_rewards(prompts, texts), strict=True):
+            ends = segment_end_tokens(token_char_ends(tokenizer, list(ids)),
+                                      [end for _, end in split_segments(text, self.granularity)])
+            cut += len(ends) - len(scores)
+            pairs.append([(index, value) for index, value in zip(ends, scores.tolist(), strict=False)])
+        if cut:
+            log.warning("%s: %d segment(s) past max_length=%d tokens got no reward", self.__name__, cut,
+                        self.max_length)
+        return pairs
 
     @torch.no_grad()
     def segment_rewards(self, prompts: list[Any], completions: list[Any]) -> list[Tensor]:

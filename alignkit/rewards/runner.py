@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from alignkit.rewards.base import (
     RewardError,
@@ -44,6 +43,7 @@ from alignkit.rewards.base import (
     score_safely,
     unconverted,
 )
+from alignkit.rewards.dense import Scores, concat_scores
 
 #: The column of `reward_columns` that carries a conversational row's prompt messages.
 PROMPT_MESSAGES = "prompt"
@@ -172,9 +172,12 @@ class RewardRunner:
         columns: dict[str, Any],
         *,
         completion_ids: Callable[[], list[list[int]]] | None = None,
-    ) -> tuple[Tensor, int]:
+        token_counts: Sequence[int] | None = None,
+    ) -> tuple[Scores, int]:
         """(scores (N,) or (N, K), penalised rows) of one batch; `completion_ids` computes each
-        completion's token ids when the function wants them."""
+        completion's token ids when the function wants them. With `token_counts` (each
+        completion's response tokens) the function may return dense rewards
+        (`alignkit.rewards.dense`): then the scores are `DenseRewards`."""
         columns = dict(columns)
         messages = columns.pop(PROMPT_MESSAGES, None)
         if messages is not None and len(messages) == len(prompts) and all(isinstance(m, list) for m in messages):
@@ -187,16 +190,19 @@ class RewardRunner:
             columns["trainer_state"] = _trainer_state(context)
         label = _batch_label(context, prompts)
         chunks = group_chunks(prompts, self.workers) if self.workers > 0 else [(0, len(completions))]
-        calls = [self._chunk_call(prompts, completions, columns, start, stop, label) for start, stop in chunks]
+        calls = [self._chunk_call(prompts, completions, columns, start, stop, label, token_counts)
+                 for start, stop in chunks]
         if self.timeout is None and self.workers == 0:
             results = [call() for call in calls]
         else:
             results = self._run(calls, len(completions), label)
         if not results:
             return torch.zeros(0), 0
-        return torch.cat([scores for scores, _ in results]), sum(count for _, count in results)
+        counts = [[1] * (stop - start) if token_counts is None else token_counts[start:stop] for start, stop in chunks]
+        return concat_scores([scores for scores, _ in results], counts), sum(count for _, count in results)
 
-    def _chunk_call(self, prompts, completions, columns, start: int, stop: int, label: str):
+    def _chunk_call(self, prompts, completions, columns, start: int, stop: int, label: str,
+                    token_counts: Sequence[int] | None = None):
         """score_safely on rows start..stop (row-aligned columns sliced, others as they are)."""
         n = len(completions)
         part = {
@@ -204,13 +210,14 @@ class RewardRunner:
             for key, value in columns.items()
         }
 
-        def call() -> tuple[Tensor, int]:
+        def call() -> tuple[Scores, int]:
+            counts = None if token_counts is None else token_counts[start:stop]
             return score_safely(self.fn, prompts[start:stop], completions[start:stop], on_error=self.on_error,
-                                penalty=self.penalty, row_offset=start, batch=label, **part)
+                                penalty=self.penalty, row_offset=start, batch=label, token_counts=counts, **part)
 
         return call
 
-    def _run(self, calls: list[Callable[[], tuple[Tensor, int]]], n: int, label: str):
+    def _run(self, calls: list[Callable[[], tuple[Scores, int]]], n: int, label: str):
         """Run each of `calls` in its own daemon thread; wait at most `timeout` seconds for all."""
         futures = [in_daemon_thread(call) for call in calls]
         _, pending = wait(futures, timeout=self.timeout)

@@ -56,5 +56,7 @@ def load_reward_model(directory: str | Path, **kwargs: Any) -> Any:
         raise ValueError(
             f"{directory} is a {kind.replace('_', ' ')}, not a scalar reward model: load it "
             f"with {'PreferenceJudge' if kind == 'preference_model' else 'SegmentRewardScorer'}"
+            + ("" if kind == "preference_model" else
+               " (online training takes it as --reward-model DIR or --reward rm:DIR: dense per-segment rewards)")
         )
     return RewardModelScorer(directory, **kwargs)

@@ -112,8 +112,8 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
         rollout = ShardedRollout(rollout, ranks)
         reference = ShardedReference(reference, ranks) if reference is not None else None
     scorer = load_reward_role(config, reward, tokenizer, s)
-    if ranks.distributed and isinstance(scorer, ModelReward):  # a reward model splits its rows
-        scorer = ShardedReward(scorer, ranks)
+    if ranks.distributed and (isinstance(scorer, ModelReward) or getattr(scorer, "model_backed", False)):
+        scorer = ShardedReward(scorer, ranks)  # a reward model splits its rows
     cost = load_cost_role(config, tokenizer, s)
     if ranks.distributed and isinstance(cost, ModelReward):
         cost = ShardedReward(cost, ranks)
@@ -278,6 +278,8 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
                               timeout=config.reward_timeout, workers=config.reward_workers)
 
     def function_role(one: Any) -> FunctionReward:  # a spec (ensemble_reduce applied) or a callable
+        if isinstance(one, str) and s.ensemble_reduce is None and segment_model_dir(one) is not None:
+            return segment_reward_role(config, segment_model_dir(one), tokenizer, s, flag="--reward")
         fn = load_reward_spec(one, s) if isinstance(one, str) else one
         return FunctionReward(fn, on_error=s.reward_on_error, timeout=config.reward_timeout,
                               workers=config.reward_workers)
@@ -303,6 +305,8 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
         return FunctionReward(no_task_reward)
     if config.reward_model is None:
         raise ValueError(f"{config.algorithm} needs a reward: --reward module:function or --reward-model DIR")
+    if segment_model_dir(config.reward_model) is not None:
+        return segment_reward_role(config, config.reward_model, tokenizer, s, flag="--reward-model")
     model, rm_tokenizer = load_model(config.reward_model, kind="reward", dtype=_dtype(config),
                                      device=_device(config), trust_remote_code=config.trust_remote_code)
     require_trained_head(config.reward_model, model, "--reward-model")
@@ -330,6 +334,30 @@ def no_task_reward(prompts, completions, **columns) -> list[float]:
     """distill without --reward: no task reward (0 for every sample); the KL to the teacher is
     the whole signal."""
     return [0.0] * len(completions)
+
+
+def segment_model_dir(spec: str) -> str | None:
+    """The directory of an `rm_segment` model named by a reward spec (`rm:DIR` or DIR), else None."""
+    from alignkit.rewards.saved import reward_model_kind
+
+    directory = spec[3:] if spec.startswith("rm:") else spec
+    return directory if Path(directory).is_dir() and reward_model_kind(directory) == "segment_rm" else None
+
+
+def segment_reward_role(config: TrainConfig, directory: str, tokenizer, s: OnlineSettings, *,
+                        flag: str) -> FunctionReward:
+    """An `rm_segment` model (Fine-Grained RLHF's segment reward models) as a dense reward: each
+    segment's score (at the model's saved granularity) on its last sampled token
+    (`SegmentRewardScorer` with the policy's tokenizer). Under torchrun it splits its rows
+    (`model_backed`), like a reward model."""
+    from alignkit.rewards import SegmentRewardScorer
+
+    scorer = SegmentRewardScorer(directory, device=_device(config), policy_tokenizer=tokenizer)
+    require_trained_head(directory, scorer.model, flag, fix="Pass a directory written by `alignkit train rm_segment`")
+    role = FunctionReward(scorer, on_error=s.reward_on_error, timeout=config.reward_timeout,
+                          workers=config.reward_workers)
+    role.model_backed = True
+    return role
 
 
 def load_reward_spec(spec: str, s: OnlineSettings):

@@ -24,6 +24,7 @@ import math
 import torch
 from torch import Tensor
 
+from alignkit.rewards.dense import DenseRewards
 from alignkit.rollout import Rollout, SamplingParams
 from alignkit.training.run.distributed import Ranks, all_gather_equal, all_reduce_sum
 
@@ -208,14 +209,21 @@ class ShardedReference:
 
 class ShardedReward:
     """A reward model under torchrun: each rank scores its block of rows, the scores are
-    gathered (a reward *function* stays replicated: it may be any Python callable)."""
+    gathered (a reward *function* stays replicated: it may be any Python callable). Dense
+    rewards (a segment reward model's) are gathered as (N, L) rows; when any rank's block is
+    dense, every rank's is (scalar rows on their last token)."""
 
     def __init__(self, reward, ranks: Ranks) -> None:
         self.reward, self.ranks = reward, ranks
 
+    @property
+    def name(self) -> str:
+        return str(getattr(self.reward, "name", type(self.reward).__name__))
+
     def score(self, batch, prompts: list[str], completions: list[str], columns: dict[str, list]):
         block = prompt_block(len(batch), self.ranks.rank, self.ranks.world)
-        device = batch.input_ids.device
+        device, width = batch.input_ids.device, batch.response_mask.shape[1]
+        lengths = batch.response_mask.sum(-1).cpu()
         if len(block):
             rows = torch.arange(block.start, block.stop, device=device)
             scores, penalised = self.reward.score(batch.select(rows), prompts[block.start : block.stop],
@@ -223,6 +231,12 @@ class ShardedReward:
                                                   {k: v[block.start : block.stop] for k, v in columns.items()})
         else:
             scores, penalised = torch.zeros(0), 0
-        gathered = gather_rows(scores.float().reshape(-1, 1), self.ranks, width=1).reshape(-1)
-        total = all_reduce_sum(torch.tensor([float(penalised)], dtype=torch.float64))
-        return gathered, int(total[0])
+        total = all_reduce_sum(torch.tensor([float(penalised), float(isinstance(scores, DenseRewards))],
+                                            dtype=torch.float64))
+        if total[1] == 0:
+            gathered = gather_rows(scores.float().reshape(-1, 1), self.ranks, width=1).reshape(-1)
+            return gathered, int(total[0])
+        if not isinstance(scores, DenseRewards):  # this rank's rows scalar (or none): on their last token
+            scores = DenseRewards.at_last_token(scores, lengths[block.start : block.stop])
+        tokens = gather_rows(scores.tokens.float().cpu(), self.ranks, width=width)  # (N, L)
+        return DenseRewards(tokens, lengths), int(total[0])

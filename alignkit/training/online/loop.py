@@ -5,6 +5,8 @@ presets (`presets.py`) of this one loop. `build_online_roles` (`build.py`) makes
 1. generate   B prompts x G samples from the rollout engine (engine seed = f(seed, step, round))
 2. score      decode, reward role (function or reward model); missing-EOS penalty; PPO-max
               normalisation/clipping; ReMax scores a greedy response as its baseline.
+              A reward may be dense, per token or per segment (Fine-Grained RLHF,
+              `alignkit.rewards.dense`): the sampler carries those (N, L) beside the sums
               DAPO's dynamic sampling keeps only groups whose rewards are not all equal and
               repeats 1-2 on the next B prompts until B groups are kept (`sampling.py`)
 3. log-probs  reference log-probs (none when beta = 0), old log-probs (taken from the
@@ -13,7 +15,8 @@ presets (`presets.py`) of this one loop. `build_online_roles` (`build.py`) makes
 4. KL         per-token k1/k2/k3 of old vs reference; beta x KL shapes the reward
               (kl_in="reward") or is added to the loss (kl_in="loss")
 5. advantages one registered estimator (alignkit.advantages), or ma_ppo's GAE over macro
-              actions (`macro.py`); whitening/clipping
+              actions (`macro.py`); whitening/clipping; dense rewards at their tokens for GAE
+              and REINFORCE++, their sums for the others
 6. update     the policy role (`PolicyTrainer.update`, `trainer.py`): K epochs x M minibatches
               (x micro-batches) of policy loss + aggregation (+ beta KL) (+ vf_coef clipped
               value loss); grad clip; optimizer step; one LR-schedule step
@@ -76,6 +79,7 @@ from alignkit.training.online.steps import (
     check_group_baseline,
     compute_advantages,
     no_reward_variance,
+    places_dense,
     reward_varies,
     summary_stats,
     uses_group_baseline,
@@ -315,8 +319,11 @@ class OnlineDriver:
         metrics.update(samples.metrics(s.dynamic_sampling))
         scored = time.perf_counter()
         signal_rows = samples.unfiltered or (samples.rewards, getattr(samples.rollout, "group_index", None))
+        dense_values = None  # dense rewards that the advantage places at their tokens also carry a signal
+        if samples.dense is not None and places_dense(s):
+            dense_values = samples.dense[samples.rollout.response_mask.to(samples.dense.device)]
         self.flags = {"no_reward_variance": samples.rollout is None or (s.distill_loss == "none" and not reward_varies(
-            *signal_rows, uses_group_baseline(s), samples.baseline))}  # distill: the teacher's KL is the signal
+            *signal_rows, uses_group_baseline(s), samples.baseline, dense_values))}  # distill: the teacher's KL
         if samples.rollout is None:
             log.warning("step %d: no prompt group with reward variance in %d generation round(s); "
                         "update skipped", step, samples.rounds)
@@ -346,10 +353,11 @@ class OnlineDriver:
         if s.lagrangian:  # safe_ppo: lambda's step on the recent episodes' mean cost, before the advantages
             metrics.update(self.step_lagrange(samples.costs))
         if s.objective == "policy_gradient":
+            dense = None if samples.dense is None else samples.dense.to(roles.device)  # (N, L)
             advantages, returns = compute_advantages(s, samples.rewards, group_index, mask, kl_penalty,
                                                      old_values, samples.baseline, samples.costs,
                                                      math.exp(self.log_lambda), ref_logp,
-                                                     step_seed(self.config.seed, step, MACRO_SEED_ROUND))
+                                                     step_seed(self.config.seed, step, MACRO_SEED_ROUND), dense)
             metrics.update(summary_stats("advantages", advantages, mask))
 
         # 6. K epochs of minibatch updates

@@ -18,6 +18,15 @@ Each reward scores every sample; the loop trains on one scalar per sample, combi
 
 Every reward's raw mean is logged as `reward/NAME` (NAME: the function's name; repeated
 names get _2, _3, ...).
+
+Dense rewards (`alignkit.rewards.dense`; Fine-Grained RLHF's several reward models, each at
+its own granularity, ALGORITHMS.md §1.8): when any reward is dense, `sum` adds them at their
+tokens and the scalar ones on the last token,
+
+    r_t = sum_{k dense} w_k r_{k,t} + 1[t = last] sum_{k scalar} w_k r_k,
+
+so the per-sample sum is still sum_k w_k (sum_t r_{k,t}); reward/NAME logs each one's sum.
+`normalize_then_sum` normalises one number per sample and refuses dense rewards.
 """
 
 from __future__ import annotations
@@ -27,6 +36,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from alignkit.advantages import token_level_rewards
+from alignkit.rewards.dense import DenseRewards, Scores, sequence_scores
 
 GDPO_EPS = 1e-4  # TRL's and GDPO's
 REWARD_AGGREGATIONS = ("sum", "normalize_then_sum")
@@ -98,16 +110,36 @@ class MultiReward:
         self.weights = torch.tensor(weights, dtype=torch.float32)
         self._pending: dict[str, list[Tensor]] = {name: [] for name in names}
 
-    def score(self, batch, prompts, completions, columns) -> tuple[Tensor, int]:
+    @property
+    def name(self) -> str:
+        return " + ".join(self.names)
+
+    def score(self, batch, prompts, completions, columns) -> tuple[Scores, int]:
         results = [role.score(batch, prompts, completions, columns) for role in self.roles]
-        per_reward = torch.stack([scores.float().reshape(-1).cpu() for scores, _ in results])  # (K, N)
+        penalised = sum(count for _, count in results)
+        per_reward = torch.stack([sequence_scores(scores).float().reshape(-1).cpu() for scores, _ in results])  # (K, N)
         for name, scores in zip(self.names, per_reward, strict=True):
             self._pending[name].append(scores)
+        dense = [name for name, (scores, _) in zip(self.names, results, strict=True) if isinstance(scores, DenseRewards)]
+        if dense and self.aggregation != "sum":
+            raise ValueError(f"reward {dense[0]} gives per-token rewards, but reward_aggregation={self.aggregation} "
+                             "normalises one number per sample within its group: use reward_aggregation=sum")
+        if dense:
+            return self.dense_sum(results, batch.response_mask.cpu()), penalised
         if self.aggregation == "sum":
             combined = (self.weights.unsqueeze(-1) * per_reward).sum(0)
         else:
             combined = normalize_then_sum(per_reward, self.weights, self.group_size)
-        return combined, sum(penalised for _, penalised in results)
+        return combined, penalised
+
+    def dense_sum(self, results: list[tuple[Scores, int]], mask: Tensor) -> DenseRewards:
+        """sum_k w_k r_{k,t}: dense rewards at their tokens, scalar ones on the last token (N, L)."""
+        tokens = torch.zeros(mask.shape)
+        for weight, (scores, _) in zip(self.weights.tolist(), results, strict=True):
+            placed = scores.padded(mask.shape[1]).tokens.cpu() if isinstance(scores, DenseRewards) else (
+                token_level_rewards(scores.float().reshape(-1).cpu(), mask))
+            tokens = tokens + weight * placed
+        return DenseRewards(tokens, mask.sum(-1))
 
     def drain(self) -> dict[str, Tensor]:
         """Every reward's raw scores since the last drain (all rounds of a step), by name."""

@@ -38,6 +38,7 @@ from alignkit.models import adapter_disabled, is_peft, reward_scores
 from alignkit.models.heads import _score_head
 from alignkit.models.logprobs import decoder_and_head, linear_head_logps, position_ids_from_mask
 from alignkit.models.packing import predictor_states
+from alignkit.rewards.dense import DenseRewards, Scores
 from alignkit.rewards.runner import RewardRunner
 from alignkit.rollout import HFEngine, Rollout, SamplingParams
 
@@ -204,8 +205,9 @@ class ReferenceRole(Protocol):
 class RewardRole(Protocol):
     def score(
         self, batch: SequenceBatch, prompts: list[str], completions: list[str], columns: dict[str, list]
-    ) -> tuple[Tensor, int]:
-        """(N,) float32 scores and the number of rows that got the error penalty."""
+    ) -> tuple[Scores, int]:
+        """(N,) float32 scores, or `DenseRewards` (tokens (N, L) in response coordinates), and
+        the number of rows that got the error penalty."""
         ...
 
 
@@ -307,18 +309,33 @@ class ModelReference:
 class FunctionReward:
     """A reward function on text: `fn(prompts, completions, **columns) -> (N,)`, called by a
     `RewardRunner`: TRL's conventions (conversational prompts as messages, `completion_ids`,
-    `trainer_state`), a deadline of `timeout` seconds and `workers` scoring threads."""
+    `trainer_state`), a deadline of `timeout` seconds and `workers` scoring threads.
+
+    The function may instead return dense rewards, per token or per segment of each sample's
+    `completion_ids` (`alignkit.rewards.dense`): `score` then gives `DenseRewards` of the
+    batch's response width L (tokens (N, L), 0 past each sample's tokens)."""
+
+    model_backed = False
+    """True for a reward model behind the function (rm_segment's): under torchrun each rank
+    scores its block of rows (`ShardedReward`) instead of every row."""
 
     def __init__(self, fn: Callable[..., Any], on_error: str = "raise", *, timeout: float | None = None,
                  workers: int = 0) -> None:
         self.fn, self.on_error = fn, on_error
         self.runner = RewardRunner(fn, on_error=on_error, timeout=timeout, workers=workers)
 
-    def score(self, batch, prompts, completions, columns):
+    @property
+    def name(self) -> str:
+        """The function's `module:function` (or the spec it was loaded from)."""
+        return self.runner.name
+
+    def score(self, batch, prompts, completions, columns) -> tuple[Scores, int]:
+        mask = batch.response_mask
         scores, penalised = self.runner(prompts, completions, columns,
-                                        completion_ids=lambda: response_token_ids(batch))
-        if scores.ndim != 1:
-            raise ValueError(f"the online loop needs one reward per sample, got shape {tuple(scores.shape)}")
+                                        completion_ids=lambda: response_token_ids(batch),
+                                        token_counts=mask.sum(-1).tolist())
+        if isinstance(scores, DenseRewards):
+            return scores.padded(mask.shape[1]), penalised
         return scores.float(), penalised
 
 

@@ -67,7 +67,8 @@ def lagrangian_advantages(rewards: Tensor, costs: Tensor, mask: Tensor, kl_penal
                           values: Tensor, lam: float, gamma: float, lam_gae: float) -> tuple[Tensor, Tensor]:
     """(mixed advantages (N, L), returns (N, L, 2) of the reward and cost critics).
 
-    rewards, costs (N,); kl_penalty (N, L) = beta x KL_t or None; values (N, L, 2): V_R, V_C."""
+    rewards (N,), or dense (N, L) at their tokens (`token_level_rewards`); costs (N,);
+    kl_penalty (N, L) = beta x KL_t or None; values (N, L, 2): V_R, V_C."""
     reward_tokens = token_level_rewards(rewards, mask, kl_penalty)
     cost_tokens = token_level_rewards(costs, mask, None if kl_penalty is None else -kl_penalty)
     reward_adv, reward_ret = gae(reward_tokens, values[..., 0], mask, gamma=gamma, lam=lam_gae)

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignkit.rewards.dense import DenseRewards, sequence_scores
 from alignkit.rollout import Rollout, SamplingParams
 from alignkit.training.online.dpa import DIRECTION_COLUMN
 from alignkit.training.online.filters import filter_rows
@@ -52,7 +53,13 @@ from alignkit.training.online.kl_control import RunningMeanStd
 from alignkit.training.online.nash import OPPONENT_ROUND
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch, decode_completions
-from alignkit.training.online.steps import greedy_baseline, shape_rewards
+from alignkit.training.online.steps import (
+    check_dense_settings,
+    dense_use,
+    greedy_baseline,
+    shape_dense_rewards,
+    shape_rewards,
+)
 
 log = logging.getLogger("alignkit")
 
@@ -106,6 +113,17 @@ def merge_rows(parts: list[tuple[Rollout, Tensor]], pad_id: int) -> Rollout:
     return Rollout(prompts, torch.cat(ids), torch.cat(logps), torch.cat(masks), reasons, group_index)
 
 
+def merge_dense(parts: list[Tensor], width: int) -> Tensor:
+    """Dense rewards (N_r, L_r) of `merge_rows`'s parts (their selected rows), concatenated and
+    zero-padded to the merged width, so they stay aligned with the merged responses."""
+    return torch.cat([F.pad(part, (0, width - part.shape[1]), value=0.0) for part in parts])
+
+
+def role_name(role) -> str:
+    """A reward role's name for messages: its reward function's, else its class's."""
+    return str(getattr(role, "name", type(role).__name__))
+
+
 def drain_components(scorer) -> dict[str, Tensor]:
     """A `MultiReward`'s per-reward scores since the last call (empty for one reward)."""
     drain = getattr(scorer, "drain", None)
@@ -119,6 +137,8 @@ class StepSamples:
 
     rollout, raw, rewards, no_eos, baseline: the training rows, (N,) each (baseline only for
     ReMax); rollout is None when no group was kept. generated_*: all samples of all rounds.
+    With dense rewards (`alignkit.rewards.dense`) raw and rewards are the per-sample sums and
+    `dense` the shaped per-token rewards.
     """
 
     rollout: Rollout | None
@@ -146,6 +166,10 @@ class StepSamples:
     unfiltered: tuple[Tensor, Tensor] | None = None
     """--set sample_filter: the (shaped rewards, group index) of the rows before filtering,
     whose variance says whether the step carried a signal."""
+    dense: Tensor | None = None
+    """Dense rewards: (N, L) shaped per-token rewards of the training rows, aligned with
+    `rollout.response_mask` (missing-EOS and overlong penalties on the last token); None for
+    one reward per sample."""
 
     def metrics(self, dynamic_sampling: bool) -> dict[str, float]:
         raw, lengths = self.generated_raw, self.generated_lengths.float()
@@ -188,6 +212,7 @@ class PromptSampler:
         self.reward_stats = reward_stats
         self.pad_id = tokenizer.pad_token_id
         self.position = 0
+        self.dense_noted = False  # the log says once how the settings use dense rewards
 
     def state(self) -> dict[str, int]:
         """The data cursor, as checkpoint extras."""
@@ -200,8 +225,9 @@ class PromptSampler:
     def generate_round(self, step: int, round_: int):
         """Round `round_` of step `step`: the next B prompts x G samples, scored.
 
-        Returns (rollout, raw, rewards, no_eos, penalised, baseline, generation_s, scoring_s);
-        with a cost role (safe_ppo) its (N,) costs are kept as `self.round_costs`.
+        Returns (rollout, raw, rewards, no_eos, penalised, baseline, dense, generation_s,
+        scoring_s), dense the shaped (N, L) per-token rewards or None; with a cost role
+        (safe_ppo) its (N,) costs are kept as `self.round_costs`.
         """
         s = self.s
         indices = prompt_indices(len(self.prompt_ids), self.position, self.batch_size, self.seed)
@@ -222,21 +248,28 @@ class PromptSampler:
         if directions is not None:
             row_columns[DIRECTION_COLUMN] = directions[rollout.group_index].tolist()
         prompts, completions = [self.prompt_texts[r] for r in rows], decode_completions(self.tokenizer, rollout)
-        raw, penalised = self.scorer.score(batch, prompts, completions, row_columns)
+        scores, penalised = self.scorer.score(batch, prompts, completions, row_columns)
         if self.cost is not None:
-            self.round_costs = self.cost.score(batch, prompts, completions, row_columns)[0].to(self.device)
+            costs = self.cost.score(batch, prompts, completions, row_columns)[0]
+            if isinstance(costs, DenseRewards):
+                raise ValueError(f"cost {role_name(self.cost)} gives per-token costs of shape "
+                                 f"{tuple(costs.tokens.shape)}; safe_ppo constrains one cost per sample: return one "
+                                 "number per sample")
+            self.round_costs = costs.to(self.device)
+        self.components.append(drain_components(self.scorer))  # several rewards: each one's raw scores
+        raw = sequence_scores(scores).to(self.device)  # dense rewards: each sample's sum
         if self.opponent is not None:  # nash_md: the reward is p = P(y > y') against a mixture sample
             opponent_sampling = dataclasses.replace(sampling, seed=step_seed(self.seed, step, OPPONENT_ROUND + round_))
-            raw, self.round_metrics = self.opponent.preferences(
-                [self.prompt_ids[i] for i in indices], s.group_size, opponent_sampling, batch, prompts, completions,
-                row_columns, raw)
-        self.components.append(drain_components(self.scorer))  # several rewards: each one's raw scores
-        raw = raw.to(self.device)
+            raw, self.round_metrics = self.opponent.preferences(prompt_ids, s.group_size, opponent_sampling, batch,
+                                                                prompts, completions, row_columns, raw)
         no_eos = torch.tensor([reason != "stop" for reason in rollout.finish_reason], device=self.device)
-        rewards = shape_rewards(raw, no_eos, s, self.reward_stats, update=True,
-                                lengths=rollout.lengths.to(self.device))
+        lengths = rollout.lengths.to(self.device)
+        rewards = shape_rewards(raw, no_eos, s, self.reward_stats, update=True, lengths=lengths)
+        dense = None
         if self.opponent is not None:
-            rewards = rewards - 0.5  # Nash-MD's control variate
+            rewards = rewards - 0.5  # Nash-MD's control variate (the reward is p: no dense rewards)
+        elif isinstance(scores, DenseRewards):
+            dense = self.shaped_dense(scores, batch.response_mask, no_eos, lengths)
         baseline = None
         if s.advantage == "remax" and s.objective == "policy_gradient":
             baseline = greedy_baseline(self.engine, self.scorer, self.tokenizer, self.prompt_ids,
@@ -244,7 +277,17 @@ class PromptSampler:
                                        self.reward_stats).repeat_interleave(s.group_size)
             drain_components(self.scorer)  # the greedy responses' scores are not samples'
         scored = time.perf_counter()
-        return rollout, raw, rewards, no_eos, penalised, baseline, generated - started, scored - generated
+        return rollout, raw, rewards, no_eos, penalised, baseline, dense, generated - started, scored - generated
+
+    def shaped_dense(self, scores: DenseRewards, mask: Tensor, no_eos: Tensor, lengths: Tensor) -> Tensor:
+        """A round's dense rewards (N, L) shaped (`shape_dense_rewards`), after checking the
+        settings take them; the first time, the log says how the advantage uses them."""
+        what = f"reward {role_name(self.scorer)}"
+        check_dense_settings(self.s, what, tuple(scores.tokens.shape))
+        if not self.dense_noted:
+            self.dense_noted = True
+            log.info("%s gives dense (per-token) rewards: %s", what, dense_use(self.s))
+        return shape_dense_rewards(scores.tokens.to(self.device), mask.to(self.device), no_eos, self.s, lengths)
 
     def collect(self, step: int) -> StepSamples:
         """Steps 1-2 of `step`: one round, or with dynamic sampling rounds until B groups with
@@ -254,12 +297,12 @@ class PromptSampler:
         self.components: list[dict[str, Tensor]] = []
         generation_s = scoring_s = 0.0
         while True:
-            rollout, raw, rewards, no_eos, penalised, baseline, gen_s, score_s = self.generate_round(
+            rollout, raw, rewards, no_eos, penalised, baseline, dense, gen_s, score_s = self.generate_round(
                 step, len(generated))
             generation_s, scoring_s = generation_s + gen_s, scoring_s + score_s
             generated.append((raw, rewards, no_eos, rollout.lengths, penalised))
             if not s.dynamic_sampling:
-                parts.append((rollout, None, raw, rewards, no_eos, baseline))
+                parts.append((rollout, None, raw, rewards, no_eos, baseline, dense))
                 kept = with_signal = target
                 break
             groups = signal_groups(rewards, rollout.group_index.to(rewards.device))
@@ -269,7 +312,7 @@ class PromptSampler:
             if len(take):
                 rows = torch.isin(rollout.group_index.to(rewards.device), take).nonzero().squeeze(-1)
                 parts.append((rollout, rows, raw[rows], rewards[rows], no_eos[rows],
-                              None if baseline is None else baseline[rows]))
+                              None if baseline is None else baseline[rows], None if dense is None else dense[rows]))
             rounds = len(generated)
             if kept >= target:
                 break
@@ -286,13 +329,14 @@ class PromptSampler:
                 "step %d: %d of %d prompt groups with reward variance after %d round(s); generating more",
                 step, kept, target, rounds)
         if parts and parts[0][1] is None:  # no filtering: the round as generated
-            rollout, _, raw, rewards, no_eos, baseline = parts[0]
+            rollout, _, raw, rewards, no_eos, baseline, dense = parts[0]
         elif parts:
             rollout = merge_rows([(p[0], p[1].cpu()) for p in parts], self.pad_id)
             raw, rewards, no_eos = (torch.cat([p[i] for p in parts]) for i in (2, 3, 4))
             baseline = None if parts[0][5] is None else torch.cat([p[5] for p in parts])
+            dense = None if parts[0][6] is None else merge_dense([p[6] for p in parts], rollout.response_ids.shape[1])
         else:
-            rollout, baseline = None, None
+            rollout, baseline, dense = None, None, None
             raw = rewards = torch.zeros(0, device=self.device)
             no_eos = torch.zeros(0, dtype=torch.bool, device=self.device)
         extra: dict[str, float] = dict(self.round_metrics)
@@ -305,6 +349,7 @@ class PromptSampler:
             rollout = merge_rows([(rollout, rows.cpu())], self.pad_id)
             raw, rewards, no_eos = raw[rows], rewards[rows], no_eos[rows]
             baseline = None if baseline is None else baseline[rows]
+            dense = None if dense is None else dense[rows]
         return StepSamples(
             rollout, raw, rewards, no_eos, baseline,
             generated_raw=torch.cat([g[0] for g in generated]),
@@ -314,5 +359,5 @@ class PromptSampler:
             penalised=sum(g[4] for g in generated), rounds=len(generated),
             groups_generated=len(generated) * target, groups_with_signal=with_signal, kept_groups=kept,
             generation_s=generation_s, scoring_s=scoring_s, extra_metrics=extra, unfiltered=unfiltered,
-            costs=self.round_costs if self.cost is not None else None,
+            costs=self.round_costs if self.cost is not None else None, dense=dense,
             components={name: torch.cat([c[name] for c in self.components]) for name in self.components[0]})

@@ -16,6 +16,7 @@ from alignkit.advantages import (
     ADVANTAGE_KINDS,
     ADVANTAGES,
     gae,
+    last_token_index,
     masked_mean,
     masked_whiten,
     token_level_rewards,
@@ -24,6 +25,7 @@ from alignkit.objectives import KL, PAIRWISE, PairLogps
 from alignkit.objectives.kl import capped
 from alignkit.objectives.nash import inpo_h, inpo_loss
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
+from alignkit.rewards.dense import sequence_scores
 from alignkit.rollout import SamplingParams
 from alignkit.training.online.kl_control import RunningMeanStd
 from alignkit.training.online.macro import macro_gae, macro_spans
@@ -75,6 +77,49 @@ def shape_rewards(raw: Tensor, no_eos: Tensor, s: OnlineSettings, stats: Running
     return rewards
 
 
+def shape_dense_rewards(tokens: Tensor, mask: Tensor, no_eos: Tensor, s: OnlineSettings,
+                        lengths: Tensor | None = None) -> Tensor:
+    """`shape_rewards` for dense rewards (N, L): the sequence-level missing-EOS and overlong
+    penalties go on each sample's last token (where a scalar reward sits, so a scalar given as
+    dense-at-last-token shapes exactly as the scalar); every other token keeps its reward.
+    PPO-max's running normalisation and clipping are defined on one reward per sample and
+    are refused (`check_dense_settings`)."""
+    check_dense_settings(s, "dense rewards", tuple(tokens.shape))
+    shaped = tokens.clone()
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    last = last_token_index(mask)
+    shaped[rows, last] = shape_rewards(tokens[rows, last], no_eos, s, RunningMeanStd(), update=False,
+                                       lengths=lengths)
+    return torch.where(mask.bool(), shaped, 0.0)
+
+
+def check_dense_settings(s: OnlineSettings, what: str, shape: tuple[int, ...]) -> None:
+    """Dense rewards (`what`, e.g. "reward count_e", of `shape`) with settings defined on one
+    reward per sample: a one-line ValueError."""
+    for key in ("reward_norm", "reward_clip"):
+        if getattr(s, key) not in (None, False):
+            raise ValueError(f"{what} gives per-token rewards of shape {shape}, but {key} normalises or clips one "
+                             f"reward per sample (PPO-max): unset {key}, or return one number per sample")
+
+
+def places_dense(s: OnlineSettings) -> bool:
+    """Whether the settings' advantage puts dense rewards at their tokens: GAE (ppo, pf_ppo,
+    safe_ppo) and the estimators taking `dense_rewards` (reinforce_pp, reinforce_pp_baseline)."""
+    return s.objective == "policy_gradient" and (
+        s.lagrangian or ADVANTAGE_KINDS[s.advantage] == "critic"
+        or "dense_rewards" in inspect.signature(ADVANTAGES[s.advantage]).parameters)
+
+
+def dense_use(s: OnlineSettings) -> str:
+    """How the settings use dense rewards, for the log: at their tokens (`places_dense`), or
+    each sample's sum (every other estimator and objective)."""
+    if places_dense(s):
+        return f"advantage {s.advantage} places them at their tokens (r_t = R_t - beta KL_t)"
+    what = f"advantage {s.advantage}" if s.objective == "policy_gradient" else f"objective {s.objective}"
+    return (f"{what} takes one reward per sample: each sample's sum of them (the return from its first token; "
+            "their placement is not used; ppo and reinforce_pp use it)")
+
+
 def greedy_baseline(engine, scorer, tokenizer, prompt_ids, prompt_texts, columns, indices, s,
                      pad_id, device, stats) -> Tensor:
     """ReMax: reward of the greedy response to each prompt, post-processed like the samples."""
@@ -82,25 +127,29 @@ def greedy_baseline(engine, scorer, tokenizer, prompt_ids, prompt_texts, columns
     rollout = engine.generate([prompt_ids[i] for i in indices], 1, sampling)
     batch = SequenceBatch.from_rollout(rollout, pad_id).to(device)
     row_columns = {k: [columns[i].get(k) for i in indices] for k in {k for c in columns for k in c}}
-    raw, _ = scorer.score(batch, [prompt_texts[i] for i in indices], decode_completions(tokenizer, rollout),
-                          row_columns)
+    scores, _ = scorer.score(batch, [prompt_texts[i] for i in indices], decode_completions(tokenizer, rollout),
+                             row_columns)
+    raw = sequence_scores(scores)  # dense rewards: the sum (ReMax's baseline is one number)
     no_eos = torch.tensor([reason != "stop" for reason in rollout.finish_reason])
     return shape_rewards(raw.to(device), no_eos.to(device), s, stats, update=False,
                          lengths=rollout.lengths.to(device))
 
 
 def compute_advantages(s: OnlineSettings, rewards, group_index, mask, kl_penalty, values, baseline,
-                       costs=None, lagrange: float = 0.0, ref_logp=None, seed: int = 0):
+                       costs=None, lagrange: float = 0.0, ref_logp=None, seed: int = 0, dense=None):
     """(advantages, returns), (N, L) each; returns only matter with a critic. safe_ppo
     (`lagrangian`): the mix of reward and cost advantages with multiplier `lagrange` and returns
     (N, L, 2) of both critics (`training/online/safe.py`). ma_ppo (`macro_termination`): GAE over
     macro actions cut from `mask` (perplexity: from `ref_logp` (N, L); random: by `seed`),
-    broadcast back to their tokens (`training/online/macro.py`)."""
+    broadcast back to their tokens (`training/online/macro.py`). `dense` (N, L): dense rewards
+    whose per-sample sums are `rewards`; GAE and the estimators that take `dense_rewards`
+    (reinforce_pp) place them at their tokens, the others use `rewards` (`dense_use`)."""
+    placed = rewards if dense is None else dense
     if s.lagrangian:
-        advantages, returns = lagrangian_advantages(rewards, costs, mask, kl_penalty, values, lagrange,
+        advantages, returns = lagrangian_advantages(placed, costs, mask, kl_penalty, values, lagrange,
                                                     s.gamma, s.lam)
     elif ADVANTAGE_KINDS[s.advantage] == "critic":
-        token_rewards = token_level_rewards(rewards, mask, kl_penalty)
+        token_rewards = token_level_rewards(placed, mask, kl_penalty)
         if s.macro_termination == "none":
             advantages, returns = gae(token_rewards, values, mask, gamma=s.gamma, lam=s.lam)
         else:
@@ -110,7 +159,7 @@ def compute_advantages(s: OnlineSettings, rewards, group_index, mask, kl_penalty
     else:
         fn = ADVANTAGES[s.advantage]
         extra = kwargs_for(fn, {"scale_by_std": s.scale_by_std, "gamma": s.gamma, "clip": s.remax_clip,
-                                 "baseline_rewards": baseline})
+                                 "baseline_rewards": baseline, "dense_rewards": dense})
         advantages = fn(rewards, group_index, mask, kl_penalty=kl_penalty, **extra)
         returns = advantages
     if s.whiten_advantages:
@@ -149,12 +198,17 @@ def no_reward_variance(s: OnlineSettings) -> Condition:
                      "differently, or sample more diverse completions (group_size, temperature)")
 
 
-def reward_varies(rewards: Tensor, group_index: Tensor, grouped: bool, baseline: Tensor | None = None) -> bool:
+def reward_varies(rewards: Tensor, group_index: Tensor, grouped: bool, baseline: Tensor | None = None,
+                  dense_values: Tensor | None = None) -> bool:
     """Whether a step's shaped rewards (N,) carry a signal: with `grouped`, some prompt group
     whose rewards are not all equal (exact comparison, as dynamic sampling); otherwise any two
-    different values among the rewards and ReMax's greedy `baseline` (N,)."""
+    different values among the rewards and ReMax's greedy `baseline` (N,), or among
+    `dense_values` (M,), the dense rewards on every valid token, when the advantage places
+    them (`places_dense`)."""
     if rewards.numel() == 0:
         return False
+    if dense_values is not None and not grouped and dense_values.numel() and bool(dense_values.max() > dense_values.min()):
+        return True
     if not grouped:
         values = rewards if baseline is None else torch.cat([rewards, baseline.to(rewards)])
         return bool(values.max() > values.min())

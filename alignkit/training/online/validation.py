@@ -6,7 +6,8 @@ engine with the training sampling settings (max_new_tokens, temperature, top_p, 
 scores the samples and logs, at that step:
 
   eval/reward   mean training reward of the samples, raw (no missing-EOS penalty, no reward
-                normalisation); several --reward: sum_k w_k r_k of the raw rewards
+                normalisation); several --reward: sum_k w_k r_k of the raw rewards; dense
+                (per-token) rewards: each sample's sum
   eval/gold     mean --gold-reward (when given), built like --reward: a second, "true"
                 reward beside the trained one shows over-optimisation (Gao et al. 2022)
   eval/pass@k   for each k of --eval-k, the unbiased estimator of Chen et al. 2021 averaged
@@ -51,6 +52,7 @@ import torch
 from alignkit.eval.stats import mean_pass_at_k
 from alignkit.objectives import KL
 from alignkit.rewards import load_reward
+from alignkit.rewards.dense import sequence_scores
 from alignkit.rewards.runner import reward_batch
 from alignkit.rollout import SamplingParams
 from alignkit.training.online.multi_reward import MultiReward
@@ -133,10 +135,10 @@ def raw_scores(scorer: RewardRole, batch, prompts, completions, columns) -> torc
     its own role (the combined role's group normalisation needs the training group size, and
     its log of per-reward scores belongs to the training step)."""
     if isinstance(scorer, MultiReward):
-        per_reward = torch.stack([role.score(batch, prompts, completions, columns)[0].float().reshape(-1).cpu()
-                                  for role in scorer.roles])  # (K, N)
+        per_reward = torch.stack([sequence_scores(role.score(batch, prompts, completions, columns)[0]).float()
+                                  .reshape(-1).cpu() for role in scorer.roles])  # (K, N)
         return (scorer.weights.unsqueeze(-1) * per_reward).sum(0)
-    return scorer.score(batch, prompts, completions, columns)[0].float().reshape(-1).cpu()
+    return sequence_scores(scorer.score(batch, prompts, completions, columns)[0]).float().reshape(-1).cpu()
 
 
 def load_gold_reward(config: TrainConfig, s: OnlineSettings, gold: Any = None) -> RewardRole | None:
