@@ -50,3 +50,14 @@ def test_mismatches_are_refused(ensemble_dir, tiny_model_dir):
     with pytest.raises(ValueError, match="ensemble_reduce must be"):
         alignkit.train("grpo", model=str(tiny_model_dir), data=ROWS, reward="length:4", ensemble_reduce="max",
                        max_steps=1, progress=False)
+
+
+def test_reward_model_of_an_ensemble_scores_as_the_ensemble(ensemble_dir, tiny_model_dir, tmp_path):
+    """--reward-model DIR of an rm_ensemble directory is the ensemble (as rm:DIR), not its first
+    member read as a plain classifier: the two runs log the same rewards."""
+    common = dict(model=str(tiny_model_dir), data=ROWS, batch_size=2, max_steps=2, group_size=2, max_new_tokens=4,
+                  progress=False, allow_degenerate=True)
+    alignkit.train("grpo", output_dir=tmp_path / "dir", reward_model=str(ensemble_dir), ensemble_reduce="wco", **common)
+    alignkit.train("grpo", output_dir=tmp_path / "rm", reward=f"rm:{ensemble_dir}", ensemble_reduce="wco", **common)
+    assert [r["reward/mean"] for r in read_metrics(tmp_path / "dir")] == [
+        r["reward/mean"] for r in read_metrics(tmp_path / "rm")]

@@ -17,8 +17,9 @@ from run_helpers import (
     read_metrics,
     run_interrupted_and_resumed,
 )
-from test_online import one_thread, run  # noqa: F401  (one_thread: the module's autouse fixture)
+from test_online import ROWS, one_thread, run  # noqa: F401  (one_thread: the module's autouse fixture)
 
+import alignkit
 from alignkit.advantages import sequence_reward
 from alignkit.objectives.nash import inpo_h, inpo_loss
 from alignkit.rollout import HFEngine, SamplingParams
@@ -89,6 +90,9 @@ def test_nash_md_with_a_preference_model_judge(tiny_model_dir, tmp_path):
     rows = read_metrics(tmp_path / "run")
     assert len(rows) == 2 and all(0.0 < r["reward/mean"] < 1.0 for r in rows)
     assert "nash/policy_reward" not in rows[0]  # the preference model judges; no reward scores
+    with pytest.raises(ValueError, match="is a pairwise preference model: it judges pairs"):
+        alignkit.train("grpo", model=str(tiny_model_dir), data=ROWS, output_dir=tmp_path / "as-reward", max_steps=1,
+                       reward_model=str(judge), progress=False)
 
 
 def test_nash_md_refuses_placements_it_cannot_sample_in(tiny_model_dir, tmp_path):

@@ -296,6 +296,8 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
                            parse_weights(config.reward_weights, len(spec)), s.reward_aggregation, s.group_size)
     if config.reward_weights is not None:
         raise ValueError("--reward-weights weighs several --reward; this run has one reward")
+    if spec is None and config.reward_model is not None and saved_kind(config.reward_model) in SCORER_KINDS:
+        spec = f"rm:{config.reward_model}"  # an ensemble, BRME, ArmoRM-style or embedding RM: its scorer
     if s.ensemble_reduce is not None and not isinstance(spec, str):
         raise ValueError(f"ensemble_reduce={s.ensemble_reduce}: it reduces an ensemble's members; give the "
                          "ensemble as --reward rm:DIR")
@@ -307,10 +309,25 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
         raise ValueError(f"{config.algorithm} needs a reward: --reward module:function or --reward-model DIR")
     if segment_model_dir(config.reward_model) is not None:
         return segment_reward_role(config, config.reward_model, tokenizer, s, flag="--reward-model")
+    if saved_kind(config.reward_model) == "preference_model":
+        raise ValueError(f"--reward-model {config.reward_model} is a pairwise preference model: it judges pairs, "
+                         "not samples; pass it to nash_md as --preference-model DIR")
     model, rm_tokenizer = load_model(config.reward_model, kind="reward", dtype=_dtype(config),
                                      device=_device(config), trust_remote_code=config.trust_remote_code)
     require_trained_head(config.reward_model, model, "--reward-model")
     return ModelReward(model, rm_tokenizer, tokenizer)
+
+
+SCORER_KINDS = ("ensemble", "embedding_rm", "multi_objective", "brme")
+"""Saved reward models that score through their own scorer (`load_reward`), not as one classifier."""
+
+
+def saved_kind(directory: str) -> str:
+    """The kind of reward model saved in `directory` (`rewards.saved.reward_model_kind`), or
+    "plain" for a hub id or a path that is not a directory."""
+    from alignkit.rewards.saved import reward_model_kind
+
+    return reward_model_kind(directory) if Path(directory).is_dir() else "plain"
 
 
 def directional_reward(config: TrainConfig, spec: Any, s: OnlineSettings) -> DirectionalReward:
