@@ -6,7 +6,8 @@ token/sequence counts. Checked for grpo, ppo (separate critic), dapo (dynamic sa
 rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches, raft,
 superhf with micro-batches, pf_ppo, safe_ppo, distill (reverse_kl and jsd), inpo, nash_md, dpa, ma_ppo
 (random macro actions), ppo on dense (per-token) rewards from a function (replicated) and from an
-rm_segment model (each rank scores its rows, dense rows gathered), grpo sampling
+rm_segment model (each rank scores its rows, dense rows gathered), drpo (each rank rolls in its
+rows' prefixes), salsa (a soup reference), grpo sampling
 through one rollout server shared by both ranks (--rollout vllm --vllm-url, the reference
 server; also with LoRA, a KL term and FSDP2), and under
 FSDP2 grpo, ppo, grpo with LoRA and a KL term, dapo with micro-batches: sampled
@@ -24,6 +25,7 @@ import pytest
 import torch
 from dist_helpers import assert_runs_match, free_port, launch, read_params
 from run_helpers import read_metrics, write_jsonl
+from test_online_salsa import noisy_copy
 
 import alignkit
 from alignkit.testing import build_tiny_model
@@ -37,10 +39,13 @@ BASE = {"padding_free": False, "batch_size": 4, "max_steps": 3, "lr": 1e-2, "war
 RM = "<reward model>"  # stands for the reward model the fixture builds
 SEGMENT_RM = "<segment reward model>"  # stands for the rm_segment model the fixture trains
 SERVER = "<rollout server>"  # stands for the URL of the reference server the fixture starts
+SOUP = "<two checkpoints>"  # the tiny model and a noisy copy, comma-separated (salsa's --ref-model)
+RESET_DATA = "<prompts with offline responses>"  # the prompts with an e-rich `chosen` column (drpo)
 _server_url: list[str] = []
 TEACHER = "<teacher>"  # stands for a second tiny model (another seed) the fixture builds
 _teacher_dir: list[str] = []
 _segment_model: list[str] = []
+_resources: dict[str, str] = {}
 CASES = {
     "grpo": ("grpo", {}),
     "ppo": ("ppo", {}),
@@ -68,6 +73,13 @@ CASES = {
     # ma_ppo: random macro actions drawn from the same (seed, step) stream on every rank, over the
     # gathered global batch
     "ma_ppo-random": ("ma_ppo", {"macro_termination": "random", "macro_repeat": 1}),
+    # drpo: the reset draws are global (replicated), each rank forces its block's prefixes. Its
+    # whitened rewards (replicated maths) make Adam's weights ~10x more sensitive to float noise
+    # (one process, logprob_micro_batch_size 0 vs 2: 2e-5 apart, ppo 2e-6; 2 ranks: 1.4e-4), so
+    # the case leaves them off to keep the 1e-4 weight check
+    "drpo": ("drpo", {"data": RESET_DATA, "reset_prob": 0.5, "whiten_rewards": False}),
+    # salsa: every rank builds the same soup; the reference's rows split by rank
+    "salsa": ("salsa", {"ref_model": SOUP}),
     # a reward model scores each rank's rows (gathered) and initialises the critic
     "ppo-reward-model": ("ppo", {"reward": None, "reward_model": RM, "critic_init": RM}),
     # dense rewards: a function's per-token rewards on every rank; an rm_segment model's per-segment
@@ -130,7 +142,8 @@ def build_segment_model(folder: Path, model_dir) -> str:
 
 def resolved(extra: dict, reward_model: str) -> dict:
     placeholders = {RM: reward_model, SEGMENT_RM: _segment_model[0] if _segment_model else None,
-                    SERVER: _server_url[0] if _server_url else None, TEACHER: _teacher_dir[0] if _teacher_dir else None}
+                    SERVER: _server_url[0] if _server_url else None, TEACHER: _teacher_dir[0] if _teacher_dir else None,
+                    **_resources}
     return {k: placeholders.get(v, v) if isinstance(v, str) else v for k, v in extra.items()}
 
 
@@ -152,9 +165,14 @@ def _launched_runs(tmp_path_factory, tiny_model_dir):
     reward_model = build_reward_model(tmp / "rm", tiny_model_dir)
     _teacher_dir[:] = [build_teacher(tmp / "teacher")]
     _segment_model[:] = [build_segment_model(tmp / "segment-rm", tiny_model_dir)]
+    _resources[RESET_DATA] = write_jsonl(tmp / "reset.jsonl", [{"prompt": p, "chosen": "e e e e e e e e"}
+                                                               for p in PROMPTS * 3])
+    _resources[SOUP] = f"{tiny_model_dir},{noisy_copy(tiny_model_dir, tmp / 'sibling')}"
     cases = [{"name": name, "algorithm": algorithm, "model": str(tiny_model_dir), "data": data,
               "overrides": {**BASE, **resolved(extra, reward_model)}}
              for name, (algorithm, extra) in {**CASES, **PACKED}.items()]
+    for case in cases:
+        case["data"] = case["overrides"].pop("data", data)
     for case, (_, extra) in zip(cases, {**CASES, **PACKED}.values(), strict=False):
         if extra.get("vllm_url") == SERVER:  # the ranks run in their own network namespace: rank 0
             port = free_port()               # serves the rollout there, on this port
@@ -173,7 +191,7 @@ _single: dict[tuple, tuple] = {}
 
 def one_process(algorithm: str, model_dir, data: str, root: Path, **overrides):
     overrides = {k: v for k, v in overrides.items() if k != "strategy"}  # one process: no strategy
-    key = (algorithm, tuple(sorted(overrides.items())))
+    key = (algorithm, data, tuple(sorted(overrides.items())))
     if key not in _single:
         out = root / f"single-{len(_single)}"
         result = alignkit.train(algorithm, model=str(model_dir), data=data, output_dir=out, progress=False,
@@ -200,7 +218,8 @@ def test_two_ranks_packed_equal_one_process_to_rounding(runs, tiny_model_dir, na
 def test_two_ranks_equal_one_process(runs, tiny_model_dir, name):
     out, data, reward_model = runs
     algorithm, extra = CASES[name]
-    one_metrics, one_params = one_process(algorithm, tiny_model_dir, data, out.parent, **resolved(extra, reward_model))
+    extra = resolved(extra, reward_model)
+    one_metrics, one_params = one_process(algorithm, tiny_model_dir, extra.pop("data", data), out.parent, **extra)
     assert_runs_match(read_metrics(out / name / "run"), one_metrics, 1e-6 if "reward_model" in extra else 0.0)
     rank0, rank1 = (read_params(out / name / f"params-rank{r}.safetensors") for r in (0, 1))
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0), "ranks diverged"

@@ -12,6 +12,11 @@ The decode loop, per chunk of prompts (at most `max_batch_size` samples):
 5. drop the rows that just emitted a stop token from the cache and the batch, so late
    steps only pay for unfinished samples; stop when none is left or at `max_new_tokens`.
 
+Roll-in (DR-PO's dataset reset, `prefixes`): a row's first k response tokens are forced to a
+given prefix instead of drawn (teacher forcing, as TRIL's `RollinProcessor` sets every other
+logit to -inf), scored under the policy like sampled ones and never ending the sample; the
+policy samples from position k on. The prompt is still prefilled once per group.
+
 The engine sees token ids only (nanochat's Engine "knows nothing about tokenization").
 """
 
@@ -115,12 +120,22 @@ class HFEngine:
         if state_dict is not None:
             copy_named_weights(self.model, state_dict.items())
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
-        """Sample `n` responses per prompt. Row `i * n + j` is sample `j` of prompt `i`."""
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
+                 prefixes: Sequence[Sequence[int]] | None = None) -> Rollout:
+        """Sample `n` responses per prompt. Row `i * n + j` is sample `j` of prompt `i`.
+
+        `prefixes`: one token list per row (B x n), forced as that row's first response tokens
+        (empty: none), each shorter than `max_new_tokens`; `Rollout.rollin_mask` marks them."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if not prompt_ids or any(len(prompt) == 0 for prompt in prompt_ids):
             raise ValueError("prompt_ids must be a non-empty list of non-empty prompts")
+        if prefixes is not None:
+            if len(prefixes) != len(prompt_ids) * n:
+                raise ValueError(f"prefixes: one per row ({len(prompt_ids) * n}), got {len(prefixes)}")
+            if any(len(prefix) >= sampling.max_new_tokens for prefix in prefixes):
+                raise ValueError(f"prefixes must be shorter than max_new_tokens ({sampling.max_new_tokens}): "
+                                 "the policy generates at least the last token")
         seed = sampling.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
@@ -138,7 +153,8 @@ class HFEngine:
             with torch.inference_mode():
                 chunks = [
                     self._generate_chunk(
-                        prompt_ids[first : first + per_chunk], first, n, sampling, seed, stop_ids
+                        prompt_ids[first : first + per_chunk], first, n, sampling, seed, stop_ids,
+                        None if prefixes is None else prefixes[first * n : (first + per_chunk) * n],
                     )
                     for first in range(0, len(prompt_ids), per_chunk)
                 ]
@@ -154,6 +170,10 @@ class HFEngine:
         positions = torch.arange(width, device=lengths.device)
         response_mask = positions.unsqueeze(0) < lengths.unsqueeze(1)  # (N, L)
         group_index = torch.arange(len(prompt_ids), device=lengths.device).repeat_interleave(n)
+        rollin_mask = None
+        if prefixes is not None:  # (N, L), True on the forced tokens
+            forced_lengths = torch.tensor([len(prefix) for prefix in prefixes], device=lengths.device)
+            rollin_mask = positions.unsqueeze(0) < forced_lengths.unsqueeze(1)
         return Rollout(
             prompt_ids=[list(prompt) for prompt in prompt_ids for _ in range(n)],
             response_ids=response_ids,
@@ -167,6 +187,7 @@ class HFEngine:
                 "decoded_rows": decoded_rows,  # rows fed to decode forwards, summed over steps
                 "seed": seed,
             },
+            rollin_mask=rollin_mask,
         )
 
     def _new_cache(self) -> Any:
@@ -204,8 +225,10 @@ class HFEngine:
         sampling: SamplingParams,
         seed: int,
         stop_ids: set[int],
+        prefixes: Sequence[Sequence[int]] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-        """Decode one chunk: (tokens, logprobs) (N, max_new), lengths, stopped (N,), decoded rows."""
+        """Decode one chunk: (tokens, logprobs) (N, max_new), lengths, stopped (N,), decoded rows.
+        `prefixes`: the chunk's rows' forced first tokens (see `generate`)."""
         device = next(self.model.parameters()).device
         max_new = sampling.max_new_tokens
         prompt_len = max(len(prompt) for prompt in prompts)
@@ -248,6 +271,12 @@ class HFEngine:
         live = torch.ones(rows, dtype=torch.bool, device=device)  # batch row still recording
         decoded_rows = 0
 
+        forced = None  # (rows, max_new): the token each row is forced to at each step, -1 = sample
+        if prefixes is not None:
+            forced = torch.full((rows, max_new), -1, dtype=torch.long)
+            for row, prefix in enumerate(prefixes):
+                forced[row, : len(prefix)] = torch.tensor(list(prefix), dtype=torch.long)
+            forced = forced.to(device)
         noise = None  # (rows, max_new): every step's uniforms at once, the same as step by step
         if not sampling.is_greedy:
             steps = torch.arange(max_new, device=device).unsqueeze(0)
@@ -255,11 +284,14 @@ class HFEngine:
         for step in range(max_new):
             # 4. draw and score one token per batch row.
             uniforms = None if noise is None else noise[active, step]
-            tokens, logprobs = sample_next_tokens(logits, sampling, uniforms)  # (A,), (A,)
+            forced_now = None if forced is None else forced[active, step]  # (A,)
+            tokens, logprobs = sample_next_tokens(logits, sampling, uniforms, forced_now)  # (A,), (A,)
             recording = active[live]
             out_tokens[recording, step] = tokens[live]
             out_logprobs[recording, step] = logprobs[live]
             hit = torch.isin(tokens, stop_tensor) & live if len(stop_ids) else None
+            if hit is not None and forced_now is not None:
+                hit = hit & (forced_now < 0)  # a rolled-in token never ends the sample
             if hit is not None and bool(hit.any()):
                 lengths[active[hit]] = step + 1
                 stopped[active[hit]] = True

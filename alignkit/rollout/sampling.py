@@ -108,7 +108,7 @@ def _filter_and_draw(logprobs: Tensor, sampling: SamplingParams, uniforms: Tenso
 
 
 def sample_next_tokens(
-    logits: Tensor, sampling: SamplingParams, uniforms: Tensor | None
+    logits: Tensor, sampling: SamplingParams, uniforms: Tensor | None, forced: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Choose one token per row from next-token `logits` and score it.
 
@@ -116,6 +116,10 @@ def sample_next_tokens(
     greedy); returns `(tokens (A,) int64, logprobs (A,) float32)`, where
     logprobs = log softmax(logits / temperature)[token] of the unfiltered distribution
     (temperature 1 when temperature is 0).
+
+    `forced` (A,) int64: rows with an id >= 0 take that token instead of a draw (teacher
+    forcing, DR-PO's roll-in; TRIL's `RollinProcessor` sets every other logit to -inf), scored
+    the same way; -1 samples as usual.
     """
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature  # (A, V)
@@ -126,4 +130,6 @@ def sample_next_tokens(
         if uniforms is None:
             raise ValueError("sampling needs uniforms unless greedy")
         tokens = _filter_and_draw(logprobs, sampling, uniforms)
+    if forced is not None:
+        tokens = torch.where(forced >= 0, forced, tokens)
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -92,6 +92,10 @@ class Rollout:
     """(N,) int64, index of the prompt each row was sampled from."""
     extras: dict[str, object] = field(default_factory=dict)
     """Engine-specific statistics (timings, token counts); never needed for training."""
+    rollin_mask: Tensor | None = None
+    """(N, L) bool, True on rolled-in tokens: the first tokens of a row forced to a given prefix
+    (DR-PO's dataset reset) rather than sampled; they are in `response_ids`, `response_mask` and
+    `response_logprobs` like sampled ones. None when the call forced nothing."""
 
     @property
     def lengths(self) -> Tensor:

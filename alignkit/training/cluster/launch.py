@@ -179,7 +179,10 @@ def shipped_config(config: Any) -> Any:
     shipped = copy.deepcopy(config)
     for name in PATH_FIELDS:
         value = getattr(shipped, name, None)
-        if isinstance(value, str) and value and (name == "output" or Path(value).exists()):
+        if name == "ref_model" and isinstance(value, str) and "," in value:  # salsa's soup: each checkpoint
+            setattr(shipped, name, ",".join(os.path.abspath(part) if Path(part).exists() else part
+                                            for part in value.split(",")))
+        elif isinstance(value, str) and value and (name == "output" or Path(value).exists()):
             setattr(shipped, name, os.path.abspath(value))
     reward = getattr(shipped, "reward", None)
     if isinstance(reward, list):

@@ -5,6 +5,10 @@ rollout engine and the trainer (optimizer, LR schedule) around them.
 The order is part of the result: the critic's head and the LoRA adapters draw their initial
 weights from the seeded torch RNG, critic first, and the reference copies the policy before
 adapters are attached.
+
+salsa (`soup=true`): the reference is the weight soup of the comma-separated --ref-model
+checkpoints (`alignkit.models.soup`); with policy_init=soup the policy takes the soup's weights
+too (with LoRA, the adapter-off base is then the soup, which serves as the reference).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 
 from alignkit.models import apply_lora, count_parameters, is_peft, load_model
 from alignkit.models.heads import require_trained_head
+from alignkit.models.soup import check_same_parameters, load_soup, parse_soup_weights
 from alignkit.rewards import load_reward
 from alignkit.rollout.http_engine import HTTPEngine
 from alignkit.training.online.distributed_rollout import (
@@ -81,7 +86,11 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
                        tokenizer=None, reward: Any = None) -> OnlineRoles:
     """Load and wire every role of the online loop; sets `config.lr` when it was None."""
     model, tokenizer = load_policy(config, model, tokenizer)
-    reference_copy = copy_reference(config, s, model)
+    soup = load_reference_soup(config, s, tokenizer)  # salsa: the --ref-model checkpoints' soup, else None
+    if soup is not None and s.policy_init == "soup":
+        check_same_parameters(soup.state_dict(), model.state_dict(), "the soup", "--model")
+        model.load_state_dict(soup.state_dict())
+    reference_copy = copy_reference(config, s, model, soup)
     critic, value_head = build_critic(config, s, model)
     if s.lagrangian:  # safe_ppo: a cost critic beside the reward critic
         critic = DualCritic(critic, build_cost_critic(config, s, model))
@@ -157,13 +166,44 @@ def load_policy(config: TrainConfig, model, tokenizer):
     return model, tokenizer
 
 
-def copy_reference(config: TrainConfig, s: OnlineSettings, model: nn.Module) -> nn.Module | None:
-    """A frozen reference model (--ref-model, or a copy of the initial policy), when one is
-    needed and no LoRA adapter can stand in for it (without LoRA)."""
+def soup_directories(ref_model: str | None) -> list[str]:
+    """The checkpoints of a comma-separated --ref-model (empty without one)."""
+    return [part.strip() for part in (ref_model or "").split(",") if part.strip()]
+
+
+def load_reference_soup(config: TrainConfig, s: OnlineSettings, tokenizer) -> nn.Module | None:
+    """salsa: sum_k w_k theta_k of the --ref-model checkpoints (soup_weights, default uniform);
+    None without `soup`. Settings that would leave the soup unused are refused in one line."""
+    directories = soup_directories(config.ref_model)
+    if not s.soup:
+        if len(directories) > 1:
+            raise ValueError(f"--ref-model {config.ref_model} names {len(directories)} checkpoints: a reference "
+                             f"soup is salsa's (or --set soup=true); {config.algorithm} takes one reference")
+        return None
+    if len(directories) < 2:
+        raise ValueError(f"{config.algorithm}: --ref-model takes two or more SFT checkpoints, comma-separated "
+                         f"(A,B), for the reference soup; got {config.ref_model!r}")
+    weights = parse_soup_weights(s.soup_weights, len(directories))
+    if s.policy_init == "first" and not needs_reference(s):
+        raise ValueError(f"{config.algorithm}: with beta={s.beta} and kl_in={s.kl_in!r} no reference is used, so "
+                         "the soup would be unused: set beta > 0, or policy_init=soup to start from it")
+    if s.policy_init == "first" and config.lora_r > 0:
+        raise ValueError(f"{config.algorithm}: with --lora-r the reference is the base weights with the adapter off, "
+                         "so the soup must be the base: --set policy_init=soup")
+    log.info("reference soup of %s with weights %s", ", ".join(directories), weights)
+    return load_soup(directories, weights, dtype=_dtype(config), device=_device(config), tokenizer=tokenizer)
+
+
+def copy_reference(config: TrainConfig, s: OnlineSettings, model: nn.Module,
+                   soup: nn.Module | None = None) -> nn.Module | None:
+    """A frozen reference model (the soup, --ref-model, or a copy of the initial policy), when
+    one is needed and no LoRA adapter can stand in for it (without LoRA)."""
     if s.distill_loss != "none" or config.teacher is not None:
         return load_teacher(config, s, model)
     if not needs_reference(s) or config.lora_r != 0:
         return None
+    if soup is not None:
+        return soup
     if config.ref_model:
         return load_model(config.ref_model, dtype=_dtype(config), device=_device(config))[0]
     return copy.deepcopy(model)

@@ -66,35 +66,44 @@ def gather_rows(local: Tensor, ranks: Ranks, width: int | None = None) -> Tensor
 
 
 def generate_sharded(generate, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
-                     ranks: Ranks, device: torch.device | None = None, pad_id: int = 0) -> Rollout:
+                     ranks: Ranks, device: torch.device | None = None, pad_id: int = 0,
+                     prefixes: list[list[int]] | None = None) -> Rollout:
     """`generate(prompts, n, sampling)` of this rank's block of prompts, gathered into the global
-    `Rollout` every rank then holds (one process: a plain call)."""
+    `Rollout` every rank then holds (one process: a plain call). `prefixes` (one per global row,
+    DR-PO's roll-in) are split with the rows."""
+    extra = {} if prefixes is None else {"prefixes": prefixes}
     if not ranks.distributed:
-        return generate(prompt_ids, n, sampling)
+        return generate(prompt_ids, n, sampling, **extra)
     block = prompt_block(len(prompt_ids), ranks.rank, ranks.world)
     local = None
     if len(block):
+        if prefixes is not None:
+            extra = {"prefixes": prefixes[block.start * n : block.stop * n]}
         local = generate([prompt_ids[i] for i in block], n,
-                         dataclasses.replace(sampling, first_sample=sampling.first_sample + block.start * n))
-    return gather_rollout(local, prompt_ids, n, ranks, device, pad_id)
+                         dataclasses.replace(sampling, first_sample=sampling.first_sample + block.start * n), **extra)
+    return gather_rollout(local, prompt_ids, n, ranks, device, pad_id, rolled_in=prefixes is not None)
 
 
 def gather_rollout(local: Rollout | None, prompt_ids: list[list[int]], n: int, ranks: Ranks,
-                   device: torch.device | None = None, pad_id: int = 0) -> Rollout:
+                   device: torch.device | None = None, pad_id: int = 0, rolled_in: bool = False) -> Rollout:
     """The global rollout from each rank's block (`local` None on a rank without prompts);
-    responses right-padded with `pad_id`, as an engine pads them."""
+    responses right-padded with `pad_id`, as an engine pads them. `rolled_in`: the rows carry
+    a `rollin_mask` (every rank's call forced prefixes), gathered as a fourth channel."""
+    channels = 4 if rolled_in else 3
     if local is None:
-        packed = torch.zeros((0, 1, 3), dtype=torch.float64)
+        packed = torch.zeros((0, 1, channels), dtype=torch.float64)
         stopped = torch.zeros((0, 1), dtype=torch.float64)
         stats = torch.zeros(3, dtype=torch.float64)
     else:
-        packed = torch.stack([local.response_ids.double(), local.response_logprobs.double(),
-                              local.response_mask.double()], dim=-1).cpu()  # (N_r, L_r, 3)
+        parts = [local.response_ids.double(), local.response_logprobs.double(), local.response_mask.double()]
+        if rolled_in:
+            parts.append(local.rollin_mask.double())
+        packed = torch.stack(parts, dim=-1).cpu()  # (N_r, L_r, 3 or 4)
         stopped = torch.tensor([[reason == "stop"] for reason in local.finish_reason], dtype=torch.float64)
         stats = torch.tensor([float(local.extras.get("generated_tokens", 0)),
                               float(local.extras.get("decoded_rows", 0)), float(local.extras.get("seconds", 0.0))],
                              dtype=torch.float64)
-    rows = gather_rows(packed, ranks)  # (N, L, 3)
+    rows = gather_rows(packed, ranks)  # (N, L, channels)
     finished = gather_rows(stopped, ranks).reshape(-1)
     totals = all_reduce_sum(stats)
     target = device if device is not None else (local.response_ids.device if local is not None else None)
@@ -110,6 +119,7 @@ def gather_rollout(local: Rollout | None, prompt_ids: list[list[int]], n: int, r
         extras={"generated_tokens": int(totals[0]), "decoded_rows": int(totals[1]),
                 "seconds": float(totals[2]) / ranks.world,
                 "seed": None if local is None else local.extras.get("seed")},
+        rollin_mask=(rows[:, :width, 3] > 0.5).to(target) if rolled_in else None,
     )
 
 
@@ -146,13 +156,15 @@ class CopyRollout:
     def __init__(self, engine) -> None:
         self.engine = engine
         self.params = dict(engine.model.named_parameters())
+        self.supports_rollin = getattr(engine, "supports_rollin", False)
 
     @property
     def version(self) -> int:
         return self.engine.version
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
-        return self.engine.generate(prompt_ids, n, sampling)
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
+                 prefixes: list[list[int]] | None = None) -> Rollout:
+        return self.engine.generate(prompt_ids, n, sampling, prefixes=prefixes)
 
     @torch.no_grad()
     def update_weights(self, source, version: int) -> None:
@@ -170,9 +182,12 @@ class ShardedRollout:
         self.shares_policy = engine.shares_policy
         self.exact_logprobs = getattr(engine, "exact_logprobs", engine.shares_policy)
         self.merged_weights = getattr(engine, "merged_weights", True)
+        self.supports_rollin = getattr(engine, "supports_rollin", False)
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
-        return generate_sharded(self.engine.generate, prompt_ids, n, sampling, self.ranks, pad_id=self.pad_id)
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
+                 prefixes: list[list[int]] | None = None) -> Rollout:
+        return generate_sharded(self.engine.generate, prompt_ids, n, sampling, self.ranks, pad_id=self.pad_id,
+                                prefixes=prefixes)
 
     @property
     def pad_id(self) -> int:

@@ -2,7 +2,8 @@
 presets (`presets.py`) of this one loop. `build_online_roles` (`build.py`) makes the roles
 (`roles.py`); `OnlineDriver` runs each step as calls to them, over the step's global batch:
 
-1. generate   B prompts x G samples from the rollout engine (engine seed = f(seed, step, round))
+1. generate   B prompts x G samples from the rollout engine (engine seed = f(seed, step, round));
+              drpo: samples roll in prefixes of offline responses first (`reset.py`)
 2. score      decode, reward role (function or reward model); missing-EOS penalty; PPO-max
               normalisation/clipping; ReMax scores a greedy response as its baseline.
               A reward may be dense, per token or per segment (Fine-Grained RLHF,
@@ -71,6 +72,7 @@ from alignkit.training.online.build import OnlineRoles, build_online_roles
 from alignkit.training.online.dpa import DirectionalPrompts
 from alignkit.training.online.kl_control import RunningMeanStd, make_kl_controller
 from alignkit.training.online.presets import OnlineSettings
+from alignkit.training.online.reset import load_reset_responses, rollin_metrics
 from alignkit.training.online.roles import SequenceBatch
 from alignkit.training.online.safe import CostWindow, lagrange_step
 from alignkit.training.online.sampling import PromptSampler, StepSamples, step_seed
@@ -207,10 +209,13 @@ class OnlineDriver:
         prompt_ids, texts, columns, stats = prompt_rows(table, roles.tokenizer, config)
         self.first_row = data_metrics(stats, responses=False)  # run totals, in the first logged row
         self.flags: dict[str, bool] = {}  # the last step's degenerate-step flags (DegenerateWatch)
+        resets = load_reset_responses(table, roles.tokenizer, s, chat=bool(config.chat_template),
+                                      engine=roles.rollout)  # drpo: the offline responses rolled in
         self.sampler = PromptSampler(roles.rollout, roles.reward, roles.tokenizer, prompt_ids, texts, columns,
                                      s, batch_size=config.batch_size, seed=config.seed, device=roles.device,
                                      reward_stats=self.reward_stats, cost=roles.cost, opponent=roles.opponent,
-                                     directions=directional_prompts(s, config, table, roles.tokenizer))
+                                     directions=directional_prompts(s, config, table, roles.tokenizer),
+                                     reset_responses=resets)
         self.log_lambda = math.log(s.lambda_init)  # safe_ppo's Lagrange multiplier (training/online/safe.py)
         self.cost_window = CostWindow(s.cost_window)
         self.resumed_at: int | None = None
@@ -331,6 +336,10 @@ class OnlineDriver:
             return metrics
         batch = SequenceBatch.from_rollout(samples.rollout, roles.tokenizer.pad_token_id).to(roles.device)
         mask = batch.response_mask  # (N, L)
+        rollin = samples.rollout.rollin_mask  # (N, L) drpo's rolled-in tokens, else None
+        if rollin is not None:
+            rollin = rollin.to(roles.device)
+            metrics.update(rollin_metrics(rollin))
 
         # 3. reference and old log-probs, values (no gradients)
         old_logp, ref_logp, old_values, engine_metrics = self.logprobs_and_values(samples, batch)
@@ -371,7 +380,7 @@ class OnlineDriver:
             ref_dist = roles.reference.distributions(batch)  # SuperHF's KL prior; GKD's teacher
         experience = Experience(batch, samples.rewards, group_index, old_logp, ref_logp, advantages, returns,
                                 old_values, beta=self.kl_control.value, step=step, tis_weights=tis,
-                                ref_dist=ref_dist)
+                                ref_dist=ref_dist, rollin_mask=rollin)
         self.start_prefetch(step)
         metrics.update(roles.trainer.update(experience))
         self.flags["skipped"] = metrics.get("updates_skipped", 0.0) == 1.0  # every optimizer update skipped

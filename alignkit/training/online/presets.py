@@ -19,6 +19,8 @@
 | distill      | return_to_go, gamma 0| ppo_clip (jsd: GKD)  | token_mean          | 1.0, k1 to the --teacher, reward    | no     |
 | pf_ppo       | gae (+whitening)     | ppo_clip             | token_mean          | 0.05, k1, reward; best+random of 4  | yes    |
 | ma_ppo       | gae over macro spans | ppo_clip             | token_mean          | 0.05, k1, reward (per token)        | yes    |
+| drpo         | gae (+whitening)     | ppo_clip, off roll-in| token_mean          | 0.05, k1, reward; dataset resets    | yes    |
+| salsa        | gae (+whitening)     | ppo_clip             | token_mean          | 0.05, k1, reward; to a weight soup  | yes    |
 
 Dynamic sampling (dapo): groups whose rewards are all equal are dropped and further prompt
 batches are generated until --batch-size groups remain (at most max_generation_rounds batches;
@@ -41,6 +43,7 @@ from alignkit.objectives.reward_losses import ENSEMBLE_AGGREGATIONS
 from alignkit.training.online.filters import SAMPLE_FILTERS
 from alignkit.training.online.macro import MACRO_TERMINATIONS, MACRO_VALUES
 from alignkit.training.online.multi_reward import REWARD_AGGREGATIONS
+from alignkit.training.online.reset import check_reset_settings
 from alignkit.training.run.values import coerce_fields
 
 # A forward without gradients keeps one layer's activations at a time, not every layer's for
@@ -241,6 +244,19 @@ class OnlineSettings:
     """Episodes whose mean cost drives lambda's update."""
     cost_critic_init: str | None = None
     """Directory of a cost model to initialise the cost critic (default: the policy + zero head)."""
+    # DR-PO's dataset resets (drpo; training/online/reset.py) and SALSA's soup (salsa; models/soup.py)
+    reset_prob: float = 0.0
+    """Share of samples that roll in a prefix of their row's offline response (drpo: 1.0; 0: off)."""
+    reset_column: str | None = None
+    """The offline response's column (default: chosen, else response, else completion)."""
+    whiten_rewards: bool = False
+    """Whiten GAE's per-token rewards over the batch, mean kept (DR-PO's whiten_rewards)."""
+    soup: bool = False
+    """The reference is the weight soup of the comma-separated --ref-model checkpoints."""
+    soup_weights: str | None = None
+    """The soup's weights, comma-separated, one per checkpoint, >= 0, summing to 1 (default uniform)."""
+    policy_init: str = "first"
+    """first (the policy is --model) or soup (the soup's weights); not pinned by the SALSA paper."""
     # engine and logging
     generation_batch_size: int = 0
     """Most samples decoded together (0: all at once)."""
@@ -288,6 +304,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # reward model's clip 2.5 (--set epochs_per_batch=1, whiten_advantages=false, temperature=0.8,
 # reward_clip=2.5 to match it).
 PRESETS["ma_ppo"] = {**PRESETS["ppo"], "macro_termination": "fixed"}
+# Cornell-RL/drpo src/tldr/drpo.py: ppo's kl 0.05, 4 epochs, clip 0.2, value clip 0.2, vf 0.1, gamma 1,
+# lambda 0.95, whitened advantages; temperature 0.7, whitened rewards, every rollout reset (Args.beta 1.0)
+PRESETS["drpo"] = {**PRESETS["ppo"], "temperature": 0.7, "whiten_rewards": True, "reset_prob": 1.0}
+PRESETS["salsa"] = {**PRESETS["ppo"], "soup": True}  # SALSA: PPO with its KL to the soup
 
 PAPERS = {
     "ppo": "PPO for LMs (Ouyang et al. 2022; Zheng et al. 2023 PPO-max)",
@@ -307,6 +327,8 @@ PAPERS = {
     "inpo": "INPO: iterative Nash policy optimisation (Zhang et al. 2025)",
     "distill": "On-policy distillation (Agarwal et al. 2024 GKD; Thinking Machines 2025)",
     "ma_ppo": "MA-RLHF: PPO over macro actions (Chai et al. 2024)",
+    "drpo": "DR-PO: dataset reset policy optimization (Chang et al. 2024)",
+    "salsa": "SALSA: soup-based alignment learning (Chegini et al. 2024)",
 }
 
 CHOICES = {
@@ -319,6 +341,7 @@ CHOICES = {
     "rounds_exhausted": ("raise", "train"),
     "macro_termination": MACRO_TERMINATIONS,
     "macro_value": MACRO_VALUES,
+    "policy_init": ("first", "soup"),
 }
 
 
@@ -369,6 +392,10 @@ def _validate(s: OnlineSettings, preset: str) -> None:
         raise ValueError(f"{preset}: jsd_beta must be in [0, 1], got {s.jsd_beta}")
     if s.macro_termination != "none":
         _validate_macro(s, preset)
+    check_reset_settings(s, preset)
+    if not s.soup and (s.soup_weights is not None or s.policy_init != "first"):
+        raise ValueError(f"{preset}: soup_weights and policy_init=soup weigh a soup of --ref-model checkpoints: "
+                         "--set soup=true (or train salsa)")
     if not 0 < s.filter_fraction <= 1:
         raise ValueError(f"{preset}: filter_fraction must be in (0, 1], got {s.filter_fraction}")
     if s.sample_filter in ("best_of_n", "best_random", "best_worst") and s.group_size < 2:
@@ -434,8 +461,6 @@ def _validate_macro(s: OnlineSettings, preset: str) -> None:
     if s.macro_termination == "perplexity" and not needs_reference(s):
         raise ValueError(f"{preset}: macro_termination=perplexity reads the reference model's log-probs: it needs "
                          "beta > 0 and kl_in=reward or loss")
-
-
 def no_grad_rows(s: OnlineSettings) -> int:
     """Rows per forward without gradients (0: all at once); see `logprob_micro_batch_size`."""
     if s.logprob_micro_batch_size:
@@ -473,6 +498,8 @@ def register_online_family() -> None:
             models.append("reward")
         if preset.get("lagrangian"):
             models.append("cost")
+        if preset.get("soup"):
+            models[models.index("reference")] = "reference soup"
         if preset.get("critic", "none") != "none":
             models.append("critic")
         if preset.get("lagrangian"):

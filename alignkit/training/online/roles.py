@@ -156,8 +156,12 @@ class RolloutEngine(Protocol):
     merged_weights: bool
     """Whether `update_weights` wants LoRA merged into HF names (default) or the policy's own
     trained parameters by name (an engine holding a copy of the module). Optional."""
+    supports_rollin: bool
+    """Whether `generate` takes `prefixes` (one forced token list per row: DR-PO's roll-in,
+    marked by `Rollout.rollin_mask`). Optional; defaults to False."""
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout: ...
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
+                 prefixes: list[list[int]] | None = None) -> Rollout: ...
 
     def update_weights(self, source: Iterable[tuple[str, Tensor]] | None, version: int) -> None:
         """Sample from the policy's weights after optimizer step `version` from now on; `source`
@@ -245,14 +249,16 @@ class HFRollout:
     itself (a transformers causal LM, peft too), so weights never need copying."""
 
     shares_policy = True
+    supports_rollin = True
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch_size: int | None = None) -> None:
         self.model, self.version = model, 0
         self.engine = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_ids=eos_ids(tokenizer, model),
                                max_batch_size=max_batch_size)
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
-        return self.engine.generate(prompt_ids, n, sampling)
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
+                 prefixes: list[list[int]] | None = None) -> Rollout:
+        return self.engine.generate(prompt_ids, n, sampling, prefixes)
 
     def update_weights(self, source: Iterable[tuple[str, Tensor]] | None, version: int) -> None:
         """The engine samples the live module: nothing to copy, only the version is recorded."""

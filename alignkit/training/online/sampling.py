@@ -52,6 +52,7 @@ from alignkit.training.online.filters import filter_rows
 from alignkit.training.online.kl_control import RunningMeanStd
 from alignkit.training.online.nash import OPPONENT_ROUND
 from alignkit.training.online.presets import OnlineSettings
+from alignkit.training.online.reset import rollin_prefixes
 from alignkit.training.online.roles import SequenceBatch, decode_completions
 from alignkit.training.online.steps import (
     check_dense_settings,
@@ -69,6 +70,12 @@ def step_seed(seed: int, step: int, round_: int = 0) -> int:
     round) only, so a resumed run regenerates exactly the samples the interrupted run drew.
     7919 and 104729 are primes, so (step, round) pairs with round < 7919 never collide."""
     return (seed * 1_000_003 + step * 7_919 + round_ * 104_729) % 2**62
+
+
+def reset_seed(seed: int, step: int, round_: int = 0) -> int:
+    """Seed of a generation round's dataset-reset draws (drpo): a function of (seed, step,
+    round), apart from the engine's sampling noise (`step_seed`)."""
+    return (step_seed(seed, step, round_) + 0x9E37_79B9_7F4A_7C15) % 2**62
 
 
 def prompt_indices(n_prompts: int, start: int, count: int, seed: int) -> list[int]:
@@ -98,19 +105,22 @@ def merge_rows(parts: list[tuple[Rollout, Tensor]], pad_id: int) -> Rollout:
     """Rows `rows` of each rollout, concatenated in order and right-padded to the widest; the
     groups are renumbered 0, 1, ... in order of appearance (distinct across rollouts)."""
     width = max(rollout.response_ids.shape[1] for rollout, _ in parts)
-    ids, logps, masks, prompts, reasons, groups = [], [], [], [], [], []
+    ids, logps, masks, prompts, reasons, groups, rollins = [], [], [], [], [], [], []
     offset = 0
     for rollout, rows in parts:
         pad = width - rollout.response_ids.shape[1]
         ids.append(F.pad(rollout.response_ids[rows], (0, pad), value=pad_id))
         logps.append(F.pad(rollout.response_logprobs[rows], (0, pad), value=0.0))
         masks.append(F.pad(rollout.response_mask[rows], (0, pad), value=False))
+        if rollout.rollin_mask is not None:
+            rollins.append(F.pad(rollout.rollin_mask[rows], (0, pad), value=False))
         prompts += [rollout.prompt_ids[i] for i in rows.tolist()]
         reasons += [rollout.finish_reason[i] for i in rows.tolist()]
         groups.append(rollout.group_index[rows] + offset)
         offset += int(rollout.group_index.max().item()) + 1
     _, group_index = torch.unique(torch.cat(groups), return_inverse=True)
-    return Rollout(prompts, torch.cat(ids), torch.cat(logps), torch.cat(masks), reasons, group_index)
+    return Rollout(prompts, torch.cat(ids), torch.cat(logps), torch.cat(masks), reasons, group_index,
+                   rollin_mask=torch.cat(rollins) if rollins else None)
 
 
 def merge_dense(parts: list[Tensor], width: int) -> Tensor:
@@ -202,7 +212,8 @@ class PromptSampler:
 
     def __init__(self, engine, scorer, tokenizer, prompt_ids: list[list[int]], prompt_texts: list[str],
                  columns: list[dict], s: OnlineSettings, *, batch_size: int, seed: int, device,
-                 reward_stats: RunningMeanStd, cost=None, opponent=None, directions=None) -> None:
+                 reward_stats: RunningMeanStd, cost=None, opponent=None, directions=None,
+                 reset_responses: list | None = None) -> None:
         self.engine, self.scorer, self.tokenizer, self.cost = engine, scorer, tokenizer, cost
         self.opponent = opponent  # nash_md: NashOpponent (training/online/nash.py)
         self.directions = directions  # dpa: DirectionalPrompts (training/online/dpa.py)
@@ -210,6 +221,7 @@ class PromptSampler:
         self.prompt_ids, self.prompt_texts, self.columns = prompt_ids, prompt_texts, columns
         self.s, self.batch_size, self.seed, self.device = s, batch_size, seed, device
         self.reward_stats = reward_stats
+        self.reset_responses = reset_responses  # drpo: each prompt row's offline response ids (or None)
         self.pad_id = tokenizer.pad_token_id
         self.position = 0
         self.dense_noted = False  # the log says once how the settings use dense rewards
@@ -239,7 +251,11 @@ class PromptSampler:
         started = time.perf_counter()
         sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                   top_k=s.top_k, seed=step_seed(self.seed, step, round_))
-        rollout = self.engine.generate(prompt_ids, s.group_size, sampling)
+        extra = {}
+        if self.reset_responses is not None:  # drpo: each row rolls in a prefix of its offline response
+            extra["prefixes"] = rollin_prefixes([self.reset_responses[i] for i in indices], s.group_size,
+                                                s.reset_prob, reset_seed(self.seed, step, round_))
+        rollout = self.engine.generate(prompt_ids, s.group_size, sampling, **extra)
         generated = time.perf_counter()
         batch = SequenceBatch.from_rollout(rollout, self.pad_id).to(self.device)
         rows = [indices[g] for g in rollout.group_index.tolist()]

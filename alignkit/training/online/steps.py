@@ -150,6 +150,8 @@ def compute_advantages(s: OnlineSettings, rewards, group_index, mask, kl_penalty
                                                     s.gamma, s.lam)
     elif ADVANTAGE_KINDS[s.advantage] == "critic":
         token_rewards = token_level_rewards(placed, mask, kl_penalty)
+        if s.whiten_rewards:  # DR-PO / lm-human-preference-details: r_t / std(r), mean kept
+            token_rewards = masked_whiten(token_rewards, mask, shift_mean=False)
         if s.macro_termination == "none":
             advantages, returns = gae(token_rewards, values, mask, gamma=s.gamma, lam=s.lam)
         else:
@@ -247,13 +249,23 @@ LOSS_SETTINGS = ("eps_low", "eps_high", "clip_ratio_c", "gspo_eps_low", "gspo_ep
 
 
 def policy_gradient_update(policy, batch, rows, s, old_logp, ref_logp, advantages, returns,
-                            old_values, on_policy, beta, train_policy, tis_weights=None) -> dict[str, float]:
+                            old_values, on_policy, beta, train_policy, tis_weights=None,
+                            rollin_mask=None) -> dict[str, float]:
     """Forward/backward over one minibatch (in micro-batches); returns detached metrics.
 
     Every normaliser (`norm`) counts the whole minibatch, so under torchrun a rank's loss is its
-    rows' share of the global loss; times W, as DDP averages gradients over the W ranks."""
+    rows' share of the global loss; times W, as DDP averages gradients over the W ranks.
+
+    `rollin_mask` (N, L), DR-PO's rolled-in tokens: the policy-gradient term is aggregated over
+    the other response tokens only (the official sum(pg * ~rollin) / sum(~rollin) for
+    token_mean), while the value loss and a KL-in-loss term cover every response token."""
     ranks = distributed.current()
     mask_all = batch.response_mask[rows]
+    full_norm = None
+    if rollin_mask is not None:
+        full_norm = {"num_tokens": mask_all.sum(), "num_seqs": (mask_all.sum(-1) > 0).sum(),
+                     "max_len": s.max_new_tokens}
+        mask_all = mask_all & ~rollin_mask[rows, : mask_all.shape[1]]
     norm = {"num_tokens": mask_all.sum(), "num_seqs": (mask_all.sum(-1) > 0).sum(), "max_len": s.max_new_tokens}
     loss_fn, aggregate = POLICY_LOSSES[s.policy_loss], AGGREGATIONS[s.aggregation]
     loss_kwargs = kwargs_for(loss_fn, {key: getattr(s, key) for key in LOSS_SETTINGS} | {"mask": None})
@@ -265,7 +277,7 @@ def policy_gradient_update(policy, batch, rows, s, old_logp, ref_logp, advantage
         with policy.gradient_sync(index == len(pieces) - 1):
             loss, metrics = _micro_batch_loss(policy, batch, micro, s, norm, loss_fn, aggregate, loss_kwargs,
                                               old_logp, ref_logp, advantages, returns, old_values, on_policy,
-                                              beta, train_policy, tis_weights)
+                                              beta, train_policy, tis_weights, rollin_mask, full_norm)
             (loss * (weight * ranks.world) if ranks.distributed else loss).backward()
         if weight > 0:
             for key, value in metrics.items():
@@ -274,12 +286,18 @@ def policy_gradient_update(policy, batch, rows, s, old_logp, ref_logp, advantage
 
 
 def _micro_batch_loss(policy, batch, micro, s, norm, loss_fn, aggregate, loss_kwargs, old_logp, ref_logp,
-                      advantages, returns, old_values, on_policy, beta, train_policy, tis_weights=None):
+                      advantages, returns, old_values, on_policy, beta, train_policy, tis_weights=None,
+                      rollin_mask=None, full_norm=None):
     """(loss of micro-batch `micro` as its share of the minibatch loss, its metric shares).
-    `tis_weights` (N, L) weight each token's policy-gradient term (not the KL term)."""
+    `tis_weights` (N, L) weight each token's policy-gradient term (not the KL term).
+    `rollin_mask` (N, L): tokens left out of the policy-gradient term (`norm` counts the others;
+    `full_norm` every response token, for the value loss and a KL-in-loss term)."""
     sums: dict[str, float] = {}
     sub = batch.select(micro)
     mask, width = sub.response_mask, sub.response_mask.shape[1]
+    full_mask = mask
+    if rollin_mask is not None:
+        mask = mask & ~rollin_mask[micro, :width]  # the tokens the policy generated itself
     logp, entropy, values = policy.forward(sub, with_entropy=s.log_entropy)
     old = logp.detach() if on_policy else old_logp[micro, :width]
     if "mask" in loss_kwargs:  # a loss that reads the tokens' mask (gspo, clip_cov, kl_cov)
@@ -287,17 +305,25 @@ def _micro_batch_loss(policy, batch, micro, s, norm, loss_fn, aggregate, loss_kw
     per_token, clipped = loss_fn(logp, old, advantages[micro, :width], **loss_kwargs)
     if tis_weights is not None:
         per_token = per_token * tis_weights[micro, :width]
+    kl_loss = None
     if s.kl_in == "loss" and ref_logp is not None and beta > 0:
-        per_token = per_token + beta * capped(KL[s.kl_estimator](logp, ref_logp[micro, :width]), s.kl_cap)
+        kl_term = beta * capped(KL[s.kl_estimator](logp, ref_logp[micro, :width]), s.kl_cap)
+        if rollin_mask is None:
+            per_token = per_token + kl_term
+        else:  # the KL covers the rolled-in tokens too
+            kl_loss = aggregate(kl_term, full_mask, **full_norm)
     policy_loss = aggregate(per_token, mask, **norm)
+    if kl_loss is not None:
+        policy_loss = policy_loss + kl_loss
     tokens = mask.sum()
     share = tokens / norm["num_tokens"].clamp(min=1)
     if s.entropy_coef > 0:  # minus coef x the minibatch's mean token entropy (this micro-batch's share)
         policy_loss = policy_loss - s.entropy_coef * torch.where(mask, entropy, 0.0).sum() / norm["num_tokens"].clamp(min=1)
     loss = policy_loss if train_policy else policy_loss * 0.0
     if values is not None:
+        value_norm = norm if full_norm is None else full_norm
         value_loss, explained = clipped_value_loss(values, old_values[micro, :width], returns[micro, :width],
-                                            mask, s.cliprange_value, norm["num_tokens"])
+                                                   full_mask, s.cliprange_value, value_norm["num_tokens"])
         loss = loss + s.vf_coef * value_loss
         add(sums, "value_loss", value_loss.item())
         add(sums, "explained_variance", explained * share.item())

@@ -73,6 +73,8 @@ class Experience:
     ref_dist: Tensor | None = None
     """(N, L, V) log softmax over the vocabulary of the reference (objective sft with beta > 0) or
     the teacher (objective distill), or None."""
+    rollin_mask: Tensor | None = None
+    """(N, L) DR-PO's rolled-in tokens, left out of the policy-gradient term, or None."""
 
 
 class Trainable(nn.Module):
@@ -225,7 +227,8 @@ class PolicyTrainer:
         else:
             part = policy_gradient_update(self, e.batch, rows, s, e.old_logp, e.ref_logp,
                                           e.advantages, e.returns, e.old_values, self.on_policy, e.beta,
-                                          e.step > s.critic_warmup_steps, tis_weights=e.tis_weights)
+                                          e.step > s.critic_warmup_steps, tis_weights=e.tis_weights,
+                                          rollin_mask=e.rollin_mask)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
             params, self.max_grad_norm if self.max_grad_norm > 0 else float("inf")))

@@ -138,10 +138,11 @@ def online_ignores(config: TrainConfig, settings: Any) -> dict[str, str]:
     from alignkit.training.online.presets import needs_reference
 
     ignored = dict(ONLINE_IGNORES)
-    if not needs_reference(settings):
+    starts_from_soup = settings.soup and settings.policy_init == "soup"  # salsa: --ref-model is the init
+    if not needs_reference(settings) and not starts_from_soup:
         ignored["ref_model"] = (f"with beta={settings.beta} and kl_in={settings.kl_in!r} no reference "
                                 "model is loaded")
-    elif config.lora_r > 0:
+    elif config.lora_r > 0 and not settings.soup:
         ignored["ref_model"] = "with LoRA the reference is the base model with the adapter off"
     if not (config.reward or config.gold_reward):
         ignored.update({name: "it applies to a reward function (--reward), not to --reward-model"
@@ -198,7 +199,9 @@ def check_ignored(config: TrainConfig, spec: Any, task: Any, given: set[str]) ->
 def model_sources(config: TrainConfig, spec: Any, task: Any) -> list[tuple[str, str]]:
     """(flag, source) of every model the run will load, besides the data."""
     sources = [] if config.algorithm == "rm_embedding" else [("--model", config.model)]
-    if config.ref_model:
+    if config.ref_model and spec.runner == "online":  # several, comma-separated: salsa's soup
+        sources += [("--ref-model", part.strip()) for part in config.ref_model.split(",") if part.strip()]
+    elif config.ref_model:
         sources.append(("--ref-model", config.ref_model))
     if config.reward_model and spec.runner == "online":
         sources.append(("--reward-model", config.reward_model))
