@@ -116,9 +116,9 @@ class RolloutWorker:
 
         from alignkit.models import load_model
         from alignkit.training.online.build import _dtype
-        from alignkit.training.online.presets import OnlineSettings
         from alignkit.training.online.roles import HFRollout
         from alignkit.training.online.server_rollout import ServerRollout
+        from alignkit.training.online.settings import OnlineSettings
         from alignkit.training.run.registry import ALGORITHMS
         from alignkit.training.run.threads import configure_threads
 

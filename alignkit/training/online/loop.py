@@ -71,12 +71,12 @@ from alignkit.training.online.async_rollout import Prefetcher
 from alignkit.training.online.build import OnlineRoles, build_online_roles
 from alignkit.training.online.dpa import DirectionalPrompts
 from alignkit.training.online.kl_control import RunningMeanStd, make_kl_controller
-from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.reset import load_reset_responses, rollin_metrics
 from alignkit.training.online.roles import SequenceBatch
 from alignkit.training.online.safe import CostWindow, lagrange_step
 from alignkit.training.online.sampling import PromptSampler, StepSamples, step_seed
 from alignkit.training.online.server_rollout import logprob_diff
+from alignkit.training.online.settings import OnlineSettings
 from alignkit.training.online.steps import (
     check_group_baseline,
     compute_advantages,

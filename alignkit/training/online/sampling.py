@@ -51,9 +51,9 @@ from alignkit.training.online.dpa import DIRECTION_COLUMN
 from alignkit.training.online.filters import filter_rows
 from alignkit.training.online.kl_control import RunningMeanStd
 from alignkit.training.online.nash import OPPONENT_ROUND
-from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.reset import rollin_prefixes
 from alignkit.training.online.roles import SequenceBatch, decode_completions
+from alignkit.training.online.settings import OnlineSettings
 from alignkit.training.online.steps import (
     check_dense_settings,
     dense_use,

@@ -29,9 +29,9 @@ from alignkit.rewards.dense import sequence_scores
 from alignkit.rollout import SamplingParams
 from alignkit.training.online.kl_control import RunningMeanStd
 from alignkit.training.online.macro import macro_gae, macro_spans
-from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import SequenceBatch, chunks, decode_completions
 from alignkit.training.online.safe import lagrangian_advantages
+from alignkit.training.online.settings import OnlineSettings
 from alignkit.training.run import distributed
 from alignkit.training.run.degenerate import Condition, refuse
 from alignkit.training.run.distributed import Ranks

@@ -56,13 +56,13 @@ from alignkit.rewards.dense import sequence_scores
 from alignkit.rewards.runner import reward_batch
 from alignkit.rollout import SamplingParams
 from alignkit.training.online.multi_reward import MultiReward
-from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import (
     FunctionReward,
     RewardRole,
     SequenceBatch,
     decode_completions,
 )
+from alignkit.training.online.settings import OnlineSettings
 from alignkit.training.run.config import TrainConfig
 
 EVAL_OPTIONS = {"gold_reward": None, "eval_samples": 1, "eval_k": "1", "eval_pass_threshold": 1.0}
