@@ -133,6 +133,22 @@ def test_policy_init_soup_starts_the_policy_at_the_soup(tiny_model_dir, sibling_
     assert read_metrics(tmp_path / "first")[0]["kl"] > 1e-3
 
 
+
+def test_an_evaluation_of_a_salsa_run_finds_its_soup_reference(tiny_model_dir, sibling_dir, tmp_path):
+    """`alignkit eval` takes the reference of a run from its config.yaml: for salsa the soup of
+    --ref-model A,B with its weights (soup:A,B:0.3,0.7), rebuilt exactly."""
+    from alignkit.lab.policy_loading import base_model_of, load_policy
+
+    run("salsa", tiny_model_dir, tmp_path / "run", steps=1, ref_model=f"{tiny_model_dir},{sibling_dir}",
+        soup_weights="0.3,0.7")
+    spec = base_model_of(tmp_path / "run" / "final")
+    assert spec == f"soup:{tiny_model_dir},{sibling_dir}:0.3,0.7"
+    reference, _ = load_policy(spec, device="cpu")
+    expected = load_soup([str(tiny_model_dir), str(sibling_dir)], [0.3, 0.7], device="cpu")
+    for (name, p), (_, q) in zip(reference.named_parameters(), expected.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
 def test_salsa_resumes_exactly(tiny_model_dir, sibling_dir, tmp_path):
     train = partial(run, "salsa", tiny_model_dir, steps=6, save_steps=3, lr=5e-3,
                     ref_model=f"{tiny_model_dir},{sibling_dir}", soup_weights="0.3,0.7")

@@ -10,8 +10,9 @@
   LoRA settings to rebuild before the weights are copied in by name.
 
 `base_model_of(path)` names the model a policy was trained from (the reference for KL):
-the run's `config.yaml` `ref_model` or `model` for `final/` and checkpoint directories, the
-adapter's base for LoRA directories, else None.
+the run's `config.yaml` `ref_model` or `model` for `final/` and checkpoint directories (a
+salsa run's reference soup as `soup:A,B:w_A,w_B`, which `load_policy` rebuilds), the adapter's
+base for LoRA directories, else None.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.models import apply_lora, load_model
+
+SOUP = "soup:"
+"""Prefix of a weight-soup reference: soup:DIR_A,DIR_B:WEIGHT_A,WEIGHT_B."""
 
 
 def _run_config(run_dir: Path) -> dict[str, Any] | None:
@@ -69,6 +73,13 @@ def base_model_of(path: str | Path) -> str | None:
     run_dir = _run_dir_of(path) if path.is_dir() else None
     config = _run_config(run_dir) if run_dir is not None else None
     if config:
+        hparams = config.get("hparams") or {}
+        if hparams.get("soup") and config.get("ref_model"):  # salsa: the weight soup of --ref-model A,B
+            parts = [p.strip() for p in str(config["ref_model"]).split(",")]
+            from alignkit.models.soup import parse_soup_weights
+
+            weights = parse_soup_weights(hparams.get("soup_weights"), len(parts))
+            return f"{SOUP}{','.join(parts)}:{','.join(repr(w) for w in weights)}"
         return config.get("ref_model") or config.get("model")
     return None
 
@@ -77,6 +88,13 @@ def load_policy(
     path: str | Path, *, device: str | None = None, dtype: Any = None
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for any of the forms in the module docstring."""
+    if str(path).startswith(SOUP):  # soup:A,B:w_A,w_B (base_model_of of a salsa run)
+        from alignkit.models.soup import load_soup
+
+        directories, weights = str(path)[len(SOUP):].rsplit(":", 1)
+        parts = directories.split(",")
+        tokenizer = load_model(parts[0], device=device, dtype=dtype)[1]
+        return load_soup(parts, [float(w) for w in weights.split(",")], dtype=dtype, device=device), tokenizer
     local = Path(path)
     if (local / "adapter_config.json").is_file():
         from peft import PeftModel
