@@ -41,6 +41,10 @@ RESUME = {"max_steps": 6, "save_steps": 2, "grad_accum": 2, "strategy": "fsdp2"}
 ENSEMBLE = {"members": 2, "max_steps": 3}
 SHARED_TRUNK = {"members": 2, "shared_trunk": True}
 DROPOUT = {"lora_r": 4, "lora_dropout": 0.5, "max_steps": 5, "save_steps": 1}
+# HFT (the frozen half's gradients dropped after the all-reduce / reduce-scatter) and SSF
+METHODS = {"dpo-ddp-hft": {"strategy": "ddp", "hft": True, "hft_round_steps": 2},
+           "dpo-fsdp2-hft": {"strategy": "fsdp2", "hft": True, "hft_round_steps": 2, "weight_decay": 0.1},
+           "dpo-fsdp2-ssf": {"strategy": "fsdp2", "adapter": "ssf"}}
 
 
 def _phrase(rng: random.Random, low: int, high: int) -> str:
@@ -79,6 +83,8 @@ def runs(tmp_path_factory, tiny_model_dir):
                       "overrides": {**BASE, **DROPOUT}, **({"interrupt_at": interrupt} if interrupt else {})})
     cases.append({"name": "rm_ensemble", "algorithm": "rm_ensemble", "model": str(tiny_model_dir),
                   "data": data["pairs"], "overrides": {**BASE, **ENSEMBLE}})
+    cases += [{"name": name, "algorithm": "dpo", "model": str(tiny_model_dir), "data": data["pairs"],
+               "overrides": {**BASE, **overrides}} for name, overrides in METHODS.items()]
     launch({"cases": cases, "out": str(tmp / "out"), "guard": True}, tmp)
     return tmp / "out", data
 
@@ -132,6 +138,15 @@ def test_two_ranks_equal_one_process(runs, tiny_model_dir, algorithm, strategy, 
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0), "ranks diverged"
     assert_params_match(rank0, one_params)
     assert (case / "run" / "final" / "config.json").exists()
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_hft_and_ssf_on_two_ranks_equal_one_process(runs, tiny_model_dir, name):
+    out, data = runs
+    overrides = {k: v for k, v in METHODS[name].items() if k != "strategy"}
+    one_metrics, one_params = one_process("dpo", 0, tiny_model_dir, data["pairs"], out.parent, **overrides)
+    assert_runs_match(read_metrics(out / name / "run"), one_metrics)
+    assert_params_match(read_params(out / name / "params-rank0.safetensors"), one_params)
 
 
 def test_rank_zero_alone_writes_the_run_files(runs):

@@ -7,7 +7,7 @@
   with the adapter, so `adapter_disabled` gives back the base as the reference;
 - an alignkit training checkpoint `RUN/checkpoints/step-000012/` holding only the trainable
   weights (`weights.safetensors`): the run's `config.yaml` says which base model and which
-  LoRA settings to rebuild before the weights are copied in by name.
+  LoRA (or SSF) settings to rebuild before the weights are copied in by name.
 
 `base_model_of(path)` names the model a policy was trained from (the reference for KL):
 the run's `config.yaml` `ref_model` or `model` for `final/` and checkpoint directories (a
@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from alignkit.models import apply_lora, load_model
+from alignkit.models import apply_lora, apply_ssf, load_model
 
 SOUP = "soup:"
 """Prefix of a weight-soup reference: soup:DIR_A,DIR_B:WEIGHT_A,WEIGHT_B."""
@@ -127,6 +127,9 @@ def _load_training_checkpoint(path: Path, *, device: str | None, dtype: Any) -> 
             dropout=float(config.get("lora_dropout") or 0.0),
             target_modules=targets if targets == "all-linear" else targets.split(","),
         )
+    elif config.get("adapter") == "ssf":
+        targets = config.get("ssf_target_modules") or "all-linear"
+        model = apply_ssf(model, target_modules=targets if targets == "all-linear" else targets.split(","))
     weights = load_file(str(path / "weights.safetensors"))
     params = dict(model.named_parameters())
     unknown = [name for name in weights if name not in params]

@@ -10,7 +10,9 @@ Public API (the trainers are written against these names):
 - `last_token_index(attention_mask) -> (B,)`, `reward_scores(model, input_ids, attention_mask)`
 - `apply_lora(model, *, r, alpha, dropout, target_modules, task)`, `adapter_disabled(model)`,
   `is_peft(model)`
-- `save_pretrained_merged(model, tokenizer, path, *, merge_lora) -> Path`,
+- `apply_ssf(model, *, target_modules, task)`, `has_ssf(model)` (SSF scale-and-shift layers)
+- `save_pretrained_merged(model, tokenizer, path, *, merge_lora) -> Path` (LoRA merged, SSF
+  folded), `plain_state_dict(model)`,
   `count_parameters(model) -> (trainable, total)`
 """
 
@@ -30,19 +32,28 @@ from alignkit.models.logprobs import (
     token_logps,
     token_logps_and_entropy,
 )
-from alignkit.models.saving import count_parameters, merged_state_dict, save_pretrained_merged
+from alignkit.models.saving import (
+    count_parameters,
+    merged_state_dict,
+    plain_state_dict,
+    save_pretrained_merged,
+)
+from alignkit.models.ssf import apply_ssf, has_ssf
 
 __all__ = [
     "EMBEDDED_ALIASES",
     "adapter_disabled",
     "apply_lora",
+    "apply_ssf",
     "cache_dir",
     "count_parameters",
     "ensure_pad_token",
+    "has_ssf",
     "is_peft",
     "last_token_index",
     "load_model",
     "merged_state_dict",
+    "plain_state_dict",
     "position_ids_from_mask",
     "resolve_dtype",
     "resolve_model_path",

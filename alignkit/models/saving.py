@@ -3,6 +3,8 @@
 LoRA weights are merged into a copy: W_merged = W + (alpha / r) B A for each adapted layer,
 computed per layer with peft's own `get_delta_weight`, so the live model is never touched
 (training may continue) and no second copy of the whole model is made, only of the state dict.
+SSF layers are folded likewise (`alignkit.models.ssf`: W' = diag(γ) W, b' = γ ⊙ b + β) into a
+model of the same class whose config gives the folded layers a bias.
 Directories are written next to the target and moved into place, so a crash never leaves a
 half-written checkpoint under the final name.
 """
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignkit.models.adapters import is_peft
+from alignkit.models.ssf import folded_state_dict, has_ssf
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -74,15 +77,28 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return merged
 
 
-def _fresh_copy(inner: PreTrainedModel, state_dict: dict[str, Tensor]) -> PreTrainedModel:
-    """A new model of `inner`'s class and config holding `state_dict` (no random init)."""
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict a plain transformers model of `model`'s class loads: LoRA merged
+    (`merged_state_dict`), SSF folded (`folded_state_dict`), else the model's own. Tensors are
+    detached, shared with the live model where nothing was merged: do not modify them."""
+    if is_peft(model):
+        return merged_state_dict(model)
+    if has_ssf(model):
+        return folded_state_dict(model)[0]
+    return model.state_dict()
+
+
+def _fresh_copy(inner: PreTrainedModel, state_dict: dict[str, Tensor], config=None) -> PreTrainedModel:
+    """A new model of `inner`'s class and `config` (default: its own) holding `state_dict`
+    (no random init)."""
+    config = inner.config if config is None else config
     with torch.device("meta"):
-        fresh = type(inner)(inner.config)
+        fresh = type(inner)(config)
     unexpected = fresh.load_state_dict(state_dict, strict=False, assign=True).unexpected_keys
     if unexpected:
         raise RuntimeError(f"merged state dict has unexpected keys {unexpected[:5]} ...")
     missing = [k for k, v in fresh.state_dict().items() if v.is_meta]
-    if inner.config.get_text_config().tie_word_embeddings:
+    if config.get_text_config().tie_word_embeddings:
         fresh.tie_weights()
         missing = [k for k, v in fresh.state_dict().items() if v.is_meta]
     if missing:
@@ -121,7 +137,8 @@ def save_pretrained_merged(
 ) -> Path:
     """Save `model` (+ tokenizer) to `path` as safetensors; returns the path.
 
-    A plain model is saved as is. A LoRA model with `merge_lora=True` is saved with the
+    A plain model is saved as is, an SSF model folded (always: its layers are not a
+    transformers format). A LoRA model with `merge_lora=True` is saved with the
     adapters merged into a copy of the weights, so `AutoModelForCausalLM.from_pretrained(path)`
     (or `...ForSequenceClassification` for reward models) loads it without peft; with
     `merge_lora=False` only the adapter is written (peft format, loads with `PeftModel`).
@@ -131,6 +148,9 @@ def save_pretrained_merged(
     if peft_model and merge_lora:
         inner = model.get_base_model()
         to_save: nn.Module = _fresh_copy(inner, merged_state_dict(model))
+    elif has_ssf(model):
+        state, config = folded_state_dict(model)
+        to_save = _fresh_copy(model, state, config)
     else:
         to_save = model
 

@@ -4,11 +4,12 @@
    `run/rundir.py` refuses another run's directory and changed config or data)
 2. load and validate the data, tokenise it, log truncation counts
 3. load the model; compute reference log-probs once (then no reference stays in memory)
-4. wrap with LoRA if asked; AdamW + warm-up/decay schedule
-5. for each step: grad_accum micro-batches (length-bucketed) -> clip -> step, skipping
+4. wrap with LoRA or SSF if asked; AdamW + warm-up/decay schedule; HFT's rounds if asked
+5. for each step: grad_accum micro-batches (length-bucketed) -> (HFT: drop the frozen half's
+   gradients) -> clip -> step, skipping
    non-finite steps without touching the weights; log, evaluate, checkpoint atomically
    (with the task's own state, if it keeps one); on SIGINT/SIGTERM checkpoint and stop
-6. write `final/` (LoRA merged) that `from_pretrained` loads
+6. write `final/` (LoRA merged, SSF folded) that `from_pretrained` loads
 
 Under torchrun every rank runs this same loop (`distributed.py`): each global micro-batch is
 split by rows, the task's loss runs inside the DDP/FSDP2-wrapped `TaskForward`, losses are
@@ -41,6 +42,7 @@ from alignkit.models import apply_lora, count_parameters, load_model
 from alignkit.models.packing import padding_free
 from alignkit.training.offline.reference import attach_reference_logps
 from alignkit.training.offline.tasks import make_task
+from alignkit.training.run.adapters import adapter_kind, attach_ssf, uses_adapter
 from alignkit.training.run.checkpoint import (
     checkpoint_dir,
     load_checkpoint,
@@ -72,6 +74,7 @@ from alignkit.training.run.distributed import (
     split_random_streams,
     split_weighted,
 )
+from alignkit.training.run.hft import half_fine_tuning
 from alignkit.training.run.interrupt import RunInterrupted, StopSignals
 from alignkit.training.run.metrics import (
     mean_metrics,
@@ -230,7 +233,7 @@ def run_offline(
     seed_everything(config.seed)
     task = make_task(config)
     if config.lr is None and not hasattr(task, "run"):  # resolved before the run's fingerprint
-        config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
+        config.lr = default_lr(config.algorithm, lora=uses_adapter(config))
     # 1. run directory: checked, locked, resumed from its newest intact checkpoint (run/rundir.py)
     with open_run_dir(config, data=data, eval_data=eval_data) as run, padding_free(config.padding_free):
         return _train_in(run, task, config, ranks, model, tokenizer, data, eval_data, callbacks)
@@ -292,9 +295,11 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
             target_modules=targets if targets == "all-linear" else targets.split(","),
             task=task.model_kind,
         )
+    elif adapter_kind(config) == "ssf":
+        model = attach_ssf(model, config, task.model_kind)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if config.lora_r > 0:
+        if uses_adapter(config):
             model.enable_input_require_grads()  # frozen embeddings: let gradients reach the adapters
     if _hook(task, "attach_model"):
         task.attach_model(model)
@@ -309,12 +314,13 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s", f"{trainable:,}", f"{total:,}")
     if config.lr is None:
-        config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
+        config.lr = default_lr(config.algorithm, lora=uses_adapter(config))
     lengths = [task.length(e) for e in examples]
     steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * steps_per_epoch)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total_steps)
+    hft = half_fine_tuning(config, model, run_dir, is_main=ranks.is_main)
     if ranks.is_main:
         config.save(run_dir / "config.yaml")
 
@@ -349,6 +355,7 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
         for step in range(start_step + 1, total_steps + 1):
             started = time.perf_counter()
             parts, tokens, identical_step = [], 0, True
+            hft_metrics = hft.enter_step(step) if hft is not None else {}
             for micro in range(config.grad_accum):
                 indices = next(stream)
                 identical_step = identical_step and batch_identical(task, examples, indices)
@@ -358,6 +365,8 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
                     loss.backward()
                 parts.append(metrics)
                 tokens += micro_tokens
+            if hft is not None:
+                hft.drop_frozen_grads()  # this round's frozen half: no clip share, no update, no decay
             grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
                 params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
             ))
@@ -383,6 +392,7 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
                     "epoch": step / steps_per_epoch,
                     "throughput/tokens_per_s": tokens / max(elapsed, 1e-9),
                     "skipped_steps": skipped,
+                    **hft_metrics,
                 }
             )
             every = config.eval_steps and step % config.eval_steps == 0

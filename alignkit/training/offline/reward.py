@@ -46,6 +46,7 @@ from alignkit.training.offline.tasks import (
     score_pair_metrics,
 )
 from alignkit.training.run import distributed
+from alignkit.training.run.adapters import uses_adapter
 from alignkit.training.run.config import TrainConfig
 from alignkit.training.run.schedule import default_lr
 
@@ -63,7 +64,7 @@ def resolve_hparams(name: str, config: TrainConfig, accepted: dict[str, Any]) ->
             f"{name}: hyper-parameter(s) {missing} are required (--set {missing[0]}=...)"
         )
     if config.lr is None:
-        config.lr = default_lr("rm", lora=config.lora_r > 0)
+        config.lr = default_lr("rm", lora=uses_adapter(config))
     return values
 
 

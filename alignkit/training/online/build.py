@@ -53,6 +53,7 @@ from alignkit.training.online.safe import DualCritic
 from alignkit.training.online.server_rollout import ServerRollout
 from alignkit.training.online.trainer import PolicyTrainer
 from alignkit.training.run import distributed
+from alignkit.training.run.adapters import adapter_kind, attach_ssf, uses_adapter
 from alignkit.training.run.config import TrainConfig
 from alignkit.training.run.schedule import default_lr
 
@@ -133,7 +134,7 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     elif config.preference_model:
         raise ValueError("--preference-model judges nash_md's pairs (mixture_coef); this run has no opponent")
     if config.lr is None:
-        config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
+        config.lr = default_lr(config.algorithm, lora=uses_adapter(config))
     trainer = PolicyTrainer(model, s, config, total_steps=total_steps, critic=critic, value_head=value_head)
     if adapter_reference and needs_reference(s):
         reference = _TrainerReference(trainer)  # splits the rows across ranks itself, in lockstep
@@ -287,14 +288,17 @@ def load_cost_role(config: TrainConfig, tokenizer, s: OnlineSettings) -> RewardR
 
 
 def attach_adapters(config: TrainConfig, model: nn.Module) -> nn.Module:
-    """The policy with LoRA adapters (when --lora-r > 0) and gradient checkpointing (if asked)."""
+    """The policy with LoRA adapters (when --lora-r > 0) or SSF (--adapter ssf), and gradient
+    checkpointing (if asked)."""
     if config.lora_r > 0:
         targets = config.lora_target_modules
         model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                            target_modules=targets if targets == "all-linear" else targets.split(","))
+    elif adapter_kind(config) == "ssf":
+        model = attach_ssf(model, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if config.lora_r > 0:
+        if uses_adapter(config):
             model.enable_input_require_grads()
     return model
 

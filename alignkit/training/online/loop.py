@@ -89,10 +89,12 @@ from alignkit.training.online.steps import (
 from alignkit.training.online.trainer import Experience
 from alignkit.training.online.validation import NoValidation, make_validation
 from alignkit.training.run import distributed
+from alignkit.training.run.adapters import uses_adapter
 from alignkit.training.run.checkpoint import checkpoint_dir
 from alignkit.training.run.config import TrainConfig
 from alignkit.training.run.degenerate import SKIPPED, DegenerateWatch, data_metrics
 from alignkit.training.run.distributed import init_ranks
+from alignkit.training.run.hft import half_fine_tuning
 from alignkit.training.run.interrupt import RunInterrupted, StopSignals
 from alignkit.training.run.metrics import open_metrics, progress_postfix
 from alignkit.training.run.result import TrainResult, write_final
@@ -118,7 +120,7 @@ def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = N
     configure_threads(config)
     config.hparams = dataclasses.asdict(s)  # config.yaml records every resolved choice
     if config.lr is None:  # resolved before the run's fingerprint (the default build_online_roles uses)
-        config.lr = default_lr(config.algorithm, lora=config.lora_r > 0)
+        config.lr = default_lr(config.algorithm, lora=uses_adapter(config))
     # the run directory: checked, locked, resumed from its newest intact checkpoint (run/rundir.py)
     with open_run_dir(config, data=data, eval_data=eval_data) as run, padding_free(config.padding_free):
         return _train_in(run, s, config, ranks, model, tokenizer, data, reward, callbacks,
@@ -224,6 +226,8 @@ class OnlineDriver:
         # the engine's temperature-1 log-probs are the policy's own (it samples the policy's weights)
         self.exact_engine = getattr(roles.rollout, "exact_logprobs", roles.rollout.shares_policy)
         self.prefetch = Prefetcher() if s.async_rollout else None
+        # HFT halves the policy's blocks (a critic trains whole): the trainer drops the frozen grads
+        roles.trainer.hft = half_fine_tuning(config, roles.model, run_dir, is_main=distributed.current().is_main)
         if self.prefetch is not None and roles.rollout.shares_policy:
             raise ValueError("--set async_rollout=true needs a rollout engine with its own copy of the weights "
                              "(--rollout vllm): the in-process engine samples the module being updated")

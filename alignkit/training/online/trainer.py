@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignkit.models import adapter_disabled, is_peft, merged_state_dict
+from alignkit.models import adapter_disabled
+from alignkit.models.saving import plain_state_dict
 from alignkit.training.online.distributed_rollout import rank_rows
 from alignkit.training.online.presets import OnlineSettings, no_grad_rows
 from alignkit.training.online.roles import (
@@ -116,6 +117,8 @@ class PolicyTrainer:
         self.optimizer = build_online_optimizer(model, self.module.critic, config.lr, s.critic_lr,
                                                 config.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, config, total_steps)
+        self.hft = None
+        """The run's HalfFineTuning (`--set hft=true`; the driver sets it), else None."""
 
     @property
     def has_critic(self) -> bool:
@@ -184,12 +187,13 @@ class PolicyTrainer:
 
     def update(self, experience: Experience) -> dict[str, float]:
         """K epochs x M minibatches of optimizer steps, then one LR-schedule step; returns the
-        minibatch metrics averaged over minibatches, with the lr of this step."""
+        minibatch metrics averaged over minibatches, with the lr of this step (and HFT's)."""
+        hft_metrics = self.hft.enter_step(experience.step) if self.hft is not None else {}
         updates = [self._minibatch_step(experience, rows)
                    for epoch in range(self.s.epochs_per_batch)
                    for rows in self._minibatches(experience, epoch)]
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = {"lr": self.scheduler.get_last_lr()[0]}
+        metrics = {"lr": self.scheduler.get_last_lr()[0], **hft_metrics}
         self.scheduler.step()
         for key in {k for u in updates for k in u}:
             metrics[key] = sum(u[key] for u in updates if key in u) / sum(key in u for u in updates)
@@ -229,6 +233,8 @@ class PolicyTrainer:
                                           e.advantages, e.returns, e.old_values, self.on_policy, e.beta,
                                           e.step > s.critic_warmup_steps, tis_weights=e.tis_weights,
                                           rollin_mask=e.rollin_mask)
+        if self.hft is not None:
+            self.hft.drop_frozen_grads()  # this round's frozen half of the policy: no update
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
             params, self.max_grad_norm if self.max_grad_norm > 0 else float("inf")))
@@ -245,8 +251,8 @@ class PolicyTrainer:
     # ------------------------------------------------------------------ weights and state
 
     def weights(self, merged: bool = True) -> Iterator[tuple[str, Tensor]]:
-        """(HF parameter name, full tensor) of the policy with LoRA merged: what a rollout
-        engine loads. Tensors are detached views or merged copies: do not modify them.
+        """(HF parameter name, full tensor) of the policy with LoRA merged (SSF folded): what a
+        rollout engine loads. Tensors are detached views or merged copies: do not modify them.
         `merged=False`: the trained parameters only, by the policy's own names (LoRA unmerged),
         for an engine holding a copy of the policy module. FSDP2 shards are gathered (every rank
         must iterate)."""
@@ -255,7 +261,7 @@ class PolicyTrainer:
                 if param.requires_grad:
                     yield name, full_tensor(param.detach())
             return
-        state = merged_state_dict(self.model) if is_peft(self.model) else self.model.state_dict()
+        state = plain_state_dict(self.model)
         for name, tensor in state.items():
             yield name, full_tensor(tensor.detach())
 

@@ -71,13 +71,24 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Global gradient-norm clip (0 disables)."""
     lora_r: int = 0
-    """LoRA rank; 0 trains all weights."""
+    """LoRA rank; 0: no LoRA (every weight trains, unless --adapter ssf)."""
     lora_alpha: int | None = None
     """LoRA alpha (default 2 x rank)."""
     lora_dropout: float = 0.0
     """LoRA dropout."""
     lora_target_modules: str = "all-linear"
     """Comma-separated module names for LoRA, or all-linear."""
+    adapter: str = "auto"
+    """What trains: auto (lora when --lora-r > 0, else none), none (every weight), lora (LoRA of
+    rank --lora-r) or ssf (per-feature scale and shift of --ssf-target-modules' outputs, Lian et
+    al. 2022; folded into the weights in final/)."""
+    ssf_target_modules: str = "all-linear"
+    """--adapter ssf: comma-separated linear-layer names, or all-linear (those in the blocks)."""
+    hft: bool = False
+    """Half Fine-Tuning (Hui et al. 2024): each round, freeze a random half of every block's
+    matrices and norms (2 of q/k/v/o, 2 or 1 of gate/up/down, 1 of 2 norms); full weights only."""
+    hft_round_steps: int = 0
+    """With hft: draw a new frozen half every N steps (0: one half for the whole run)."""
     save_steps: int = 0
     """Write a checkpoint every N steps (0: only final/)."""
     save_total_limit: int = 2

@@ -53,6 +53,7 @@ FIELD_RANGES: dict[str, Interval] = {
         "lora_r": "[0, inf)",
         "lora_alpha": "(0, inf)",
         "lora_dropout": "[0, 1)",
+        "hft_round_steps": "[0, inf)",
         "save_steps": "[0, inf)",
         "save_total_limit": "[1, inf)",
         "logging_steps": "[1, inf)",

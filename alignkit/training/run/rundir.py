@@ -45,7 +45,7 @@ NON_RESULT_FIELDS = frozenset({
 })
 # What a run writes at the top of its directory (besides its reference caches).
 RUN_ENTRIES = frozenset({RUN_FILE, LOCK_FILE, "config.yaml", "metrics.jsonl", "checkpoints", "final",
-                         "tensorboard", "members"})
+                         "tensorboard", "members", "hft"})
 RUN_MARKERS = (RUN_FILE, "config.yaml", "metrics.jsonl", "checkpoints")
 # Written by the launch itself (Ray workers' table and logs, vLLM servers' logs): kept by --overwrite.
 LAUNCH_ENTRIES = frozenset({"workers.json", "workers"})

@@ -10,6 +10,7 @@ well under a second, as one ValueError / FileNotFoundError naming the flag or ke
 - online validation: --eval-data and --eval-steps together, --eval-k within --eval-samples;
 - `--device cuda` needs CUDA, `--tensorboard` the tensorboard package;
 - the algorithm's task is built (unknown or mistyped hyper-parameters fail there);
+- --adapter, --lora-r, --ssf-target-modules and hft fit together (`adapters.py`);
 - an option the algorithm ignores, given explicitly, is an error (`ignored_fields`);
 - model sources (`--model`, `--ref-model`, `--reward-model`, reward models named in
   hyper-parameters) are checked on disk (`alignkit.models.loading.check_model_source`).
@@ -27,6 +28,7 @@ from typing import Any
 
 from alignkit.data.hh import DATA_FORMATS
 from alignkit.rollout.http_engine import LOGPROBS_MODES
+from alignkit.training.run.adapters import ADAPTERS, check_training_methods
 from alignkit.training.run.config import TrainConfig, field_types
 from alignkit.training.run.distributed import STRATEGIES
 from alignkit.training.run.ranges import check_field_ranges, check_hparam_ranges, hparam_ranges
@@ -40,6 +42,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data_format": DATA_FORMATS,
     "rollout": ("hf", "vllm"),
     "vllm_logprobs_mode": LOGPROBS_MODES,
+    "adapter": ADAPTERS,
 }
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -53,6 +56,7 @@ ONLINE_IGNORES = {
 OWN_LOOP_IGNORES = {
     "grad_accum": "its heads train in a loop of their own, one batch per step",
     "lora_r": "its backbone is frozen (only heads train)",
+    "adapter": "its backbone is frozen (only heads train)",
     "gradient_checkpointing": "its backbone is frozen (only heads train)",
     "save_steps": "its run takes seconds and writes final/ only",
     "eval_holdout": "it evaluates --eval-data only",
@@ -168,7 +172,7 @@ def offline_ignores(config: TrainConfig, task: Any) -> dict[str, str]:
         ignored["ref_model"] = "it uses no reference model"
     if hasattr(task, "run") and not getattr(task, "data_parallel", False):
         ignored.update(OWN_LOOP_IGNORES)
-        ignored.update({name: OWN_LOOP_IGNORES["lora_r"] for name in LORA_OPTIONS})
+        ignored.update({name: OWN_LOOP_IGNORES["lora_r"] for name in LORA_OPTIONS + ("ssf_target_modules",)})
     ignored.update({name: "offline algorithms sample nothing" for name in ROLLOUT_FIELDS + ONLINE_EVAL_FIELDS})
     if config.placement == "local":
         ignored["ray_address"] = "it applies to --placement colocate"
@@ -288,6 +292,7 @@ def validate_values(config: TrainConfig):
 
         check_eval_options(config)
     task = spec.make_task(copy.deepcopy(config))
+    check_training_methods(config, task)
     components = sorted(getattr(task, "weights", None) or {})
     online_pairwise = spec.runner == "online" and getattr(task, "objective", "") == "pairwise"
     check_hparam_ranges(config.algorithm, config.hparams,
