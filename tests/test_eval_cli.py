@@ -84,6 +84,7 @@ def test_evaluate_model_kl_against_disabled_adapter(tiny_model_dir):
     from alignkit.rewards import load_reward
 
     model, tokenizer = load_model(str(tiny_model_dir), device="cpu")
+    torch.manual_seed(0)  # LoRA's A and the B drawn below: not whatever the tests before left in the RNG
     model = apply_lora(model, r=2)
     kwargs = dict(reward=load_reward("length:3"), samples=2, max_new_tokens=6, embedder=None)
     fresh = evaluate_model(model, tokenizer, ["Write a review.", "Answer briefly."], **kwargs)
@@ -91,8 +92,8 @@ def test_evaluate_model_kl_against_disabled_adapter(tiny_model_dir):
     assert fresh["kl"] == pytest.approx(0.0, abs=1e-6)  # B = 0: LoRA policy == base
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
+            if "lora_B" in name:  # std 3: the sampled k1 estimate of 2 x 6 tokens was >= 0.07 over
+                param.normal_(0, 3.0)  # seeds 0-4 (with std 0.5 it went negative on 4 of 5)
     moved = evaluate_model(model, tokenizer, ["Write a review.", "Answer briefly."], **kwargs)
     assert moved["kl"] > 0.01 and moved["kl_k3"] > 0.0
     assert moved["reference_metrics"]["gold_reward"] is not None

@@ -17,7 +17,7 @@ from run_helpers import (
 from test_online import ROWS, one_thread, run  # noqa: F401  (one_thread: the module's autouse fixture)
 
 import alignkit
-from alignkit.training.online.filters import (
+from alignkit.objectives.filters import (
     best_of_n,
     best_random,
     best_worst,

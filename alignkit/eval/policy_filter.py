@@ -100,7 +100,7 @@ def group_by_prompt(prompts: Sequence[Any]) -> list[list[int]]:
 
 FILTERS = {"all": "none", "best_of_n": "best_of_n", "best_random": "best_random", "best_worst": "best_worst"}
 """This report's filter names -> the training loop's `sample_filter` names (the same code keeps
-the samples here and in pf_ppo: alignkit.training.online.filters)."""
+the samples here and in pf_ppo: alignkit.objectives.filters)."""
 
 
 def kept_rows(name: str, rewards: np.ndarray, groups: list[list[int]], seed: int = 0) -> list[int]:
@@ -111,7 +111,7 @@ def kept_rows(name: str, rewards: np.ndarray, groups: list[list[int]], seed: int
     """
     import torch
 
-    from alignkit.training.online.filters import filter_rows
+    from alignkit.objectives.filters import filter_rows
 
     group_index = torch.zeros(len(rewards), dtype=torch.long)
     for number, members in enumerate(groups):

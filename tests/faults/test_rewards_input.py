@@ -49,7 +49,9 @@ BAD_OUTPUTS = {
     "string": ("return 'good'", ("returned the str 'good'",)),
     "too_few": ("return [1.0] * (len(completions) - 1)", ("3 values for a batch of 4 completions",)),
     "numeric_strings": ("return ['0.5'] * len(completions)", ("item 0 is the str '0.5'",)),
-    "ragged": ("return [[1.0]] + [[1.0, 2.0]] * (len(completions) - 1)", ("uneven lengths [1, 2, 2, 2]",)),
+    # lists per sample are per-token (dense) rewards: one per response token, else the row is named
+    "ragged": ("return [[1.0]] + [[1.0, 2.0]] * (len(completions) - 1)",
+               ("item 0 has 1 per-token rewards but the sample has", "response tokens")),
     "nan": ("return [float('nan')] * len(completions)",
             ("row 0 (prompt 'Question ", "returned a non-finite score (nan)")),
     "none_item": ("return [1.0, None] + [1.0] * (len(completions) - 2)", ("row 1 (prompt 'Question ",

@@ -37,8 +37,8 @@ from typing import Any
 
 from alignkit.advantages import ADVANTAGE_KINDS, ADVANTAGES
 from alignkit.objectives import KL, PAIRWISE
+from alignkit.objectives.filters import SAMPLE_FILTERS
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
-from alignkit.training.online.filters import SAMPLE_FILTERS
 from alignkit.training.online.macro import MACRO_TERMINATIONS, MACRO_VALUES
 from alignkit.training.online.multi_reward import REWARD_AGGREGATIONS
 from alignkit.training.online.reset import check_reset_settings

@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignkit.objectives.filters import filter_rows
 from alignkit.rewards.dense import DenseRewards, sequence_scores
 from alignkit.rollout import Rollout, SamplingParams
 from alignkit.training.online.dpa import DIRECTION_COLUMN
-from alignkit.training.online.filters import filter_rows
 from alignkit.training.online.kl_control import RunningMeanStd
 from alignkit.training.online.nash import OPPONENT_ROUND
 from alignkit.training.online.reset import rollin_prefixes

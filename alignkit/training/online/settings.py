@@ -156,7 +156,7 @@ class OnlineSettings:
     # filtering and the objective
     sample_filter: str = "none"
     """Which scored samples the update trains on: none, best_of_n, best_random, best_worst (per
-    prompt group) or top_fraction (of the batch); see training/online/filters.py."""
+    prompt group) or top_fraction (of the batch); see objectives/filters.py."""
     filter_fraction: float = 0.125
     """top_fraction: share of the batch's samples kept (RAFT's 1/K)."""
     objective: str = "policy_gradient"
