@@ -339,7 +339,7 @@ def run_verb(argv: list[str] | None = None) -> int:
     # under torchrun every rank may print an error: say which one
     where = f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
     try:
-        if verb in ("eval", "eval-rm", "overopt"):  # --threads for the verbs whose parsers lack it
+        if verb in ("eval", "eval-rm", "overopt", "merge"):  # --threads for the verbs whose parsers lack it
             from alignkit.training.run.threads import configure_cli_threads
 
             rest = configure_cli_threads(rest)

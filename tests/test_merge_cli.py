@@ -268,3 +268,59 @@ def test_lines_sweep_and_output_dtype(zoo, tmp_path):
         assert_close(got[name], expected.to(torch.bfloat16))
     assert_state(out / "alpha_1.00", {n: ft[n].to(torch.bfloat16) for n in ft})  # λ = 1 everywhere
     assert json.loads((out / "alpha_1.00" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_lora_base_in_a_sweep_keeps_its_weights(zoo, tmp_path):
+    """The adapter-merged base is the template every point is loaded into; its own weights must
+    survive the sweep: α = 1 is the merged adapter, α = 0.5 the midpoint."""
+    from alignkit.merge.io import load_input
+    from alignkit.models import apply_lora, load_model
+
+    model, _ = load_model(zoo["a"], dtype=torch.float32, device="cpu")
+    peft_model = apply_lora(model, r=2)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.fill_(0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "sweep"
+    assert merge("--method", "interpolate", "--base", tmp_path / "adapter", "--models", zoo["b"],
+                 "--sweep", "0:1:0.5", "--output", out) == 0
+    merged_base = load_input(str(tmp_path / "adapter"), "adapter", keep_model=False).state
+    b = weights(zoo["b"])
+    assert_state(out / "alpha_1.00", merged_base)
+    assert_state(out / "alpha_0.50", {n: 0.5 * merged_base[n] + 0.5 * b[n] for n in b})
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    """Tied input/output embeddings are one tensor: merged once, saved tied, loaded tied."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignkit.testing import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    dirs = []
+    for seed in (0, 1):
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(tmp_path / f"t{seed}")
+        tokenizer.save_pretrained(tmp_path / f"t{seed}")
+        dirs.append(tmp_path / f"t{seed}")
+    assert merge("--method", "interpolate", "--base", dirs[0], "--models", dirs[1], "--alpha", 0.3,
+                 "--output", tmp_path / "out") == 0
+    a, b = weights(dirs[0]), weights(dirs[1])
+    assert_state(tmp_path / "out", {n: 0.3 * a[n] + 0.7 * b[n] for n in a})
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_output_may_not_be_an_input(zoo, tmp_path, capsys):
+    """Even a previous merge (which --overwrite could replace) is refused as the output of a
+    merge that reads it."""
+    out = tmp_path / "soup"
+    assert merge("--method", "soup", "--models", zoo["a"], zoo["b"], "--output", out) == 0
+    assert merge("--method", "soup", "--models", out, zoo["c"], "--output", out, "--overwrite") == 2
+    assert "is one of the input models" in capsys.readouterr().err
+    assert (out / "merge.json").is_file()

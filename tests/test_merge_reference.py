@@ -9,7 +9,6 @@ from torch.testing import assert_close
 import alignkit
 from alignkit.cli import main
 from alignkit.merge import resolve_model_and_tokenizer, resolve_model_spec
-from alignkit.merge.spec import model_spec_digest
 from alignkit.testing import build_tiny_model, synthetic_pairs
 
 
@@ -80,13 +79,21 @@ def test_a_bad_merge_spec_fails_before_loading(pair, tmp_path, capsys):
         assert code == 2 and message in err and "Traceback" not in err
 
 
-def test_spec_digest_follows_the_input_weights(tmp_path):
-    """The reference-cache key changes with the recipe and with an input's weights."""
+def test_reference_cache_key_follows_the_recipe_and_the_input_weights(tmp_path):
+    """The offline reference-log-prob cache is keyed on the merged reference: it changes with
+    the recipe and with an input's weights, and is stable otherwise."""
+    from alignkit.training.offline.reference_cache import reference_digest
+    from alignkit.training.run.config import TrainConfig
+
     a = build_tiny_model(tmp_path / "a", seed=0)
     b = build_tiny_model(tmp_path / "b", seed=1)
+
+    def digest(spec):
+        return reference_digest(TrainConfig(ref_model=spec), None)
+
     spec = f"merge:interpolate:{a},{b}:0.5"
-    first = model_spec_digest(spec)
-    assert model_spec_digest(spec) == first
-    assert model_spec_digest(f"merge:interpolate:{a},{b}:0.4") != first
+    first = digest(spec)
+    assert first.startswith("merge:") and digest(spec) == first
+    assert digest(f"merge:interpolate:{a},{b}:0.4") != first
     build_tiny_model(b, seed=2)
-    assert model_spec_digest(spec) != first
+    assert digest(spec) != first

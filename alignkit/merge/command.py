@@ -33,6 +33,7 @@ log = logging.getLogger("alignkit")
 
 SWEEPABLE = ("interpolate", "lines")
 HMA_LEARNING = ("steps", "lr", "epsilon", "reg")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 DEFAULTS = {"steps": 20, "lr": 0.05, "epsilon": 0.0, "reg": 0.0, "batch_size": 8, "max_length": 512,
             "max_new_tokens": 32}
 
@@ -47,9 +48,30 @@ def _numbers(kind: type):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from alignkit.cli_args import non_negative_int, positive_int
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
 
+
+positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def check_data_file(flag: str, source: str) -> None:
+    """A data source named like a path must exist (anything else may be a hub dataset id)."""
+    from alignkit.models.sources import looks_like_path
+
+    if not Path(source).exists() and (looks_like_path(source) or source.endswith(DATA_SUFFIXES)):
+        raise FileNotFoundError(f"{flag} {source}: no such file or directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignkit merge", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Merge model weights into one from_pretrained checkpoint (safetensors + tokenizer + config). "
@@ -127,7 +149,6 @@ def sweep_names(values: list[float]) -> list[str]:
 
 def check_arguments(args: argparse.Namespace) -> tuple[MergeRecipe, list[float] | None]:
     """Every check that needs no model: flags the method ignores, files, model sources, --output."""
-    from alignkit.cli_args import check_data_source
     from alignkit.merge.io import check_source
 
     models = [m for item in args.models for m in item.split(",") if m]
@@ -150,9 +171,12 @@ def check_arguments(args: argparse.Namespace) -> tuple[MergeRecipe, list[float] 
         raise ValueError("greedy_soup needs --eval-data (held-out prompts with --reward, or prompt/completion rows)")
     for flag, source in (("--data", args.data), ("--eval-data", args.eval_data)):
         if source is not None:
-            check_data_source(flag, source)
-    for source, label in recipe.sources():
-        check_source(source, label)
+            check_data_file(flag, source)
+    for index, (source, _) in enumerate(recipe.sources()):
+        check_source(source, "--base" if index == 0 and recipe.base is not None else "--models")
+    inputs = {Path(source).expanduser().resolve() for source, _ in recipe.sources()}
+    if Path(args.output).expanduser().resolve() in inputs:
+        raise ValueError(f"--output {args.output}: is one of the input models; write the merge elsewhere")
     _check_output(Path(args.output), args.overwrite)
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
@@ -327,8 +351,6 @@ def _learned_hma(args: argparse.Namespace, recipe: MergeRecipe, inputs: list, pr
 
 
 def main(argv: list[str]) -> int:
-    from alignkit.training.run.threads import configure_cli_threads
-
-    argv = configure_cli_threads(list(argv))
-    run_merge(build_parser().parse_args(argv))
+    """The verb (`--threads` is taken out and applied by alignkit.cli first)."""
+    run_merge(build_parser().parse_args(list(argv)))
     return 0

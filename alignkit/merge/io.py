@@ -109,7 +109,8 @@ def _plain_model(config: Any, state: StateDict, generation_config: Any) -> nn.Mo
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(state, strict=False, assign=True)
+    # copies: merged state dicts are later loaded into this model, which must not write into `state`
+    model.load_state_dict({name: tensor.clone() for name, tensor in state.items()}, strict=False, assign=True)
     model.tie_weights()
     left = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
     if left:

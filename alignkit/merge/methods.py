@@ -216,7 +216,8 @@ def hma_groups(names: Sequence[str], layer_of: Mapping[str, int | None], blocks:
     As the reference's split merge (`weight_interpolation.py::merge_split`): parameters of
     layer i take α of its block; the parameters before the first layer (the input embeddings,
     in state-dict order) take the first block's α; those after the last layer (final norm,
-    output head) take ᾱ.
+    output head) take ᾱ. A head tied to the input embeddings is one tensor with them (io drops
+    the alias), so it takes the first block's α too.
     """
     groups: dict[str, int | None] = {}
     seen_layer = False

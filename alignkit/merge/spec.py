@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -249,9 +250,14 @@ def parse_model_spec(spec: str) -> MergeRecipe:
 
 
 def _recipe_from_yaml(path: str) -> MergeRecipe:
-    from alignkit.training.run.values import load_yaml_file
+    import yaml
 
-    values = load_yaml_file(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such merge recipe file")
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a merge recipe must be a YAML mapping (method, base, models, coefficients)")
     known = {f.name for f in fields(MergeRecipe)}
@@ -286,16 +292,16 @@ def check_model_spec(spec: str, flag: str = "--ref-model") -> None:
         check_source(source, f"{flag} {spec}: {'base' if source == recipe.base else 'model'}")
 
 
-def model_spec_digest(spec: str) -> str:
-    """A hash of the recipe and of every input's weight files (caches keyed on the reference)."""
+def model_spec_digest(spec: str, source_digest: Callable[[str], str]) -> str:
+    """A hash of the recipe and of `source_digest(path)` of every input (the training layer
+    passes its weight-file hash), for caches keyed on the reference."""
     from alignkit.models.loading import resolve_model_path
-    from alignkit.training.run.fingerprint import model_source_digest
 
     recipe = parse_model_spec(spec)
     digests = []
     for source, _ in recipe.sources():
         path = source if Path(source).expanduser().is_dir() else resolve_model_path(source)
-        digests.append(model_source_digest(str(Path(path).expanduser())))
+        digests.append(source_digest(str(Path(path).expanduser())))
     text = json.dumps({"recipe": asdict(recipe), "inputs": digests}, sort_keys=True)
     return "merge:" + hashlib.sha256(text.encode()).hexdigest()
 

@@ -35,7 +35,7 @@ def reference_digest(config: TrainConfig, model) -> str:
     if config.ref_model and config.ref_model.startswith("merge:"):
         from alignkit.merge.spec import model_spec_digest
 
-        return model_spec_digest(config.ref_model)
+        return model_spec_digest(config.ref_model, model_source_digest)
     if config.ref_model:
         from alignkit.models.loading import resolve_model_path
 
