@@ -4,6 +4,7 @@
   alignkit train --config recipe.yaml [--set key=value ...]
   alignkit algorithms
   alignkit demo [--output DIR]
+  alignkit merge --method METHOD [--base A] --models B [C ...] --output OUT
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ VERBS = {
     "eval-rm": "evaluate a reward model: accuracy (bootstrap CI), ECE, scores, consistency",
     "eval": "sample a model: gold reward, KL, win rate, length, diversity -> eval.json",
     "overopt": "reward over-optimisation curves (Gao et al. 2022): best-of-n and RL checkpoints",
+    "merge": "merge weights (interpolate, hma, soup, greedy_soup, task_arithmetic, lines) -> a checkpoint",
 }
 
 
@@ -279,6 +281,13 @@ def cmd_overopt(argv: list[str]) -> int:
     return overopt_main(argv)
 
 
+def cmd_merge(argv: list[str]) -> int:
+    """alignkit merge --method METHOD [--base A] --models B [C ...] --output OUT ..."""
+    from alignkit.merge.command import main as merge_main
+
+    return merge_main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from alignkit.demo import main as demo_main
 
@@ -323,14 +332,14 @@ def run_verb(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     commands = {"train": cmd_train, "algorithms": cmd_algorithms, "demo": cmd_demo, "eval-rm": cmd_eval_rm,
-                "eval": cmd_eval, "overopt": cmd_overopt}
+                "eval": cmd_eval, "overopt": cmd_overopt, "merge": cmd_merge}
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
     # under torchrun every rank may print an error: say which one
     where = f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
     try:
-        if verb in ("eval", "eval-rm", "overopt"):  # --threads for the verbs whose parsers lack it
+        if verb in ("eval", "eval-rm", "overopt", "merge"):  # --threads for the verbs whose parsers lack it
             from alignkit.training.run.threads import configure_cli_threads
 
             rest = configure_cli_threads(rest)

@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "rewards": 4,
     "rollout": 5,
     "lab": 6,  # sample a policy, score it with rewards, measure it with eval/
+    "merge": 6,  # model-space methods: weights in, a checkpoint out (lab/'s rank: each uses the other)
     "training": 7,  # may import everything below it
 }
 # The command line and the public entry points sit on top and may import anything.

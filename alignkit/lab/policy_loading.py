@@ -95,6 +95,10 @@ def load_policy(
         parts = directories.split(",")
         tokenizer = load_model(parts[0], device=device, dtype=dtype)[1]
         return load_soup(parts, [float(w) for w in weights.split(",")], dtype=dtype, device=device), tokenizer
+    if str(path).startswith("merge:"):  # a merge spec (alignkit.merge.spec), built in memory
+        from alignkit.merge.spec import resolve_model_and_tokenizer
+
+        return resolve_model_and_tokenizer(str(path), device=device, dtype=dtype, flag="model")
     local = Path(path)
     if (local / "adapter_config.json").is_file():
         from peft import PeftModel

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.models import adapter_disabled, is_peft, load_model
+from alignkit.models import adapter_disabled, is_peft
 from alignkit.training.offline.reference_cache import (
     cache_fingerprint,
     load_cached_tensors,
@@ -71,7 +71,9 @@ def load_reference(config: TrainConfig, model, tokenizer):
     """`(reference, owned)`: `--ref-model` loaded next to the policy, or the policy itself."""
     if not config.ref_model:
         return model, False
-    reference, ref_tokenizer = load_model(
+    from alignkit.merge.spec import resolve_model_and_tokenizer
+
+    reference, ref_tokenizer = resolve_model_and_tokenizer(
         config.ref_model,
         dtype=None if config.dtype == "auto" else config.dtype,
         device=str(next(model.parameters()).device),

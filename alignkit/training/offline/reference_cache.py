@@ -32,6 +32,10 @@ log = logging.getLogger("alignkit")
 def reference_digest(config: TrainConfig, model) -> str:
     """Hash of the reference model: the weight files of `--ref-model`, else the state of the
     initial policy `model` (the reference when no --ref-model is given)."""
+    if config.ref_model and config.ref_model.startswith("merge:"):
+        from alignkit.merge.spec import model_spec_digest
+
+        return model_spec_digest(config.ref_model, model_source_digest)
     if config.ref_model:
         from alignkit.models.loading import resolve_model_path
 

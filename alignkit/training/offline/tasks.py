@@ -26,7 +26,7 @@ from alignkit.data import (
     tokenize_ranked,
     tokenize_sft,
 )
-from alignkit.models import load_model, reward_scores, sequence_logps, token_logps
+from alignkit.models import reward_scores, sequence_logps, token_logps
 from alignkit.objectives import PAIRWISE, PairLogps, combine_losses, ld_dpo, wpo_weights
 from alignkit.objectives.pairwise import log_ratios
 from alignkit.objectives.registry import REFERENCE_FREE
@@ -308,7 +308,9 @@ class PairwiseTask(PairData):
             return
         reference = None
         if self.config.ref_model:
-            reference, _ = load_model(
+            from alignkit.merge.spec import resolve_model_and_tokenizer
+
+            reference, _ = resolve_model_and_tokenizer(
                 self.config.ref_model,
                 dtype=None if self.config.dtype == "auto" else self.config.dtype,
                 device=str(next(model.parameters()).device),

@@ -168,7 +168,10 @@ def load_policy(config: TrainConfig, model, tokenizer):
 
 
 def soup_directories(ref_model: str | None) -> list[str]:
-    """The checkpoints of a comma-separated --ref-model (empty without one)."""
+    """The checkpoints of a comma-separated --ref-model (empty without one); a `merge:` spec is one
+    reference (alignkit.merge.spec), whatever commas it holds."""
+    if ref_model and ref_model.startswith("merge:"):
+        return [ref_model]
     return [part.strip() for part in (ref_model or "").split(",") if part.strip()]
 
 
@@ -205,6 +208,11 @@ def copy_reference(config: TrainConfig, s: OnlineSettings, model: nn.Module,
         return None
     if soup is not None:
         return soup
+    if config.ref_model and config.ref_model.startswith("merge:"):  # built in memory (alignkit.merge.spec)
+        from alignkit.merge.spec import resolve_model_spec
+
+        return resolve_model_spec(config.ref_model, dtype=_dtype(config), device=_device(config),
+                                  trust_remote_code=config.trust_remote_code)
     if config.ref_model:
         return load_model(config.ref_model, dtype=_dtype(config), device=_device(config))[0]
     return copy.deepcopy(model)

@@ -203,7 +203,8 @@ def check_ignored(config: TrainConfig, spec: Any, task: Any, given: set[str]) ->
 def model_sources(config: TrainConfig, spec: Any, task: Any) -> list[tuple[str, str]]:
     """(flag, source) of every model the run will load, besides the data."""
     sources = [] if config.algorithm == "rm_embedding" else [("--model", config.model)]
-    if config.ref_model and spec.runner == "online":  # several, comma-separated: salsa's soup
+    if config.ref_model and spec.runner == "online" and not config.ref_model.startswith("merge:"):
+        # several, comma-separated: salsa's soup (a merge: spec is one source, checked whole)
         sources += [("--ref-model", part.strip()) for part in config.ref_model.split(",") if part.strip()]
     elif config.ref_model:
         sources.append(("--ref-model", config.ref_model))
@@ -220,6 +221,11 @@ def check_model_sources(config: TrainConfig, spec: Any, task: Any) -> None:
     from alignkit.models.loading import check_model_source
 
     for name, source in model_sources(config, spec, task):
+        if name == "--ref-model" and source.startswith("merge:"):
+            from alignkit.merge.spec import check_model_spec
+
+            check_model_spec(source, name)
+            continue
         check_model_source(source, name)
 
 
