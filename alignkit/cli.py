@@ -5,6 +5,7 @@
   alignkit algorithms
   alignkit demo [--output DIR]
   alignkit merge --method METHOD [--base A] --models B [C ...] --output OUT
+  alignkit surgery --model M --positive P --negative N --layers 1,2 --strength S --output OUT
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ VERBS = {
     "eval": "sample a model: gold reward, KL, win rate, length, diversity -> eval.json",
     "overopt": "reward over-optimisation curves (Gao et al. 2022): best-of-n and RL checkpoints",
     "merge": "merge weights (interpolate, hma, soup, greedy_soup, task_arithmetic, lines) -> a checkpoint",
+    "surgery": "model surgery: a behaviour probe, then edit the gate rows inversely aligned with it -> a checkpoint",
 }
 
 
@@ -288,6 +290,13 @@ def cmd_merge(argv: list[str]) -> int:
     return merge_main(argv)
 
 
+def cmd_surgery(argv: list[str]) -> int:
+    """alignkit surgery --model M --positive P --negative N --layers 1,2 --strength S --output OUT"""
+    from alignkit.merge.surgery_command import main as surgery_main
+
+    return surgery_main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from alignkit.demo import main as demo_main
 
@@ -332,14 +341,15 @@ def run_verb(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     commands = {"train": cmd_train, "algorithms": cmd_algorithms, "demo": cmd_demo, "eval-rm": cmd_eval_rm,
-                "eval": cmd_eval, "overopt": cmd_overopt, "merge": cmd_merge}
+                "eval": cmd_eval, "overopt": cmd_overopt, "merge": cmd_merge,
+                "surgery": cmd_surgery}
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
     # under torchrun every rank may print an error: say which one
     where = f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
     try:
-        if verb in ("eval", "eval-rm", "overopt", "merge"):  # --threads for the verbs whose parsers lack it
+        if verb in ("eval", "eval-rm", "overopt", "merge", "surgery"):  # --threads for the verbs whose parsers lack it
             from alignkit.training.run.threads import configure_cli_threads
 
             rest = configure_cli_threads(rest)
