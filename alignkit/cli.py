@@ -5,6 +5,7 @@
   alignkit algorithms
   alignkit demo [--output DIR]
   alignkit merge --method METHOD [--base A] --models B [C ...] --output OUT
+  alignkit sweep --config recipe.yaml --space space.yaml --trials N [--tune-seeds 0,1] [--test-seeds 100,101]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ VERBS = {
     "eval": "sample a model: gold reward, KL, win rate, length, diversity -> eval.json",
     "overopt": "reward over-optimisation curves (Gao et al. 2022): best-of-n and RL checkpoints",
     "merge": "merge weights (interpolate, hma, soup, greedy_soup, task_arithmetic, lines) -> a checkpoint",
+    "sweep": "hyper-parameter search (Optuna) over a recipe: tuning seeds, then disjoint test seeds",
 }
 
 
@@ -288,6 +290,17 @@ def cmd_merge(argv: list[str]) -> int:
     return merge_main(argv)
 
 
+def cmd_sweep(argv: list[str]) -> int:
+    """alignkit sweep --config recipe.yaml --space space.yaml --trials N ..."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ValueError("alignkit sweep needs optuna: pip install 'alignkit[tune]'") from None
+    from alignkit.sweep.command import main as sweep_main
+
+    return sweep_main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from alignkit.demo import main as demo_main
 
@@ -333,6 +346,7 @@ def run_verb(argv: list[str] | None = None) -> int:
     verb, rest = argv[0], argv[1:]
     commands = {"train": cmd_train, "algorithms": cmd_algorithms, "demo": cmd_demo, "eval-rm": cmd_eval_rm,
                 "eval": cmd_eval, "overopt": cmd_overopt, "merge": cmd_merge}
+    commands["sweep"] = cmd_sweep
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
