@@ -19,9 +19,23 @@ beta) to distributions: {type: float, low, high[, log: true][, step]}, {type: in
 log][, step]}, {type: categorical, choices: [...]}."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from alignkit.cli_args import non_negative_int, positive_int
+def _int_at_least(minimum: int):
+    """argparse `type=` for integers >= `minimum` (alignkit.cli_args sits above this layer)."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
     parser = argparse.ArgumentParser(prog="alignkit sweep", description=DESCRIPTION)
     parser.add_argument("--config", required=True, help="training recipe YAML (as alignkit train --config)")
     parser.add_argument("--space", required=True, help=SPACE_HELP)
@@ -49,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace):
     """SweepSettings from parsed flags; every check here runs before anything trains."""
     from alignkit.sweep.runner import SweepSettings
-    from alignkit.sweep.space import check_disjoint_seeds, default_direction, load_space, parse_seeds
+    from alignkit.sweep.space import (
+        check_disjoint_seeds,
+        default_direction,
+        load_space,
+        parse_seeds,
+    )
     from alignkit.training.run.config import TrainConfig, parse_set_values
 
     tune_seeds = parse_seeds(args.tune_seeds, "--tune-seeds")

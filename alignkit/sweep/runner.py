@@ -193,12 +193,17 @@ def record_of(trial) -> TrialRecord:
                        {int(seed): run for seed, run in attrs["runs"].items()})
 
 
+def ask_values(study, space: dict[str, Distribution]):
+    """A new trial of `study` and the values its sampler draws for every key of `space`."""
+    trial = study.ask({key: dist.to_optuna() for key, dist in space.items()})
+    return trial, dict(trial.params)
+
+
 def run_trial(study, index: int, settings: SweepSettings, bar) -> TrialRecord:
     """Ask the study for values, train them on every tuning seed, tell it their mean score."""
     from optuna.trial import TrialState
 
-    trial = study.ask({key: dist.to_optuna() for key, dist in settings.space.items()})
-    values = dict(trial.params)
+    trial, values = ask_values(study, settings.space)
     scores, runs = {}, {}
     for seed in settings.tune_seeds:
         run_dir = settings.output / "trials" / f"{index:03d}-seed{seed}"
