@@ -6,6 +6,7 @@
   alignkit demo [--output DIR]
   alignkit merge --method METHOD [--base A] --models B [C ...] --output OUT
   alignkit surgery --model M --positive P --negative N --layers 1,2 --strength S --output OUT
+  alignkit sweep --config recipe.yaml --space space.yaml --trials N [--tune-seeds 0,1] [--test-seeds 100,101]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ VERBS = {
     "overopt": "reward over-optimisation curves (Gao et al. 2022): best-of-n and RL checkpoints",
     "merge": "merge weights (interpolate, hma, soup, greedy_soup, task_arithmetic, lines) -> a checkpoint",
     "surgery": "model surgery: a behaviour probe, then edit the gate rows inversely aligned with it -> a checkpoint",
+    "sweep": "hyper-parameter search (Optuna) over a recipe: tuning seeds, then disjoint test seeds",
 }
 
 
@@ -297,6 +299,17 @@ def cmd_surgery(argv: list[str]) -> int:
     return surgery_main(argv)
 
 
+def cmd_sweep(argv: list[str]) -> int:
+    """alignkit sweep --config recipe.yaml --space space.yaml --trials N ..."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ValueError("alignkit sweep needs optuna: pip install 'alignkit[tune]'") from None
+    from alignkit.sweep.command import main as sweep_main
+
+    return sweep_main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from alignkit.demo import main as demo_main
 
@@ -341,8 +354,8 @@ def run_verb(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     commands = {"train": cmd_train, "algorithms": cmd_algorithms, "demo": cmd_demo, "eval-rm": cmd_eval_rm,
-                "eval": cmd_eval, "overopt": cmd_overopt, "merge": cmd_merge,
-                "surgery": cmd_surgery}
+                "eval": cmd_eval, "overopt": cmd_overopt, "merge": cmd_merge, "surgery": cmd_surgery,
+                "sweep": cmd_sweep}
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
