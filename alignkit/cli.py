@@ -20,6 +20,8 @@ VERBS = {
     "eval-rm": "evaluate a reward model: accuracy (bootstrap CI), ECE, scores, consistency",
     "eval": "sample a model: gold reward, KL, win rate, length, diversity -> eval.json",
     "overopt": "reward over-optimisation curves (Gao et al. 2022): best-of-n and RL checkpoints",
+    "tax": "alignment tax: held-out NLL on general text against reward, base vs aligned (Pareto front)",
+    "safety": "refusal rate on harmful requests, over-refusal on look-alikes, changes against a baseline",
 }
 
 
@@ -279,6 +281,20 @@ def cmd_overopt(argv: list[str]) -> int:
     return overopt_main(argv)
 
 
+def cmd_tax(argv: list[str]) -> int:
+    """alignkit tax --models base,aligned[,...] [--reward SPEC] [--prompts FILE] [--output DIR]"""
+    from alignkit.lab.tax_lab import main as tax_main
+
+    return tax_main(argv)
+
+
+def cmd_safety(argv: list[str]) -> int:
+    """alignkit safety --model M [--baseline B] [--judge DIR] [--output DIR]"""
+    from alignkit.lab.safety_lab import main as safety_main
+
+    return safety_main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from alignkit.demo import main as demo_main
 
@@ -323,14 +339,14 @@ def run_verb(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     commands = {"train": cmd_train, "algorithms": cmd_algorithms, "demo": cmd_demo, "eval-rm": cmd_eval_rm,
-                "eval": cmd_eval, "overopt": cmd_overopt}
+                "eval": cmd_eval, "overopt": cmd_overopt, "tax": cmd_tax, "safety": cmd_safety}
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
     # under torchrun every rank may print an error: say which one
     where = f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
     try:
-        if verb in ("eval", "eval-rm", "overopt"):  # --threads for the verbs whose parsers lack it
+        if verb in ("eval", "eval-rm", "overopt", "tax", "safety"):  # --threads for the verbs whose parsers lack it
             from alignkit.training.run.threads import configure_cli_threads
 
             rest = configure_cli_threads(rest)
