@@ -89,7 +89,7 @@ def plot_pareto(
     ax.plot([], [], "o", color="white", markeredgecolor=COLORS[1], label="dominated (another model has less tax "
             "and at least as much reward)")
     ax.plot([], [], color="#999999", label="95% bootstrap intervals (passages; prompts)")
-    ax.axvline(0.0, color="grey", linewidth=0.8)
+    ax.axvline(0.0, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
