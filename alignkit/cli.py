@@ -7,6 +7,8 @@
   alignkit merge --method METHOD [--base A] --models B [C ...] --output OUT
   alignkit surgery --model M --positive P --negative N --layers 1,2 --strength S --output OUT
   alignkit sweep --config recipe.yaml --space space.yaml --trials N [--tune-seeds 0,1] [--test-seeds 100,101]
+  alignkit tax --models base,aligned[,...] [--reward SPEC] [--output DIR]
+  alignkit safety --model M [--baseline B] [--judge DIR] [--output DIR]
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ VERBS = {
     "merge": "merge weights (interpolate, hma, soup, greedy_soup, task_arithmetic, lines) -> a checkpoint",
     "surgery": "model surgery: a behaviour probe, then edit the gate rows inversely aligned with it -> a checkpoint",
     "sweep": "hyper-parameter search (Optuna) over a recipe: tuning seeds, then disjoint test seeds",
+    "tax": "alignment tax: held-out NLL on general text against reward, base vs aligned (Pareto front)",
+    "safety": "refusal rate on harmful requests, over-refusal on look-alikes, changes against a baseline",
 }
 
 
@@ -310,6 +314,20 @@ def cmd_sweep(argv: list[str]) -> int:
     return sweep_main(argv)
 
 
+def cmd_tax(argv: list[str]) -> int:
+    """alignkit tax --models base,aligned[,...] [--reward SPEC] [--prompts FILE] [--output DIR]"""
+    from alignkit.lab.tax_lab import main as tax_main
+
+    return tax_main(argv)
+
+
+def cmd_safety(argv: list[str]) -> int:
+    """alignkit safety --model M [--baseline B] [--judge DIR] [--output DIR]"""
+    from alignkit.lab.safety_lab import main as safety_main
+
+    return safety_main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from alignkit.demo import main as demo_main
 
@@ -355,14 +373,14 @@ def run_verb(argv: list[str] | None = None) -> int:
     verb, rest = argv[0], argv[1:]
     commands = {"train": cmd_train, "algorithms": cmd_algorithms, "demo": cmd_demo, "eval-rm": cmd_eval_rm,
                 "eval": cmd_eval, "overopt": cmd_overopt, "merge": cmd_merge, "surgery": cmd_surgery,
-                "sweep": cmd_sweep}
+                "sweep": cmd_sweep, "tax": cmd_tax, "safety": cmd_safety}
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
     # under torchrun every rank may print an error: say which one
     where = f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
     try:
-        if verb in ("eval", "eval-rm", "overopt", "merge", "surgery"):  # --threads for the verbs whose parsers lack it
+        if verb in ("eval", "eval-rm", "overopt", "merge", "surgery", "tax", "safety"):  # --threads for these
             from alignkit.training.run.threads import configure_cli_threads
 
             rest = configure_cli_threads(rest)
