@@ -147,7 +147,6 @@ def held_out_e(model, tokenizer) -> float:
     return sum(t.count("e") for t in texts) / len(texts)
 
 
-@pytest.mark.slow
 def test_pf_ppo_beats_ppo_on_a_reward_noisy_below_the_top(tiny_model_dir, tmp_path):
     """8 prompts x 4 samples, 25 steps, seeds 0-3, held-out true e's (max 8). Measured per seed:
     PPO 3.98, 2.52, 2.09, 0.78 (mean 2.34); pf_ppo best_worst 1.02, 4.67, 3.48, 6.72 (mean 3.97;

@@ -186,3 +186,16 @@ def test_bad_salsa_settings_are_refused(algorithm, settings, message, tiny_model
     settings = {k: v.format(a=tiny_model_dir, b=sibling_dir) if isinstance(v, str) else v for k, v in settings.items()}
     with pytest.raises(ValueError, match=message):
         run(algorithm, tiny_model_dir, tmp_path / "bad", steps=1, **settings)
+
+
+def test_salsa_takes_its_soup_as_a_merge_spec(tiny_model_dir, sibling_dir, tmp_path):
+    """--ref-model merge:soup:A,B is the same reference as --ref-model A,B: the same run, exactly
+    (policy_init=soup too); soup_weights beside a spec is refused (the spec carries its weights)."""
+    pair = f"{tiny_model_dir},{sibling_dir}"
+    run("salsa", tiny_model_dir, tmp_path / "list", steps=3, ref_model=pair, policy_init="soup")
+    run("salsa", tiny_model_dir, tmp_path / "spec", steps=3, ref_model=f"merge:soup:{pair}", policy_init="soup")
+    keys = ("loss", "reward/mean", "kl", "grad_norm")
+    assert [[r[k] for k in keys] for r in read_metrics(tmp_path / "list")] == [
+        [r[k] for k in keys] for r in read_metrics(tmp_path / "spec")]
+    with pytest.raises(ValueError, match="carries its own weights"):
+        run("salsa", tiny_model_dir, tmp_path / "bad", steps=1, ref_model=f"merge:soup:{pair}", soup_weights="0.5,0.5")

@@ -184,16 +184,26 @@ def load_reference_soup(config: TrainConfig, s: OnlineSettings, tokenizer) -> nn
             raise ValueError(f"--ref-model {config.ref_model} names {len(directories)} checkpoints: a reference "
                              f"soup is salsa's (or --set soup=true); {config.algorithm} takes one reference")
         return None
-    if len(directories) < 2:
+    spec = config.ref_model if config.ref_model and config.ref_model.startswith("merge:") else None
+    if spec is None and len(directories) < 2:
         raise ValueError(f"{config.algorithm}: --ref-model takes two or more SFT checkpoints, comma-separated "
-                         f"(A,B), for the reference soup; got {config.ref_model!r}")
-    weights = parse_soup_weights(s.soup_weights, len(directories))
+                         f"(A,B), or a merge spec (merge:soup:A,B), for the reference soup; got {config.ref_model!r}")
+    if spec is not None and s.soup_weights is not None:
+        raise ValueError(f"{config.algorithm}: soup_weights weigh a comma-separated --ref-model; the merge spec "
+                         f"{spec} carries its own weights")
+    weights = parse_soup_weights(s.soup_weights, len(directories)) if spec is None else None
     if s.policy_init == "first" and not needs_reference(s):
         raise ValueError(f"{config.algorithm}: with beta={s.beta} and kl_in={s.kl_in!r} no reference is used, so "
                          "the soup would be unused: set beta > 0, or policy_init=soup to start from it")
     if s.policy_init == "first" and config.lora_r > 0:
         raise ValueError(f"{config.algorithm}: with --lora-r the reference is the base weights with the adapter off, "
                          "so the soup must be the base: --set policy_init=soup")
+    if spec is not None:  # the soup as a merge spec (alignkit.merge.spec): any merge method's result
+        from alignkit.merge.spec import resolve_model_spec
+
+        log.info("reference soup: %s", spec)
+        return resolve_model_spec(spec, dtype=_dtype(config), device=_device(config),
+                                  trust_remote_code=config.trust_remote_code)
     log.info("reference soup of %s with weights %s", ", ".join(directories), weights)
     return load_soup(directories, weights, dtype=_dtype(config), device=_device(config), tokenizer=tokenizer)
 
