@@ -118,6 +118,22 @@ def test_tax_with_two_models_and_own_text(tiny_model_dir, refusing_model, tmp_pa
     assert result["text"]["passage_ids"] == ["text-001", "text-002"]
 
 
+def test_tax_reads_a_merge_sweep_directory(tiny_model_dir, other_model, tmp_path):
+    """--models BASE,SWEEP_DIR: the sweep's manifest.json stands for its checkpoints, in order."""
+    from alignkit.lab.tax_lab import TaxOptions
+
+    sweep = tmp_path / "sweep"
+    assert main(["merge", "--method", "interpolate", "--base", str(tiny_model_dir), "--models", str(other_model),
+                 "--sweep", "0:1:0.5", "--output", str(sweep)]) == 0
+    models = TaxOptions(models=f"{tiny_model_dir},{sweep}").model_list()
+    assert models == [str(tiny_model_dir)] + [str(sweep / f"alpha_{a}") for a in ("0.00", "0.50", "1.00")]
+    out = tmp_path / "tax-sweep"
+    assert main(["tax", "--models", f"{tiny_model_dir},{sweep}", "--reward", "length:3", "--num-prompts", "2",
+                 "--num-passages", "4", "--max-new-tokens", "4", "--n-bootstrap", "50", "--output", str(out),
+                 "--threads", "1"]) == 0
+    assert len(json.loads((out / "tax.json").read_text())["models"]) == 4 and (out / "tax_pareto.png").is_file()
+
+
 def test_tax_bad_input_is_one_line(tiny_model_dir, other_model, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("ALIGNKIT_DEBUG", raising=False)
     base = str(tiny_model_dir)

@@ -21,6 +21,7 @@ import logging
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,7 +85,23 @@ class TaxOptions:
     """Hide the progress bars (they are off when stderr is not a terminal)."""
 
     def model_list(self) -> list[str]:
-        return [m.strip() for m in self.models.split(",")]
+        """The models in order; a directory holding an `alignkit merge --sweep` manifest.json
+        stands for its checkpoints, in the manifest's order."""
+        return [path for m in self.models.split(",") for path in expand_sweep(m.strip())]
+
+
+def expand_sweep(name: str) -> list[str]:
+    """[name], or the checkpoint directories of a merge sweep written to `name`
+    (its manifest.json: {"checkpoints": [{"path": ...}, ...]}, paths relative to it)."""
+    manifest = Path(name) / "manifest.json" if name else None
+    if manifest is None or not manifest.is_file() or (Path(name) / "config.json").is_file():
+        return [name]
+    import json
+
+    checkpoints = json.loads(manifest.read_text()).get("checkpoints")
+    if not isinstance(checkpoints, list) or not checkpoints:
+        raise ValueError(f"--models {name}: its manifest.json lists no checkpoints")
+    return [str(Path(name) / entry["path"]) for entry in checkpoints]
 
 
 def validate_tax_options(options: TaxOptions) -> None:
