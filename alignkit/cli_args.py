@@ -3,29 +3,14 @@ a model or a data file is loaded, and fails as one line naming the flag."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
-def int_at_least(minimum: int):
-    """argparse `type=` for integers that must be >= `minimum` (counts: 1, seeds: 0)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int = int_at_least(1)  # batch sizes, resamples
-non_negative_int = int_at_least(0)  # seeds
+from alignkit.lab.argtypes import (  # noqa: F401  (re-exported for the verbs)
+    DATA_SUFFIXES,
+    int_at_least,
+    non_negative_int,
+    positive_int,
+)
 
 
 def check_data_source(flag: str, source: str) -> None:

@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 
+from alignkit.lab.argtypes import DATA_SUFFIXES, non_negative_int, positive_int
 from alignkit.merge.spec import METHODS, MergeRecipe, merge_state, validate_recipe
 
 log = logging.getLogger("alignkit")
 
 SWEEPABLE = ("interpolate", "lines")
 HMA_LEARNING = ("steps", "lr", "epsilon", "reg")
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 DEFAULTS = {"steps": 20, "lr": 0.05, "epsilon": 0.0, "reg": 0.0, "batch_size": 8, "max_length": 512,
             "max_new_tokens": 32}
 
@@ -48,19 +48,6 @@ def _numbers(kind: type):
     return parse
 
 
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    return parse
-
-
-positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def check_data_file(flag: str, source: str) -> None:

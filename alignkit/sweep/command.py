@@ -6,6 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
+from alignkit.lab.argtypes import non_negative_int, positive_int
+
 DESCRIPTION = """Hyper-parameter search with Optuna (TPE, seeded) over a training recipe. Each trial
 trains the recipe with values sampled from --space on every --tune-seeds seed (runs kept in
 DIR/trials/NNN-seedS/) and scores the mean over seeds of --metric (per run: the mean of its
@@ -19,23 +21,7 @@ beta) to distributions: {type: float, low, high[, log: true][, step]}, {type: in
 log][, step]}, {type: categorical, choices: [...]}."""
 
 
-def _int_at_least(minimum: int):
-    """argparse `type=` for integers >= `minimum` (alignkit.cli_args sits above this layer)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
     parser = argparse.ArgumentParser(prog="alignkit sweep", description=DESCRIPTION)
     parser.add_argument("--config", required=True, help="training recipe YAML (as alignkit train --config)")
     parser.add_argument("--space", required=True, help=SPACE_HELP)
