@@ -417,10 +417,8 @@ def no_task_reward(prompts, completions, **columns) -> list[float]:
 
 def segment_model_dir(spec: str) -> str | None:
     """The directory of an `rm_segment` model named by a reward spec (`rm:DIR` or DIR), else None."""
-    from alignkit.rewards.saved import reward_model_kind
-
     directory = spec[3:] if spec.startswith("rm:") else spec
-    return directory if Path(directory).is_dir() and reward_model_kind(directory) == "segment_rm" else None
+    return directory if saved_kind(directory) == "segment_rm" else None
 
 
 def segment_reward_role(config: TrainConfig, directory: str, tokenizer, s: OnlineSettings, *,

@@ -46,6 +46,7 @@ from alignkit.training.online.settings import (  # noqa: F401  (OnlineSettings: 
     ENSEMBLE_REDUCTIONS,
     NO_GRAD_ROWS_PER_MICRO_BATCH,
     OnlineSettings,
+    inpo_tau,
 )
 from alignkit.training.run.values import coerce_fields
 
@@ -164,8 +165,7 @@ def _validate(s: OnlineSettings, preset: str) -> None:
     if s.distill_loss == "reverse_kl" and (s.kl_in != "reward" or s.kl_estimator != "k1" or not s.beta > 0):
         raise ValueError(f"{preset}: distill_loss=reverse_kl takes beta x the k1 KL to the teacher as the "
                          "per-token reward: kl_in=reward, kl_estimator=k1 and beta > 0")
-    if s.pairwise_loss == "inpo" and not (s.inpo_eta > 0 and 0 <= (s.inpo_eta / 3 if s.inpo_tau is None
-                                                                    else s.inpo_tau) < s.inpo_eta):
+    if s.pairwise_loss == "inpo" and not (s.inpo_eta > 0 and 0 <= inpo_tau(s) < s.inpo_eta):
         raise ValueError(f"{preset}: inpo needs eta > 0 and 0 <= tau < eta (got eta={s.inpo_eta}, "
                          f"tau={s.inpo_tau})")
     if s.mixture_coef is not None and not (0 <= s.mixture_coef <= 1 and s.objective == "policy_gradient"):

@@ -223,3 +223,8 @@ class OnlineSettings:
     generation_batch_size: int = 0
     """Most samples decoded together (0: all at once)."""
     log_entropy: bool = True
+
+
+def inpo_tau(s: OnlineSettings) -> float:
+    """INPO's KL-to-reference coefficient: inpo_tau, or the paper's eta / 3."""
+    return s.inpo_eta / 3 if s.inpo_tau is None else s.inpo_tau

@@ -31,7 +31,7 @@ from alignkit.training.online.kl_control import RunningMeanStd
 from alignkit.training.online.macro import macro_gae, macro_spans
 from alignkit.training.online.roles import SequenceBatch, chunks, decode_completions
 from alignkit.training.online.safe import lagrangian_advantages
-from alignkit.training.online.settings import OnlineSettings
+from alignkit.training.online.settings import OnlineSettings, inpo_tau
 from alignkit.training.run import distributed
 from alignkit.training.run.degenerate import Condition, refuse
 from alignkit.training.run.distributed import Ranks
@@ -404,11 +404,6 @@ def pairwise_update(policy, batch, pairs, ref_logp, s, old_logp=None) -> dict[st
         metrics.update({"rewards/margins": margin.mean().item(),
                         "rewards/accuracies": (margin > 0).float().mean().item()})
     return metrics
-
-
-def inpo_tau(s: OnlineSettings) -> float:
-    """INPO's KL-to-reference coefficient: inpo_tau, or the paper's eta / 3."""
-    return s.inpo_eta / 3 if s.inpo_tau is None else s.inpo_tau
 
 
 def kl_prior(ref_dist: Tensor, log_dist: Tensor) -> Tensor:
