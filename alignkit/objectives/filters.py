@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SAMPLE_FILTERS = ("none", "best_of_n", "best_random", "best_worst", "top_fraction")
+PER_GROUP_FILTERS = ("best_of_n", "best_random", "best_worst")
+"""The filters that choose within each prompt's group of samples (they need group_size >= 2)."""
+SAMPLE_FILTERS = ("none", *PER_GROUP_FILTERS, "top_fraction")
 
 
 def group_members(group_index: Tensor) -> list[Tensor]:

@@ -37,7 +37,7 @@ from typing import Any
 
 from alignkit.advantages import ADVANTAGE_KINDS, ADVANTAGES
 from alignkit.objectives import KL, PAIRWISE
-from alignkit.objectives.filters import SAMPLE_FILTERS
+from alignkit.objectives.filters import PER_GROUP_FILTERS, SAMPLE_FILTERS
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
 from alignkit.training.online.macro import MACRO_TERMINATIONS, MACRO_VALUES
 from alignkit.training.online.multi_reward import REWARD_AGGREGATIONS
@@ -184,7 +184,7 @@ def _validate(s: OnlineSettings, preset: str) -> None:
                          "--set soup=true (or train salsa)")
     if not 0 < s.filter_fraction <= 1:
         raise ValueError(f"{preset}: filter_fraction must be in (0, 1], got {s.filter_fraction}")
-    if s.sample_filter in ("best_of_n", "best_random", "best_worst") and s.group_size < 2:
+    if s.sample_filter in PER_GROUP_FILTERS and s.group_size < 2:
         raise ValueError(f"{preset}: sample_filter={s.sample_filter} chooses among each prompt's samples: "
                          "--set group_size=4 (or more)")
     if s.objective == "pairwise" and s.group_size < 2:

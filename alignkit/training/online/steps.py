@@ -22,6 +22,7 @@ from alignkit.advantages import (
     token_level_rewards,
 )
 from alignkit.objectives import KL, PAIRWISE, PairLogps
+from alignkit.objectives.filters import PER_GROUP_FILTERS
 from alignkit.objectives.kl import capped
 from alignkit.objectives.nash import inpo_h, inpo_loss
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
@@ -175,7 +176,7 @@ def uses_group_baseline(s: OnlineSettings) -> bool:
     """Whether learning needs rewards that differ WITHIN a prompt group: a group-baseline
     advantage, online DPO's best-vs-worst pairs, or SFT on each group's best sample."""
     if s.objective == "sft":
-        return s.sample_filter in ("best_of_n", "best_random", "best_worst")
+        return s.sample_filter in PER_GROUP_FILTERS
     return s.objective == "pairwise" or s.advantage in GROUP_BASELINES
 
 
