@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "eval": 3,  # metrics, over-optimisation fits, plots, reports
     "rewards": 4,
     "rollout": 5,
+    "agents": 5,  # multi-turn rollouts: conversations with tools and environments on a rollout engine
     "lab": 6,  # sample a policy, score it with rewards, measure it with eval/
     "merge": 6,  # model-space methods: weights in, a checkpoint out (lab/'s rank: each uses the other)
     "training": 7,  # may import everything below it

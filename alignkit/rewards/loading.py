@@ -78,14 +78,14 @@ def _is_file_spec(target: str) -> bool:
     return target.endswith(".py") or "/" in target or os.sep in target
 
 
-def _load_file(path_text: str, spec: str) -> Any:
+def _load_file(path_text: str, spec: str, what: str = "reward spec") -> Any:
     path = Path(path_text).expanduser()
     if not path.is_file():
-        raise ValueError(f"reward spec {spec!r}: file {str(path)!r} does not exist")
+        raise ValueError(f"{what} {spec!r}: file {str(path)!r} does not exist")
     module_name = f"_alignkit_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"reward spec {spec!r}: cannot load {str(path)!r} as a Python file")
+        raise ValueError(f"{what} {spec!r}: cannot load {str(path)!r} as a Python file")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses/pickling look the module up by name
     try:
@@ -93,23 +93,45 @@ def _load_file(path_text: str, spec: str) -> Any:
     except Exception as err:
         sys.modules.pop(module_name, None)
         raise ValueError(
-            f"reward spec {spec!r}: importing {str(path)!r} failed: {type(err).__name__}: {err}"
+            f"{what} {spec!r}: importing {str(path)!r} failed: {type(err).__name__}: {err}"
         ) from err
     return module
 
 
-def _load_module(module_name: str, spec: str) -> Any:
+def _load_module(module_name: str, spec: str, what: str = "reward spec") -> Any:
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         raise ValueError(
-            f"reward spec {spec!r}: module {module_name!r} not found ({err}); use "
+            f"{what} {spec!r}: module {module_name!r} not found ({err}); use "
             f"'package.module:function' or 'path/to/file.py:function'"
         ) from err
     except Exception as err:
         raise ValueError(
-            f"reward spec {spec!r}: importing {module_name!r} failed: {type(err).__name__}: {err}"
+            f"{what} {spec!r}: importing {module_name!r} failed: {type(err).__name__}: {err}"
         ) from err
+
+
+def load_objects(spec: str, *, what: str) -> list[Any]:
+    """The attributes named by `module:a,b` or `path/to/file.py:a,b` (one or more, in order);
+    errors name `what` (the flag) and the spec. Used for --env and --tools."""
+    target, sep, names = spec.strip().rpartition(":")
+    attributes = [name.strip() for name in names.split(",") if name.strip()]
+    if not sep or not target or not attributes:
+        raise ValueError(f"{what} {spec!r}: expected 'package.module:name' or 'path/to/file.py:name'")
+    module = _load_file(target, spec, what) if _is_file_spec(target) else _load_module(target, spec, what)
+    missing = [name for name in attributes if not hasattr(module, name)]
+    if missing:
+        raise ValueError(f"{what} {spec!r}: {target!r} has no attribute {missing[0]!r}")
+    return [getattr(module, name) for name in attributes]
+
+
+def load_object(spec: str, *, what: str) -> Any:
+    """The one attribute named by `module:name` or `file.py:name` (see `load_objects`)."""
+    objects = load_objects(spec, what=what)
+    if len(objects) != 1:
+        raise ValueError(f"{what} {spec!r}: name one attribute, got {len(objects)}")
+    return objects[0]
 
 
 def _tensor_returning(fn: Callable[..., Any], spec: str) -> RewardFunction:

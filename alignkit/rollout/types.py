@@ -96,6 +96,17 @@ class Rollout:
     """(N, L) bool, True on rolled-in tokens: the first tokens of a row forced to a given prefix
     (DR-PO's dataset reset) rather than sampled; they are in `response_ids`, `response_mask` and
     `response_logprobs` like sampled ones. None when the call forced nothing."""
+    env_mask: Tensor | None = None
+    """(N, L) bool, True on tokens a tool or an environment wrote into a multi-turn conversation
+    (`alignkit.agents`): they are in `response_ids` and `response_mask` (the sequence is the
+    whole conversation) but never trained on and never in the KL; their log-probs are 0.
+    None for single-turn rollouts."""
+
+    @property
+    def policy_mask(self) -> Tensor:
+        """(N, L) bool, True on the tokens the policy sampled: `response_mask` without the
+        environment's tokens."""
+        return self.response_mask if self.env_mask is None else self.response_mask & ~self.env_mask
 
     @property
     def lengths(self) -> Tensor:
