@@ -19,7 +19,8 @@ text without it, as noted):
   `[TOOL_CALLS]name[ARGS]{...}` form (one marker per call). A whole message that is a JSON
   list of {"name", "arguments"} objects (the marker stripped as a special token) is calls too.
 
-A malformed call (bad JSON, no name, arguments not an object, an unterminated block) is still
+The content is the text without the calls, its surrounding whitespace stripped (the pieces
+between calls joined by newlines). A malformed call (bad JSON, no name, arguments not an object, an unterminated block) is still
 returned, as a `ToolCall` with `error` set, so the runner tells the model what went wrong.
 
 `detect_tool_format` reads the chat template for these markers; `parse_assistant_turn` prefers
