@@ -365,8 +365,8 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
                          "ensemble as --reward rm:DIR")
     if spec is not None:
         return function_role(spec)
-    if config.reward_model is None and s.distill_loss != "none":  # the teacher's KL is the signal
-        return FunctionReward(no_task_reward)
+    if config.reward_model is None and (s.distill_loss != "none" or config.env is not None):
+        return FunctionReward(no_task_reward)  # the teacher's KL, or the environment's rewards, is the signal
     if config.reward_model is None:
         raise ValueError(f"{config.algorithm} needs a reward: --reward module:function or --reward-model DIR")
     if segment_model_dir(config.reward_model) is not None:
@@ -410,8 +410,8 @@ def directional_reward(config: TrainConfig, spec: Any, s: OnlineSettings) -> Dir
 
 
 def no_task_reward(prompts, completions, **columns) -> list[float]:
-    """distill without --reward: no task reward (0 for every sample); the KL to the teacher is
-    the whole signal."""
+    """distill or --env without --reward: no task reward (0 for every sample); the KL to the
+    teacher, or the environment's rewards, is the whole signal."""
     return [0.0] * len(completions)
 
 

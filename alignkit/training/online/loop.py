@@ -87,6 +87,7 @@ from alignkit.training.online.steps import (
     uses_group_baseline,
 )
 from alignkit.training.online.trainer import Experience
+from alignkit.training.online.turns import episode_runner, over_policy_tokens
 from alignkit.training.online.validation import NoValidation, make_validation
 from alignkit.training.run import distributed
 from alignkit.training.run.adapters import uses_adapter
@@ -217,7 +218,8 @@ class OnlineDriver:
                                      s, batch_size=config.batch_size, seed=config.seed, device=roles.device,
                                      reward_stats=self.reward_stats, cost=roles.cost, opponent=roles.opponent,
                                      directions=directional_prompts(s, config, table, roles.tokenizer),
-                                     reset_responses=resets)
+                                     reset_responses=resets, episodes=episode_runner(config, s, roles.tokenizer),
+                                     rows=table.rows)
         self.log_lambda = math.log(s.lambda_init)  # safe_ppo's Lagrange multiplier (training/online/safe.py)
         self.cost_window = CostWindow(s.cost_window)
         self.resumed_at: int | None = None
@@ -312,6 +314,8 @@ class OnlineDriver:
     def close(self) -> None:
         if self.prefetch is not None:
             self.prefetch.close()
+        if self.sampler.episodes is not None:
+            self.sampler.episodes.close()
 
     def train_step(self, step: int) -> dict[str, float]:
         """Steps 1-7 of training step `step` (bookkeeping aside); returns its metrics."""
@@ -367,10 +371,12 @@ class OnlineDriver:
             metrics.update(self.step_lagrange(samples.costs))
         if s.objective == "policy_gradient":
             dense = None if samples.dense is None else samples.dense.to(roles.device)  # (N, L)
-            advantages, returns = compute_advantages(s, samples.rewards, group_index, mask, kl_penalty,
-                                                     old_values, samples.baseline, samples.costs,
-                                                     math.exp(self.log_lambda), ref_logp,
-                                                     step_seed(self.config.seed, step, MACRO_SEED_ROUND), dense)
+            lagrange, macro_seed = math.exp(self.log_lambda), step_seed(self.config.seed, step, MACRO_SEED_ROUND)
+            advantages, returns = over_policy_tokens(  # multi-turn: over the policy's tokens only (turns.py)
+                lambda mask, kl_penalty, values, ref_logp, dense: compute_advantages(
+                    s, samples.rewards, group_index, mask, kl_penalty, values, samples.baseline, samples.costs,
+                    lagrange, ref_logp, macro_seed, dense),
+                mask, {"kl_penalty": kl_penalty, "values": old_values, "ref_logp": ref_logp, "dense": dense})
             metrics.update(summary_stats("advantages", advantages, mask))
 
         # 6. K epochs of minibatch updates

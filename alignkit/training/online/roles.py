@@ -43,12 +43,19 @@ from alignkit.rewards.runner import RewardRunner
 from alignkit.rollout import HFEngine, Rollout, SamplingParams
 
 
+def last_true(mask: Tensor) -> int:
+    """The largest column index holding a True in (N, L) `mask` (-1 when there is none)."""
+    columns = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
+    return int((mask * columns).max().item()) - 1 if mask.numel() else -1
+
+
 @dataclass
 class SequenceBatch:
     """Prompt + response rows for a forward pass, and the response-coordinate mask.
 
     input_ids, attention_mask, sequence_mask: (N, S), sequence_mask True on response tokens;
-    response_mask: (N, L), True on generated tokens (same count per row as sequence_mask).
+    response_mask: (N, L), True on generated tokens (same count per row as sequence_mask). In a
+    multi-turn rollout both are True only on the policy's tokens, so they may have holes.
     """
 
     input_ids: Tensor
@@ -58,8 +65,17 @@ class SequenceBatch:
 
     @classmethod
     def from_rollout(cls, rollout: Rollout, pad_id: int) -> SequenceBatch:
+        """The rollout's rows; in a multi-turn rollout both masks cover only the policy's own
+        tokens (`Rollout.policy_mask`): the environment's tokens are context, never predicted,
+        trained on or in the KL."""
         input_ids, attention_mask, sequence_mask = rollout.to_sequences(pad_id)
-        return cls(input_ids, attention_mask, sequence_mask, rollout.response_mask.bool())
+        if rollout.env_mask is not None:
+            sequence_mask = sequence_mask.clone()
+            starts = [len(prompt) for prompt in rollout.prompt_ids]
+            for row, start in enumerate(starts):
+                env = rollout.env_mask[row]
+                sequence_mask[row, start : start + env.shape[0]] &= ~env[: sequence_mask.shape[1] - start]
+        return cls(input_ids, attention_mask, sequence_mask, rollout.policy_mask.bool())
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -69,7 +85,7 @@ class SequenceBatch:
         attention = self.attention_mask[rows]
         width = int(attention.sum(-1).max().item()) if len(rows) else 1
         response = self.response_mask[rows]
-        length = max(int(response.sum(-1).max().item()) if len(rows) else 1, 1)
+        length = max(last_true(response) + 1 if len(rows) else 1, 1)  # the mask may have holes (multi-turn)
         return SequenceBatch(
             self.input_ids[rows, :width], attention[:, :width],
             self.sequence_mask[rows, :width], response[:, :length],

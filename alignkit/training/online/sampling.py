@@ -58,6 +58,7 @@ from alignkit.training.online.steps import (
     check_dense_settings,
     dense_use,
     greedy_baseline,
+    places_dense,
     shape_dense_rewards,
     shape_rewards,
 )
@@ -127,6 +128,27 @@ def merge_dense(parts: list[Tensor], width: int) -> Tensor:
     """Dense rewards (N_r, L_r) of `merge_rows`'s parts (their selected rows), concatenated and
     zero-padded to the merged width, so they stay aligned with the merged responses."""
     return torch.cat([F.pad(part, (0, width - part.shape[1]), value=0.0) for part in parts])
+
+
+CONVERSATION_COLUMN = "conversation"
+"""Multi-turn rollouts: the column with each row's whole conversation (a list of messages)."""
+
+
+def episode_scores(episodes, scores, dense: bool, name: str):
+    """A multi-turn batch's rewards: each turn's environment reward at its last token plus the
+    run's reward of the final answer (`scores`, (N,)) at the episode's last token; as
+    `DenseRewards` when the advantage places rewards at their tokens (`dense`), else the
+    (N,) episode returns."""
+    if isinstance(scores, DenseRewards):
+        raise ValueError(f"reward {name} gives per-token rewards; in a multi-turn rollout a reward scores the "
+                         "final answer (one number per episode), and the environment rewards each turn")
+    final = scores.float().cpu()
+    if not dense:
+        return episodes.returns + final
+    tokens = episodes.turn_rewards_dense()
+    lengths = episodes.rollout.lengths
+    tokens[torch.arange(len(lengths)), lengths - 1] += final
+    return DenseRewards(tokens, lengths)
 
 
 def role_name(role) -> str:
@@ -213,7 +235,7 @@ class PromptSampler:
     def __init__(self, engine, scorer, tokenizer, prompt_ids: list[list[int]], prompt_texts: list[str],
                  columns: list[dict], s: OnlineSettings, *, batch_size: int, seed: int, device,
                  reward_stats: RunningMeanStd, cost=None, opponent=None, directions=None,
-                 reset_responses: list | None = None) -> None:
+                 reset_responses: list | None = None, episodes=None, rows: list[dict] | None = None) -> None:
         self.engine, self.scorer, self.tokenizer, self.cost = engine, scorer, tokenizer, cost
         self.opponent = opponent  # nash_md: NashOpponent (training/online/nash.py)
         self.directions = directions  # dpa: DirectionalPrompts (training/online/dpa.py)
@@ -222,6 +244,7 @@ class PromptSampler:
         self.s, self.batch_size, self.seed, self.device = s, batch_size, seed, device
         self.reward_stats = reward_stats
         self.reset_responses = reset_responses  # drpo: each prompt row's offline response ids (or None)
+        self.episodes, self.rows = episodes, rows  # multi-turn: an agents.EpisodeRunner and the dataset rows
         self.pad_id = tokenizer.pad_token_id
         self.position = 0
         self.dense_noted = False  # the log says once how the settings use dense rewards
@@ -255,7 +278,14 @@ class PromptSampler:
         if self.reset_responses is not None:  # drpo: each row rolls in a prefix of its offline response
             extra["prefixes"] = rollin_prefixes([self.reset_responses[i] for i in indices], s.group_size,
                                                 s.reset_prob, reset_seed(self.seed, step, round_))
-        rollout = self.engine.generate(prompt_ids, s.group_size, sampling, **extra)
+        episodes = None
+        if self.episodes is not None:  # multi-turn: conversations with tools / an environment
+            episodes = self.episodes.run(self.engine, [{**self.rows[i], "__row__": i} for i in indices],
+                                         s.group_size, sampling)
+            rollout = episodes.rollout
+            self.round_metrics.update(episodes.metrics)
+        else:
+            rollout = self.engine.generate(prompt_ids, s.group_size, sampling, **extra)
         generated = time.perf_counter()
         batch = SequenceBatch.from_rollout(rollout, self.pad_id).to(self.device)
         rows = [indices[g] for g in rollout.group_index.tolist()]
@@ -263,8 +293,15 @@ class PromptSampler:
         row_columns = {k: [self.columns[r].get(k) for r in rows] for k in keys}
         if directions is not None:
             row_columns[DIRECTION_COLUMN] = directions[rollout.group_index].tolist()
-        prompts, completions = [self.prompt_texts[r] for r in rows], decode_completions(self.tokenizer, rollout)
+        prompts = [self.prompt_texts[r] for r in rows]
+        if episodes is not None:  # the reward sees the final answer, and the conversation by name
+            completions = episodes.final_answers()
+            row_columns[CONVERSATION_COLUMN] = episodes.messages
+        else:
+            completions = decode_completions(self.tokenizer, rollout)
         scores, penalised = self.scorer.score(batch, prompts, completions, row_columns)
+        if episodes is not None:
+            scores = episode_scores(episodes, scores, places_dense(s), role_name(self.scorer))
         if self.cost is not None:
             costs = self.cost.score(batch, prompts, completions, row_columns)[0]
             if isinstance(costs, DenseRewards):

@@ -28,6 +28,17 @@ class OnlineSettings:
     """Sampling temperature (log-probs for training are always at temperature 1)."""
     top_p: float = 1.0
     top_k: int = 0
+    # multi-turn rollouts (--env, --tools; alignkit.agents.episodes)
+    max_turns: int = 4
+    """--env/--tools: most policy turns per conversation (max_new_tokens bounds each turn)."""
+    max_episode_tokens: int = 512
+    """--env/--tools: most tokens after the prompt, the policy's and the environment's together."""
+    env_timeout_s: float = 30.0
+    """--env: seconds an environment step may take; past it the episode ends (reward 0 for the turn)."""
+    tool_timeout_s: float = 10.0
+    """--tools: seconds a tool call may take; past it the policy gets an error message (tools/errors)."""
+    env_workers: int = 8
+    """--env/--tools: threads running environment steps and tool calls."""
     # reward
     missing_eos_penalty: float | None = None
     """Subtracted from the reward of samples that hit max_new_tokens without EOS (TRL)."""

@@ -44,6 +44,13 @@ class TrainConfig:
     each policy sample against its opponent; default: sigmoid(r(y) - r(y')) of the reward."""
     teacher: str | None = None
     """distill: directory of the teacher model (same vocabulary as --model); the KL is taken to it."""
+    env: str | None = None
+    """Online algorithms: multi-turn rollouts against an environment, `module:Factory` or `file.py:Factory`
+    (a zero-argument factory of objects with reset(row) and step(messages); alignkit.agents.protocol),
+    or an adapter (textarena:GAME, verifiers:ENV, trl:module:Class). Its rewards add to --reward's."""
+    tools: str | None = None
+    """Online algorithms: tools the policy may call, `module:fn1,fn2` or `file.py:fn1,fn2` (plain functions
+    with type hints and docstrings); a rollout becomes a conversation with them."""
     cost_model: str | None = None
     """safe_ppo: directory of a cost model (`alignkit train cost`; cost > 0 means unsafe)."""
     batch_size: int = 8
