@@ -118,3 +118,40 @@ def test_hma_learned_ratios_keep_the_mean_and_move_on_planted_data(planted, tmp_
     assert_close(merged[name], low * a[name] + (1 - low) * b[name], atol=1e-6, rtol=0)
     name = "lm_head.weight"  # after the blocks: ᾱ
     assert_close(merged[name], 0.5 * a[name] + 0.5 * b[name], atol=1e-6, rtol=0)
+
+
+def test_hma_learning_defaults_are_the_reference_scripts():
+    """ε = 0.2 and reg = 1e-4 (run_mask_finetune_raft.sh: epsilon=0.2, reg_alpha=1e-4), on the
+    CLI and on `optimise_hma` alike."""
+    import inspect
+
+    from alignkit.merge.command import DEFAULTS
+    from alignkit.merge.hma_opt import REFERENCE_EPSILON, REFERENCE_REG, optimise_hma
+
+    assert (REFERENCE_EPSILON, REFERENCE_REG) == (0.2, 1e-4)
+    assert DEFAULTS["epsilon"] == 0.2 and DEFAULTS["reg"] == 1e-4
+    parameters = inspect.signature(optimise_hma).parameters
+    assert parameters["epsilon"].default == 0.2 and parameters["reg"].default == 1e-4
+
+
+def test_hma_penalty_counts_each_linear_layer_once(planted, tmp_path):
+    """Tiny Llama, 2 layers, 2 blocks: 7 linear weights per layer (q, k, v, o, gate, up, down)
+    -> c = [7, 7]. The loss of step t is the NLL plus reg · Σ_k c_k |α_k − ᾱ| at the ratios
+    step t − 1 left (history rows hold the ratios after their step); with ε = 0.2 the ratios
+    are those of hma_ratios(s, ᾱ, 0.2) of the recorded scores."""
+    from alignkit.merge.methods import hma_ratios
+
+    out = tmp_path / "hma"
+    assert main(["merge", "--method", "hma", "--base", str(planted["base"]), "--models", str(planted["top"]),
+                 "--alpha", "0.5", "--blocks", "2", "--data", str(planted["data"]), "--steps", "3", "--lr", "0.3",
+                 "--reg", "0.5", "--output", str(out)]) == 0
+    record = json.loads((out / "merge.json").read_text())
+    assert record["epsilon"] == 0.2 and record["reg"] == 0.5 and record["reg_linear_counts"] == [7, 7]
+    history = record["history"]
+    assert max(abs(r - 0.5) for r in history[0]["ratios"]) > 1e-3  # the penalty is not zero
+    for before, row in zip(history, history[1:], strict=False):
+        penalty = 0.5 * sum(7 * abs(r - 0.5) for r in before["ratios"])
+        assert row["loss"] - row["nll"] == pytest.approx(penalty, rel=1e-4, abs=1e-6)
+    assert history[0]["loss"] == pytest.approx(history[0]["nll"], abs=1e-6)  # starts at ᾱ: no penalty
+    expected = hma_ratios(torch.tensor(record["block_scores"]), 0.5, 0.2)
+    assert_close(torch.tensor(record["ratios"]), expected, atol=1e-6, rtol=0)

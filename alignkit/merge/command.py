@@ -28,13 +28,14 @@ from typing import Any
 import torch
 
 from alignkit.lab.argtypes import DATA_SUFFIXES, non_negative_int, positive_int
+from alignkit.merge.hma_opt import REFERENCE_EPSILON, REFERENCE_REG
 from alignkit.merge.spec import METHODS, MergeRecipe, merge_state, validate_recipe
 
 log = logging.getLogger("alignkit")
 
 SWEEPABLE = ("interpolate", "lines")
 HMA_LEARNING = ("steps", "lr", "epsilon", "reg")
-DEFAULTS = {"steps": 20, "lr": 0.05, "epsilon": 0.0, "reg": 0.0, "batch_size": 8, "max_length": 512,
+DEFAULTS = {"steps": 20, "lr": 0.05, "epsilon": REFERENCE_EPSILON, "reg": REFERENCE_REG, "batch_size": 8, "max_length": 512,
             "max_new_tokens": 32}
 
 
@@ -88,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--steps", type=positive_int, default=None, help=f"Adam steps (default {DEFAULTS['steps']})")
     learn.add_argument("--lr", type=float, default=None, help=f"learning rate of the block scores (default {DEFAULTS['lr']})")
     learn.add_argument("--epsilon", type=float, default=None, help="added to each sigmoid before normalising "
-                       "(default 0, the paper's formula; the reference script uses 0.2)")
-    learn.add_argument("--reg", type=float, default=None, help="L1 penalty on |alpha_k - mean| (default 0)")
+                       f"(default {REFERENCE_EPSILON:g}, the reference's run script; 0 is the paper's formula)")
+    learn.add_argument("--reg", type=float, default=None, help="L1 penalty on |alpha_k - mean|, once per linear "
+                       f"layer of the block (default {REFERENCE_REG:g}, the reference's run script)")
     soup = parser.add_argument_group("greedy_soup: the held-out score")
     soup.add_argument("--eval-data", default=None, help="held-out rows: prompts (with --reward) or prompt/completion "
                       "rows (score = minus the NLL per completion token)")
@@ -312,7 +314,8 @@ def _greedy_soup(args: argparse.Namespace, inputs: list, progress: bool) -> tupl
 def _learned_hma(args: argparse.Namespace, recipe: MergeRecipe, inputs: list, progress: bool) -> tuple[dict, dict]:
     from tqdm.auto import tqdm
 
-    from alignkit.merge.hma_opt import optimise_hma
+    from alignkit.merge.hma_opt import linear_counts, optimise_hma
+    from alignkit.merge.io import layer_index_map
     from alignkit.merge.methods import hma_merge
     from alignkit.merge.scoring import completion_batches
     from alignkit.merge.spec import hma_layout
@@ -320,6 +323,7 @@ def _learned_hma(args: argparse.Namespace, recipe: MergeRecipe, inputs: list, pr
     template = inputs[0]
     groups, blocks = hma_layout(recipe, template)
     num_blocks = max(blocks) + 1
+    counts = linear_counts(template.state, groups, layer_index_map(template.model, list(groups))[0], num_blocks)
     batches = completion_batches(args.data, template.tokenizer, flag="--data", max_length=args.max_length,
                                  batch_size=args.batch_size, chat=args.chat_template)
     template.model.to(_device(args))
@@ -327,13 +331,13 @@ def _learned_hma(args: argparse.Namespace, recipe: MergeRecipe, inputs: list, pr
     with tqdm(total=args.steps, desc="hma ratios", unit="step", disable=not progress, leave=False) as bar:
         result = optimise_hma(template.model, template.state, inputs[1].state, groups, num_blocks, recipe.alpha,
                               batches, steps=args.steps, lr=args.lr, epsilon=args.epsilon, reg=args.reg,
-                              seed=args.seed, on_step=lambda row: bar.update(1))
+                              penalty_weights=counts, seed=args.seed, on_step=lambda row: bar.update(1))
     template.model.to("cpu")
     print("learned ratios: " + ", ".join(f"block {k}: {r:.4f}" for k, r in enumerate(result.ratios))
           + f" (mean {sum(result.ratios) / len(result.ratios):.4f})")
     record = {"method": "hma", "learned": True, "data": args.data, "mean_ratio": recipe.alpha, "ratios": result.ratios,
               "block_scores": result.scores, "layer_blocks": blocks, "steps": args.steps, "lr": args.lr,
-              "epsilon": args.epsilon, "reg": args.reg, "history": result.history}
+              "epsilon": args.epsilon, "reg": args.reg, "reg_linear_counts": counts, "history": result.history}
     return hma_merge(template.state, inputs[1].state, groups, result.ratios, recipe.alpha), record
 
 
