@@ -155,3 +155,69 @@ def test_hma_penalty_counts_each_linear_layer_once(planted, tmp_path):
     assert history[0]["loss"] == pytest.approx(history[0]["nll"], abs=1e-6)  # starts at ᾱ: no penalty
     expected = hma_ratios(torch.tensor(record["block_scores"]), 0.5, 0.2)
     assert_close(torch.tensor(record["ratios"]), expected, atol=1e-6, rtol=0)
+
+
+def test_greedy_soup_scores_an_eval_metric_lower_is_better(planted, tmp_path, capsys):
+    """--score eval:kl_k3 --ref base: evaluate_model's sampled k3 KL to base (non-negative terms;
+    k1 can dip below 0 on 4 samples), lower is better, so the score is −KL. base's own KL is 0
+    (it is the reference): it is sorted first; every soup with another model moves away from
+    base (KL > 0, score < 0): rejected. The soup is base."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 2 plus 3?"}, {"prompt": "The movie"}])
+    out = tmp_path / "soup"
+    code = main(["merge", "--method", "greedy_soup", "--models", str(planted["good"]), str(planted["base"]),
+                 str(planted["bad"]), "--eval-data", str(prompts), "--score", "eval:kl_k3", "--ref", str(planted["base"]),
+                 "--reward", "length:4", "--samples", "2", "--max-new-tokens", "5", "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "merge.json").read_text())
+    assert record["metric"] == "kl_k3" and record["direction"] == "min" and record["samples"] == 2
+    decisions = record["decisions"]
+    assert decisions[0]["name"] == str(planted["base"])
+    assert decisions[0]["ingredient_score"] == pytest.approx(0.0, abs=1e-4)
+    assert [d["accepted"] for d in decisions] == [True, False, False]
+    assert all(d["candidate_score"] < -1e-3 for d in decisions[1:])
+    assert record["ingredients"] == [str(planted["base"])]
+    base = load_file(f"{planted['base']}/model.safetensors")
+    merged = load_file(f"{out}/model.safetensors")
+    for name, tensor in base.items():
+        assert_close(merged[name], tensor, atol=1e-6, rtol=0)
+    assert "scores are minus kl_k3" in capsys.readouterr().out
+
+
+def test_greedy_soup_eval_score_is_what_alignkit_eval_reports(planted, tmp_path):
+    """eval:diversity/per_input/distinct_1 (higher is better): the own score recorded for a model
+    equals the number `alignkit eval` writes to eval.json for it, same prompts, samples, seed."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 2 plus 3?"}, {"prompt": "The movie"}])
+    out = tmp_path / "soup"
+    settings = ["--reward", "length:4", "--samples", "3", "--max-new-tokens", "6", "--seed", "1"]
+    assert main(["merge", "--method", "greedy_soup", "--models", str(planted["base"]), str(planted["bad"]),
+                 "--eval-data", str(prompts), "--score", "eval:diversity/per_input/distinct_1", *settings,
+                 "--output", str(out)]) == 0
+    record = json.loads((out / "merge.json").read_text())
+    first, second = record["decisions"]
+    assert second["accepted"] == (second["candidate_score"] >= first["soup_score"])
+    for decision in record["decisions"]:
+        eval_dir = tmp_path / "eval"
+        assert main(["eval", "--model", decision["name"], "--prompts", str(prompts), *settings,
+                     "--no-embeddings", "--output", str(eval_dir)]) == 0
+        reported = json.loads((eval_dir / "eval.json").read_text())["diversity"]["per_input"]["distinct_1"]
+        assert decision["ingredient_score"] == pytest.approx(reported, abs=1e-9)
+
+
+@pytest.mark.parametrize("score, extra, message", [
+    ("eval:reward/average", [], r"unknown eval metric 'reward/average'; one of gold_reward, .*kl"),
+    ("eval:kl", [], "compares with a reference model; add --ref"),
+    ("eval:mean_length_tokens", [], "no better direction; write eval:mean_length_tokens:max"),
+    ("eval:gold_reward", ["--ref", "REF"], "does not read a reference"),
+    ("nll", ["--samples", "2"], "--samples is a setting of an eval: --score"),
+    ("reward", [], "--score reward needs --reward"),
+])
+def test_greedy_soup_score_errors_are_one_line(planted, tmp_path, capsys, score, extra, message):
+    import re
+
+    extra = [str(planted["base"]) if item == "REF" else item for item in extra]
+    code = main(["merge", "--method", "greedy_soup", "--models", str(planted["base"]), str(planted["bad"]),
+                 "--eval-data", str(planted["data"]), "--score", score, *extra, "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("alignkit merge: error: ")]
+    assert code == 2 and len(errors) == 1 and re.search(message, errors[0]), err
+    assert not (tmp_path / "out").exists()
