@@ -97,3 +97,52 @@ def test_reference_cache_key_follows_the_recipe_and_the_input_weights(tmp_path):
     assert digest(f"merge:interpolate:{a},{b}:0.4") != first
     build_tiny_model(b, seed=2)
     assert digest(spec) != first
+
+
+def test_relative_paths_in_a_spec_are_absolute_whatever_the_cwd(tmp_path, monkeypatch):
+    """Parsed in tmp/work: ./a and ckpt/b (ckpt/ exists there) become tmp/work/a, tmp/work/ckpt/b;
+    a hub id and the alias stay. The shipped spec, parsed again from another directory, names
+    the same models."""
+    from alignkit.merge.spec import absolute_model_spec, parse_model_spec
+
+    work = tmp_path / "work"
+    (work / "ckpt").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    recipe = parse_model_spec("merge:interpolate:./a,ckpt/b:0.3")
+    assert recipe.base == str(work / "a") and recipe.models == [str(work / "ckpt" / "b")]
+    assert parse_model_spec("merge:soup:org/name,smollm2-135m").models == ["org/name", "smollm2-135m"]
+    shipped = absolute_model_spec("merge:interpolate:./a,ckpt/b:0.3")
+    assert shipped == f"merge:interpolate:{work / 'a'},{work / 'ckpt' / 'b'}:0.3"
+    monkeypatch.chdir(tmp_path)
+    again = parse_model_spec(shipped)
+    assert (again.base, again.models, again.alpha) == (str(work / "a"), [str(work / "ckpt" / "b")], 0.3)
+
+
+def test_a_recipe_files_paths_read_against_its_directory(tmp_path, monkeypatch):
+    """recipes/r.yaml names base ../models/a and models [b]: they resolve under recipes/, not under
+    the working directory; the shipped spec is the recipe's absolute path."""
+    from alignkit.merge.spec import absolute_model_spec, parse_model_spec
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "r.yaml").write_text("method: interpolate\nbase: ../models/a\nmodels: [b]\nalpha: 0.4\n")
+    (tmp_path / "recipes" / "b").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert absolute_model_spec("merge:recipes/r.yaml") == f"merge:{tmp_path / 'recipes' / 'r.yaml'}"
+    monkeypatch.chdir(elsewhere)
+    recipe = parse_model_spec(f"merge:{tmp_path / 'recipes' / 'r.yaml'}")
+    assert recipe.base == str(tmp_path / "models" / "a") and recipe.models == [str(tmp_path / "recipes" / "b")]
+    monkeypatch.chdir(tmp_path / "recipes")
+    assert parse_model_spec("merge:r.yaml").base == str(tmp_path / "models" / "a")
+
+
+def test_the_ray_shipped_config_carries_an_absolute_merge_spec(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from alignkit.training.cluster.launch import shipped_config
+
+    monkeypatch.chdir(tmp_path)
+    config = SimpleNamespace(ref_model="merge:soup:./a,./b", output="out")
+    assert shipped_config(config).ref_model == f"merge:soup:{tmp_path / 'a'},{tmp_path / 'b'}"
+    assert config.ref_model == "merge:soup:./a,./b"

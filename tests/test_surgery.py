@@ -139,6 +139,7 @@ def test_surgery_on_planted_direction(planted):
         shifts[strength] = record["shift"]["delta_mean_logit"]
         assert "completion_logp" in record["shift"]
         assert (output / "report.html").read_text().count("heldout_accuracy") == 1
+        check_figures(output, record)
     assert shifts[0.05] * shifts[-0.05] < 0 and min(abs(s) for s in shifts.values()) > 1e-3
     assert math.isclose(shifts[0.05], -shifts[-0.05], rel_tol=0.25)  # first order: antisymmetric
 
@@ -158,12 +159,36 @@ def test_surgery_on_planted_direction(planted):
         torch.testing.assert_close(after[name], expected, msg=name)
 
 
+def check_figures(output, record):
+    """probe.png and shift.png are PNG images of the plotted size, inline in report.html; the
+    per-prompt logits behind them are in surgery.json (24 + 24 probe prompts; the shift's 12
+    prompts before and after, whose means are the reported mean logits)."""
+    from PIL import Image
+
+    for name in ("probe.png", "shift.png"):
+        path = output / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
+    assert (output / "report.html").read_text().count("data:image/png;base64,") == 2
+    assert [len(record["probe_logits"][k]) for k in ("positive", "negative")] == [24, 24]
+    shift = record["shift"]
+    for when in ("before", "after"):
+        logits = shift["logits"][when]
+        assert len(logits) == shift["rows"] == 12
+        assert math.isclose(sum(logits) / len(logits), shift[when]["mean_logit"], rel_tol=1e-5, abs_tol=1e-7)
+
+
 def test_surgery_default_heldout_and_overwrite(planted, capsys):
     output = planted["root"] / "out_default"
     assert _surgery(planted, output, "--layers", "2", "--strength", "0.1", "--pool", "last") == 0
     record = json.loads((output / "surgery.json").read_text())
     assert record["shift"]["prompts"] == "the probe's held-out rows" and record["shift"]["rows"] == 12
     assert "completion_logp" not in record["shift"]
+    assert [len(v) for v in record["held_out_probe_rows"].values()] == [6, 6]
+    check_figures(output, record)
     assert _surgery(planted, output, "--layers", "2", "--strength", "0.1") == 2
     assert "--overwrite" in capsys.readouterr().err
     assert _surgery(planted, output, "--layers", "2", "--strength", "0.1", "--overwrite") == 0

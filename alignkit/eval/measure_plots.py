@@ -1,5 +1,5 @@
-"""Figures of `alignkit tax` and `alignkit safety`: grouped bars with intervals and the
-reward-vs-tax Pareto plot. Each writes one PNG (Agg backend) with a title, axis labels with
+"""Figures of `alignkit tax`, `alignkit safety` and `alignkit surgery`: grouped bars with
+intervals, the reward-vs-tax Pareto plot, overlaid histograms. Each writes one PNG (Agg backend) with a title, axis labels with
 units and a legend, and returns its path."""
 
 from __future__ import annotations
@@ -94,4 +94,44 @@ def plot_pareto(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(loc="best", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_histograms(
+    groups: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    title: str,
+    marks: Mapping[str, float] | None = None,
+    bins: int = 20,
+) -> Path:
+    """Overlaid histograms, one per group, on shared bins (so their bars compare), each group's
+    mean a dashed line in its colour and its count and mean in the legend; `marks` draws grey
+    vertical lines (e.g. a decision boundary) named in the legend. Empty groups are left out of
+    the plot but named in the legend as "(none)"."""
+    plt = _pyplot()
+    values = [float(v) for group in groups.values() for v in group]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    for value in (marks or {}).values():
+        low, high = min(low, value), max(high, value)
+    if high - low < 1e-12:
+        low, high = low - 0.5, high + 0.5
+    edges = np.linspace(low, high, bins + 1)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for k, (name, group) in enumerate(groups.items()):
+        color = COLORS[k % len(COLORS)]
+        data = np.asarray(list(group), dtype=float)
+        if data.size == 0:
+            ax.plot([], [], color=color, label=f"{name} (none)")
+            continue
+        ax.hist(data, bins=edges, color=color, alpha=0.5, label=f"{name} (n={data.size}, mean {data.mean():.3g})")
+        ax.axvline(float(data.mean()), color=color, linestyle="--", linewidth=1.5)
+    for name, value in (marks or {}).items():
+        ax.axvline(value, color="grey", linewidth=1.0, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("prompts (count)")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
     return _save(fig, path)

@@ -6,6 +6,7 @@
     alignkit merge --method hma --base SFT --models RLHF --alpha 0.3 --data raft.jsonl --output OUT
     alignkit merge --method soup --models A B C --output OUT
     alignkit merge --method greedy_soup --models A B C --eval-data heldout.jsonl [--reward SPEC] --output OUT
+    alignkit merge --method greedy_soup --models A B C --eval-data prompts.jsonl --score eval:kl --ref SFT --output OUT
     alignkit merge --method task_arithmetic --base PRE --models A B --lambdas 0.4,0.6 --output OUT
     alignkit merge --method lines --base PRE --models FT --alpha 0.2 --output OUT   (β = 1 − α)
     alignkit merge --method lines --base PRE --models A B --beta 0.5 --output OUT   (multi-task)
@@ -28,13 +29,14 @@ from typing import Any
 import torch
 
 from alignkit.lab.argtypes import DATA_SUFFIXES, non_negative_int, positive_int
+from alignkit.merge.hma_opt import REFERENCE_EPSILON, REFERENCE_REG
 from alignkit.merge.spec import METHODS, MergeRecipe, merge_state, validate_recipe
 
 log = logging.getLogger("alignkit")
 
 SWEEPABLE = ("interpolate", "lines")
 HMA_LEARNING = ("steps", "lr", "epsilon", "reg")
-DEFAULTS = {"steps": 20, "lr": 0.05, "epsilon": 0.0, "reg": 0.0, "batch_size": 8, "max_length": 512,
+DEFAULTS = {"steps": 20, "lr": 0.05, "epsilon": REFERENCE_EPSILON, "reg": REFERENCE_REG, "batch_size": 8, "max_length": 512,
             "max_new_tokens": 32}
 
 
@@ -88,15 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--steps", type=positive_int, default=None, help=f"Adam steps (default {DEFAULTS['steps']})")
     learn.add_argument("--lr", type=float, default=None, help=f"learning rate of the block scores (default {DEFAULTS['lr']})")
     learn.add_argument("--epsilon", type=float, default=None, help="added to each sigmoid before normalising "
-                       "(default 0, the paper's formula; the reference script uses 0.2)")
-    learn.add_argument("--reg", type=float, default=None, help="L1 penalty on |alpha_k - mean| (default 0)")
+                       f"(default {REFERENCE_EPSILON:g}, the reference's run script; 0 is the paper's formula)")
+    learn.add_argument("--reg", type=float, default=None, help="L1 penalty on |alpha_k - mean|, once per linear "
+                       f"layer of the block (default {REFERENCE_REG:g}, the reference's run script)")
     soup = parser.add_argument_group("greedy_soup: the held-out score")
     soup.add_argument("--eval-data", default=None, help="held-out rows: prompts (with --reward) or prompt/completion "
                       "rows (score = minus the NLL per completion token)")
     soup.add_argument("--reward", default=None, help="reward spec or reward-model directory scoring greedy "
                       "completions of the --eval-data prompts")
+    soup.add_argument("--score", default=None, metavar="nll|reward|eval:METRIC[:max|min]",
+                      help="nll: minus the NLL per completion token (the default without --reward); reward: mean "
+                      "--reward of greedy completions (the default with it); eval:METRIC: a number of `alignkit "
+                      "eval` (its eval.json path, e.g. eval:gold_reward, eval:kl, eval:win_rate, "
+                      "eval:diversity/per_input/distinct_2), sampled as alignkit eval samples; :max / :min says "
+                      "which way is better where the metric does not")
+    soup.add_argument("--ref", default=None, help="eval: scores: the reference model of KL, win rate and reward "
+                      "difference (as alignkit eval --ref)")
+    soup.add_argument("--samples", type=positive_int, default=None, help="eval: scores: samples per prompt "
+                      "(default: alignkit eval's, 4)")
+    soup.add_argument("--temperature", type=float, default=None, help="eval: scores: sampling temperature "
+                      "(default: alignkit eval's, 1.0)")
     soup.add_argument("--max-new-tokens", type=positive_int, default=None,
-                      help=f"greedy completion length with --reward (default {DEFAULTS['max_new_tokens']})")
+                      help=f"completion length with --reward (default {DEFAULTS['max_new_tokens']}) or an eval: "
+                      "score (default: alignkit eval's, 48)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="rows per forward (default 8)")
     parser.add_argument("--max-length", type=positive_int, default=None, help="prompt+completion tokens (default 512)")
     parser.add_argument("--chat-template", action="store_true", help="wrap plain-text rows in the chat template")
@@ -156,6 +172,8 @@ def check_arguments(args: argparse.Namespace) -> tuple[MergeRecipe, list[float] 
     validate_recipe(recipe, data_driven=learned or sweep is not None or args.method == "greedy_soup")
     if args.method == "greedy_soup" and args.eval_data is None:
         raise ValueError("greedy_soup needs --eval-data (held-out prompts with --reward, or prompt/completion rows)")
+    if args.method == "greedy_soup":
+        check_score(args)
     for flag, source in (("--data", args.data), ("--eval-data", args.eval_data)):
         if source is not None:
             check_data_file(flag, source)
@@ -178,11 +196,16 @@ def _refuse_unused(args: argparse.Namespace, learned: bool) -> None:
     for key in HMA_LEARNING:
         if getattr(args, key) is not None and not learned:
             raise ValueError(f"--{key} is a setting of learning hma ratios (--method hma --data FILE)")
-    for key in ("eval_data", "reward", "max_new_tokens"):
+    for key in ("eval_data", "reward", "max_new_tokens", "score", "ref", "samples", "temperature"):
         if getattr(args, key) is not None and args.method != "greedy_soup":
             raise ValueError(f"--{key.replace('_', '-')} scores greedy_soup's candidates; {args.method} does not use it")
-    if args.max_new_tokens is not None and args.reward is None:
-        raise ValueError("--max-new-tokens sets the length of the greedy completions --reward scores; add --reward")
+    evaluated = args.score is not None and args.score.startswith("eval:")
+    if args.max_new_tokens is not None and args.reward is None and not evaluated:
+        raise ValueError("--max-new-tokens sets the length of the completions --reward or an eval: --score scores; "
+                         "add one")
+    for key in ("ref", "samples", "temperature"):
+        if getattr(args, key) is not None and not evaluated:
+            raise ValueError(f"--{key} is a setting of an eval: --score (e.g. --score eval:kl)")
     scored = learned or args.method == "greedy_soup"
     for key in ("batch_size", "max_length"):
         if getattr(args, key) is not None and not scored:
@@ -190,6 +213,39 @@ def _refuse_unused(args: argparse.Namespace, learned: bool) -> None:
     if (args.chat_template or args.device is not None) and not scored:
         flag = "--chat-template" if args.chat_template else "--device"
         raise ValueError(f"{flag} applies to the data of hma --data or greedy_soup")
+
+
+def check_score(args: argparse.Namespace) -> None:
+    """greedy_soup's --score: resolve its default, refuse a --reward it ignores or a metric it cannot
+    compute, and fill in an eval: score's settings from `alignkit eval`'s defaults; sets
+    args.metric / args.direction (None unless eval:)."""
+    from alignkit.lab.eval_command import EvalOptions
+    from alignkit.lab.eval_metrics import NEEDS_REFERENCE, parse_eval_metric
+    from alignkit.merge.io import check_source
+
+    args.score = args.score or ("reward" if args.reward is not None else "nll")
+    args.metric = args.direction = None
+    if args.score == "nll" and args.reward is not None:
+        raise ValueError("--score nll reads the --eval-data completions and no reward; drop --reward or use "
+                         "--score reward")
+    if args.score == "reward" and args.reward is None:
+        raise ValueError("--score reward needs --reward SPEC")
+    if args.score in ("nll", "reward"):
+        return
+    if not args.score.startswith("eval:"):
+        raise ValueError(f"--score {args.score}: expected nll, reward or eval:METRIC[:max|min]")
+    args.metric, args.direction = parse_eval_metric(args.score[len("eval:"):])
+    if args.metric in NEEDS_REFERENCE and args.ref is None:
+        raise ValueError(f"--score {args.score}: {args.metric} compares with a reference model; add --ref MODEL")
+    if args.metric not in NEEDS_REFERENCE and args.ref is not None:
+        raise ValueError(f"--ref: eval:{args.metric} does not read a reference (kl, win_rate, lc_win_rate and "
+                         "reward_diff_vs_reference do)")
+    if args.ref is not None:
+        check_source(args.ref, "--ref")
+    defaults = EvalOptions(model="")
+    for key in ("reward", "samples", "temperature", "max_new_tokens"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(defaults, key))
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
@@ -282,7 +338,9 @@ def _greedy_soup(args: argparse.Namespace, inputs: list, progress: bool) -> tupl
 
     template = inputs[0]
     template.model.to(_device(args))
-    if args.reward is not None:
+    if args.metric is not None:
+        score, scored_by = _eval_score(args, template)
+    elif args.reward is not None:
         from alignkit.lab.overopt_lab import load_prompt_list, load_scorer
 
         score = reward_scorer(template, load_prompt_list(args.eval_data), load_scorer(args.reward),
@@ -298,6 +356,8 @@ def _greedy_soup(args: argparse.Namespace, inputs: list, progress: bool) -> tupl
         state, decisions, own = greedy_soup([one.state for one in inputs], [one.source for one in inputs], score,
                                             progress=lambda: bar.update(1))
     log.info("greedy soup: starts with %s (score %.6g)", decisions[0].name, decisions[0].soup_score)
+    if args.direction == "min":
+        print(f"scores are minus {args.metric} (lower {args.metric} is better)")
     for decision in decisions:
         verdict = "kept" if decision.accepted else "rejected"
         print(f"{decision.name}: own score {decision.ingredient_score:.6g}, soup with it "
@@ -309,10 +369,30 @@ def _greedy_soup(args: argparse.Namespace, inputs: list, progress: bool) -> tupl
     return state, record
 
 
+def _eval_score(args: argparse.Namespace, template: Any) -> tuple[Any, dict[str, Any]]:
+    """The eval: scorer of greedy_soup (`scoring.eval_scorer`) and what merge.json records of it."""
+    from alignkit.lab.overopt_lab import load_prompt_list, load_scorer
+    from alignkit.lab.policy_loading import load_policy
+    from alignkit.merge.scoring import eval_scorer
+
+    reference = None
+    if args.ref is not None:
+        reference = load_policy(args.ref, device=str(next(template.model.parameters()).device))[0].eval()
+    score = eval_scorer(template, load_prompt_list(args.eval_data), args.metric, args.direction,
+                        load_scorer(args.reward), reference=reference, samples=args.samples,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    sign = "" if args.direction == "max" else "minus "
+    scored_by = {"score": f"{sign}alignkit eval's {args.metric} on the --eval-data prompts", "metric": args.metric,
+                 "direction": args.direction, "reward": args.reward, "ref": args.ref, "samples": args.samples,
+                 "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
+    return score, scored_by
+
+
 def _learned_hma(args: argparse.Namespace, recipe: MergeRecipe, inputs: list, progress: bool) -> tuple[dict, dict]:
     from tqdm.auto import tqdm
 
-    from alignkit.merge.hma_opt import optimise_hma
+    from alignkit.merge.hma_opt import linear_counts, optimise_hma
+    from alignkit.merge.io import layer_index_map
     from alignkit.merge.methods import hma_merge
     from alignkit.merge.scoring import completion_batches
     from alignkit.merge.spec import hma_layout
@@ -320,6 +400,7 @@ def _learned_hma(args: argparse.Namespace, recipe: MergeRecipe, inputs: list, pr
     template = inputs[0]
     groups, blocks = hma_layout(recipe, template)
     num_blocks = max(blocks) + 1
+    counts = linear_counts(template.state, groups, layer_index_map(template.model, list(groups))[0], num_blocks)
     batches = completion_batches(args.data, template.tokenizer, flag="--data", max_length=args.max_length,
                                  batch_size=args.batch_size, chat=args.chat_template)
     template.model.to(_device(args))
@@ -327,13 +408,13 @@ def _learned_hma(args: argparse.Namespace, recipe: MergeRecipe, inputs: list, pr
     with tqdm(total=args.steps, desc="hma ratios", unit="step", disable=not progress, leave=False) as bar:
         result = optimise_hma(template.model, template.state, inputs[1].state, groups, num_blocks, recipe.alpha,
                               batches, steps=args.steps, lr=args.lr, epsilon=args.epsilon, reg=args.reg,
-                              seed=args.seed, on_step=lambda row: bar.update(1))
+                              penalty_weights=counts, seed=args.seed, on_step=lambda row: bar.update(1))
     template.model.to("cpu")
     print("learned ratios: " + ", ".join(f"block {k}: {r:.4f}" for k, r in enumerate(result.ratios))
           + f" (mean {sum(result.ratios) / len(result.ratios):.4f})")
     record = {"method": "hma", "learned": True, "data": args.data, "mean_ratio": recipe.alpha, "ratios": result.ratios,
               "block_scores": result.scores, "layer_blocks": blocks, "steps": args.steps, "lr": args.lr,
-              "epsilon": args.epsilon, "reg": args.reg, "history": result.history}
+              "epsilon": args.epsilon, "reg": args.reg, "reg_linear_counts": counts, "history": result.history}
     return hma_merge(template.state, inputs[1].state, groups, result.ratios, recipe.alpha), record
 
 

@@ -7,12 +7,25 @@ The merged weights are a differentiable function of the block scores s (K,):
 
 and s takes a few Adam steps on the SFT loss of reward-filtered (RAFT-style) completions,
 
-    L(s) = − Σ log π_θ(s)(y|x) / Σ |y|  +  reg · Σ_k |α_k − ᾱ|,
+    L(s) = − Σ log π_θ(s)(y|x) / Σ |y|  +  reg · Σ_k c_k |α_k − ᾱ|,
 
 computed through the merged weights with `torch.func.functional_call`, so the model's own
-weights are never touched. The reference (`src/lmflow/pipeline/utils/mask_trainer.py`) does the
-same with a HF Trainer (lr 2e-5, one epoch over the collected data, epsilon 0.2, an L1
-penalty 1e-4 summed over its linear layers); alignkit's defaults take a few larger steps.
+weights are never touched. c_k = the number of linear weight matrices in block k's layers
+(`linear_counts`): the reference adds one L1 term per `nn.Linear` module, all modules of a
+block sharing the block's α.
+
+Defaults, from the reference code (avalonstrel/Mitigating-the-Alignment-Tax-of-RLHF):
+- ε = 0.2 (`REFERENCE_EPSILON`): `scripts/mask_post/run_mask_finetune_raft.sh` sets
+  `epsilon=0.2`, used by `src/lmflow/pipeline/utils/mask_trainer.py::MaskNormalizedSigmoidLinear`
+  exactly as above (`init_val * (sigmoid(a) + eps) / sum(sigmoid(a_j) + eps) * len`). The
+  paper's formula has no ε; ε > 0 flattens the ratios and keeps each α_k ≥ ᾱ ε / (1 + ε).
+- reg = 1e-4 (`REFERENCE_REG`): the same script's `reg_alpha=1e-4` with `sum_reg_type=0.2`,
+  which `MaskTrainer.compute_loss` reads as an L1 penalty |α − init_val| per linear module.
+  Deviation: that `.2` suffix also weights each module by 25 / (|layer − 13| + 1), a curve
+  centred on layer 13 of its 26-layer OpenLLaMA-3B; it has no meaning at other depths, so
+  alignkit weights every linear module 1 (the reference's `sum_reg_type` 0.0).
+Not adopted: the reference's lr 2e-5 over one epoch of its collected data (thousands of
+HF Trainer steps); alignkit's defaults take a few larger steps (`--steps 20 --lr 0.05`).
 """
 
 from __future__ import annotations
@@ -29,6 +42,11 @@ from alignkit.merge.methods import StateDict, hma_ratios, initial_scores
 
 log = logging.getLogger("alignkit")
 
+REFERENCE_EPSILON = 0.2
+"""ε of the reference's run script (`run_mask_finetune_raft.sh`: epsilon=0.2)."""
+REFERENCE_REG = 1e-4
+"""L1 weight of the reference's run script (`run_mask_finetune_raft.sh`: reg_alpha=1e-4)."""
+
 
 class _ScoredModel(nn.Module):
     """Wraps the template so that `functional_call` swaps its weights for the merged ones."""
@@ -41,6 +59,17 @@ class _ScoredModel(nn.Module):
         from alignkit.merge.scoring import summed_logps
 
         return summed_logps(self.model, batch)
+
+
+def linear_counts(state: Mapping[str, Tensor], groups: Mapping[str, int | None],
+                  layer_of: Mapping[str, int | None], num_blocks: int) -> list[int]:
+    """c_k = the number of linear weight matrices (2-D `*.weight` tensors inside a transformer
+    layer) whose layer is in block k; the embeddings and the head lie outside the layers."""
+    counts = [0] * num_blocks
+    for name, group in groups.items():
+        if group is not None and layer_of.get(name) is not None and name.endswith("weight") and state[name].ndim == 2:
+            counts[group] += 1
+    return counts
 
 
 @dataclass
@@ -69,13 +98,15 @@ def optimise_hma(
     *,
     steps: int,
     lr: float,
-    epsilon: float = 0.0,
-    reg: float = 0.0,
+    epsilon: float = REFERENCE_EPSILON,
+    reg: float = REFERENCE_REG,
+    penalty_weights: list[float] | None = None,
     seed: int = 0,
     on_step: Callable[[dict], None] | None = None,
 ) -> HMAResult:
     """`steps` Adam steps on s (see the module docstring), batches in a seeded shuffled cycle.
-    `model` is a plain causal LM of the inputs' architecture (its own weights stay as they are)."""
+    `model` is a plain causal LM of the inputs' architecture (its own weights stay as they are);
+    `penalty_weights`: c_k of the module docstring (`linear_counts`), default 1 per block."""
     from torch.func import functional_call
 
     if steps < 1 or not batches:
@@ -83,6 +114,10 @@ def optimise_hma(
     device = next(model.parameters()).device
     theta_b = {n: theta_b[n].to(device) for n in groups}
     delta = {n: theta_a[n].to(device) - theta_b[n] for n in groups}
+    weights = [1.0] * num_blocks if penalty_weights is None else [float(c) for c in penalty_weights]
+    if len(weights) != num_blocks:
+        raise ValueError(f"penalty_weights: {len(weights)} values for {num_blocks} blocks")
+    penalty = torch.tensor(weights, dtype=torch.float32, device=device)
     scores = initial_scores(num_blocks, mean_ratio).to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([scores], lr=lr)
     wrapped = _ScoredModel(model).eval()
@@ -95,7 +130,7 @@ def optimise_hma(
         params = merged_parameters(theta_b, delta, groups, ratios, mean_ratio)
         logp, tokens = functional_call(wrapped, {f"model.{n}": t for n, t in params.items()}, (batch,))
         nll = -logp / tokens.clamp(min=1)
-        loss = nll + reg * (ratios - mean_ratio).abs().sum()
+        loss = nll + reg * (penalty * (ratios - mean_ratio).abs()).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

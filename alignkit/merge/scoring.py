@@ -4,8 +4,10 @@
   like SFT data, tokenised and collated into right-padded batches;
 - `mean_logp(model, batches)`: Σ log π(y|x) / Σ |y| over every completion token — the
   negative NLL per token, higher is better;
-- `nll_scorer`, `reward_scorer`: `score(state_dict) -> float` closures for `greedy_soup`;
-  the reward one decodes each prompt greedily (fixed max_new_tokens) and averages a reward spec.
+- `nll_scorer`, `reward_scorer`, `eval_scorer`: `score(state_dict) -> float` closures for
+  `greedy_soup`; the reward one decodes each prompt greedily (fixed max_new_tokens) and averages
+  a reward spec; the eval one runs `alignkit eval`'s `evaluate_model` on the prompts and reads
+  one of its metrics (`alignkit.lab.eval_metrics`), negated when lower is better.
 """
 
 from __future__ import annotations
@@ -91,5 +93,36 @@ def reward_scorer(template: MergeInput, prompts: list[Any], reward: Any, *, max_
                        max_batch_size=batch_size)
         completions = [group[0] for group in drawn.texts]
         return float(first_scores(reward, texts_for_reward, completions).mean())
+
+    return score
+
+
+def eval_scorer(template: MergeInput, prompts: list[Any], metric: str, direction: str, reward: Any, *,
+                reference: Any = None, samples: int, max_new_tokens: int, temperature: float, seed: int,
+                on_result: Callable[[dict[str, Any]], None] | None = None) -> Callable[[Mapping[str, Tensor]], float]:
+    """score(state) = s · m, m = `metric` of `evaluate_model` (what `alignkit eval` runs) on the
+    template holding `state`: `samples` completions per prompt at `temperature`, the same `seed`
+    for every candidate, gold reward `reward`, KL and win rate against `reference` (a loaded model
+    sharing the tokenizer, or None); s = +1 for direction "max", −1 for "min" (greedy_soup keeps
+    higher scores). `on_result(result)` sees each evaluate_model result."""
+    from alignkit.lab.eval_metrics import EMBEDDING_METRICS, eval_metric_value
+    from alignkit.lab.generation_eval import evaluate_model
+
+    sign = 1.0 if direction == "max" else -1.0
+    if metric in EMBEDDING_METRICS:
+        from alignkit.eval.diversity import default_embedder
+
+        embedder: Any = default_embedder()  # loaded once, not per candidate
+    else:
+        embedder = None if metric.startswith("diversity/") else False  # False: no diversity at all
+
+    def score(state: Mapping[str, Tensor]) -> float:
+        model = load_into(template.model, {**state, **template.fixed}, template.aliases).eval()
+        result = evaluate_model(model, template.tokenizer, prompts, reward=reward, reference=reference,
+                                samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                                seed=seed, embedder=embedder)
+        if on_result is not None:
+            on_result(result)
+        return sign * eval_metric_value(result, metric)
 
     return score

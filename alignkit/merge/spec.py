@@ -17,8 +17,12 @@ Spec strings (the first model is the base of interpolate, hma, task_arithmetic a
 
 After the models, `key=value` fields separated by `:` set alpha, beta, lambdas, ratios, pivots
 and blocks; one bare field is the method's main coefficient (alpha for interpolate and lines,
-lambdas for task_arithmetic, ratios for hma). Paths are read as on the command line (relative
-to the working directory) and may not contain `:` or `,`.
+lambdas for task_arithmetic, ratios for hma). Paths may not contain `:` or `,`.
+
+Relative paths are made absolute when the spec is parsed: a spec string's against the working
+directory (as on the command line), a recipe file's against the recipe file's directory. A run
+placed on Ray ships `absolute_model_spec(spec)`, the same spec with absolute paths, so a worker
+reads the same models whatever its working directory.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -225,14 +230,59 @@ def _set_coefficient(values: dict[str, Any], key: str, raw: Any, where: str) -> 
         raise ValueError(f"{where}: unknown merge coefficient {key!r}; one of {known}")
 
 
+def absolute_source(source: str, base_dir: str | Path) -> str:
+    """A model source as a process in any directory reads it: a local path made absolute against
+    `base_dir` (normalised, symlinks kept); a hub id (`org/name`) or an alias (`smollm2-135m`)
+    unchanged. A local path, as `models.sources.looks_like_path` reads one but under
+    `base_dir`: `~/x` or absolute, starts with `.`, holds a backslash or more than one `/`, ends
+    with `.gguf`, exists under `base_dir`, or its first component is a directory there.
+
+    >>> absolute_source("./ckpt", "/runs"), absolute_source("smollm2-135m", "/runs")
+    ('/runs/ckpt', 'smollm2-135m')
+    """
+    expanded = Path(source).expanduser()
+    if expanded.is_absolute():
+        return os.path.normpath(expanded)
+    base = Path(base_dir).expanduser().absolute()
+    spelled = source.startswith(".") or "\\" in source or source.count("/") > 1 or source.endswith(".gguf")
+    if spelled or (base / expanded).exists() or ("/" in source and (base / source.split("/")[0]).is_dir()):
+        return os.path.normpath(base / expanded)
+    return source
+
+
+def _split_spec(spec: str) -> tuple[str, list[str], str]:
+    """`merge:METHOD:MODELS[:FIELDS]` -> (method, models, the fields text)."""
+    body = spec[len(PREFIX):] if is_merge_spec(spec) else spec
+    method, _, rest = body.partition(":")
+    models_text, _, fields_text = rest.partition(":")
+    return method, [m for m in models_text.split(",") if m], fields_text
+
+
+def absolute_model_spec(spec: str) -> str:
+    """The same merge spec with every local path absolute (`absolute_source` against the working
+    directory; a recipe file: its own path, whose relative paths already read against its
+    directory). A path that would then hold `:` or `,` is a ValueError: the spec could not be
+    split again."""
+    body = spec[len(PREFIX):] if is_merge_spec(spec) else spec
+    if body.endswith((".yaml", ".yml")):
+        return PREFIX + absolute_source(body, Path.cwd())
+    method, models, fields_text = _split_spec(spec)
+    absolute = [absolute_source(m, Path.cwd()) for m in models]
+    for original, path in zip(models, absolute, strict=True):
+        if path != original and (":" in path or "," in path):
+            raise ValueError(f"merge spec {spec!r}: the absolute path of {original} ({path}) holds ':' or ',', "
+                             "which a merge spec cannot carry; use a recipe file (merge:recipe.yaml)")
+    return PREFIX + ":".join([method, ",".join(absolute), *([fields_text] if fields_text else [])])
+
+
 def parse_model_spec(spec: str) -> MergeRecipe:
-    """`merge:METHOD:MODELS[:FIELDS]` or `merge:FILE.yaml` -> a validated `MergeRecipe`."""
+    """`merge:METHOD:MODELS[:FIELDS]` or `merge:FILE.yaml` -> a validated `MergeRecipe` whose
+    local paths are absolute (module docstring)."""
     body = spec[len(PREFIX):] if is_merge_spec(spec) else spec
     if body.endswith((".yaml", ".yml")):
         return _recipe_from_yaml(body)
-    method, _, rest = body.partition(":")
-    models_text, _, fields_text = rest.partition(":")
-    models = [m for m in models_text.split(",") if m]
+    method, models, fields_text = _split_spec(spec)
+    models = [absolute_source(m, Path.cwd()) for m in models]
     if not method or not models:
         raise ValueError(f"merge spec {spec!r}: expected merge:METHOD:MODEL,MODEL[:COEFFICIENTS] or merge:recipe.yaml")
     values: dict[str, Any] = {}
@@ -268,11 +318,13 @@ def _recipe_from_yaml(path: str) -> MergeRecipe:
         raise ValueError(f"{path}: a merge recipe needs method and models")
     models = values["models"]
     models = [m for m in models.split(",") if m] if isinstance(models, str) else [str(m) for m in models]
+    here = Path(path).expanduser().absolute().parent  # the recipe's paths read against its directory
+    models = [absolute_source(m, here) for m in models]
     coefficients: dict[str, Any] = {}
     for key in known - {"method", "models", "base"}:
         if values.get(key) is not None:
             _set_coefficient(coefficients, key, values[key], path)
-    base = None if values.get("base") is None else str(values["base"])
+    base = None if values.get("base") is None else absolute_source(str(values["base"]), here)
     recipe = MergeRecipe(str(values["method"]), models, base, **coefficients)
     validate_recipe(recipe, where=path)
     return recipe

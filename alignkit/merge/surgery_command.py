@@ -15,7 +15,10 @@ probe's held-out rows), before and after the edit; when every --held-out row has
 `completion`, the mean log-prob per completion token before and after is reported too.
 
 DIR holds safetensors weights, config and tokenizer, plus surgery.json (the recipe, the probe's
-accuracy, the selected rows per layer, the shift), probe.safetensors (w, b) and report.html.
+accuracy, the selected rows per layer, the shift, every prompt's probe logit), probe.safetensors
+(w, b), report.html and its figures: probe.png (the probe's logit w·h + b on the positive and
+negative prompts: how well the two sets separate) and shift.png (the logit on the shift's
+prompts before and after the edit: how far the behaviour moved).
 """
 
 from __future__ import annotations
@@ -219,6 +222,8 @@ def run_surgery(args: argparse.Namespace) -> dict[str, Any]:
     train_y = torch.cat([torch.ones(len(pos_train)), torch.zeros(len(neg_train))])
     weight, bias = surgery.fit_probe(train_x, train_y, l2=args.l2)
     direction = surgery.unit_direction(weight)
+    probe_logits = {"positive": surgery.probe_logits(pos_x, weight, bias).tolist(),
+                    "negative": surgery.probe_logits(neg_x, weight, bias).tolist()}
     probe = {"layer": probe_layer, "pool": args.pool, "l2": args.l2, "train_rows": len(train_y),
              "train_accuracy": surgery.probe_accuracy(surgery.probe_logits(train_x, weight, bias), train_y)}
     if pos_held or neg_held:
@@ -246,6 +251,7 @@ def run_surgery(args: argparse.Namespace) -> dict[str, Any]:
     shift: dict[str, Any] = {"prompts": shift_source, "rows": len(shift_prompts), "before": _scores(before),
                              "after": _scores(after)}
     shift["delta_mean_logit"] = shift["after"]["mean_logit"] - shift["before"]["mean_logit"]
+    shift["logits"] = {"before": before.tolist(), "after": after.tolist()}  # per prompt, in order
     if with_completions:
         logp_after = _mean_completion_logp(model, tokenizer, args.held_out, args)
         shift["completion_logp"] = {"before": logp_before, "after": logp_after, "delta": logp_after - logp_before}
@@ -255,7 +261,8 @@ def run_surgery(args: argparse.Namespace) -> dict[str, Any]:
               "fraction": args.fraction, "probe": probe, "probe_norm": float(weight.norm()),
               "edited_rows": {str(layer): chosen.tolist() for layer, chosen in zip(args.layers, rows, strict=True)},
               "edited_row_count": sum(len(chosen) for chosen in rows),
-              "gate_rows_total": sum(gate.weight.shape[0] for gate in gates), "shift": shift}
+              "gate_rows_total": sum(gate.weight.shape[0] for gate in gates), "shift": shift,
+              "probe_logits": probe_logits, "held_out_probe_rows": {"positive": pos_held, "negative": neg_held}}
     output = Path(args.output)
     if output.is_dir() and args.overwrite:
         shutil.rmtree(output)
@@ -266,7 +273,7 @@ def run_surgery(args: argparse.Namespace) -> dict[str, Any]:
     save_file({"weight": weight.contiguous(), "bias": bias.reshape(1)}, str(output / "probe.safetensors"),
               metadata={"layer": str(probe_layer), "pool": args.pool})
     (output / "surgery.json").write_text(json.dumps(record, indent=2) + "\n")
-    (output / "report.html").write_text(report_html(record))
+    (output / "report.html").write_text(report_html(record, write_plots(record, output)))
     print(f"probe accuracy: train {probe['train_accuracy']:.3f}"
           + (f", held-out {probe['heldout_accuracy']:.3f}" if "heldout_accuracy" in probe else ""))
     print(f"probe logit on {shift_source}: {shift['before']['mean_logit']:.4f} -> {shift['after']['mean_logit']:.4f}")
@@ -274,8 +281,39 @@ def run_surgery(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def report_html(record: dict[str, Any]) -> str:
-    """One self-contained page: the recipe, the probe's accuracy, the shift before vs after."""
+def write_plots(record: dict[str, Any], output: Path) -> list[Path]:
+    """probe.png and shift.png (module docstring) from surgery.json's per-prompt logits; the
+    shift is drawn per prompt, after − before (the edit moves logits by much less than the two
+    sets lie apart), split into the probe's positive and negative held-out rows by default."""
+    from alignkit.eval.measure_plots import plot_histograms
+
+    probe, shift = record["probe"], record["shift"]
+    accuracy = f"train accuracy {probe['train_accuracy']:.3f}" + (
+        f", held-out {probe['heldout_accuracy']:.3f}" if "heldout_accuracy" in probe else "")
+    figures = [plot_histograms(record["probe_logits"], output / "probe.png",
+                               xlabel=f"probe logit w·h + b (block {probe['layer']} output, {probe['pool']}-pooled)",
+                               title=f"Behaviour probe on the original model\n{accuracy}",
+                               marks={"decision boundary (logit 0)": 0.0})]
+    changes = [a - b for b, a in zip(shift["logits"]["before"], shift["logits"]["after"], strict=True)]
+    held = record["held_out_probe_rows"]
+    if shift["prompts"] == "the probe's held-out rows":  # positive rows first, then negative
+        groups = {"positive prompts": changes[:len(held["positive"])], "negative prompts": changes[len(held["positive"]):]}
+        where = "probe's held-out rows"
+    else:
+        groups, where = {"held-out prompts": changes}, Path(shift["prompts"]).name
+    figures.append(plot_histograms(
+        groups, output / "shift.png", xlabel="change of the probe logit, after − before the edit (> 0: towards --positive)",
+        title=f"Behaviour shift at strength {record['strength']:g}, {shift['rows']} prompts ({where})\n"
+              f"mean logit {shift['before']['mean_logit']:.4f} -> {shift['after']['mean_logit']:.4f}",
+        marks={"no change": 0.0}))
+    return figures
+
+
+def report_html(record: dict[str, Any], figures: list[Path] | None = None) -> str:
+    """One self-contained page: the recipe, the probe's accuracy, the shift before vs after, and
+    `figures` (PNG paths) inline."""
+    from alignkit.eval.report import _image
+
     def cell(value: Any) -> str:
         return html.escape(f"{value:.4f}" if isinstance(value, float) else str(value))
 
@@ -297,7 +335,8 @@ def report_html(record: dict[str, Any]) -> str:
             "</style></head><body><h1>Model surgery</h1><p>Wang et al. 2024: gate-projection rows inversely aligned "
             "with the behaviour probe, shifted along it.</p><h2>Recipe and probe</h2><table>" + table + "</table>"
             f"<h2>Behaviour shift on {cell(shift['prompts'])} ({shift['rows']} prompts)</h2>"
-            "<table><tr><th></th><th>before</th><th>after</th><th>change</th></tr>" + shifts + "</table></body></html>\n")
+            "<table><tr><th></th><th>before</th><th>after</th><th>change</th></tr>" + shifts + "</table>"
+            + "".join(_image(path, path.stem) for path in figures or []) + "</body></html>\n")
 
 
 def main(argv: list[str]) -> int:

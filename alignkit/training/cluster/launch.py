@@ -171,15 +171,19 @@ PATH_FIELDS = ("output", "resume", "data", "eval_data", "model", "ref_model", "r
 
 def shipped_config(config: Any) -> Any:
     """A copy of `config` for the workers: local paths made absolute (a `file.py:fn` reward's
-    file too), so a worker finds them whatever its working directory. Symlinks are kept: a
-    virtual environment's bin/python is a link to the base interpreter, and only the link
-    finds the environment's packages."""
+    file and a `--ref-model merge:...` spec's models too), so a worker finds them whatever its
+    working directory. Symlinks are kept: a virtual environment's bin/python is a link to the
+    base interpreter, and only the link finds the environment's packages."""
     import copy
 
     shipped = copy.deepcopy(config)
     for name in PATH_FIELDS:
         value = getattr(shipped, name, None)
-        if name == "ref_model" and isinstance(value, str) and "," in value:  # salsa's soup: each checkpoint
+        if name == "ref_model" and isinstance(value, str) and value.startswith("merge:"):
+            from alignkit.merge.spec import absolute_model_spec
+
+            setattr(shipped, name, absolute_model_spec(value))  # its models (or recipe file) absolute
+        elif name == "ref_model" and isinstance(value, str) and "," in value:  # salsa's soup: each checkpoint
             setattr(shipped, name, ",".join(os.path.abspath(part) if Path(part).exists() else part
                                             for part in value.split(",")))
         elif isinstance(value, str) and value and (name == "output" or Path(value).exists()):
