@@ -15,7 +15,8 @@ An environment is any object with two methods:
         (numbers in it are averaged into the step's metrics as `env/<key>`).
 
 `--env module:Factory` (or `path/to/file.py:Factory`) names a class or a function called with
-no arguments that returns an environment. The loop calls it once per conversation slot that
+no arguments that returns an environment; `textarena:GAME`, `verifiers:TASKSET` and
+`trl:module:Class` load environments from those packages instead (`adapters.py`). The loop calls it once per conversation slot that
 runs at the same time, and reuses an instance for later episodes (each begins with `reset`),
 so one instance serves many episodes but never two at once.
 """
@@ -101,8 +102,14 @@ def as_step_result(out: Any, where: str) -> StepResult:
 
 def load_env(spec: str) -> Callable[[], Environment]:
     """The factory named by `module:Factory` or `file.py:Factory`; called with no arguments it
-    must give an object with `reset` and `step`."""
+    must give an object with `reset` and `step`. Adapter specs (`textarena:`, `verifiers:`,
+    `trl:`) are tried first (`adapters.adapter_factory`)."""
+    from alignkit.agents.adapters import adapter_factory
     from alignkit.rewards.loading import load_object
+
+    adapted = adapter_factory(spec)
+    if adapted is not None:
+        return adapted
 
     factory = load_object(spec, what="--env")
     if not callable(factory):
