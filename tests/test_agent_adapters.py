@@ -401,8 +401,9 @@ def test_trl_tool_errors_are_feedback_and_reward_defaults_to_zero(trl_file):
            {"function": {"name": "add", "arguments": {"amount": "x", "extra": 1}}},
            {"function": {"name": "launch", "arguments": {}}}]
     contents = [m["content"] for m in env.step([assistant("", tool_calls=bad)])[0]]
+    assert all(c.startswith("Error:") for c in contents)  # one ToolRunner's messages, as for --tools
     assert "arguments are not JSON" in contents[0]
-    assert "TypeError" in contents[1]
+    assert "bad arguments for add: unexpected argument 'extra'" in contents[1]
     assert "unknown tool 'launch'" in contents[2]
     plain = adapter_factory(f"trl:{trl_file}:Plain")()
     assert plain.reset({"prompt": "hi"}) == [{"role": "user", "content": "hi"}]

@@ -240,3 +240,45 @@ def test_finished_conversations_leave_the_batch():
     assert seen == [4, 2, 2]
     assert episodes.rollout.group_index.tolist() == [0, 0, 1, 1]
     assert [len(r) for r in episodes.turn_rewards] == [1, 1, 3, 3]
+
+
+TRL_ENV = '''
+class Counter:
+    """A TRL environment_factory class: its public methods are tools."""
+
+    def reset(self, **kwargs):
+        self.total = 0
+        return " Reach 5."
+
+    def add(self, amount: int) -> str:
+        """Add to the counter.
+
+        Args:
+            amount: how much to add.
+        """
+        self.total += amount
+        return f"total={self.total}"
+
+    def get_reward(self) -> float:
+        return float(self.total == 5)
+'''
+
+
+def test_a_trl_environment_class_runs_in_the_episode_runner(tmp_path):
+    """Its tools are offered (described in SmolLM2's system prompt), its step answers the tool
+    turns from the slot's own instance, and get_reward scores the episode."""
+    from alignkit.agents.protocol import load_env
+
+    (tmp_path / "trl_env.py").write_text(TRL_ENV)
+    call = format_tool_call(ToolCall("add", {"amount": 5}, raw=""), "hermes")
+
+    def reply(text):
+        return call if "total=" not in text else "done"
+
+    episodes, _ = run_episodes(reply, env=load_env(f"trl:{tmp_path}/trl_env.py:Counter"),
+                               rows=[{"prompt": "Count."}], n=2)
+    assert episodes.returns.tolist() == [1.0, 1.0]  # each slot's own instance reached 5
+    assert [m["content"] for m in episodes.messages[0] if m["role"] == "tool"] == ["total=5"]
+    assert episodes.messages[0][1]["content"] == "Count. Reach 5."
+    assert "add" in episodes.messages[0][0]["content"]
+    assert episodes.metrics["tools/calls_per_episode"] == 1.0 and episodes.metrics["tools/errors"] == 0.0

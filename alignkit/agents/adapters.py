@@ -18,12 +18,14 @@ spec (then `protocol.load_env` loads `module:Factory`). textarena and verifiers 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 from collections.abc import Callable
 from typing import Any
 
 from alignkit.agents.protocol import Environment, Message
+from alignkit.agents.tools import ToolCall, ToolRunner
 
 ENVS_EXTRA_HINT = "pip install alignkit[envs]"
 ADAPTER_PREFIXES = ("textarena:", "verifiers:", "trl:")
@@ -107,6 +109,33 @@ def public_methods(env: Any) -> list[Callable[..., Any]]:
             if not name.startswith("_") and name not in ("reset", "get_reward")]
 
 
+def awaiting(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` as a plain function for a ToolRunner thread: a coroutine it returns (TRL allows
+    async tools) is run to completion on a loop of that thread's own."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        value = method(*args, **kwargs)
+        return asyncio.run(value) if inspect.iscoroutine(value) else value
+
+    return call
+
+
+def message_call(call: dict[str, Any]) -> ToolCall:
+    """A chat-format tool call (`{"function": {"name", "arguments"}}`, arguments a dict or JSON
+    text) as a `ToolCall`; unreadable arguments give one with `error` set."""
+    function = call.get("function", call)
+    name, arguments = str(function.get("name")), function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as err:
+            return ToolCall(name, {}, raw=arguments, error=f"arguments are not JSON: {err}")
+    if not isinstance(arguments, dict | None):
+        return ToolCall(name, {}, raw=str(arguments), error=f"arguments must be an object, got {type(arguments).__name__}")
+    return ToolCall(name, dict(arguments or {}), raw=json.dumps(function, default=str))
+
+
 def prompt_messages(row: dict[str, Any], where: str) -> list[Message]:
     """The row's `prompt` as messages: a string becomes one user message, a list of message
     dicts is copied."""
@@ -140,6 +169,7 @@ class TRLEnvironment:
         self.spec = spec
         self._tools = {method.__name__: method for method in public_methods(env)}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.runner = ToolRunner([awaiting(m) for m in self._tools.values()]) if self._tools else None
 
     def tools(self) -> list[Callable[..., Any]]:
         """The bound public methods of the wrapped environment (see the class docstring)."""
@@ -163,37 +193,18 @@ class TRLEnvironment:
             raise ValueError(f"--env {self.spec}: step needs the conversation to end with the "
                              "policy's assistant turn")
         calls = last.get("tool_calls") or []
-        if calls:
-            return [self._run_tool_call(call) for call in calls], 0.0, False, {"tool_calls": len(calls)}
+        if calls and self.runner is None:
+            return [{"role": "tool", "name": str(c.get("function", c).get("name")),
+                     "content": "Error: this environment has no tools"} for c in calls], 0.0, False, {}
+        if calls:  # the tools' results, run (with their timeout) by a ToolRunner of the bound methods
+            replies, _ = self.runner.run([message_call(call) for call in calls])
+            for reply, call in zip(replies, calls, strict=True):
+                if call.get("id"):
+                    reply["tool_call_id"] = call["id"]
+            return replies, 0.0, False, {"tool_calls": len(calls)}
         get_reward = getattr(self.env, "get_reward", None)
         reward = float(self._resolve(get_reward())) if callable(get_reward) else 0.0
         return None, reward, True, {}
-
-    def _run_tool_call(self, call: dict[str, Any]) -> Message:
-        function = call.get("function", call)
-        name = str(function.get("name"))
-        reply: Message = {"role": "tool", "name": name, "content": self._tool_result(name, function.get("arguments"))}
-        if call.get("id"):
-            reply["tool_call_id"] = call["id"]
-        return reply
-
-    def _tool_result(self, name: str, arguments: Any) -> str:
-        """The tool's result as text; a bad call or a raising tool gives a JSON `{"error": ...}`
-        the policy sees (TRL's behaviour), never an exception out of the episode."""
-        if name not in self._tools:
-            return json.dumps({"error": f"unknown tool {name!r}; tools: {sorted(self._tools)}"})
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except json.JSONDecodeError as err:
-                return json.dumps({"error": f"arguments are not JSON: {err}"})
-        if not isinstance(arguments, dict | None):
-            return json.dumps({"error": f"arguments must be an object, got {type(arguments).__name__}"})
-        try:
-            result = self._resolve(self._tools[name](**(arguments or {})))
-        except Exception as err:  # a failing tool is the policy's feedback, as in TRL
-            return json.dumps({"error": f"{type(err).__name__}: {err}"})
-        return result if isinstance(result, str) else json.dumps(result, default=str)
 
     def _resolve(self, value: Any) -> Any:
         """`value`, awaited on this adapter's own event loop when it is a coroutine (TRL

@@ -167,11 +167,27 @@ class EpisodeRunner:
                                       max_workers=self.settings.env_workers) if self.tools else None
         self.pool = ThreadPoolExecutor(self.settings.env_workers, thread_name_prefix="alignkit-env")
         self.envs: list[Any] = []
+        self.envs_checked = False
+        self.env_tools = False  # tool turns go to env.step (adopt_env_tools)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.tool_runner is not None:
             self.tool_runner.close()
+
+    def adopt_env_tools(self, env: Any) -> None:
+        """An environment with its own tools (`tools()`, e.g. a TRL environment class) offers
+        them to the policy; its `step` answers the tool turns (each instance runs its own
+        bound methods). Not with --tools: one set of tools per run."""
+        self.envs_checked = True
+        own = getattr(env, "tools", None)
+        tools = list(own()) if callable(own) else []
+        if not tools:
+            return
+        if self.tools:
+            raise ValueError(f"{self.env_name} brings its own tools; drop --tools")
+        self.schemas, self.env_tools = tool_schemas(tools), True
+        self.template_tools = template_supports_tools(self.tokenizer)
 
     # ---- starting
     def first_messages(self, env: Any, row: dict[str, Any], where: str) -> list[Message]:
@@ -192,6 +208,8 @@ class EpisodeRunner:
         """B x n conversations, row i's samples at i*n .. i*n + n - 1, each on its own instance."""
         while len(self.envs) < len(rows) * n:
             self.envs.append(self.env_factory())
+        if not self.envs_checked:
+            self.adopt_env_tools(self.envs[0])
         out = []
         for k in range(len(rows) * n):
             row = rows[k // n]
@@ -226,17 +244,18 @@ class EpisodeRunner:
                 ids = generated.response_ids[j, :count].tolist()
                 logps = generated.response_logprobs[j, :count].tolist()
                 text = self.turn_text(ids, generated.finish_reason[j])
-                content, calls = parse_assistant_turn(text, self.tool_format, self.tokenizer) if self.tools else (text, [])
+                content, calls = (parse_assistant_turn(text, self.tool_format, self.tokenizer) if self.schemas
+                                  else (text, []))
                 # a template that renders tool calls gets them structured; one that cannot keeps the call text
                 slot.conversation.add_policy_turn(ids, logps, assistant_message(content if self.template_tools
                                                                                 else text, calls))
                 slot.rewards.append(0.0)
                 slot.last_cut = generated.finish_reason[j] != "stop"
                 slot.cut_turns += slot.last_cut
-                if calls:
-                    slot.tool_calls += len(calls)
+                slot.tool_calls += len(calls)
+                if calls and not self.env_tools:
                     tool_batches.append((k, calls))
-                else:
+                else:  # the environment's turn (an environment with its own tools answers their calls)
                     stepping.append(k)
             if tool_batches:
                 results = self.tool_runner.run_many([calls for _, calls in tool_batches])
@@ -289,6 +308,8 @@ class EpisodeRunner:
                 slot.finish = "done"
             else:
                 replies[k] = result.reply
+                slot.tool_errors += sum(m["role"] == "tool" and m.get("content", "").startswith("Error:")
+                                        for m in result.reply)
 
     @staticmethod
     def trim_to_last_turn(slot: _Slot) -> None:
