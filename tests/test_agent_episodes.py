@@ -282,3 +282,37 @@ def test_a_trl_environment_class_runs_in_the_episode_runner(tmp_path):
     assert episodes.messages[0][1]["content"] == "Count. Reach 5."
     assert "add" in episodes.messages[0][0]["content"]
     assert episodes.metrics["tools/calls_per_episode"] == 1.0 and episodes.metrics["tools/errors"] == 0.0
+
+
+def test_branches_share_the_roll_in_and_only_their_future_is_trained():
+    """Reset turn h = 2 of 3: one roll-in turn, then two branches to the end. The branches'
+    first tokens (the roll-in and the user's reply to it) are identical and masked; each
+    branch trains on its own turns 2 and 3. A conversation that ends during the roll-in
+    (h = 3 but the environment stops after 1 turn) branches at its last turn."""
+    from alignkit.agents.branching import reset_turns, run_branched
+    from alignkit.rollout import SamplingParams
+
+    tokenizer = smollm2_tokenizer()
+    counter = {"n": 0}
+
+    def reply(text):  # every generated turn differs, so the branches' futures differ
+        counter["n"] += 1
+        return f"yes {counter['n']}"
+
+    runner = EpisodeRunner(tokenizer, Countdown, None, EpisodeSettings(max_turns=3))
+    rows = [{"prompt": "a", "turns": 3}, {"prompt": "b", "turns": 1}]
+    episodes = run_branched(runner, ScriptedEngine(tokenizer, reply), rows, SamplingParams(max_new_tokens=16, seed=0),
+                            [2, 3])
+    runner.close()
+    rollout = episodes.rollout
+    assert rollout.group_index.tolist() == [0, 0, 1, 1]
+    assert [len(r) for r in episodes.turn_rewards] == [3, 3, 1, 1]
+    prefix = int(episodes.metrics["refuel/prefix_tokens"] * 2)  # the mean of rows 0-1 (the prefix) and 2-3 (none)
+    shared = rollout.response_ids[0, :prefix]
+    assert prefix > 0 and torch.equal(shared, rollout.response_ids[1, :prefix])
+    assert rollout.env_mask[0, :prefix].all() and rollout.env_mask[1, :prefix].all()
+    assert not torch.equal(rollout.response_ids[0], rollout.response_ids[1])  # different futures
+    assert not rollout.env_mask[2, 0] and not rollout.env_mask[3, 0]  # ended in the roll-in: branched at turn 1
+    assert episodes.metrics["refuel/reset_turn"] == 1.5  # (2 + 1) / 2
+    assert len(reset_turns(5, 3, 7)) == 5 and reset_turns(5, 3, 7) == reset_turns(5, 3, 7)
+    assert {h for h in reset_turns(200, 3, 1)} == {1, 2, 3}

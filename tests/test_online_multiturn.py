@@ -133,3 +133,37 @@ def test_ppo_learns_a_rule_only_visible_across_turns(tiny_model_dir, tmp_path, e
     assert sum(r["reward/mean"] for r in last) / 10 > 3.0
     assert second > first + 3.0, (first, second)
     assert sum(r["reward/mean"] for r in rows[:10]) / 10 < 1.0
+
+
+def test_rebel_loss_worked_example():
+    """l = (0.5, 0.1), R = (1, 0), eta 0.3: ((0.5 - 0.1) - 0.3 x 1)^2 = 0.01; equal rewards regress
+    the log-ratio difference to 0."""
+    from alignkit.objectives.rebel import rebel_loss
+
+    assert rebel_loss(torch.tensor([0.5]), torch.tensor([0.1]), torch.tensor([1.0]), torch.tensor([0.0]),
+                      0.3).item() == pytest.approx(0.01)
+    assert rebel_loss(torch.tensor([0.2]), torch.tensor([0.2]), torch.tensor([3.0]), torch.tensor([3.0]),
+                      1.0).item() == 0.0
+
+
+def test_refuel_trains_on_two_futures_of_each_reset_turn(tiny_model_dir, tmp_path):
+    """A simulated user (the policy prompted as the user), 3 turns, reward = e's of the whole
+    dialogue's policy turns: two branches per prompt, their shared roll-in untrained."""
+    run("refuel", tiny_model_dir, tmp_path / "refuel", None, steps=3, user_model="policy", max_turns=3,
+        max_episode_tokens=256,
+        reward=lambda prompts, completions, conversation, **_: [
+            float(sum(m["content"].count("e") for m in c if m["role"] == "assistant")) for c in conversation],
+        group_size=2, lr=1e-3)
+    rows = read_metrics(tmp_path / "refuel")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["pairs"] == 4.0 and 1.0 <= row["refuel/reset_turn"] <= 3.0
+        assert 0.0 <= row["refuel/sign_align"] <= 1.0 and row["env/user_tokens"] > 0
+        assert row["turns/mean"] == 3.0  # the simulated user never ends the dialogue: max_turns does
+    assert any(r["refuel/prefix_tokens"] > 0 for r in rows)
+
+
+def test_refuel_without_the_other_side_of_the_dialogue_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="--user-model"):
+        run("refuel", tiny_model_dir, tmp_path / "no-user", None, steps=1, group_size=2,
+            reward=lambda p, c, **_: [0.0] * len(c))

@@ -53,7 +53,7 @@ from alignkit.agents.tools import (
 from alignkit.rollout import Rollout, SamplingParams
 
 TURN_SEED_STRIDE = 15_485_863
-"""A prime: turn t of an episode batch samples with seed (seed + t x this) mod 2^62."""
+"""A prime: round t of a batch of episodes samples with seed (seed + t x this) mod 2^62."""
 
 
 @dataclass
@@ -143,6 +143,18 @@ class _Slot:
     cut_turns: int = 0
     last_cut: bool = False
     info: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    prefix: int = 0
+    """Response tokens shared with a sibling branch (REFUEL's roll-in): not trained."""
+
+    @property
+    def turns(self) -> int:
+        """Policy turns played so far."""
+        return len(self.conversation.turn_ends)
+
+
+def base_seed(sampling: SamplingParams) -> int:
+    """The engine seed of a batch of episodes' first round (drawn when the sampling has none)."""
+    return sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
 
 
 class EpisodeRunner:
@@ -222,60 +234,74 @@ class EpisodeRunner:
     # ---- running
     def run(self, engine: Any, rows: list[dict[str, Any]], n: int, sampling: SamplingParams) -> Episodes:
         """Episodes for `rows` (dataset rows), `n` per row; `sampling.max_new_tokens` bounds
-        each turn and `sampling.seed` (with the turn) seeds the engine."""
+        each turn and `sampling.seed` (with the round) seeds the engine."""
         started = time.perf_counter()
         slots = self.slots(rows, n)
-        budget = self.settings.max_episode_tokens
-        seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        for turn in range(self.settings.max_turns):
-            active = [k for k, slot in enumerate(slots) if not slot.finish]
-            if not active:
-                break
-            room = min(sampling.max_new_tokens, min(budget - len(slots[k].conversation.response_ids) for k in active))
-            turn_sampling = dataclasses.replace(sampling, max_new_tokens=max(room, 1),
-                                                seed=(seed + turn * TURN_SEED_STRIDE) % 2**62, first_sample=0)
-            generated = engine.generate([slots[k].conversation.ids for k in active], 1, turn_sampling)
-            lengths = generated.lengths.tolist()
-            replies: dict[int, list[Message]] = {}
-            tool_batches: list[tuple[int, list]] = []
-            stepping: list[int] = []
-            for j, k in enumerate(active):
-                slot, count = slots[k], lengths[j]
-                ids = generated.response_ids[j, :count].tolist()
-                logps = generated.response_logprobs[j, :count].tolist()
-                text = self.turn_text(ids, generated.finish_reason[j])
-                content, calls = (parse_assistant_turn(text, self.tool_format, self.tokenizer) if self.schemas
-                                  else (text, []))
-                # a template that renders tool calls gets them structured; one that cannot keeps the call text
-                slot.conversation.add_policy_turn(ids, logps, assistant_message(content if self.template_tools
-                                                                                else text, calls))
-                slot.rewards.append(0.0)
-                slot.last_cut = generated.finish_reason[j] != "stop"
-                slot.cut_turns += slot.last_cut
-                slot.tool_calls += len(calls)
-                if calls and not self.env_tools:
-                    tool_batches.append((k, calls))
-                else:  # the environment's turn (an environment with its own tools answers their calls)
-                    stepping.append(k)
-            if tool_batches:
-                results = self.tool_runner.run_many([calls for _, calls in tool_batches])
-                for (k, _), (messages, stats) in zip(tool_batches, results, strict=True):
-                    replies[k] = messages
-                    slots[k].tool_errors += stats.errors
-            self.step_environments(slots, stepping, replies)
-            last_turn = turn == self.settings.max_turns - 1
-            for k in active:
-                slot = slots[k]
-                if slot.finish:
-                    continue
-                if last_turn:
-                    slot.finish = "turns"
-                    continue
-                slot.conversation.add_replies(self.tokenizer, replies[k], self.closing)
-                if len(slot.conversation.response_ids) >= budget:  # no room for another turn
-                    self.trim_to_last_turn(slot)
-                    slot.finish = "budget"
+        self.advance(engine, slots, sampling, base_seed(sampling))
         return self.episodes(slots, n, time.perf_counter() - started)
+
+    def advance(self, engine: Any, slots: list[_Slot], sampling: SamplingParams, seed: int,
+                until: list[int] | None = None, before_turn: Callable[[list[int]], None] | None = None) -> None:
+        """Play rounds of turns until every slot has finished or, with `until`, slot k has played
+        `until[k]` turns (it pauses, ready for its next turn). `before_turn(active)` is called
+        before each round with the slots about to play."""
+        round_ = 0
+        while True:
+            active = [k for k, slot in enumerate(slots)
+                      if not slot.finish and (until is None or slot.turns < until[k])]
+            if not active:
+                return
+            if before_turn is not None:
+                before_turn(active)
+            self.play_round(engine, slots, active, sampling, (seed + round_ * TURN_SEED_STRIDE) % 2**62)
+            round_ += 1
+
+    def play_round(self, engine: Any, slots: list[_Slot], active: list[int], sampling: SamplingParams,
+                   seed: int) -> None:
+        """One turn of every active slot: generate, parse, tools or environment, replies."""
+        budget = self.settings.max_episode_tokens
+        room = min(sampling.max_new_tokens, min(budget - len(slots[k].conversation.response_ids) for k in active))
+        turn_sampling = dataclasses.replace(sampling, max_new_tokens=max(room, 1), seed=seed, first_sample=0)
+        generated = engine.generate([slots[k].conversation.ids for k in active], 1, turn_sampling)
+        lengths = generated.lengths.tolist()
+        replies: dict[int, list[Message]] = {}
+        tool_batches: list[tuple[int, list]] = []
+        stepping: list[int] = []
+        for j, k in enumerate(active):
+            slot, count = slots[k], lengths[j]
+            ids = generated.response_ids[j, :count].tolist()
+            logps = generated.response_logprobs[j, :count].tolist()
+            text = self.turn_text(ids, generated.finish_reason[j])
+            content, calls = (parse_assistant_turn(text, self.tool_format, self.tokenizer) if self.schemas
+                              else (text, []))
+            # a template that renders tool calls gets them structured; one that cannot keeps the call text
+            slot.conversation.add_policy_turn(ids, logps, assistant_message(content if self.template_tools
+                                                                            else text, calls))
+            slot.rewards.append(0.0)
+            slot.last_cut = generated.finish_reason[j] != "stop"
+            slot.cut_turns += slot.last_cut
+            slot.tool_calls += len(calls)
+            if calls and not self.env_tools:
+                tool_batches.append((k, calls))
+            else:  # the environment's turn (an environment with its own tools answers their calls)
+                stepping.append(k)
+        if tool_batches:
+            results = self.tool_runner.run_many([calls for _, calls in tool_batches])
+            for (k, _), (messages, stats) in zip(tool_batches, results, strict=True):
+                replies[k] = messages
+                slots[k].tool_errors += stats.errors
+        self.step_environments(slots, stepping, replies)
+        for k in active:
+            slot = slots[k]
+            if slot.finish:
+                continue
+            if slot.turns >= self.settings.max_turns:
+                slot.finish = "turns"
+                continue
+            slot.conversation.add_replies(self.tokenizer, replies[k], self.closing)
+            if len(slot.conversation.response_ids) >= budget:  # no room for another turn
+                self.trim_to_last_turn(slot)
+                slot.finish = "budget"
 
     def turn_text(self, ids: list[int], finish: str) -> str:
         """A policy turn's text: its tokens less the stop token, special tokens kept (tool-call
@@ -334,6 +360,7 @@ class EpisodeRunner:
             logps[r, :length] = torch.tensor(c.logprobs, dtype=torch.float32)
             mask[r, :length] = True
             env[r, :length] = torch.tensor(c.env, dtype=torch.bool)
+            env[r, : slot.prefix] = True  # a branch's shared roll-in is context, as the environment's tokens
         # "length": the last policy turn was cut by its token limit (the missing-EOS penalty's case)
         finish = ["length" if slot.last_cut else "stop" for slot in slots]
         group = torch.arange(rows) // n

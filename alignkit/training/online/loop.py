@@ -218,7 +218,7 @@ class OnlineDriver:
                                      s, batch_size=config.batch_size, seed=config.seed, device=roles.device,
                                      reward_stats=self.reward_stats, cost=roles.cost, opponent=roles.opponent,
                                      directions=directional_prompts(s, config, table, roles.tokenizer),
-                                     reset_responses=resets, episodes=episode_runner(config, s, roles.tokenizer),
+                                     reset_responses=resets, episodes=episode_runner(config, s, roles.tokenizer, roles.rollout),
                                      rows=table.rows)
         self.log_lambda = math.log(s.lambda_init)  # safe_ppo's Lagrange multiplier (training/online/safe.py)
         self.cost_window = CostWindow(s.cost_window)

@@ -16,6 +16,7 @@
 | dpa          | - (best of 8 by v.r) | sft (NLL)            | token_mean          | 0.0 (none); direction in the prompt | no     |
 | nash_md      | sequence_reward      | reinforce            | seq_mean_token_sum  | 0.1, k1, per token (REINFORCE)      | no     |
 | inpo         | - (pairs best/worst) | (h - 1/(2 eta))^2    | mean over pairs     | tau/eta on ref, rest on pi_t        | no     |
+| refuel       | - (2 branches/turn h)| (dl - eta dR)^2      | mean over pairs     | none (log-ratios to pi_t)           | no     |
 | distill      | return_to_go, gamma 0| ppo_clip (jsd: GKD)  | token_mean          | 1.0, k1 to the --teacher, reward    | no     |
 | pf_ppo       | gae (+whitening)     | ppo_clip             | token_mean          | 0.05, k1, reward; best+random of 4  | yes    |
 | ma_ppo       | gae over macro spans | ppo_clip             | token_mean          | 0.05, k1, reward (per token)        | yes    |
@@ -76,6 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "nash_md": dict(mixture_coef=0.5, advantage="sequence_reward", policy_loss="reinforce",
                     aggregation="seq_mean_token_sum", kl_in="reward", kl_estimator="k1", beta=0.1, group_size=1),
     "inpo": dict(objective="pairwise", pairwise_loss="inpo", kl_in="none", group_size=8),
+    "refuel": dict(objective="pairwise", pairwise_loss="refuel", kl_in="none", group_size=2, temperature=0.8),
     "distill": dict(distill_loss="reverse_kl", advantage="return_to_go", gamma=0.0, policy_loss="ppo_clip",
                     aggregation="token_mean", kl_in="reward", kl_estimator="k1", beta=1.0, group_size=4),
     "safe_ppo": dict(advantage="gae", policy_loss="ppo_clip", eps_low=0.1, aggregation="token_mean",
@@ -112,6 +114,7 @@ PAPERS = {
     "dpa": "DPA: directional preference alignment (Wang et al. 2024)",
     "nash_md": "Nash-MD: Nash learning from human feedback (Munos et al. 2023)",
     "inpo": "INPO: iterative Nash policy optimisation (Zhang et al. 2025)",
+    "refuel": "REFUEL: regressing the relative future (Gao et al. 2024)",
     "distill": "On-policy distillation (Agarwal et al. 2024 GKD; Thinking Machines 2025)",
     "ma_ppo": "MA-RLHF: PPO over macro actions (Chai et al. 2024)",
     "drpo": "DR-PO: dataset reset policy optimization (Chang et al. 2024)",
@@ -152,7 +155,7 @@ def _validate(s: OnlineSettings, preset: str) -> None:
         if getattr(s, key) not in allowed:
             raise ValueError(f"{preset}: {key} must be one of {allowed}, got {getattr(s, key)!r}")
     registries = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES, "aggregation": AGGREGATIONS,
-                  "kl_estimator": KL, "pairwise_loss": {**PAIRWISE, "inpo": None}}
+                  "kl_estimator": KL, "pairwise_loss": {**PAIRWISE, "inpo": None, "refuel": None}}
     for key, registry in registries.items():
         if getattr(s, key) not in registry:
             raise ValueError(f"{preset}: unknown {key} {getattr(s, key)!r}; known: {sorted(registry)}")
@@ -165,6 +168,9 @@ def _validate(s: OnlineSettings, preset: str) -> None:
     if s.distill_loss == "reverse_kl" and (s.kl_in != "reward" or s.kl_estimator != "k1" or not s.beta > 0):
         raise ValueError(f"{preset}: distill_loss=reverse_kl takes beta x the k1 KL to the teacher as the "
                          "per-token reward: kl_in=reward, kl_estimator=k1 and beta > 0")
+    if s.pairwise_loss == "refuel" and (s.group_size != 2 or s.dynamic_sampling or s.sample_filter != "none"):
+        raise ValueError(f"{preset}: refuel regresses the two continuations of each reset point: group_size=2, "
+                         "without dynamic_sampling or sample_filter")
     if s.pairwise_loss == "inpo" and not (s.inpo_eta > 0 and 0 <= inpo_tau(s) < s.inpo_eta):
         raise ValueError(f"{preset}: inpo needs eta > 0 and 0 <= tau < eta (got eta={s.inpo_eta}, "
                          f"tau={s.inpo_tau})")
@@ -257,7 +263,7 @@ def no_grad_rows(s: OnlineSettings) -> int:
 def needs_reference(s: OnlineSettings) -> bool:
     """beta = 0 (or kl_in = none) loads no reference model; pairwise losses always need one."""
     if s.objective == "pairwise":
-        return s.pairwise_loss not in _reference_free()
+        return s.pairwise_loss not in _reference_free() | {"refuel"}  # refuel: ratios to pi_t only
     if s.distill_loss != "none" or s.mixture_coef is not None:  # the teacher; nash_md's mixture
         return True
     if s.objective == "sft":  # beta: the KL prior's coefficient (SuperHF)

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignkit.agents.branching import reset_turns, run_branched
 from alignkit.objectives.filters import filter_rows
 from alignkit.rewards.dense import DenseRewards, sequence_scores
 from alignkit.rollout import Rollout, SamplingParams
@@ -280,8 +281,12 @@ class PromptSampler:
                                                 s.reset_prob, reset_seed(self.seed, step, round_))
         episodes = None
         if self.episodes is not None:  # multi-turn: conversations with tools / an environment
-            episodes = self.episodes.run(self.engine, [{**self.rows[i], "__row__": i} for i in indices],
-                                         s.group_size, sampling)
+            rows = [{**self.rows[i], "__row__": i} for i in indices]
+            if s.pairwise_loss == "refuel" and s.objective == "pairwise":  # two futures of a reset turn each
+                resets = reset_turns(len(rows), s.max_turns, reset_seed(self.seed, step, round_))
+                episodes = run_branched(self.episodes, self.engine, rows, sampling, resets, s.group_size)
+            else:
+                episodes = self.episodes.run(self.engine, rows, s.group_size, sampling)
             rollout = episodes.rollout
             self.round_metrics.update(episodes.metrics)
         else:

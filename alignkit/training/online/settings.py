@@ -174,13 +174,16 @@ class OnlineSettings:
     """policy_gradient; pairwise (best vs worst sample of each prompt, a PAIRWISE loss); or sft
     (negative log-likelihood of the kept samples + beta x KL(ref || policy), RAFT / SuperHF)."""
     pairwise_loss: str = "dpo"
-    """A PAIRWISE loss (alignkit.objectives), or inpo (objectives/nash.py)."""
+    """A PAIRWISE loss (alignkit.objectives), inpo (objectives/nash.py) or refuel (objectives/rebel.py)."""
     inpo_eta: float = 0.005
     """inpo: eta, the coefficient of KL(pi || pi_t) in the mirror-descent step; the regression
     target is 1 / (2 eta) (the paper's final 0.005: target 100)."""
     inpo_tau: float | None = None
     """inpo: tau, the KL-to-reference coefficient of the game, 0 <= tau < eta (None: eta / 3,
     the paper's choice; 0: its "w/o KL" ablation)."""
+    refuel_eta: float = 1.0
+    """refuel: eta, the coefficient of the reward difference in the regression (the official code's
+    default 1.0; objectives/rebel.py)."""
     label_smoothing: float = 0.0
     # DPA (dpa): a direction per prompt in its system prompt, R_v = v . r (training/online/dpa.py)
     dpa: bool = False

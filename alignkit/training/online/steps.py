@@ -26,6 +26,7 @@ from alignkit.objectives.filters import PER_GROUP_FILTERS
 from alignkit.objectives.kl import capped
 from alignkit.objectives.nash import inpo_h, inpo_loss
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
+from alignkit.objectives.rebel import rebel_loss
 from alignkit.rewards.dense import sequence_scores
 from alignkit.rollout import SamplingParams
 from alignkit.training.online.kl_control import RunningMeanStd
@@ -373,10 +374,18 @@ def best_worst_pairs(rewards: Tensor, group_index: Tensor) -> Tensor:
     return torch.stack(pairs) if pairs else torch.zeros((0, 2), dtype=torch.long, device=rewards.device)
 
 
-def pairwise_update(policy, batch, pairs, ref_logp, s, old_logp=None) -> dict[str, float]:
+def branch_pairs(group_index: Tensor) -> Tensor:
+    """(P, 2) rows (first, second) of each two-row group: REFUEL's two continuations, ties kept."""
+    rows = torch.argsort(group_index, stable=True)
+    return rows.view(-1, 2)
+
+
+def pairwise_update(policy, batch, pairs, ref_logp, s, old_logp=None, rewards=None) -> dict[str, float]:
     """Online DPO: a PAIRWISE loss on (best, worst) samples, live reference log-probs. INPO
     (pairwise_loss=inpo, `objectives/nash.py`): the regression on h, pi_t's log-probs being
-    `old_logp` (N, L), those of the policy that sampled the pairs."""
+    `old_logp` (N, L), those of the policy that sampled the pairs. REFUEL (refuel,
+    `objectives/rebel.py`): the regression of the rewards' (N,) difference on the log-ratios to
+    pi_t, over each branch's own tokens."""
     chosen, rejected = pairs[:, 0], pairs[:, 1]
     rows = torch.cat([chosen, rejected])
     sub = batch.select(rows)
@@ -389,7 +398,13 @@ def pairwise_update(policy, batch, pairs, ref_logp, s, old_logp=None) -> dict[st
                       rejected_tokens=counts[half:], ref_chosen=None if ref is None else ref[:half],
                       ref_rejected=None if ref is None else ref[half:])
     metrics: dict[str, float] = {}
-    if s.pairwise_loss == "inpo":
+    if s.pairwise_loss == "refuel":
+        prev = torch.where(mask, old_logp[rows, : mask.shape[1]], 0.0).sum(-1)
+        delta = sums - prev  # l_theta: summed log-ratio to the sampling policy
+        loss = rebel_loss(delta[:half], delta[half:], rewards[chosen], rewards[rejected], s.refuel_eta).mean()
+        metrics["refuel/sign_align"] = ((delta[:half] - delta[half:]).detach().sign()
+                                        == (rewards[chosen] - rewards[rejected]).sign()).float().mean().item()
+    elif s.pairwise_loss == "inpo":
         prev = torch.where(mask, old_logp[rows, : mask.shape[1]], 0.0).sum(-1)
         args = (sums[:half], sums[half:], ref[:half], ref[half:], prev[:half], prev[half:], s.inpo_eta, inpo_tau(s))
         loss = inpo_loss(*args).mean()

@@ -34,6 +34,7 @@ from alignkit.training.online.roles import (
 from alignkit.training.online.sampling import step_seed
 from alignkit.training.online.steps import (
     best_worst_pairs,
+    branch_pairs,
     pairwise_update,
     policy_gradient_update,
     sft_update,
@@ -213,7 +214,9 @@ class PolicyTrainer:
         """Epoch `epoch`'s minibatches: (P, 2) best/worst pairs (pairwise) or sample rows in an
         order seeded by (seed, step, epoch), split into M parts."""
         generator = torch.Generator().manual_seed(step_seed(self.seed, experience.step) + epoch + 1)
-        if self.s.objective == "pairwise":
+        if self.s.objective == "pairwise" and self.s.pairwise_loss == "refuel":
+            units = branch_pairs(experience.group_index)  # every pair regresses, ties included
+        elif self.s.objective == "pairwise":
             units = best_worst_pairs(experience.rewards, experience.group_index)
         else:
             units = torch.randperm(len(experience.rewards), generator=generator).to(self.device)
@@ -225,7 +228,7 @@ class PolicyTrainer:
         s = self.s
         self.optimizer.zero_grad(set_to_none=True)
         if s.objective == "pairwise":
-            part = pairwise_update(self, e.batch, rows, e.ref_logp, s, e.old_logp)
+            part = pairwise_update(self, e.batch, rows, e.ref_logp, s, e.old_logp, e.rewards)
         elif s.objective in ("sft", "distill"):
             part = sft_update(self, e.batch, rows, s, e.ref_dist)
         else:

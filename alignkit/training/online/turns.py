@@ -71,16 +71,46 @@ def over_policy_tokens(estimate, mask: Tensor, tokens: dict[str, Tensor | None],
     return scatter_tokens(advantages, idx, mask_c, width), scatter_tokens(returns, idx, mask_c, width)
 
 
-def episode_runner(config, s, tokenizer) -> EpisodeRunner | None:
-    """The run's episode runner when it has `--env` or `--tools`; else None (single-turn)."""
-    if config.env is None and config.tools is None:
+def episode_runner(config, s, tokenizer, engine=None) -> EpisodeRunner | None:
+    """The run's episode runner when it has `--env`, `--tools` or `--user-model`; else None
+    (single-turn). `engine` is the policy's rollout engine (`--user-model policy` samples it)."""
+    if config.env is None and config.tools is None and config.user_model is None:
+        if s.objective == "pairwise" and s.pairwise_loss == "refuel":
+            raise ValueError(f"{config.algorithm} is multi-turn: give the other side of the dialogue, --user-model "
+                             "DIR (or policy) for a simulated user, or --env module:Factory")
         return None
     if config.chat_template is False:  # None (the default) is fine: a conversation is always templated
         raise ValueError("--env/--tools run conversations through the chat template; drop --no-chat-template")
+    if config.env is not None and config.user_model is not None:
+        raise ValueError("--env and --user-model both answer the policy: give one")
     factory = load_env(config.env) if config.env is not None else None
+    if config.user_model is not None:
+        factory = user_simulator(config, s, tokenizer, engine)
     tools = load_tools(config.tools) if config.tools is not None else None
     settings = EpisodeSettings(max_turns=s.max_turns, max_episode_tokens=s.max_episode_tokens,
                                env_timeout_s=s.env_timeout_s, tool_timeout_s=s.tool_timeout_s,
                                env_workers=s.env_workers)
     return EpisodeRunner(tokenizer, factory, tools, settings, env_name=f"--env {config.env}" if config.env else
                          "--tools")
+
+
+def user_simulator(config, s, tokenizer, engine):
+    """The factory of `--user-model`'s simulated users (one model shared by every instance)."""
+    from alignkit.agents.user_sim import UserSimulator
+
+    if config.user_model == "policy":
+        user_engine, user_tokenizer = engine, tokenizer
+    else:
+        from alignkit.models.loading import load_model
+        from alignkit.rollout import HFEngine
+        from alignkit.training.online.roles import eos_ids
+        from alignkit.training.run import distributed
+
+        device = distributed.default_device(distributed.current(), config.device)
+        model, user_tokenizer = load_model(config.user_model, kind="causal_lm", device=device,
+                                           trust_remote_code=config.trust_remote_code)
+        model.eval().requires_grad_(False)
+        user_engine = HFEngine(model, pad_id=user_tokenizer.pad_token_id, eos_ids=eos_ids(user_tokenizer, model))
+    shared = UserSimulator(user_engine, user_tokenizer, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                           seed=config.seed)
+    return shared.fork

@@ -51,6 +51,9 @@ class TrainConfig:
     tools: str | None = None
     """Online algorithms: tools the policy may call, `module:fn1,fn2` or `file.py:fn1,fn2` (plain functions
     with type hints and docstrings); a rollout becomes a conversation with them."""
+    user_model: str | None = None
+    """Online algorithms (refuel): a simulated user answers the policy, written by a causal LM directory or
+    `policy` (the policy itself, prompted as the user); alignkit.agents.user_sim."""
     cost_model: str | None = None
     """safe_ppo: directory of a cost model (`alignkit train cost`; cost > 0 means unsafe)."""
     batch_size: int = 8
