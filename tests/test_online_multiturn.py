@@ -167,3 +167,14 @@ def test_refuel_without_the_other_side_of_the_dialogue_is_refused(tiny_model_dir
     with pytest.raises(ValueError, match="--user-model"):
         run("refuel", tiny_model_dir, tmp_path / "no-user", None, steps=1, group_size=2,
             reward=lambda p, c, **_: [0.0] * len(c))
+
+
+def test_validation_plays_held_out_conversations(tiny_model_dir, tmp_path, env_spec):
+    """--eval-data on a multi-turn run: the held-out prompts are played as conversations and
+    scored like training's (the environment's return + the reward of the final answer)."""
+    held_out = [{"prompt": "Tell a story."}, {"prompt": "Name a movie."}]
+    run("grpo", tiny_model_dir, tmp_path / "val", env_spec, steps=2, eval_data=held_out, eval_steps=1,
+        eval_samples=2)
+    rows = read_metrics(tmp_path / "val")
+    assert "eval_start/reward" in rows[0] and "eval/reward" in rows[-1]
+    assert rows[-1]["eval/length"] > 8  # two turns and the user's "again": longer than one 8-token turn

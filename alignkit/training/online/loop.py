@@ -145,6 +145,8 @@ def _train_in(run: RunDir, s: OnlineSettings, config: TrainConfig, ranks, model,
     driver = OnlineDriver(config, s, roles, table, run_dir, total_steps)
     driver.validation = make_validation(config, s, roles, total_steps=total_steps, exact_engine=driver.exact_engine,
                                         eval_data=eval_data, gold_reward=gold_reward)
+    if hasattr(driver.validation, "episodes"):  # multi-turn: held-out conversations on the same runner
+        driver.validation.episodes = driver.sampler.episodes
     if resume_from is not None:
         start_step = driver.resume(resume_from)
     else:

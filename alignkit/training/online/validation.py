@@ -62,6 +62,7 @@ from alignkit.training.online.roles import (
     SequenceBatch,
     decode_completions,
 )
+from alignkit.training.online.sampling import CONVERSATION_COLUMN
 from alignkit.training.online.settings import OnlineSettings
 from alignkit.training.run.config import TrainConfig
 
@@ -175,6 +176,8 @@ class Validation:
         # prompts per generate call: about one training step's samples
         self.chunk = max(1, config.batch_size * s.group_size // self.samples)
         self.last: dict[str, float] = {}
+        # multi-turn runs: the driver's EpisodeRunner and the held-out rows (each episode's reset)
+        self.episodes, self.rows = None, None
 
     def due(self, step: int) -> bool:
         return step == 0 or step % self.config.eval_steps == 0 or step == self.total_steps
@@ -208,14 +211,27 @@ class Validation:
         sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                   top_k=s.top_k, seed=eval_seed(self.config.seed, step),
                                   first_sample=start * self.samples)  # noise keyed on the global sample
-        rollout = roles.rollout.generate(self.prompt_ids[start:stop], self.samples, sampling)
+        episodes = None
+        if self.episodes is not None:  # multi-turn: held-out conversations, scored as in training
+            held_out = [{**self.rows[i], "__row__": i} for i in range(start, stop)]
+            episodes = self.episodes.run(roles.rollout, held_out, self.samples, sampling)
+            rollout = episodes.rollout
+        else:
+            rollout = roles.rollout.generate(self.prompt_ids[start:stop], self.samples, sampling)
         batch = SequenceBatch.from_rollout(rollout, roles.tokenizer.pad_token_id).to(roles.device)
         rows = [start + g for g in rollout.group_index.tolist()]
         keys = {k for c in self.columns for k in c}
         columns = {k: [self.columns[r].get(k) for r in rows] for k in keys}
-        prompts, completions = [self.texts[r] for r in rows], decode_completions(roles.tokenizer, rollout)
-        out = {"reward": raw_scores(roles.reward, batch, prompts, completions, columns),
-               "length": rollout.lengths.cpu(), "groups": torch.tensor(rows)}
+        prompts = [self.texts[r] for r in rows]
+        if episodes is not None:
+            completions = episodes.final_answers()
+            columns[CONVERSATION_COLUMN] = episodes.messages
+        else:
+            completions = decode_completions(roles.tokenizer, rollout)
+        reward = raw_scores(roles.reward, batch, prompts, completions, columns)
+        if episodes is not None:  # the environment's turn rewards count too
+            reward = reward + episodes.returns
+        out = {"reward": reward, "length": rollout.lengths.cpu(), "groups": torch.tensor(rows)}
         if self.gold is not None:
             out["gold"] = raw_scores(self.gold, batch, prompts, completions, columns)
         if roles.reference is not None:
@@ -244,5 +260,7 @@ def make_validation(config: TrainConfig, s: OnlineSettings, roles, *, total_step
         return NoValidation()
     table = load_prompt_table(source, split=EVAL_SPLITS, data_format=config.data_format)
     ids, texts, columns, _ = prompt_rows(table, roles.tokenizer, config)
-    return Validation(config, s, roles, (ids, texts, columns), load_gold_reward(config, s, gold_reward),
-                      total_steps=total_steps, exact_engine=exact_engine)
+    validation = Validation(config, s, roles, (ids, texts, columns), load_gold_reward(config, s, gold_reward),
+                            total_steps=total_steps, exact_engine=exact_engine)
+    validation.rows = table.rows
+    return validation
