@@ -205,13 +205,15 @@ def persona_behaviours(n: int, suboptimal_fraction: float) -> list[tuple[str, bo
 
 
 def persona_request(task: ImagineTask, behaviour: str) -> list[dict[str, str]]:
-    """The conversation asking the model to describe one user with `behaviour`."""
+    """The conversation asking the model to describe one user with `behaviour`, in the task's
+    `scenario` (else the agent's instructions, which small models tend to turn into the persona)."""
+    situation = task.scenario or f"The {task.agent_role}'s instructions: {task.task}"
     return [
         {"role": "system", "content": "You write short, realistic character descriptions for role-play."},
         {"role": "user", "content": (
-            f"A {task.user_role} is about to talk to a {task.agent_role}, whose job is: {task.task}\n\n"
-            f"Describe this {task.user_role} in one or two sentences: who they are and what they want. "
-            f"They are {behaviour}.")},
+            f"A {task.user_role} is about to talk to a {task.agent_role}. {situation}\n\n"
+            f"Describe the {task.user_role} (not the {task.agent_role}) in one or two sentences: who "
+            f"they are and what they want. They are {behaviour}.")},
     ]
 
 

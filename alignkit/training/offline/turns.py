@@ -59,21 +59,21 @@ class FilteredBCTask:
     model_kind: str = "causal_lm"
     data_kinds: tuple[str, ...] = ("sft",)
     needs_reference: bool = False
-    options: dict[str, Any] = field(init=False, default_factory=dict)
+    hparams: dict[str, Any] = field(init=False, default_factory=dict)
     filter_counts: dict[str, tuple[int, int]] = field(init=False, default_factory=dict)
     threshold: float = field(init=False, default=-math.inf)
 
     def __post_init__(self) -> None:
         check_hparams("filtered_bc", self.config.hparams, FILTER_DEFAULTS)
-        self.options = {**FILTER_DEFAULTS, **self.config.hparams}
-        min_reward = self.options["min_reward"]
+        self.hparams = {**FILTER_DEFAULTS, **self.config.hparams}
+        min_reward = self.hparams["min_reward"]
         if min_reward is not None and (isinstance(min_reward, bool) or not isinstance(min_reward, int | float)):
             raise ValueError(f"filtered_bc: min_reward must be a number, got {min_reward!r}")
-        reward_threshold([], min_reward=None, top_fraction=float(self.options["top_fraction"]))  # range check
+        reward_threshold([], min_reward=None, top_fraction=float(self.hparams["top_fraction"]))  # range check
 
     @property
     def filtering(self) -> bool:
-        return self.options["min_reward"] is not None or float(self.options["top_fraction"]) < 1.0
+        return self.hparams["min_reward"] is not None or float(self.hparams["top_fraction"]) < 1.0
 
     # ------------------------------------------------------------------ data
 
@@ -92,7 +92,7 @@ class FilteredBCTask:
     def rewards(self, table: RowTable, examples: list[TurnsExample]) -> list[float]:
         """The reward column of each example's row; a missing or non-numeric value is an error
         naming the file and row."""
-        column = self.options["reward_column"]
+        column = self.hparams["reward_column"]
         values = []
         for ex in examples:
             value = table.rows[ex.row].get(column)
@@ -109,8 +109,8 @@ class FilteredBCTask:
             self.filter_counts = {name: (len(ex), len(ex)) for name, (_, ex) in splits.items() if ex}
             return
         self.threshold = reward_threshold(self.rewards(train_table, train),
-                                          min_reward=self.options["min_reward"],
-                                          top_fraction=float(self.options["top_fraction"]))
+                                          min_reward=self.hparams["min_reward"],
+                                          top_fraction=float(self.hparams["top_fraction"]))
         for name, (table, examples) in splits.items():
             if table is None or not examples:
                 continue
@@ -119,9 +119,9 @@ class FilteredBCTask:
             examples[:] = [ex for ex, r in zip(examples, rewards, strict=True) if r >= self.threshold]
             self.filter_counts[name] = (len(examples), total)
             log.info("filtered_bc: %d of %d %s dialogues have %s >= %.4g (the rest are skipped)",
-                     len(examples), total, name, self.options["reward_column"], self.threshold)
+                     len(examples), total, name, self.hparams["reward_column"], self.threshold)
         if not train:
-            raise ValueError(f"filtered_bc: no training dialogue has {self.options['reward_column']} >= "
+            raise ValueError(f"filtered_bc: no training dialogue has {self.hparams['reward_column']} >= "
                              f"{self.threshold:.4g}")
 
     # ------------------------------------------------------------------ training
