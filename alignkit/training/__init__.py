@@ -18,6 +18,7 @@ from alignkit.training.offline import pointwise as _pointwise  # noqa: F401  (cr
 from alignkit.training.offline import reward_frozen as _reward  # noqa: F401  (rm_ranked, cost, rm_bayes, preference_model, rm_segment, rm_ensemble, rm_multi, rm_embedding)
 from alignkit.training.offline import treg as _treg  # noqa: F401  (treg)
 from alignkit.training.offline import unpaired as _unpaired  # noqa: F401  (kto)
+from alignkit.training.offline import turns as _turns  # noqa: F401  (filtered_bc)
 from alignkit.training.run.registry import ALGORITHMS, AlgorithmSpec, register_algorithm
 # isort: on
 

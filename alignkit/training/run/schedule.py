@@ -9,7 +9,7 @@ import torch
 from alignkit.training.run.config import TrainConfig
 
 # Peak learning rates that work out of the box: full fine-tuning vs LoRA adapters.
-DEFAULT_LR = {"sft": (2e-5, 2e-4), "rm": (1e-5, 1e-4)}
+DEFAULT_LR = {"sft": (2e-5, 2e-4), "filtered_bc": (2e-5, 2e-4), "rm": (1e-5, 1e-4)}
 DEFAULT_PREFERENCE_LR = (1e-6, 5e-5)
 
 
