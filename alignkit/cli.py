@@ -10,6 +10,7 @@
   alignkit tax --models base,aligned[,...] [--reward SPEC] [--output DIR]
   alignkit safety --model M [--baseline B] [--judge DIR] [--output DIR]
   alignkit imagine --task task.yaml --model M --out dialogues.jsonl [--n 64] [--max-turns 6]
+  alignkit label --prompts P --model M --reward SPEC [--n 4] --out pairs.jsonl
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ VERBS = {
     "tax": "alignment tax: held-out NLL on general text against reward, base vs aligned (Pareto front)",
     "safety": "refusal rate on harmful requests, over-refusal on look-alikes, changes against a baseline",
     "imagine": "a model writes multi-turn dialogues from a task file (personas, both roles, rewards) -> JSONL",
+    "label": "preference pairs from a reward: n samples per prompt, best vs worst -> pairs.jsonl (for dpo)",
 }
 
 
@@ -337,6 +339,13 @@ def cmd_imagine(argv: list[str]) -> int:
     return imagine_main(argv)
 
 
+def cmd_label(argv: list[str]) -> int:
+    """alignkit label --prompts P --model M --reward SPEC [--n 4] --out pairs.jsonl"""
+    from alignkit.lab.label import main as label_main
+
+    return label_main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from alignkit.demo import main as demo_main
 
@@ -382,14 +391,16 @@ def run_verb(argv: list[str] | None = None) -> int:
     verb, rest = argv[0], argv[1:]
     commands = {"train": cmd_train, "algorithms": cmd_algorithms, "demo": cmd_demo, "eval-rm": cmd_eval_rm,
                 "eval": cmd_eval, "overopt": cmd_overopt, "merge": cmd_merge, "surgery": cmd_surgery,
-                "sweep": cmd_sweep, "tax": cmd_tax, "safety": cmd_safety, "imagine": cmd_imagine}
+                "sweep": cmd_sweep, "tax": cmd_tax, "safety": cmd_safety, "imagine": cmd_imagine,
+                "label": cmd_label}
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
     # under torchrun every rank may print an error: say which one
     where = f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
     try:
-        if verb in ("eval", "eval-rm", "overopt", "merge", "surgery", "tax", "safety", "imagine"):  # --threads for these
+        if verb in ("eval", "eval-rm", "overopt", "merge", "surgery", "tax", "safety", "imagine",
+                    "label"):  # --threads for these
             from alignkit.training.run.threads import configure_cli_threads
 
             rest = configure_cli_threads(rest)

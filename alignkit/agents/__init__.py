@@ -11,4 +11,7 @@ only the policy's own tokens are trained on (`Rollout.env_mask` marks the others
 - `tools.py`     plain Python functions as tools: schemas, parsing calls, running them
 - `template.py`  the token ids of a templated conversation, turn by turn, with the policy mask
 - `episodes.py`  many conversations advanced together on a rollout engine
+- `hindsight.py` RLHS (Liang et al. 2025): a reward that simulates a response's consequences
+                 before a judge scores them; `hindsight_config.py` its YAML settings
+- `reward_specs.py` `load_reward`: alignkit.rewards' specs plus `rlhs:CONFIG.yaml`
 """

@@ -8,7 +8,8 @@ command line. `eval/` itself imports none of these.
   one policy (used by `alignkit demo` and `alignkit eval`);
 - `eval_command`: the `alignkit eval` verb;
 - `overopt_lab`: the `alignkit overopt` verb (Gao et al.'s over-optimisation curves);
-- `policy_loading`: load a policy from a model directory, LoRA adapter or training checkpoint.
+- `policy_loading`: load a policy from a model directory, LoRA adapter or training checkpoint;
+- `label`: the `alignkit label` verb (preference pairs from a reward: best vs worst of n).
 """
 
 from alignkit.lab.eval_command import EvalOptions, run_eval

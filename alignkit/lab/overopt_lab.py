@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignkit.agents.reward_specs import load_reward  # rewards.load_reward + rlhs:CONFIG.yaml
 from alignkit.data import builtin_prompts, load_rows
 from alignkit.eval.kl import response_logps, sequence_kl
 from alignkit.eval.overopt import bon_curve, fit_overoptimization
@@ -38,7 +39,7 @@ from alignkit.eval.stats import format_table
 from alignkit.lab.generation_eval import encode_prompts, first_scores, prompt_text, sample
 from alignkit.lab.policy_loading import checkpoint_step, load_policy
 from alignkit.models import load_model
-from alignkit.rewards import VaderSentiment, load_reward
+from alignkit.rewards import VaderSentiment
 from alignkit.rewards.saved import load_reward_model
 
 log = logging.getLogger("alignkit")

@@ -30,10 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alignkit.agents.reward_specs import load_reward  # rewards.load_reward + rlhs:CONFIG.yaml
 from alignkit.data import RowTable, SeqExample, pad_left
 from alignkit.models import position_ids_from_mask, token_logps
 from alignkit.objectives.alol import ALOL, REFERENCE_FREE_ALOL, fit_value_head, r_squared
-from alignkit.rewards import load_reward, reward_name, score_safely
+from alignkit.rewards import reward_name, score_safely
 from alignkit.rollout import HFEngine, SamplingParams
 from alignkit.training.offline.reference import load_reference
 from alignkit.training.offline.reference_values import attach_reference_values

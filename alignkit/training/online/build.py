@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignkit.agents.reward_specs import load_reward  # rewards.load_reward + rlhs:CONFIG.yaml
 from alignkit.models import apply_lora, count_parameters, is_peft, load_model
 from alignkit.models.heads import require_trained_head
 from alignkit.models.soup import check_same_parameters, load_soup, parse_soup_weights
-from alignkit.rewards import load_reward
 from alignkit.rollout.http_engine import HTTPEngine
 from alignkit.training.online.distributed_rollout import (
     CopyRollout,

@@ -142,8 +142,13 @@ class MultiReward:
         return DenseRewards(tokens, mask.sum(-1))
 
     def drain(self) -> dict[str, Tensor]:
-        """Every reward's raw scores since the last drain (all rounds of a step), by name."""
+        """Every reward's raw scores since the last drain (all rounds of a step), by name, and
+        whatever each reward's role logs beside its score (`FunctionReward.drain`: RLHS's
+        rlhs/hindsight and rlhs/foresight)."""
         out = {name: torch.cat(parts) for name, parts in self._pending.items() if parts}
+        for role in self.roles:
+            drain = getattr(role, "drain", None)
+            out.update(drain() if drain is not None else {})
         self._pending = {name: [] for name in self.names}
         return out
 

@@ -38,6 +38,7 @@ from alignkit.models import adapter_disabled, is_peft, reward_scores
 from alignkit.models.heads import _score_head
 from alignkit.models.logprobs import decoder_and_head, linear_head_logps, position_ids_from_mask
 from alignkit.models.packing import predictor_states
+from alignkit.rewards.base import unconverted
 from alignkit.rewards.dense import DenseRewards, Scores
 from alignkit.rewards.runner import RewardRunner
 from alignkit.rollout import HFEngine, Rollout, SamplingParams
@@ -359,6 +360,12 @@ class FunctionReward:
         if isinstance(scores, DenseRewards):
             return scores.padded(mask.shape[1]), penalised
         return scores.float(), penalised
+
+    def drain(self) -> dict[str, Tensor]:
+        """Per-sample scores the function logs beside its reward (`fn.drain()`, e.g. RLHS's
+        `rlhs/hindsight` and `rlhs/foresight`) since the last call; {} for most functions."""
+        drain = getattr(unconverted(self.fn), "drain", None)
+        return drain() if callable(drain) else {}
 
 
 class ModelReward:

@@ -49,9 +49,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignkit.agents.reward_specs import load_reward  # rewards.load_reward + rlhs:CONFIG.yaml
 from alignkit.eval.stats import mean_pass_at_k
 from alignkit.objectives import KL
-from alignkit.rewards import load_reward
 from alignkit.rewards.dense import sequence_scores
 from alignkit.rewards.runner import reward_batch
 from alignkit.rollout import SamplingParams
@@ -138,8 +138,13 @@ def raw_scores(scorer: RewardRole, batch, prompts, completions, columns) -> torc
     if isinstance(scorer, MultiReward):
         per_reward = torch.stack([sequence_scores(role.score(batch, prompts, completions, columns)[0]).float()
                                   .reshape(-1).cpu() for role in scorer.roles])  # (K, N)
-        return (scorer.weights.unsqueeze(-1) * per_reward).sum(0)
-    return sequence_scores(scorer.score(batch, prompts, completions, columns)[0]).float().reshape(-1).cpu()
+        scores = (scorer.weights.unsqueeze(-1) * per_reward).sum(0)
+    else:
+        scores = sequence_scores(scorer.score(batch, prompts, completions, columns)[0]).float().reshape(-1).cpu()
+    drain = getattr(scorer, "drain", None)
+    if drain is not None:
+        drain()  # what a reward logs beside its score (rlhs/...) belongs to training samples, not held-out ones
+    return scores
 
 
 def load_gold_reward(config: TrainConfig, s: OnlineSettings, gold: Any = None) -> RewardRole | None:

@@ -31,7 +31,8 @@ class TrainConfig:
     ref_model: str | None = None
     """Reference model for reference-based losses; default: the initial policy itself."""
     reward: str | list[str] | None = None
-    """Online algorithms: reward function, `module:function`, `file.py:function` or a built-in (vader, ...);
+    """Online algorithms: reward function, `module:function`, `file.py:function` or a built-in (vader, ...),
+    or `rlhs:CONFIG.yaml` (RLHS's hindsight-simulation reward, alignkit/agents/hindsight.py);
     repeat --reward for several (each logged as reward/NAME, combined by --reward-weights)."""
     reward_weights: str | None = None
     """Several --reward: comma-separated weights, one per reward in order (default 1 each)."""
