@@ -316,3 +316,18 @@ def test_branches_share_the_roll_in_and_only_their_future_is_trained():
     assert episodes.metrics["refuel/reset_turn"] == 1.5  # (2 + 1) / 2
     assert len(reset_turns(5, 3, 7)) == 5 and reset_turns(5, 3, 7) == reset_turns(5, 3, 7)
     assert {h for h in reset_turns(200, 3, 1)} == {1, 2, 3}
+
+
+def test_the_readme_environment_runs_as_written():
+    """README's "Multi-turn and tools" example: a guessing game, played by a scripted policy
+    that guesses 50 then the secret."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    code = text.split("class Guess:", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec("class Guess:" + code, namespace)  # noqa: S102  (our own README)
+    episodes, _ = run_episodes(lambda text: "37" if "higher" in text or "lower" in text else "50",
+                               env=namespace["Guess"], rows=[{"prompt": "", "secret": 37}])
+    assert episodes.turn_rewards == [[0.0, 1.0]] and episodes.metrics["env/found"] == 0.5
+    assert [m["content"] for m in episodes.messages[0] if m["role"] == "user"][1] == "lower"
