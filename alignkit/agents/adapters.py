@@ -24,7 +24,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from alignkit.agents.protocol import Environment, Message
+from alignkit.agents.protocol import Environment, Message, prompt_messages
 from alignkit.agents.tools import ToolCall, ToolRunner
 
 ENVS_EXTRA_HINT = "pip install alignkit[envs]"
@@ -134,18 +134,6 @@ def message_call(call: dict[str, Any]) -> ToolCall:
     if not isinstance(arguments, dict | None):
         return ToolCall(name, {}, raw=str(arguments), error=f"arguments must be an object, got {type(arguments).__name__}")
     return ToolCall(name, dict(arguments or {}), raw=json.dumps(function, default=str))
-
-
-def prompt_messages(row: dict[str, Any], where: str) -> list[Message]:
-    """The row's `prompt` as messages: a string becomes one user message, a list of message
-    dicts is copied."""
-    prompt = row.get("prompt")
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
-        return [dict(message) for message in prompt]
-    raise ValueError(f"{where}: the row needs a 'prompt' (a string or a list of messages), "
-                     f"got {type(prompt).__name__}")
 
 
 class TRLEnvironment:

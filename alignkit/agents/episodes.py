@@ -39,7 +39,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.agents.protocol import EnvironmentError_, Message, as_step_result, check_messages
+from alignkit.agents.protocol import (
+    EnvironmentError_,
+    Message,
+    as_step_result,
+    check_messages,
+    prompt_messages,
+)
 from alignkit.agents.template import Conversation, assistant_closing
 from alignkit.agents.tools import (
     ToolRunner,
@@ -88,12 +94,7 @@ class PromptEnvironment:
     final answer and ends the episode with reward 0 (the run's --reward scores it)."""
 
     def reset(self, row: dict[str, Any]) -> list[Message]:
-        prompt = row.get("prompt")
-        if isinstance(prompt, list):
-            return check_messages(prompt, "the row's prompt messages")
-        if not isinstance(prompt, str):
-            raise ValueError("a multi-turn row without --env needs a 'prompt' (text or messages)")
-        return [{"role": "user", "content": prompt}]
+        return prompt_messages(row, "--tools")
 
     def step(self, messages: list[Message]):
         return None, 0.0, True, {}

@@ -78,6 +78,18 @@ def check_messages(messages: Any, where: str, roles: tuple[str, ...] | None = No
     return out
 
 
+def prompt_messages(row: dict[str, Any], where: str) -> list[Message]:
+    """The row's `prompt` as the first messages: a string is one user message, a list of
+    message dicts is checked and copied."""
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and prompt:
+        return check_messages(prompt, f"{where}: the row's prompt")
+    raise ValueError(f"{where}: the row needs a 'prompt' (a string or a list of messages), "
+                     f"got {type(prompt).__name__}")
+
+
 def as_step_result(out: Any, where: str) -> StepResult:
     """Check `env.step`'s return value (see the module docstring)."""
     if not isinstance(out, tuple) or len(out) != 4:

@@ -21,7 +21,7 @@ import threading
 import zlib
 from typing import Any
 
-from alignkit.agents.protocol import Message, check_messages
+from alignkit.agents.protocol import Message, prompt_messages
 from alignkit.agents.template import encode, render
 from alignkit.rollout import SamplingParams
 
@@ -55,13 +55,8 @@ class UserSimulator:
         return copy.copy(self)
 
     def reset(self, row: dict[str, Any]) -> list[Message]:
-        prompt = row.get("prompt")
         self.goal = str(row.get("user_goal") or "")
-        if isinstance(prompt, list):
-            return check_messages(prompt, "the row's prompt messages")
-        if not isinstance(prompt, str):
-            raise ValueError("a simulated-user episode needs the row's 'prompt' (the user's first message)")
-        return [{"role": "user", "content": prompt}]
+        return prompt_messages(row, "--user-model")
 
     def step(self, messages: list[Message]):
         system = self.system + (f"\nWhat you want: {self.goal}" if self.goal else "")
