@@ -178,3 +178,11 @@ def test_validation_plays_held_out_conversations(tiny_model_dir, tmp_path, env_s
     rows = read_metrics(tmp_path / "val")
     assert "eval_start/reward" in rows[0] and "eval/reward" in rows[-1]
     assert rows[-1]["eval/length"] > 8  # two turns and the user's "again": longer than one 8-token turn
+
+
+@pytest.mark.parametrize(("algorithm", "extra", "match"), [("drpo", {}, "dataset resets"), ("remax", {}, "greedy"),
+                                                           ("nash_md", {}, "opponent"), ("dpa", {}, "direction")])
+def test_single_turn_samplers_are_refused_with_an_environment(algorithm, extra, match, tiny_model_dir, tmp_path,
+                                                              env_spec):
+    with pytest.raises(ValueError, match=match):
+        run(algorithm, tiny_model_dir, tmp_path / algorithm, env_spec, steps=1, group_size=2, **extra)

@@ -87,7 +87,7 @@ from alignkit.training.online.steps import (
     uses_group_baseline,
 )
 from alignkit.training.online.trainer import Experience
-from alignkit.training.online.turns import episode_runner, over_policy_tokens
+from alignkit.training.online.turns import check_multi_turn_settings, episode_runner, over_policy_tokens
 from alignkit.training.online.validation import NoValidation, make_validation
 from alignkit.training.run import distributed
 from alignkit.training.run.adapters import uses_adapter
@@ -117,6 +117,7 @@ def run_online(config: TrainConfig, *, model=None, tokenizer=None, data: Any = N
 
     s: OnlineSettings = ALGORITHMS[config.algorithm].make_task(config)
     check_group_baseline(s, config.algorithm, config.allow_degenerate)
+    check_multi_turn_settings(config, s)
     ranks = init_ranks(config.strategy, config.device)
     configure_threads(config)
     config.hparams = dataclasses.asdict(s)  # config.yaml records every resolved choice

@@ -94,6 +94,28 @@ def episode_runner(config, s, tokenizer, engine=None) -> EpisodeRunner | None:
                          "--tools")
 
 
+SINGLE_TURN_ONLY = {
+    "reset_prob": "drpo's dataset resets roll in a single response",
+    "dpa": "dpa writes its direction into a single-turn prompt",
+    "mixture_coef": "nash_md samples its opponent as one completion",
+}
+
+
+def check_multi_turn_settings(config, s) -> None:
+    """Before anything loads: refuse the settings that sample single completions beside (or
+    instead of) a multi-turn run's episodes, which would otherwise be skipped without a word."""
+    if config.env is None and config.tools is None and config.user_model is None:
+        return
+    preset = config.algorithm
+    active = {"reset_prob": s.reset_prob > 0, "dpa": s.dpa, "mixture_coef": s.mixture_coef is not None}
+    for key, on in active.items():
+        if on:
+            raise ValueError(f"{preset}: {SINGLE_TURN_ONLY[key]}; it does not run with --env/--tools/--user-model")
+    if s.objective == "policy_gradient" and s.advantage == "remax":
+        raise ValueError(f"{preset}: remax's baseline is a greedy single-turn response; with --env/--tools/"
+                         "--user-model use grpo, rloo or ppo")
+
+
 def user_simulator(config, s, tokenizer, engine):
     """The factory of `--user-model`'s simulated users (one model shared by every instance)."""
     from alignkit.agents.user_sim import UserSimulator
