@@ -87,7 +87,11 @@ from alignkit.training.online.steps import (
     uses_group_baseline,
 )
 from alignkit.training.online.trainer import Experience
-from alignkit.training.online.turns import check_multi_turn_settings, episode_runner, over_policy_tokens
+from alignkit.training.online.turns import (
+    check_multi_turn_settings,
+    episode_runner,
+    over_policy_tokens,
+)
 from alignkit.training.online.validation import NoValidation, make_validation
 from alignkit.training.run import distributed
 from alignkit.training.run.adapters import uses_adapter
