@@ -130,3 +130,32 @@ def assert_runs_match(two: list[dict], one: list[dict], reward_tolerance: float 
             if key in b:  # k1 KL: a sum of ~8 log-prob differences of ~6 each, which can cancel to ~0.1
                 absolute = 1e-5 if key == "kl" else rel / 10
                 assert a[key] == pytest.approx(b[key], rel=rel, abs=absolute), (a["step"], key, a[key], b[key])
+
+
+class TwoTurns:
+    """The scripted two-turn environment of tests/test_online_multiturn.py, importable by the
+    ranks (`--env dist_helpers:TwoTurns`): the user asks, then says "again"; the reward is the
+    e's of the policy's second turn minus those of its first."""
+
+    def reset(self, row):
+        self.turn, self.first = 0, 0
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def step(self, messages):
+        self.turn += 1
+        said = messages[-1]["content"]
+        if self.turn == 1:
+            self.first = said.count("e")
+            return {"role": "user", "content": "again"}, 0.0, False, {"first_e": self.first}
+        return None, float(said.count("e") - self.first), True, {"second_e": said.count("e")}
+
+
+class RankDependent(TwoTurns):
+    """`TwoTurns` whose second question names the torchrun rank: the ranks replay the same
+    conversation differently (what `check_episodes_agree` must refuse)."""
+
+    def step(self, messages):
+        reply, reward, done, info = super().step(messages)
+        if reply is not None:
+            reply = {"role": "user", "content": f"again, rank {os.environ.get('RANK', '0')}"}
+        return reply, reward, done, info

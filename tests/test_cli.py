@@ -113,3 +113,51 @@ def test_a_repeated_set_key_is_refused():
     assert parse_set_values(["beta=0.1", "group_size=4"]) == {"beta": 0.1, "group_size": 4}
     with pytest.raises(ValueError, match="--set beta given more than once"):
         parse_set_values(["beta=0.1", "group_size=4", "beta=0.2"])
+
+
+def test_train_grpo_help_lists_the_multi_turn_flags():
+    result = subprocess.run([sys.executable, "-m", "alignkit.cli", "train", "grpo", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for flag in ("--env", "--tools", "--user-model"):
+        assert flag in result.stdout, flag
+
+
+MULTI_TURN_ENV = '''
+class TwoTurns:
+    """The user asks, then says "again"; the reward is the e's of the policy's second turn."""
+
+    def reset(self, row):
+        self.turn = 0
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def step(self, messages):
+        self.turn += 1
+        if self.turn == 1:
+            return {"role": "user", "content": "again"}, 0.0, False, {}
+        return None, float(messages[-1]["content"].count("e")), True, {"turn": self.turn}
+'''
+
+
+def test_cli_multi_turn_run_with_an_env_file_and_a_bad_env_spec(tiny_model_dir, tmp_path):
+    """`--env file.py:Factory` without --reward (the environment's rewards are the signal) trains
+    a step end to end; a spec naming nothing is one error line and exit code 2."""
+    env = tmp_path / "two_turns.py"
+    env.write_text(MULTI_TURN_ENV)
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ("Say hi.", "Tell me a story.")])
+    args = [sys.executable, "-m", "alignkit.cli", "train", "grpo", "--model", str(tiny_model_dir), "--data", data,
+            "--max-steps", "1", "--batch-size", "2", "--no-progress", "--allow-degenerate",
+            "--set", "max_new_tokens=8", "--set", "group_size=2", "--set", "max_turns=2"]
+    done = subprocess.run([*args, "--output", str(tmp_path / "run"), "--env", f"{env}:TwoTurns"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = read_metrics(tmp_path / "run")
+    assert row["turns/mean"] == 2.0 and row["env/turn"] == 2.0 and row["episode/finish_done"] == 1.0
+    assert row["reward/mean"] == row["episode/return"]  # the environment's reward, no --reward
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["env"] == f"{env}:TwoTurns"
+    bad = subprocess.run([*args, "--output", str(tmp_path / "bad"), "--env", f"{env}:NoSuchFactory"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("alignkit train: error:")]
+    assert errors == [f"alignkit train: error: --env '{env}:NoSuchFactory': '{env}' has no attribute 'NoSuchFactory'"]
+    assert "Traceback" not in bad.stderr

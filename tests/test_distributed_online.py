@@ -10,7 +10,10 @@ rm_segment model (each rank scores its rows, dense rows gathered), drpo (each ra
 rows' prefixes), salsa (a soup reference), grpo sampling
 through one rollout server shared by both ranks (--rollout vllm --vllm-url, the reference
 server; also with LoRA, a KL term and FSDP2), and under
-FSDP2 grpo, ppo, grpo with LoRA and a KL term, dapo with micro-batches: sampled
+FSDP2 grpo, ppo, grpo with LoRA and a KL term, dapo with micro-batches, and multi-turn grpo and
+ppo (--env: each round of turns split across the ranks, every rank replaying the environment;
+an environment that answers differently per rank is refused) and refuel with the policy as
+the simulated user (sampled on each rank's own engine): sampled
 completions identical (reward/mean and response_length equal exactly at every step), grad norms
 to 1e-5 relative, losses to 1e-5 relative + 1e-7 absolute (policy-gradient losses are sums that
 cancel to ~1e-8), final weights to 1e-4, the ranks bit-identical. Plus an interrupted 2-rank
@@ -18,6 +21,7 @@ run resumed, and a 2-rank checkpoint resumed in one process. One torchrun launch
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -46,6 +50,7 @@ TEACHER = "<teacher>"  # stands for a second tiny model (another seed) the fixtu
 _teacher_dir: list[str] = []
 _segment_model: list[str] = []
 _resources: dict[str, str] = {}
+MULTI_TURN = {"env": "dist_helpers:TwoTurns", "max_turns": 2, "max_episode_tokens": 64}
 CASES = {
     "grpo": ("grpo", {}),
     "ppo": ("ppo", {}),
@@ -97,6 +102,14 @@ CASES = {
     "ppo-fsdp2": ("ppo", {"strategy": "fsdp2"}),
     "grpo-lora-kl-fsdp2": ("grpo", {"strategy": "fsdp2", "lora_r": 4, "beta": 0.05}),
     "dapo-micro3-fsdp2": ("dapo", {"strategy": "fsdp2", "micro_batch_size": 3}),
+    # multi-turn (--env): each round of turns is split across the ranks by the engine wrapper and
+    # gathered; every rank replays every conversation's environment steps (deterministic env)
+    "grpo-multiturn": ("grpo", MULTI_TURN),
+    "ppo-multiturn": ("ppo", MULTI_TURN),
+    # refuel: reset turns and branches replicated; the simulated user (the policy) samples on each
+    # rank's own engine: its calls come from the environment threads, in any order
+    "refuel-user-policy": ("refuel", {"user_model": "policy", "group_size": 2, "max_turns": 2,
+                                      "max_episode_tokens": 64}),
 }
 PACKED = {  # padding-free (the default): each rank packs its own rows
     "grpo-packed": ("grpo", {"padding_free": True, "beta": 0.05}),
@@ -178,6 +191,9 @@ def _launched_runs(tmp_path_factory, tiny_model_dir):
             port = free_port()               # serves the rollout there, on this port
             case["serve_rollout"] = port
             case["overrides"]["vllm_url"] = f"http://127.0.0.1:{port}"
+    cases.append({"name": "multiturn-rank-dependent-env", "algorithm": "grpo", "model": str(tiny_model_dir),
+                  "data": data, "overrides": {**BASE, **MULTI_TURN, "env": "dist_helpers:RankDependent"},
+                  "expect_error": True})
     cases.append({"name": "ppo-resumed", "algorithm": "ppo", "model": str(tiny_model_dir), "data": data,
                   "overrides": {**BASE, **RESUME}, "interrupt_at": 2})
     cases.append({"name": "grpo-fsdp2-resumed", "algorithm": "grpo", "model": str(tiny_model_dir), "data": data,
@@ -249,3 +265,37 @@ def test_two_rank_checkpoint_resumes_in_one_process(runs, tiny_model_dir, tmp_pa
     alignkit.train("ppo", model=str(tiny_model_dir), data=data, output_dir=tmp_path / "unused", resume=str(run),
                    progress=False, **{**BASE, **RESUME})
     assert_runs_match(read_metrics(run), read_metrics(out / "ppo-resumed" / "run"))
+
+
+def test_multi_turn_episodes_log_their_metrics_on_two_ranks(runs):
+    out = runs[0]
+    for name in ("grpo-multiturn", "ppo-multiturn", "refuel-user-policy"):
+        rows = read_metrics(out / name / "run")
+        assert all(r["turns/mean"] >= 1.0 and "episode/return" in r for r in rows), name
+        assert rows[0]["episode/length"] > rows[0]["episode/policy_tokens"], name  # the other side's tokens
+    assert "env/first_e" in read_metrics(out / "grpo-multiturn" / "run")[0]
+    assert "env/user_tokens" in read_metrics(out / "refuel-user-policy" / "run")[0]
+
+
+def test_an_environment_that_differs_between_ranks_is_refused(runs):
+    out = runs[0]
+    for rank in (0, 1):
+        message = (out / "multiturn-rank-dependent-env" / f"error-rank{rank}.txt").read_text()
+        assert "dist_helpers:RankDependent gave different episodes on different torchrun ranks" in message
+
+
+def test_gathered_rollouts_keep_the_environment_mask():
+    """`gather_rollout` (one process: the identity gathers) carries env_mask like rollin_mask."""
+    from alignkit.rollout import Rollout
+    from alignkit.training.online.distributed_rollout import gather_rollout
+    from alignkit.training.run.distributed import Ranks
+
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    env = torch.tensor([[False, True, False, False], [False, False, False, False]])
+    local = Rollout([[1], [1]], torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]]), torch.full((2, 4), -0.5), mask,
+                    ["stop", "length"], torch.tensor([0, 0]), env_mask=env)
+    out = gather_rollout(local, [[1]], 2, Ranks(), pad_id=0)
+    assert torch.equal(out.env_mask, env[:, :3]) and torch.equal(out.response_ids, local.response_ids[:, :3])
+    assert out.finish_reason == ["stop", "length"] and out.rollin_mask is None
+    plain = gather_rollout(dataclasses.replace(local, env_mask=None), [[1]], 2, Ranks(), pad_id=0)
+    assert plain.env_mask is None

@@ -235,7 +235,9 @@ class EpisodeRunner:
     # ---- running
     def run(self, engine: Any, rows: list[dict[str, Any]], n: int, sampling: SamplingParams) -> Episodes:
         """Episodes for `rows` (dataset rows), `n` per row; `sampling.max_new_tokens` bounds
-        each turn and `sampling.seed` (with the round) seeds the engine."""
+        each turn and `sampling.seed` (with the round) seeds the engine; a round's j-th active
+        conversation draws the noise of sample `sampling.first_sample + j` (a later chunk of
+        held-out rows passes its first global sample, so it does not reuse the first's noise)."""
         started = time.perf_counter()
         slots = self.slots(rows, n)
         self.advance(engine, slots, sampling, base_seed(sampling))
@@ -262,7 +264,8 @@ class EpisodeRunner:
         """One turn of every active slot: generate, parse, tools or environment, replies."""
         budget = self.settings.max_episode_tokens
         room = min(sampling.max_new_tokens, min(budget - len(slots[k].conversation.response_ids) for k in active))
-        turn_sampling = dataclasses.replace(sampling, max_new_tokens=max(room, 1), seed=seed, first_sample=0)
+        turn_sampling = dataclasses.replace(sampling, max_new_tokens=max(room, 1), seed=seed,
+                                            first_sample=sampling.first_sample)
         generated = engine.generate([slots[k].conversation.ids for k in active], 1, turn_sampling)
         lengths = generated.lengths.tolist()
         replies: dict[int, list[Message]] = {}

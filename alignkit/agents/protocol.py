@@ -19,6 +19,12 @@ no arguments that returns an environment; `textarena:GAME`, `verifiers:TASKSET` 
 `trl:module:Class` load environments from those packages instead (`adapters.py`). The loop calls it once per conversation slot that
 runs at the same time, and reuses an instance for later episodes (each begins with `reset`),
 so one instance serves many episodes but never two at once.
+
+Under torchrun every rank plays every conversation (each round's sampling is split across the
+ranks and gathered), so each rank runs every `reset` and `step` itself: an environment must
+answer a conversation the same way on every rank (seed its randomness from the row or its own
+counter, not the clock or the process); the loop checks it after each batch and stops with an
+error naming the environment when the ranks disagree.
 """
 
 from __future__ import annotations

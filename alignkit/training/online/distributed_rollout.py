@@ -14,12 +14,22 @@ collective of their own). Only the expensive steps are split by rows:
 
 All gathers pad to the largest rank's rows and widths and pack into float64 (token ids
 < 2^53 and float32 log-probs are exact in it), one all-gather per tensor family.
+
+Multi-turn rollouts (`alignkit.agents`) are split per round of turns: the episode runner's
+`engine.generate` of a round's active conversations is this wrapper's, so each rank samples a
+block of them (noise keyed on the position in the round, as in one process) and every rank
+gets the whole round back. Every rank then holds every conversation and runs every
+environment step and tool call itself: environments must be deterministic functions of the
+conversation (and their own seeded state), which `check_episodes_agree` verifies after each
+batch of episodes. A simulated user (`--user-model`) samples on the rank's own engine
+(`rank_local`), replicated likewise.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 
 import torch
 from torch import Tensor
@@ -88,22 +98,25 @@ def gather_rollout(local: Rollout | None, prompt_ids: list[list[int]], n: int, r
                    device: torch.device | None = None, pad_id: int = 0, rolled_in: bool = False) -> Rollout:
     """The global rollout from each rank's block (`local` None on a rank without prompts);
     responses right-padded with `pad_id`, as an engine pads them. `rolled_in`: the rows carry
-    a `rollin_mask` (every rank's call forced prefixes), gathered as a fourth channel."""
-    channels = 4 if rolled_in else 3
+    a `rollin_mask` (every rank's call forced prefixes), gathered as a fourth channel. An
+    `env_mask` (multi-turn rows) travels as a fifth channel; the global rollout has one when
+    any rank's block had one (a block without: no environment tokens)."""
+    channels = 5
     if local is None:
         packed = torch.zeros((0, 1, channels), dtype=torch.float64)
         stopped = torch.zeros((0, 1), dtype=torch.float64)
-        stats = torch.zeros(3, dtype=torch.float64)
+        stats = torch.zeros(4, dtype=torch.float64)
     else:
-        parts = [local.response_ids.double(), local.response_logprobs.double(), local.response_mask.double()]
-        if rolled_in:
-            parts.append(local.rollin_mask.double())
-        packed = torch.stack(parts, dim=-1).cpu()  # (N_r, L_r, 3 or 4)
+        nothing = torch.zeros_like(local.response_mask, dtype=torch.float64)
+        parts = [local.response_ids.double(), local.response_logprobs.double(), local.response_mask.double(),
+                 local.rollin_mask.double() if rolled_in else nothing,
+                 local.env_mask.double() if local.env_mask is not None else nothing]
+        packed = torch.stack([part.cpu() for part in parts], dim=-1)  # (N_r, L_r, 5)
         stopped = torch.tensor([[reason == "stop"] for reason in local.finish_reason], dtype=torch.float64)
         stats = torch.tensor([float(local.extras.get("generated_tokens", 0)),
-                              float(local.extras.get("decoded_rows", 0)), float(local.extras.get("seconds", 0.0))],
-                             dtype=torch.float64)
-    rows = gather_rows(packed, ranks)  # (N, L, channels)
+                              float(local.extras.get("decoded_rows", 0)), float(local.extras.get("seconds", 0.0)),
+                              float(local.env_mask is not None)], dtype=torch.float64)
+    rows = gather_rows(packed, ranks)  # (N, L, 5)
     finished = gather_rows(stopped, ranks).reshape(-1)
     totals = all_reduce_sum(stats)
     target = device if device is not None else (local.response_ids.device if local is not None else None)
@@ -120,7 +133,41 @@ def gather_rollout(local: Rollout | None, prompt_ids: list[list[int]], n: int, r
                 "seconds": float(totals[2]) / ranks.world,
                 "seed": None if local is None else local.extras.get("seed")},
         rollin_mask=(rows[:, :width, 3] > 0.5).to(target) if rolled_in else None,
+        env_mask=(rows[:, :width, 4] > 0.5).to(target) if totals[3] > 0 else None,
     )
+
+
+def rank_local(engine):
+    """The engine this rank samples on by itself: inside a `ShardedRollout`, the wrapped one
+    (no collective per call). Callers from threads in an order that may differ between ranks
+    (a simulated user's turns) must use it: a collective per call would pair different calls."""
+    return engine.engine if isinstance(engine, ShardedRollout) else engine
+
+
+def episodes_fingerprint(episodes) -> Tensor:
+    """(4,) float64 summary of a batch of episodes that any divergence between ranks changes:
+    the CRC-32 of the token ids, of the environment mask, of the turn rewards and turn ends,
+    and of the episodes' finishes (each < 2^32: exact in float64)."""
+    rollout = episodes.rollout
+    env = rollout.env_mask if rollout.env_mask is not None else torch.zeros_like(rollout.response_mask)
+    tokens = torch.where(rollout.response_mask, rollout.response_ids, -1).cpu().numpy().tobytes()
+    turns = repr([[float(r) for r in rewards] for rewards in episodes.turn_rewards]) + repr(episodes.turn_ends)
+    finishes = repr(rollout.extras.get("episode_finish", []))
+    return torch.tensor([zlib.crc32(tokens), zlib.crc32(env.cpu().numpy().tobytes()), zlib.crc32(turns.encode()),
+                         zlib.crc32(finishes.encode())], dtype=torch.float64)
+
+
+def check_episodes_agree(episodes, ranks: Ranks, what: str) -> None:
+    """Every rank holds every conversation (see the module docstring): raise a ValueError when
+    the ranks' episodes differ, i.e. `what` (the environment) answered the same conversation
+    differently on two ranks (unseeded randomness, wall-clock timeouts, outside services)."""
+    if not ranks.distributed:
+        return
+    prints = all_gather_equal(episodes_fingerprint(episodes))
+    if any(not torch.equal(p, prints[0]) for p in prints[1:]):
+        raise ValueError(f"{what} gave different episodes on different torchrun ranks: every rank replays every "
+                         "conversation, so an environment (its steps, tools, simulated user) must be deterministic "
+                         "given the conversation and its seeded state")
 
 
 def rank_rows(fn, batch, ranks: Ranks, lockstep: bool = False) -> Tensor:

@@ -49,6 +49,7 @@ from alignkit.agents.branching import reset_turns, run_branched
 from alignkit.objectives.filters import filter_rows
 from alignkit.rewards.dense import DenseRewards, sequence_scores
 from alignkit.rollout import Rollout, SamplingParams
+from alignkit.training.online.distributed_rollout import check_episodes_agree
 from alignkit.training.online.dpa import DIRECTION_COLUMN
 from alignkit.training.online.kl_control import RunningMeanStd
 from alignkit.training.online.nash import OPPONENT_ROUND
@@ -63,6 +64,7 @@ from alignkit.training.online.steps import (
     shape_dense_rewards,
     shape_rewards,
 )
+from alignkit.training.run import distributed
 
 log = logging.getLogger("alignkit")
 
@@ -287,6 +289,7 @@ class PromptSampler:
                 episodes = run_branched(self.episodes, self.engine, rows, sampling, resets, s.group_size)
             else:
                 episodes = self.episodes.run(self.engine, rows, s.group_size, sampling)
+            check_episodes_agree(episodes, distributed.current(), self.episodes.env_name)  # replayed on every rank
             rollout = episodes.rollout
             self.round_metrics.update(episodes.metrics)
         else:

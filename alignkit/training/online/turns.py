@@ -23,6 +23,7 @@ from torch import Tensor
 from alignkit.agents.episodes import EpisodeRunner, EpisodeSettings
 from alignkit.agents.protocol import load_env
 from alignkit.agents.tools import load_tools
+from alignkit.training.online.distributed_rollout import rank_local
 
 
 def has_holes(mask: Tensor) -> bool:
@@ -120,8 +121,8 @@ def user_simulator(config, s, tokenizer, engine):
     """The factory of `--user-model`'s simulated users (one model shared by every instance)."""
     from alignkit.agents.user_sim import UserSimulator
 
-    if config.user_model == "policy":
-        user_engine, user_tokenizer = engine, tokenizer
+    if config.user_model == "policy":  # under torchrun, each rank samples its users itself (rank_local)
+        user_engine, user_tokenizer = rank_local(engine), tokenizer
     else:
         from alignkit.models.loading import load_model
         from alignkit.rollout import HFEngine

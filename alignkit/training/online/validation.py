@@ -55,6 +55,7 @@ from alignkit.objectives import KL
 from alignkit.rewards.dense import sequence_scores
 from alignkit.rewards.runner import reward_batch
 from alignkit.rollout import SamplingParams
+from alignkit.training.online.distributed_rollout import check_episodes_agree
 from alignkit.training.online.multi_reward import MultiReward
 from alignkit.training.online.roles import (
     FunctionReward,
@@ -64,6 +65,7 @@ from alignkit.training.online.roles import (
 )
 from alignkit.training.online.sampling import CONVERSATION_COLUMN
 from alignkit.training.online.settings import OnlineSettings
+from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
 
 EVAL_OPTIONS = {"gold_reward": None, "eval_samples": 1, "eval_k": "1", "eval_pass_threshold": 1.0}
@@ -220,6 +222,7 @@ class Validation:
         if self.episodes is not None:  # multi-turn: held-out conversations, scored as in training
             held_out = [{**self.rows[i], "__row__": i} for i in range(start, stop)]
             episodes = self.episodes.run(roles.rollout, held_out, self.samples, sampling)
+            check_episodes_agree(episodes, distributed.current(), self.episodes.env_name)
             rollout = episodes.rollout
         else:
             rollout = roles.rollout.generate(self.prompt_ids[start:stop], self.samples, sampling)

@@ -244,7 +244,7 @@ def validate_config(config: TrainConfig, given: set[str] = frozenset()) -> Train
     check_device(config.device)
     if config.tensorboard and not tensorboard_installed():
         raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
-    if spec.runner == "online" and not (config.reward or config.reward_model):
+    if spec.runner == "online" and not (config.reward or config.reward_model or config.env):  # --env: its rewards
         raise ValueError(f"{config.algorithm} needs a reward: --reward module:function (or a built-in "
                          "such as vader) or --reward-model DIR")
     check_ignored(config, spec, task, set(given))
