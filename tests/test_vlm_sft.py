@@ -1,0 +1,118 @@
+"""Image rows through the processor, the memory-lean LM head with pixel inputs, and SFT on a
+tiny VLM lowering held-out NLL on a planted task (the answer is the colour of the square)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from alignkit.data.image_tokenize import collate_image_sequences, tokenize_sft_images
+from alignkit.data.table import RowTable
+from alignkit.models import load_vlm, token_logps
+from alignkit.models.vlm import set_vlm_trainable
+from alignkit.testing_vlm import COLOURS, build_tiny_vlm, draw_shape_image
+
+ARCHS = ("qwen2_vl", "llava")
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def vlm(request, tmp_path_factory):
+    path = build_tiny_vlm(tmp_path_factory.mktemp(request.param), request.param)
+    return request.param, path
+
+
+def colour_rows(n: int, seed: int = 0) -> list[dict]:
+    """'What colour is the square?' over a square of a random colour at a random place."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        colour = rng.choice(sorted(COLOURS))
+        x, y = rng.randrange(0, 24), rng.randrange(0, 24)
+        question = [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]
+        rows.append({
+            "messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": [{"type": "text", "text": colour}]}],
+            "images": [draw_shape_image("square", colour, (x, y, x + 30, y + 30))],
+        })
+    return rows
+
+
+def _batch(processor, rows):
+    examples, _ = tokenize_sft_images(RowTable(rows), processor, max_length=64)
+    return examples, collate_image_sequences(examples, processor.tokenizer.pad_token_id)
+
+
+def test_image_tokens_are_prompt_tokens_and_pixels_batch_in_row_order(vlm):
+    arch, path = vlm
+    _, processor = load_vlm(str(path), device="cpu")
+    examples, batch = _batch(processor, colour_rows(3))
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>" if arch == "qwen2_vl" else "<image>")
+    is_image = batch["input_ids"] == image_id
+    assert is_image.sum(dim=1).tolist() == [4, 4, 4]
+    assert not (is_image & batch["response_mask"]).any()  # masked out of every loss
+    pixels = batch["pixel_inputs"]
+    if arch == "qwen2_vl":
+        assert pixels["image_grid_thw"].tolist() == [[1, 4, 4]] * 3
+        assert pixels["pixel_values"].shape == (3 * 16, 1176)
+        torch.testing.assert_close(pixels["mm_token_type_ids"].bool(), is_image)
+    else:
+        assert pixels["pixel_values"].shape == (3, 3, 56, 56)
+    # the completion is the colour then the end of turn
+    text = processor.tokenizer.decode(examples[0].completion_ids)
+    assert text.endswith("<|im_end|>") and text.removesuffix("<|im_end|>") in COLOURS
+
+
+def test_lean_head_with_pixels_matches_full_logits(vlm):
+    """token_logps through vlm_predictor_states equals log_softmax(model(**batch).logits)
+    gathered at the response tokens, and 0 at prompt (image) positions."""
+    _, path = vlm
+    model, processor = load_vlm(str(path), device="cpu")
+    _, batch = _batch(processor, colour_rows(3, seed=1))
+    ids, mask, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    with torch.no_grad():
+        lean = token_logps(model, ids, mask, response, pixel_inputs=batch["pixel_inputs"], chunk_size=2)
+        logits = model(input_ids=ids, attention_mask=mask, **batch["pixel_inputs"]).logits
+    full = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    scored = (response & mask.bool())[:, 1:]
+    expected = torch.cat([torch.zeros(len(ids), 1), torch.where(scored, full, 0.0)], dim=1)
+    torch.testing.assert_close(lean, expected, rtol=1e-5, atol=1e-5)
+    # without the pixels the same ids give different log-probs: the image is read
+    swapped = dict(batch["pixel_inputs"], pixel_values=batch["pixel_inputs"]["pixel_values"].flip(0))
+    with torch.no_grad():
+        other = token_logps(model, ids, mask, response, pixel_inputs=swapped)
+    assert not torch.allclose(other, lean)
+
+
+def _nll(model, batch) -> float:
+    with torch.no_grad():
+        logps = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                            pixel_inputs=batch["pixel_inputs"])
+    return float(-logps.sum() / batch["response_mask"].sum())
+
+
+def test_sft_lowers_held_out_nll_on_the_colour_task(vlm):
+    """The language model and projector trained in full, the vision tower frozen, 40 steps of
+    8 rows: held-out NLL per response token (the colour spelled in letters, then <|im_end|>)
+    must fall below a quarter of the untrained model's (~log V = 5.8 nats). (LoRA with the
+    output layer frozen barely moves a random tiny model: its head's logits stay near 0.)"""
+    torch.manual_seed(0)
+    _, path = vlm
+    model, processor = load_vlm(str(path), device="cpu")
+    set_vlm_trainable(model, ("language", "projector"))
+    _, held_out = _batch(processor, colour_rows(16, seed=99))
+    train_rows = colour_rows(320, seed=0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = _nll(model, held_out)
+    for step in range(40):
+        _, batch = _batch(processor, train_rows[step * 8 : step * 8 + 8])
+        logps = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                            pixel_inputs=batch["pixel_inputs"])
+        loss = -logps.sum() / batch["response_mask"].sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = _nll(model, held_out)
+    print(f"held-out NLL per token {before:.3f} -> {after:.3f}")
+    assert after < 0.25 * before
