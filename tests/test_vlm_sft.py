@@ -166,3 +166,39 @@ def test_images_with_a_text_model_are_a_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="the data has images but --model .* is not a vision-language model"):
         alignkit.train("sft", model=str(tiny_model_dir), data=data, output_dir=tmp_path / "run", max_steps=1,
                        device="cpu")
+
+
+def test_sft_learns_to_read_the_colour_from_the_image(tmp_path):
+    """Qwen2-VL, every part trained, 150 steps of 8 rows. The first answer token names the
+    colour (one of 4: 'r', 'g', 'b', 'y'), so a model that ignores the image cannot beat
+    log 4 = 1.386 nats on it. Measured: 0.73 with the right images, 3.08 with the held-out
+    images shuffled across rows (a model that reads the image is then confidently wrong).
+    (The tiny LLaVA reads it too at lr 3e-3 around step 100, but not stably; see the report.)"""
+    torch.manual_seed(0)
+    path = build_tiny_vlm(tmp_path / "qwen", "qwen2_vl")
+    model, processor = load_vlm(str(path), device="cpu")
+    set_vlm_trainable(model, ("language", "projector", "vision"))
+    _, held_out = _batch(processor, colour_rows(64, seed=99))
+    rows = colour_rows(8 * 150, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(150):
+        _, batch = _batch(processor, rows[step * 8 : step * 8 + 8])
+        logps = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                            pixel_inputs=batch["pixel_inputs"])
+        loss = -logps.sum() / batch["response_mask"].sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def first_token_nll(pixel_inputs) -> float:
+        with torch.no_grad():
+            logps = token_logps(model, held_out["input_ids"], held_out["attention_mask"],
+                                held_out["response_mask"], pixel_inputs=pixel_inputs)
+        first = held_out["prompt_lengths"]  # position of the first answer token
+        return float(-logps[torch.arange(len(first)), first].mean())
+
+    right = first_token_nll(held_out["pixel_inputs"])
+    pixels = held_out["pixel_inputs"]["pixel_values"]  # (64 images * 16 patches, 1176)
+    shuffled = first_token_nll({**held_out["pixel_inputs"], "pixel_values": pixels.roll(16, 0)})
+    print(f"first answer token NLL: right images {right:.3f}, shuffled {shuffled:.3f}, log 4 = 1.386")
+    assert right < 1.0 < 1.386 + 1.0 < shuffled
