@@ -12,7 +12,7 @@ import torch
 from alignkit.data.image_tokenize import collate_image_sequences, tokenize_sft_images
 from alignkit.data.table import RowTable
 from alignkit.models import load_vlm, token_logps
-from alignkit.models.vlm import set_vlm_trainable
+from alignkit.models.vlm import module_role, set_vlm_trainable
 from alignkit.testing_vlm import COLOURS, build_tiny_vlm, draw_shape_image
 
 ARCHS = ("qwen2_vl", "llava")
@@ -154,6 +154,11 @@ def test_train_sft_on_an_image_dataset_end_to_end(vlm, tmp_path):
     final = result.final_dir
     assert (final / "processor_config.json").is_file()
     model, processor = load_vlm(str(final), device="cpu")
+    # --vlm-train auto without LoRA: language model and projector train, the tower stays frozen
+    start, _ = load_vlm(str(path), device="cpu")
+    before, after = dict(start.named_parameters()), dict(model.named_parameters())
+    changed = {module_role(n) for n, p in after.items() if not torch.equal(p, before[n])}
+    assert changed == {"language", "projector"}
     assert isinstance(model, AutoModelForImageTextToText._model_mapping[type(model.config)])
     _, batch = _batch(processor, colour_rows(4, seed=5))
     assert _nll(model, batch) < 0.5 * first["loss"]
@@ -202,3 +207,26 @@ def test_sft_learns_to_read_the_colour_from_the_image(tmp_path):
     shuffled = first_token_nll({**held_out["pixel_inputs"], "pixel_values": pixels.roll(16, 0)})
     print(f"first answer token NLL: right images {right:.3f}, shuffled {shuffled:.3f}, log 4 = 1.386")
     assert right < 1.0 < 1.386 + 1.0 < shuffled
+
+
+def test_vlm_train_option(tiny_model_dir, tmp_path, vlm):
+    import alignkit
+    from alignkit.models.vlm import vlm_train_parts
+
+    assert vlm_train_parts("none", lora=False) == ()
+    with pytest.raises(ValueError, match="--vlm-train 'decoder'"):
+        vlm_train_parts("decoder", lora=False)
+    rows = [{"prompt": "good movie", "completion": "yes"}] * 4
+    with pytest.raises(ValueError, match="--vlm-train 'vision' applies to vision-language models only"):
+        alignkit.train("sft", model=str(tiny_model_dir), data=rows, output_dir=tmp_path / "text", max_steps=1,
+                       device="cpu", vlm_train="vision")
+    # LoRA on the VLM with the tower named: the tower and the adapters change, the projector not
+    _, path = vlm
+    data = _write_image_rows(tmp_path, colour_rows(8, seed=0), "train")
+    result = alignkit.train("sft", model=str(path), data=data, output_dir=tmp_path / "lora", max_steps=2,
+                            batch_size=4, lr=1e-2, lora_r=4, vlm_train="vision", device="cpu", dtype="float32")
+    trained, _ = load_vlm(str(result.final_dir), device="cpu")
+    start, _ = load_vlm(str(path), device="cpu")
+    before = dict(start.named_parameters())
+    changed = {module_role(n) for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"language", "vision"}

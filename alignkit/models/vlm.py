@@ -89,6 +89,26 @@ def set_vlm_trainable(model: nn.Module, trainable: tuple[str, ...] | list[str]) 
         parameter.requires_grad = module_role(name) in trainable or "lora_" in name
 
 
+def vlm_train_parts(spec: str, *, lora: bool) -> tuple[str, ...]:
+    """The parts (`"projector"`, `"vision"`) a `--vlm-train` value trains in full.
+
+    >>> vlm_train_parts("auto", lora=True), vlm_train_parts("auto", lora=False)
+    ((), ('projector',))
+    >>> vlm_train_parts("vision,projector", lora=True)
+    ('projector', 'vision')
+    """
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return () if lora else ("projector",)
+    if spec == "none":
+        return ()
+    parts = {part.strip() for part in spec.split(",") if part.strip()}
+    unknown = sorted(parts - {"projector", "vision"})
+    if unknown or not parts:
+        raise ValueError(f"--vlm-train {spec!r}: write auto, none, or parts among projector, vision")
+    return tuple(sorted(parts))
+
+
 def _image_only_qwen2_vl() -> type:
     from transformers import Qwen2VLProcessor
 

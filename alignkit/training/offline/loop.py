@@ -48,6 +48,7 @@ from alignkit.models import (
     resolve_model_path,
 )
 from alignkit.models.packing import padding_free
+from alignkit.models.vlm import is_vlm_config, set_vlm_trainable, vlm_train_parts
 from alignkit.training.offline.reference import attach_reference_logps
 from alignkit.training.offline.tasks import make_task
 from alignkit.training.run.adapters import adapter_kind, attach_ssf, uses_adapter
@@ -150,6 +151,16 @@ def micro_step(engine, task, examples, indices, pad_id, ranks: Ranks, device, sc
     tokens = int(total_tokens)
     scaled = loss if scale == 1.0 and scale_by == 1.0 else loss * scale / scale_by
     return scaled, reduce_metrics(local, units, weights), tokens
+
+
+def vlm_parts_to_train(config: TrainConfig, model) -> tuple[str, ...] | None:
+    """`--vlm-train`'s parts for a vision-language model, None for a text model (where any
+    value but auto is an error)."""
+    if not is_vlm_config(getattr(model, "config", None)):
+        if config.vlm_train != "auto":
+            raise ValueError(f"--vlm-train {config.vlm_train!r} applies to vision-language models only")
+        return None
+    return vlm_train_parts(config.vlm_train, lora=config.lora_r > 0)
 
 
 def image_encoder(config: TrainConfig, processor, tables: list[RowTable | None], tokenizer):
@@ -319,7 +330,8 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
     elif getattr(task, "needs_reference", False):
         attach_reference_logps(task, model, tokenizer, examples, eval_examples, config, run_dir)
 
-    # 4. adapters, optimizer, schedule
+    # 4. adapters, optimizer, schedule (a VLM's vision tower stays frozen unless --vlm-train names it)
+    vlm_parts = vlm_parts_to_train(config, model)
     if config.lora_r > 0:
         targets = config.lora_target_modules
         model = apply_lora(
@@ -329,9 +341,12 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
             dropout=config.lora_dropout,
             target_modules=targets if targets == "all-linear" else targets.split(","),
             task=task.model_kind,
+            train_vlm_parts=vlm_parts or (),
         )
     elif adapter_kind(config) == "ssf":
         model = attach_ssf(model, config, task.model_kind)
+    elif vlm_parts is not None:
+        set_vlm_trainable(model, ("language", *vlm_parts))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if uses_adapter(config):
