@@ -3,11 +3,12 @@
 `build_tiny_vlm(path, arch)` builds a random Qwen2-VL or LLaVA model around the tiny BPE
 tokenizer of `alignkit.testing` (grown by the architecture's image tokens) and saves model and
 processor with `save_pretrained`, so `AutoModelForImageTextToText` / `AutoProcessor` (and
-`alignkit.models.load_vlm`) load them back. Both see 56x56 images as 4 image tokens:
+`alignkit.models.load_vlm`) load them back. Both see 56x56 images in 14-pixel patches:
 
-- qwen2_vl: 14-pixel patches (4x4 of them), merged 2x2 by the projector -> 4 `<|image_pad|>`;
-- llava: a CLIP tower with 28-pixel patches on a 56x56 crop -> 2x2 patches (+ CLS, dropped by
-  the "default" feature strategy) -> 4 `<image>`.
+- qwen2_vl: 4x4 patches, merged 2x2 by the projector -> 4 `<|image_pad|>` tokens per image;
+- llava: a CLIP tower on a 56x56 crop -> 4x4 patches (+ CLS, dropped by the "default"
+  feature strategy) -> 16 `<image>` tokens per image. (With 28-pixel patches, 4 tokens, the
+  random tower's features barely differ between images and SFT does not learn to read them.)
 
 `draw_shape_image` draws the coloured shapes tests plant their tasks in.
 """
@@ -110,7 +111,7 @@ def _llava(tokenizer: Any, hidden_size: int, num_layers: int) -> tuple[Any, Any]
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    patch_size = IMAGE_SIZE // 2
+    patch_size = 14
     config = LlavaConfig(
         text_config={"model_type": "llama", **_text_config(tokenizer, hidden_size, num_layers)},
         vision_config={

@@ -42,8 +42,9 @@ def test_build_and_load_back(vlm_dir):
     assert sum(p.numel() for p in model.parameters()) < 200_000
     batch = _batch(processor, n_images=2)
     image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN[arch])
-    # one {"type": "image"} part -> 4 image tokens (56x56 image, see alignkit.testing_vlm)
-    assert (batch["input_ids"] == image_id).sum(dim=1).tolist() == [4, 4]
+    # one {"type": "image"} part -> 4 (Qwen2-VL) or 16 (LLaVA) image tokens, see alignkit.testing_vlm
+    per_image = 4 if arch == "qwen2_vl" else 16
+    assert (batch["input_ids"] == image_id).sum(dim=1).tolist() == [per_image, per_image]
     if arch == "qwen2_vl":
         assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
     with torch.no_grad():
