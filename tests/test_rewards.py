@@ -248,7 +248,9 @@ def test_json_valid():
 
 
 def test_load_builtin_rewards():
-    assert set(BUILTIN_REWARDS) == {"vader", "length", "json_valid", "numeric_match", "regex"}
+    assert set(BUILTIN_REWARDS) == {
+        "vader", "length", "json_valid", "numeric_match", "regex", "iou", "choice_accuracy", "think_format",
+    }
     assert isinstance(load_reward("vader"), VaderSentiment)
     assert isinstance(load_reward("json_valid"), JsonValid)
     assert isinstance(load_reward("numeric_match"), NumericAnswerMatch)

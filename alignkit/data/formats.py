@@ -17,6 +17,7 @@ from typing import Any
 
 from alignkit.data.columns import is_id_column
 from alignkit.data.errors import DataError
+from alignkit.data.images import check_images, content_parts_problem, content_text, uses_images
 from alignkit.data.row_checks import (
     check_number_columns,
     check_one_style,
@@ -182,8 +183,12 @@ def _messages_problem(column: str, value: list[Any]) -> str | None:
                 return f"column '{column}', message {k} is missing '{key}'"
         if not isinstance(message["role"], str):
             return f"column '{column}', message {k}: 'role' must be a string"
-        if not isinstance(message["content"], str):
-            return f"column '{column}', message {k}: 'content' must be a string"
+        if isinstance(message["content"], list):  # content parts (images); see data/images.py
+            problem = content_parts_problem(f"column '{column}', message {k}", message["content"])
+            if problem:
+                return problem
+        elif not isinstance(message["content"], str):
+            return f"column '{column}', message {k}: 'content' must be a string or a list of content parts"
     return None
 
 
@@ -199,7 +204,7 @@ def _text_problem(column: str, value: Any, *, allow_empty: bool = False) -> str 
         problem = _messages_problem(column, value)
         if problem:
             return problem
-        if not allow_empty and not any(m["content"].strip() for m in value):
+        if not allow_empty and not any(content_text(m["content"]).strip() for m in value):
             return f"column '{column}' is empty" + ("" if value else " (no messages)")
         return None
     return (
@@ -236,7 +241,7 @@ def _check_sft(row: Mapping[str, Any], **_: Any) -> str | None:
                 "the last message in 'messages' must come from the assistant (it is the "
                 f"completion), got role {messages[-1]['role']!r}"
             )
-        if not messages[-1]["content"].strip():
+        if not content_text(messages[-1]["content"]).strip():
             return "column 'messages': the last (assistant) message is empty"
         return None
     return _check_prompt(row) or _text_problem("completion", row.get("completion"))
@@ -352,7 +357,8 @@ def validate_rows(table: RowTable, kind: str, *, allow_identical_pairs: bool = F
 
     The error names the file, the 1-based row and the problem: a missing column, a wrong
     type, an empty response, identical chosen and rejected (unless `allow_identical_pairs`),
-    a message without role/content, a NaN score or rating.
+    a message without role/content, a NaN score or rating, a missing or unreadable image, a
+    placeholder count that differs from the row's image count (`alignkit.data.images`).
     """
     checks: dict[str, Callable[..., str | None]] = {
         "prompt": _check_prompt_only,
@@ -380,6 +386,8 @@ def validate_rows(table: RowTable, kind: str, *, allow_identical_pairs: bool = F
             raise table.error(i, problem)
     check_one_style(table, lambda row: _is_conversational_row(row, kind))
     check_number_columns(table)
+    if uses_images(table):
+        check_images(table)
 
 
 def _is_conversational_row(row: Mapping[str, Any], kind: str) -> bool:

@@ -23,6 +23,7 @@ from alignkit.models.loading import (
     cache_dir,
     ensure_pad_token,
     load_model,
+    load_vlm,
     resolve_dtype,
     resolve_model_path,
 )
@@ -39,6 +40,7 @@ from alignkit.models.saving import (
     save_pretrained_merged,
 )
 from alignkit.models.ssf import apply_ssf, has_ssf
+from alignkit.models.vlm import is_vlm_config, is_vlm_dir, load_processor
 
 __all__ = [
     "EMBEDDED_ALIASES",
@@ -50,8 +52,12 @@ __all__ = [
     "ensure_pad_token",
     "has_ssf",
     "is_peft",
+    "is_vlm_config",
+    "is_vlm_dir",
     "last_token_index",
     "load_model",
+    "load_processor",
+    "load_vlm",
     "merged_state_dict",
     "plain_state_dict",
     "position_ids_from_mask",

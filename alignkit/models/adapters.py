@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from alignkit.models.heads import _HEAD_NAMES
+from alignkit.models.vlm import is_vlm_config, language_lora_targets, module_role
 
 LORA_TASKS = ("causal_lm", "reward")
 
@@ -41,6 +42,7 @@ def apply_lora(
     dropout: float = 0.0,
     target_modules: str | list[str] = "all-linear",
     task: str = "causal_lm",
+    train_vlm_parts: tuple[str, ...] = (),
 ) -> nn.Module:
     """Wrap `model` with fresh LoRA adapters of rank `r`; returns a `peft.PeftModel`.
 
@@ -48,6 +50,10 @@ def apply_lora(
     linear layer except the output layer. task "reward" keeps the score head fully trainable
     (`modules_to_save`), since a reward model's head starts random. Only adapter (and head)
     parameters require grad afterwards.
+
+    On a vision-language model "all-linear" means the language model's linear layers only:
+    the vision tower and projector stay frozen, unless `train_vlm_parts` names "projector"
+    and/or "vision" (`alignkit.models.vlm.module_role`), whose weights then train in full.
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -62,6 +68,15 @@ def apply_lora(
         kind = "a sequence-classification" if classifier else "a causal-LM"
         raise ValueError(f"apply_lora(task={task!r}) got {kind} model {type(model).__name__}")
 
+    vlm = is_vlm_config(getattr(model, "config", None))
+    unknown = sorted(set(train_vlm_parts) - {"projector", "vision"})
+    if unknown or (train_vlm_parts and not vlm):
+        raise ValueError(
+            f"train_vlm_parts takes 'projector' and/or 'vision' of a vision-language model; got "
+            f"{list(train_vlm_parts)} for {type(model).__name__}"
+        )
+    if vlm and target_modules == "all-linear":
+        target_modules = language_lora_targets(model)
     modules_to_save = None
     if task == "reward":
         modules_to_save = [name for name in _HEAD_NAMES if hasattr(model, name)]
@@ -74,7 +89,11 @@ def apply_lora(
         task_type=TaskType.SEQ_CLS if task == "reward" else TaskType.CAUSAL_LM,
         bias="none",
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    for name, parameter in peft_model.named_parameters():
+        if module_role(name) in train_vlm_parts:
+            parameter.requires_grad = True
+    return peft_model
 
 
 @contextmanager

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -32,6 +33,7 @@ from alignkit.models.sources import (
     looks_like_path,
     missing_path_error,
 )
+from alignkit.models.vlm import is_vlm_dir, load_processor
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +228,8 @@ def load_model(
     with `num_labels` outputs; from a causal-LM checkpoint the score head is freshly
     initialised). Weights are read from safetensors only. The tokenizer always has a pad token
     and `model.config.pad_token_id` matches it; padding side is the caller's choice.
+    A vision-language checkpoint (`is_vlm_dir`) with kind "causal_lm" loads through `load_vlm`
+    and returns its processor's tokenizer (the model runs text-only inputs too).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -237,6 +241,9 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict = {"dtype": torch_dtype, "use_safetensors": True}
     kwargs["trust_remote_code"] = trust_remote_code
+    if kind == "causal_lm" and is_vlm_dir(path):
+        model, processor = load_vlm(name_or_path, dtype=torch_dtype, device=device)
+        return model, processor.tokenizer
     if kind == "reward":
         model_class, kwargs["num_labels"] = AutoModelForSequenceClassification, num_labels
     else:
@@ -252,6 +259,37 @@ def load_model(
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device), tokenizer
+
+
+def load_vlm(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | None = None,
+) -> tuple[PreTrainedModel, Any]:
+    """Load a vision-language model (`AutoModelForImageTextToText`, safetensors only, no remote
+    code) and its processor (`load_processor`: image processor + tokenizer + chat template).
+    The processor's tokenizer gets a pad token and the model's config (and text config) its id.
+    Raises ValueError when the checkpoint has no `vision_config`."""
+    from transformers import AutoModelForImageTextToText
+
+    check_model_source(name_or_path)
+    path = resolve_model_path(name_or_path)
+    if os.path.isdir(path) and not is_vlm_dir(path):
+        raise ValueError(f"model {name_or_path!r}: config.json has no vision_config; not a vision-language model")
+    device = device or default_device()
+    kwargs = {"dtype": resolve_dtype(dtype, device), "use_safetensors": True, "trust_remote_code": False}
+    try:
+        processor = load_processor(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _explain_load_error(name_or_path, path, error) from error
+    tokenizer = ensure_pad_token(processor.tokenizer)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device), processor
 
 
 def _explain_load_error(name: str, path: str, error: Exception) -> Exception:

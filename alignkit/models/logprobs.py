@@ -154,6 +154,7 @@ def token_logps_and_entropy(
     temperature: float = 1.0,
     position_ids: Tensor | None = None,
     with_entropy: bool = True,
+    pixel_inputs: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-probs and entropies of the response tokens.
 
@@ -162,6 +163,9 @@ def token_logps_and_entropy(
     logps[b, t] = log_softmax(z_{t-1} / tau)[x_t] and entropy[b, t] = H(softmax(z_{t-1} / tau)),
     the entropy of the (tempered) distribution that produced x_t. `position_ids` default:
     `position_ids_from_mask(attention_mask)` (pass your own for packed sequences).
+    `pixel_inputs` (a VLM batch's `pixel_values`, `image_grid_thw`, ...; see
+    `alignkit.data.image_tokenize`) route through `vlm_predictor_states`: the image features
+    fill the image tokens, which are prompt tokens and so never scored.
     """
     if input_ids.dim() != 2 or not (input_ids.shape == attention_mask.shape == response_mask.shape):
         raise ValueError(
@@ -178,7 +182,9 @@ def token_logps_and_entropy(
     targets = input_ids[:, 1:][predict_mask]  # (N,)
 
     parts = decoder_and_head(model)
-    if parts is None:  # full (B, T, V) logits; the head is then the identity
+    if pixel_inputs:
+        predictors, head = vlm_predictor_states(model, input_ids, attention_mask, predict_mask, pixel_inputs)
+    elif parts is None:  # full (B, T, V) logits; the head is then the identity
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).logits
         predictors, head = logits[:, :-1][predict_mask], nn.Identity()  # (N, V)
@@ -191,6 +197,24 @@ def token_logps_and_entropy(
     return _scatter(logps, predict_mask), _scatter(entropy, predict_mask)
 
 
+def vlm_predictor_states(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, predict: Tensor, pixel_inputs: dict[str, Tensor]
+) -> tuple[Tensor, nn.Module]:
+    """(h_{t-1} at the True entries of `predict` (B, T-1): (N, H), output embedding) of a
+    vision-language model: its multimodal body (`model.model`: vision tower, projector and
+    language model, which places the image features at the image tokens) run on the padded
+    batch. Positions are left to the model (Qwen2-VL derives its 3-D M-RoPE positions from
+    the ids and `image_grid_thw`), so rows must be right-padded; nothing is packed."""
+    inner = _unwrap_peft(model)
+    body, head = getattr(inner, "model", None), inner.get_output_embeddings()
+    if body is None or head is None:
+        raise ValueError(f"{type(inner).__name__} is not a vision-language model with a body and an LM head")
+    if not bool(attention_mask[:, 0].all()):
+        raise ValueError("vision-language batches must be right-padded (every row starts with a real token)")
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **pixel_inputs).last_hidden_state
+    return hidden[:, :-1][predict], head  # (N, H)
+
+
 def token_logps(
     model: nn.Module,
     input_ids: Tensor,
@@ -200,6 +224,7 @@ def token_logps(
     chunk_size: int = 1024,
     temperature: float = 1.0,
     position_ids: Tensor | None = None,
+    pixel_inputs: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """log p(x_t | x_<t) at response positions, 0 elsewhere: (B, T) ids and masks -> (B, T).
 
@@ -215,6 +240,7 @@ def token_logps(
         temperature=temperature,
         position_ids=position_ids,
         with_entropy=False,
+        pixel_inputs=pixel_inputs,
     )
     return logps
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from alignkit.models.adapters import is_peft
 from alignkit.models.ssf import folded_state_dict, has_ssf
@@ -98,7 +98,9 @@ def _fresh_copy(inner: PreTrainedModel, state_dict: dict[str, Tensor], config=No
     if unexpected:
         raise RuntimeError(f"merged state dict has unexpected keys {unexpected[:5]} ...")
     missing = [k for k, v in fresh.state_dict().items() if v.is_meta]
-    if config.get_text_config().tie_word_embeddings:
+    # A VLM's text config may not carry the flag (Qwen2-VL keeps it on the top config).
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", None)
+    if tied if tied is not None else getattr(config, "tie_word_embeddings", False):
         fresh.tie_weights()
         missing = [k for k, v in fresh.state_dict().items() if v.is_meta]
     if missing:
@@ -130,12 +132,12 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
 
 def save_pretrained_merged(
     model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase | None,
+    tokenizer: PreTrainedTokenizerBase | ProcessorMixin | None,
     path: str | os.PathLike,
     *,
     merge_lora: bool = True,
 ) -> Path:
-    """Save `model` (+ tokenizer) to `path` as safetensors; returns the path.
+    """Save `model` (+ tokenizer, or a VLM's processor) to `path` as safetensors; returns the path.
 
     A plain model is saved as is, an SSF model folded (always: its layers are not a
     transformers format). A LoRA model with `merge_lora=True` is saved with the

@@ -46,10 +46,13 @@ from alignkit.rewards.rules import (
 from alignkit.rewards.runner import RewardRunner, RewardTimeout
 from alignkit.rewards.saved import load_reward_model, reward_model_kind
 from alignkit.rewards.scorer import RewardModelScorer, ScoreNormalizer
+from alignkit.rewards.visual import BoxIoU, ChoiceAccuracy, ThinkAnswerFormat
 
 __all__ = [
     "BUILTIN_REWARDS",
     "BayesRewardScorer",
+    "BoxIoU",
+    "ChoiceAccuracy",
     "DenseRewards",
     "EmbeddingRewardModel",
     "EnsembleScorer",
@@ -58,6 +61,7 @@ __all__ = [
     "RewardModelScorer",
     "ScoreNormalizer",
     "SegmentRewardScorer",
+    "ThinkAnswerFormat",
     "load_reward_model",
     "split_segments",
     "JsonValid",

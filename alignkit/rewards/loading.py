@@ -5,7 +5,9 @@ Spec forms, tried in this order:
 - `rm:DIR` or an existing directory - a saved reward model (plain sequence classifier,
   ensemble, BRME, ArmoRM or embedding RM) through `alignkit.rewards.load_reward_model`;
 - a built-in name: `vader`, `length` (needs `target=`) or `length:TARGET`, `json_valid`,
-  `numeric_match`, `regex:PATTERN` (everything after the first colon is the pattern);
+  `numeric_match`, `regex:PATTERN` (everything after the first colon is the pattern), and the
+  visual ones `iou` (boxes vs a `boxes` column), `choice_accuracy` (vs an `answer` column),
+  `think_format` (`alignkit.rewards.visual`);
 - `path/to/file.py:function` - a Python file loaded by path (ends in `.py` or contains a
   path separator before the colon);
 - `package.module:function` - imported with importlib.
@@ -37,6 +39,7 @@ from alignkit.rewards.rules import (
     RegexMatch,
     VaderSentiment,
 )
+from alignkit.rewards.visual import BoxIoU, ChoiceAccuracy, ThinkAnswerFormat
 
 BUILTIN_REWARDS: dict[str, Callable[..., RewardFunction]] = {
     "vader": VaderSentiment,
@@ -44,6 +47,9 @@ BUILTIN_REWARDS: dict[str, Callable[..., RewardFunction]] = {
     "json_valid": JsonValid,
     "numeric_match": NumericAnswerMatch,
     "regex": RegexMatch,
+    "iou": BoxIoU,
+    "choice_accuracy": ChoiceAccuracy,
+    "think_format": ThinkAnswerFormat,
 }
 
 

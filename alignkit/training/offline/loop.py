@@ -38,8 +38,17 @@ from alignkit.data import (
     load_rows,
     validate_rows,
 )
-from alignkit.models import apply_lora, count_parameters, load_model
+from alignkit.data.images import uses_images
+from alignkit.models import (
+    apply_lora,
+    count_parameters,
+    is_vlm_dir,
+    load_model,
+    load_vlm,
+    resolve_model_path,
+)
 from alignkit.models.packing import padding_free
+from alignkit.models.vlm import is_vlm_config, set_vlm_trainable, vlm_train_parts
 from alignkit.training.offline.reference import attach_reference_logps
 from alignkit.training.offline.tasks import make_task
 from alignkit.training.run.adapters import adapter_kind, attach_ssf, uses_adapter
@@ -144,6 +153,31 @@ def micro_step(engine, task, examples, indices, pad_id, ranks: Ranks, device, sc
     return scaled, reduce_metrics(local, units, weights), tokens
 
 
+def vlm_parts_to_train(config: TrainConfig, model) -> tuple[str, ...] | None:
+    """`--vlm-train`'s parts for a vision-language model, None for a text model (where any
+    value but auto is an error)."""
+    if not is_vlm_config(getattr(model, "config", None)):
+        if config.vlm_train != "auto":
+            raise ValueError(f"--vlm-train {config.vlm_train!r} applies to vision-language models only")
+        return None
+    return vlm_train_parts(config.vlm_train, lora=config.lora_r > 0)
+
+
+def image_encoder(config: TrainConfig, processor, tables: list[RowTable | None], tokenizer):
+    """What tokenises the data: the VLM's processor when any table has images (sft only so
+    far), else the tokenizer. Images with a text-only model are an error naming the model."""
+    if not any(table is not None and uses_images(table) for table in tables):
+        return tokenizer
+    if processor is None:
+        raise ValueError(
+            f"the data has images but --model {config.model!r} is not a vision-language model "
+            "(its config.json has no vision_config)"
+        )
+    if config.algorithm != "sft":
+        raise ValueError(f"--algorithm {config.algorithm}: data with images trains with sft only so far")
+    return processor
+
+
 def load_table(source: Any, task, config: TrainConfig, role: str) -> RowTable:
     split = config.split if role == "training" else EVAL_SPLITS  # a split directory: its test split
     table = load_rows(source, split=split, data_format=config.data_format)
@@ -177,7 +211,11 @@ def micro_batches(lengths: list[int], config: TrainConfig, start: int) -> Iterat
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    """Tensors (and the tensors of nested dicts, e.g. a VLM batch's `pixel_inputs`) on `device`."""
+    return {
+        k: (v.to(device) if torch.is_tensor(v) else to_device(v, device) if isinstance(v, dict) else v)
+        for k, v in batch.items()
+    }
 
 
 @torch.no_grad()
@@ -257,8 +295,15 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
     elif config.eval_holdout:
         table, eval_table = split_holdout(table, config.eval_holdout, config.seed)
 
-    # 3. model and tokens
-    if model is None:
+    # 3. model and tokens (a VLM brings its processor, which tokenises image rows)
+    processor = None
+    if model is None and task.model_kind == "causal_lm" and is_vlm_dir(resolve_model_path(config.model)):
+        model, processor = load_vlm(
+            config.model, dtype=None if config.dtype == "auto" else config.dtype,
+            device=default_device(ranks, config.device),
+        )
+        tokenizer = processor.tokenizer
+    elif model is None:
         model, tokenizer = load_model(
             config.model,
             kind=task.model_kind,
@@ -270,13 +315,14 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with a loaded model")
     pad_id = tokenizer.pad_token_id
-    examples, stats = task.tokenize(table, tokenizer)
+    encoder = image_encoder(config, processor, [table, eval_table], tokenizer)
+    examples, stats = task.tokenize(table, encoder)
     log.info("training data: %s", stats.summary())
     identical = check_identical_pairs(task, examples, config.allow_degenerate)  # None: not pairs
     first_row = data_metrics(stats, identical)  # run totals, written with the first logged step
     eval_examples = []
     if eval_table is not None:
-        eval_examples, eval_stats = task.tokenize(eval_table, tokenizer)
+        eval_examples, eval_stats = task.tokenize(eval_table, encoder)
         log.info("evaluation data: %s", eval_stats.summary())
     if _hook(task, "prepare"):
         splits = {"train": (table, examples), "eval": (eval_table, eval_examples)}
@@ -284,7 +330,8 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
     elif getattr(task, "needs_reference", False):
         attach_reference_logps(task, model, tokenizer, examples, eval_examples, config, run_dir)
 
-    # 4. adapters, optimizer, schedule
+    # 4. adapters, optimizer, schedule (a VLM's vision tower stays frozen unless --vlm-train names it)
+    vlm_parts = vlm_parts_to_train(config, model)
     if config.lora_r > 0:
         targets = config.lora_target_modules
         model = apply_lora(
@@ -294,9 +341,12 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
             dropout=config.lora_dropout,
             target_modules=targets if targets == "all-linear" else targets.split(","),
             task=task.model_kind,
+            train_vlm_parts=vlm_parts or (),
         )
     elif adapter_kind(config) == "ssf":
         model = attach_ssf(model, config, task.model_kind)
+    elif vlm_parts is not None:
+        set_vlm_trainable(model, ("language", *vlm_parts))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if uses_adapter(config):
@@ -421,5 +471,5 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
         writer.close()
 
     # 6. the final checkpoint
-    final_dir = write_final(model, tokenizer, run_dir, ranks, task)
+    final_dir = write_final(model, processor if processor is not None else tokenizer, run_dir, ranks, task)
     return TrainResult(run_dir, final_dir, total_steps, last, eval_metrics, model, tokenizer)

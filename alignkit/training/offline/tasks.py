@@ -26,6 +26,11 @@ from alignkit.data import (
     tokenize_ranked,
     tokenize_sft,
 )
+from alignkit.data.image_tokenize import (
+    ImageSeqExample,
+    collate_image_sequences,
+    tokenize_sft_images,
+)
 from alignkit.models import reward_scores, sequence_logps, token_logps
 from alignkit.objectives import PAIRWISE, PairLogps, combine_losses, ld_dpo, wpo_weights
 from alignkit.objectives.pairwise import log_ratios
@@ -116,12 +121,16 @@ class SequenceData:
     config: TrainConfig
 
     def tokenize(self, table: RowTable, tokenizer) -> tuple[list[SeqExample], TruncationStats]:
+        if hasattr(tokenizer, "image_processor"):  # a VLM processor: rows with images
+            return tokenize_sft_images(table, tokenizer, max_length=self.config.max_length)
         return tokenize_sft(table, tokenizer, **tokenize_options(self.config))
 
     def length(self, example: SeqExample) -> int:
         return example.length
 
     def collate(self, examples: list[SeqExample], pad_id: int) -> dict[str, Tensor]:
+        if examples and isinstance(examples[0], ImageSeqExample):
+            return collate_image_sequences(examples, pad_id)
         return collate_sequences(examples, pad_id)
 
 
@@ -161,6 +170,7 @@ class SFTTask(SequenceData):
             batch["attention_mask"],
             batch["response_mask"],
             chunk_size=self.config.logp_chunk_size,
+            pixel_inputs=batch.get("pixel_inputs"),
         )
         tokens = counts.sum().clamp(min=1)
         loss = -logps.sum() / tokens

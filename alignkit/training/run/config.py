@@ -89,6 +89,10 @@ class TrainConfig:
     """LoRA dropout."""
     lora_target_modules: str = "all-linear"
     """Comma-separated module names for LoRA, or all-linear."""
+    vlm_train: str = "auto"
+    """Vision-language models: what trains in full besides the language model, comma-separated
+    among projector and vision, or none; auto: none with LoRA (adapters on the language model
+    only), projector without. The vision tower stays frozen unless named."""
     adapter: str = "auto"
     """What trains: auto (lora when --lora-r > 0, else none), none (every weight), lora (LoRA of
     rank --lora-r) or ssf (per-feature scale and shift of --ssf-target-modules' outputs, Lian et

@@ -27,7 +27,8 @@ class TrainResult:
 
 
 def write_final(model, tokenizer, run_dir: Path, ranks: Ranks, task=None) -> Path:
-    """`run_dir/final` (LoRA merged) from rank 0; FSDP2 shards are gathered first."""
+    """`run_dir/final` (LoRA merged, with `tokenizer`: a VLM passes its processor) from rank 0;
+    FSDP2 shards are gathered first."""
     final_dir = run_dir / "final"
     if ranks.distributed and ranks.strategy == "fsdp2":
         unshard_parameters(model)

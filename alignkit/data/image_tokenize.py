@@ -1,0 +1,106 @@
+"""Tokenise image rows with a VLM processor: prompt ids with the image tokens expanded, and the
+pixel inputs the model reads beside them; batch them (`collate_image_sequences`).
+
+The prompt (images included) is rendered by the processor's chat template exactly as text
+rows are (`alignkit.data.tokenize`), then the processor expands each image token to one
+token per image patch and computes the pixel inputs (`pixel_values`, plus `image_grid_thw`
+for Qwen2-VL). The completion is tokenised on its own, so image tokens are prompt tokens and
+every loss masks them out with the prompt. Images must sit in the prompt, and a prompt is
+never truncated (cutting image tokens would desynchronise them from their pixels): a prompt
+that leaves no room for one completion token is an error naming the row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from alignkit.data.collate import collate_sequences
+from alignkit.data.images import count_placeholders, image_base_dir, open_image
+from alignkit.data.table import RowTable
+from alignkit.data.tokenize import (
+    SeqExample,
+    TruncationStats,
+    _bos_prefix,
+    _encode,
+    _extras,
+    _prompt_and_responses,
+    _render,
+)
+
+# Processor outputs that are token-aligned (padded with the ids), not pixel inputs.
+_TOKEN_ALIGNED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+@dataclass
+class ImageSeqExample(SeqExample):
+    """A `SeqExample` with its images: `pixel_inputs` (tensors whose dim 0 stacks over images
+    or patches, concatenated across a batch) and the prompt's `mm_token_type_ids` (1 at image
+    tokens), when the processor returns them."""
+
+    pixel_inputs: dict[str, Tensor] = field(default_factory=dict)
+    prompt_token_types: list[int] | None = None
+
+
+def encode_image_prompt(processor: Any, prompt_text: str, images: list[Any]) -> tuple[list[int], dict[str, Tensor], list[int] | None]:
+    """(prompt ids with image tokens expanded, pixel inputs, token types or None) of one prompt."""
+    encoded = processor(text=[prompt_text], images=images or None, return_tensors="pt")
+    ids = encoded["input_ids"][0].tolist()
+    types = encoded["mm_token_type_ids"][0].tolist() if "mm_token_type_ids" in encoded else None
+    bos = _bos_prefix(processor.tokenizer)
+    if bos and ids[: len(bos)] != bos:
+        ids, types = bos + ids, (None if types is None else [0] * len(bos) + types)
+    pixels = {key: value for key, value in encoded.items() if key not in _TOKEN_ALIGNED}
+    return ids, pixels, types
+
+
+def tokenize_sft_images(
+    table: RowTable, processor: Any, *, max_length: int
+) -> tuple[list[ImageSeqExample], TruncationStats]:
+    """Tokenise SFT rows with images (`messages`, or `prompt` + `completion`) into
+    `ImageSeqExample`s; completions longer than the room left are cut (kept start, counted)."""
+    tokenizer = processor.tokenizer
+    stats = TruncationStats()
+    examples = []
+    for i, row in enumerate(table.rows):
+        prompt, responses = _prompt_and_responses(row, ("completion",))
+        items = list(row.get("images") or [])
+        if count_placeholders(prompt) != len(items):
+            raise table.error(i, f"{len(items)} image(s) but {count_placeholders(prompt)} placeholder(s) in the prompt; images must sit in the prompt")
+        prompt_text, (completion_text,) = _render(prompt, responses, tokenizer, apply_chat_template=True)
+        base_dir = image_base_dir(table.origin(i)[0])
+        try:
+            images = [open_image(item, base_dir) for item in items]
+        except ValueError as err:
+            raise table.error(i, str(err)) from None
+        prompt_ids, pixels, types = encode_image_prompt(processor, prompt_text, images)
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            raise table.error(i, f"the prompt takes {len(prompt_ids)} tokens (images included), leaving no room for the completion within max_length {max_length}; prompts with images are never truncated")
+        completion_ids = _encode(tokenizer, [completion_text])[0]
+        stats.examples += 1
+        if len(completion_ids) > room:
+            completion_ids = completion_ids[:room]
+            stats.truncated_responses += 1
+        examples.append(ImageSeqExample(prompt_ids, completion_ids, i, _extras(row), pixels, types))
+    return examples, stats
+
+
+def collate_image_sequences(examples: list[ImageSeqExample], pad_id: int) -> dict[str, Any]:
+    """`collate_sequences` plus `pixel_inputs`: each pixel tensor concatenated over the batch in
+    row order (how VLMs pair image features with image tokens), and `mm_token_type_ids` (B, T)
+    padded with 0 when the examples carry token types."""
+    batch: dict[str, Any] = collate_sequences(examples, pad_id)
+    keys = sorted({key for ex in examples for key in ex.pixel_inputs})
+    pixel_inputs = {key: torch.cat([ex.pixel_inputs[key] for ex in examples if key in ex.pixel_inputs]) for key in keys}
+    if any(ex.prompt_token_types is not None for ex in examples):
+        types = torch.zeros_like(batch["input_ids"])
+        for n, ex in enumerate(examples):
+            if ex.prompt_token_types is not None:
+                types[n, : len(ex.prompt_token_types)] = torch.tensor(ex.prompt_token_types)
+        pixel_inputs["mm_token_type_ids"] = types
+    batch["pixel_inputs"] = pixel_inputs
+    return batch
