@@ -19,8 +19,29 @@ from alignkit.eval import (
     ngrams,
     paired_bootstrap_diff,
     pass_at_k,
+    wilson_interval,
     win_rate,
 )
+
+# ---------------------------------------------------------------- wilson
+
+
+def test_wilson_interval_worked_examples():
+    """8 of 10, z = 1.95996: centre = (0.8 + 0.19208) / 1.38415 = 0.71674, half = 1.41601 x
+    sqrt(0.016 + 0.009604) = 0.22658 -> (0.4902, 0.9433). 0 of 20: centre = half = 0.08057,
+    so (0, 0, 0.1611), not the bootstrap's degenerate (0, 0, 0)."""
+    assert wilson_interval(8, 10) == pytest.approx((0.8, 0.49016, 0.94332), abs=1e-5)
+    assert wilson_interval(0, 20) == pytest.approx((0.0, 0.0, 0.16113), abs=1e-5)
+    point, low, high = wilson_interval(20, 20)
+    assert (point, high) == (1.0, 1.0) and low == pytest.approx(1 - 0.16113, abs=1e-5)
+    assert wilson_interval(5, 10, confidence=0.5)[2] < wilson_interval(5, 10)[2]
+
+
+@pytest.mark.parametrize("args", [(0, 0), (3, 2), (-1, 5)])
+def test_wilson_interval_rejects_impossible_counts(args):
+    with pytest.raises(ValueError, match="wilson_interval"):
+        wilson_interval(*args)
+
 
 # ---------------------------------------------------------------- bootstrap
 

@@ -34,6 +34,7 @@ from alignkit.eval.stats import (
     ngrams,
     paired_bootstrap_diff,
     pass_at_k,
+    wilson_interval,
     win_rate,
 )
 from alignkit.eval.winrate import (
@@ -74,5 +75,6 @@ __all__ = [
     "ngrams",
     "paired_bootstrap_diff",
     "pass_at_k",
+    "wilson_interval",
     "win_rate",
 ]

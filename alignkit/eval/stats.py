@@ -92,6 +92,34 @@ def paired_bootstrap_diff(
     return bootstrap_ci(first - second, confidence=confidence, n_resamples=n_resamples, seed=seed)
 
 
+def wilson_interval(successes: int, n: int, *, confidence: float = 0.95) -> Interval:
+    """Wilson score interval of a binomial proportion: (p, low, high), p = successes / n.
+
+        centre = (p + z^2 / 2n) / (1 + z^2 / n),
+        half   = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2),
+
+    z the 1 - alpha/2 normal quantile (Wilson 1927). Unlike the bootstrap of 0/1 values it is
+    not degenerate at 0 or n successes: 0 of 20 gives (0.0, 0.0, 0.161).
+
+    >>> [round(v, 4) for v in wilson_interval(8, 10)]
+    [0.8, 0.4902, 0.9433]
+    """
+    if n < 1:
+        raise ValueError(f"wilson_interval needs n >= 1; got {n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= n; got {successes} of {n}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1); got {confidence}")
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0)
+    p = successes / n
+    denominator = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n))
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
 def intervals_overlap(ci_a: Sequence[float], ci_b: Sequence[float]) -> bool:
     """True when two intervals share a point; each is (low, high) or (point, low, high).
 
