@@ -133,7 +133,7 @@ def assert_runs_match(two: list[dict], one: list[dict], reward_tolerance: float 
 
 
 class TwoTurns:
-    """The scripted two-turn environment of tests/test_online_multiturn.py, importable by the
+    """The scripted two-turn environment of the multi-turn tests (tests/test_online_multiturn.py loads it as a file spec), importable by the
     ranks (`--env dist_helpers:TwoTurns`): the user asks, then says "again"; the reward is the
     e's of the policy's second turn minus those of its first."""
 

@@ -4,9 +4,10 @@ resume equivalence; learning a planted multi-turn rule."""
 
 from __future__ import annotations
 
-import textwrap
 from functools import partial
+from pathlib import Path
 
+import dist_helpers
 import pytest
 import torch
 import yaml
@@ -60,32 +61,11 @@ def test_gae_over_policy_tokens_bootstraps_across_the_environments_turn():
     assert cut[0, 1].item() == pytest.approx(0.3)  # what the holes would have given: 0.5 - 0.2
 
 
-ENV = textwrap.dedent('''
-    """A scripted two-turn environment: the user asks, then says "again"; the episode's reward
-    is the number of e's in the policy's SECOND turn minus those in its first."""
-
-
-    class TwoTurns:
-        def reset(self, row):
-            self.turn = 0
-            self.first = 0
-            return [{"role": "user", "content": row["prompt"]}]
-
-        def step(self, messages):
-            self.turn += 1
-            said = messages[-1]["content"]
-            if self.turn == 1:
-                self.first = said.count("e")
-                return {"role": "user", "content": "again"}, 0.0, False, {"first_e": self.first}
-            return None, float(said.count("e") - self.first), True, {"second_e": said.count("e")}
-''')
-
-
 @pytest.fixture()
-def env_spec(tmp_path):
-    path = tmp_path / "two_turns.py"
-    path.write_text(ENV)
-    return f"{path}:TwoTurns"
+def env_spec():
+    """`dist_helpers.TwoTurns` as a file spec (the form users write): the user asks, then says
+    "again"; the return is the e's of the policy's second turn minus those of its first."""
+    return f"{Path(dist_helpers.__file__)}:TwoTurns"
 
 
 def run(algorithm, model_dir, output_dir, env_spec, steps=4, **overrides):
