@@ -99,3 +99,21 @@ def test_grpo_on_a_verifiers_env_of_two_turns(tiny_model_dir, tmp_path, twice_ta
         assert row["turns/mean"] == 2.0 and row["episode/finish_done"] == 1.0
         assert row["episode/return"] == 0.5 and row["reward/mean"] == 0.5  # the task's reward only
         assert row["env/turns"] == 2.0 and row["env/reward_replied"] == 0.5
+
+
+def test_grpo_walks_frozen_lake(tiny_model_dir, tmp_path):
+    """FrozenLake's goal is 6 moves away, so in 2 turns the environment pays nothing and the
+    return is invalid_reward=-1 per reply that names no action: episode/return equals
+    -(invalid share of turns) x (turns per episode), and every turn took one env step or was
+    answered as invalid."""
+    pytest.importorskip("gymnasium")
+    rows = [{"prompt": "Walk to the goal G without falling into a hole H.", "seed": seed} for seed in range(4)]
+    alignkit.train("grpo", model=str(tiny_model_dir), data=rows, output_dir=tmp_path / "run",
+                   env="gymnasium:FrozenLake-v1,is_slippery=false,invalid_reward=-1", **SETTINGS)
+    metrics = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in metrics] == [1, 2]
+    for row in metrics:
+        assert all(key in row for key in EPISODE_KEYS), sorted(row)
+        assert row["turns/mean"] == 2.0 and row["episode/finish_turns"] + row["episode/finish_done"] == 1.0
+        assert row["episode/return"] == pytest.approx(-row["env/invalid_action"] * row["turns/mean"])
+        assert row["reward/mean"] == pytest.approx(row["episode/return"])

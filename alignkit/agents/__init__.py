@@ -6,7 +6,7 @@ the whole conversation is one token sequence built with the tokenizer's chat tem
 only the policy's own tokens are trained on (`Rollout.env_mask` marks the others).
 
 - `protocol.py`  the environment protocol (`reset(row)`, `step(messages)`) and `load_env`
-- `adapters.py`  `--env textarena:GAME`, `verifiers:TASKSET`, `trl:module:Class` (packages users
+- `adapters.py`  `--env textarena:GAME`, `verifiers:TASKSET`, `gymnasium:ENV_ID`, `trl:module:Class` (packages users
                  already have; `adapter_textarena.py`, `adapter_verifiers.py`)
 - `tools.py`     plain Python functions as tools: schemas, parsing calls, running them
 - `template.py`  the token ids of a templated conversation, turn by turn, with the policy mask

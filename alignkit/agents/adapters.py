@@ -1,17 +1,20 @@
 """Environments users already have, behind the alignkit protocol (`reset(row)`, `step(messages)`).
 
-`--env` accepts, besides `module:Factory`, three adapter specs:
+`--env` accepts, besides `module:Factory`, four adapter specs:
 
 - `textarena:GAME_ID[,key=value...]`  a TextArena game (`alignkit/agents/adapter_textarena.py`);
   the policy plays player 0, other players are `opponent=random`.
 - `verifiers:TASKSET_ID[,env=ENV_ID][,key=value...]`  a `verifiers` (0.4, the `verifiers.v1`
   stack) taskset and its Env, driven turn by turn (`alignkit/agents/adapter_verifiers.py`).
+- `gymnasium:ENV_ID[,key=value...]`  a gymnasium environment with Discrete or Text actions
+  (toy-text FrozenLake, Taxi, CliffWalking, Blackjack, or the user's own registered id), one
+  env step per policy turn (`alignkit/agents/adapter_gymnasium.py`).
 - `trl:module:Class` or `trl:path/to/file.py:Class`  a TRL `environment_factory` class, unchanged
   (below): its public methods are tools, `reset(**row)` may return a string appended to the last
   prompt message, `get_reward()` (optional) scores the episode.
 
 `adapter_factory(spec)` returns the zero-argument factory for such a spec, or None for any other
-spec (then `protocol.load_env` loads `module:Factory`). textarena and verifiers are optional
+spec (then `protocol.load_env` loads `module:Factory`). textarena, verifiers and gymnasium are optional
 (`pip install alignkit[envs]`) and imported only when their spec is loaded.
 """
 
@@ -28,7 +31,7 @@ from alignkit.agents.protocol import Environment, Message, prompt_messages
 from alignkit.agents.tools import ToolCall, ToolRunner
 
 ENVS_EXTRA_HINT = "pip install alignkit[envs]"
-ADAPTER_PREFIXES = ("textarena:", "verifiers:", "trl:")
+ADAPTER_PREFIXES = ("textarena:", "verifiers:", "gymnasium:", "trl:")
 
 
 def parse_options(text: str, spec: str) -> tuple[str, dict[str, Any]]:
@@ -74,6 +77,10 @@ def adapter_factory(spec: str) -> Callable[[], Environment] | None:
         from alignkit.agents.adapter_verifiers import verifiers_factory
 
         factory = verifiers_factory(spec[len("verifiers:"):], spec)
+    elif spec.startswith("gymnasium:"):
+        from alignkit.agents.adapter_gymnasium import gymnasium_factory
+
+        factory = gymnasium_factory(spec[len("gymnasium:"):], spec)
     elif spec.startswith("trl:"):
         factory = trl_factory(spec[len("trl:"):], spec)
     else:

@@ -15,7 +15,7 @@ An environment is any object with two methods:
         (numbers in it are averaged into the step's metrics as `env/<key>`).
 
 `--env module:Factory` (or `path/to/file.py:Factory`) names a class or a function called with
-no arguments that returns an environment; `textarena:GAME`, `verifiers:TASKSET` and
+no arguments that returns an environment; `textarena:GAME`, `verifiers:TASKSET`, `gymnasium:ENV_ID` and
 `trl:module:Class` load environments from those packages instead (`adapters.py`). The loop calls it once per conversation slot that
 runs at the same time, and reuses an instance for later episodes (each begins with `reset`),
 so one instance serves many episodes but never two at once.
@@ -120,7 +120,7 @@ def as_step_result(out: Any, where: str) -> StepResult:
 
 def load_env(spec: str) -> Callable[[], Environment]:
     """The factory named by `module:Factory` or `file.py:Factory`; called with no arguments it
-    must give an object with `reset` and `step`. Adapter specs (`textarena:`, `verifiers:`,
+    must give an object with `reset` and `step`. Adapter specs (`textarena:`, `verifiers:`, `gymnasium:`,
     `trl:`) are tried first (`adapters.adapter_factory`)."""
     from alignkit.agents.adapters import adapter_factory
     from alignkit.rewards.loading import load_object

@@ -48,7 +48,7 @@ class TrainConfig:
     env: str | None = None
     """Online algorithms: multi-turn rollouts against an environment, `module:Factory` or `file.py:Factory`
     (a zero-argument factory of objects with reset(row) and step(messages); alignkit.agents.protocol),
-    or an adapter (textarena:GAME, verifiers:ENV, trl:module:Class). Its rewards add to --reward's."""
+    or an adapter (textarena:GAME, verifiers:ENV, gymnasium:ENV_ID, trl:module:Class). Its rewards add to --reward's."""
     tools: str | None = None
     """Online algorithms: tools the policy may call, `module:fn1,fn2` or `file.py:fn1,fn2` (plain functions
     with type hints and docstrings); a rollout becomes a conversation with them."""
