@@ -282,6 +282,18 @@ def test_a_conversation_without_an_agent_turn_is_an_error_naming_the_row():
         tokenize_turns(table, tokenizer, max_length=64)
 
 
+def test_a_cut_before_the_first_agent_turn_is_an_error_naming_the_row():
+    """Keeping the start of a conversation must keep some agent token, else the row would
+    train on nothing (an all-context batch once crashed backward with a bare RuntimeError)."""
+    tokenizer = build_tiny_tokenizer()
+    ids, mask = tokenize_conversation(DIALOGUE, tokenizer)
+    first = mask.index(True)
+    table = RowTable([{"messages": DIALOGUE}], [("d.jsonl", 7)])
+    assert tokenize_turns(table, tokenizer, max_length=first + 1)[0][0].agent_tokens == 1
+    with pytest.raises(ValueError, match=f"d.jsonl.*7.*starts at token {first}, past --max-length {first}"):
+        tokenize_turns(table, tokenizer, max_length=first)
+
+
 # --------------------------------------------------------------------------- the filter
 
 

@@ -114,7 +114,8 @@ def tokenize_turns(
 ) -> tuple[list[TurnsExample], TruncationStats]:
     """Tokenise every `messages` row of `table` into a `TurnsExample` (module docstring).
 
-    A row that cannot be rendered raises the table's error naming the file and row."""
+    A row that cannot be rendered, or whose first assistant turn lies wholly past `max_length`,
+    raises the table's error naming the file and row."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     stats = TruncationStats()
@@ -129,6 +130,10 @@ def tokenize_turns(
             raise table.error(i, f"cannot render the conversation: {exc}") from exc
         stats.examples += 1
         if len(ids) > max_length:
+            if not any(mask[:max_length]):
+                raise table.error(i, f"the first assistant turn starts at token {mask.index(True)}, past "
+                                     f"--max-length {max_length}: nothing of the conversation would train; "
+                                     "raise --max-length or shorten the turns before it")
             ids, mask = ids[:max_length], mask[:max_length]
             stats.truncated_responses += 1
         examples.append(TurnsExample(ids, mask, i, _extras(row)))
