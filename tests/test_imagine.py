@@ -269,8 +269,9 @@ def test_collated_mask_is_the_agent_mask_and_pads_are_off():
         assert batch["response_mask"][n, : ex.length].tolist() == ex.agent_mask
         assert not batch["response_mask"][n, ex.length :].any()
     assert batch["reward"].tolist() == [1.0, 0.0] and stats.truncated_responses == 0
-    short, stats = tokenize_turns(table, tokenizer, max_length=20)
-    assert all(ex.length == 20 for ex in short) and stats.truncated_responses == 2
+    cut = examples[0].agent_mask.index(True) + 3  # inside both conversations' first agent turn
+    short, stats = tokenize_turns(table, tokenizer, max_length=cut)
+    assert all(ex.length == cut and ex.agent_tokens == 3 for ex in short) and stats.truncated_responses == 2
 
 
 def test_a_conversation_without_an_agent_turn_is_an_error_naming_the_row():
