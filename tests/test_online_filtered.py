@@ -1,6 +1,6 @@
 """Filtered and SFT-objective presets on the one loop: raft (best-of-K, NLL), superhf (best-of-K,
-NLL + full-vocabulary KL prior) and pf_ppo (PPO on best + random of N); the filters' maths by
-worked examples; resume equivalence for raft."""
+NLL + full-vocabulary KL prior), expert_iteration (every correct sample, NLL) and pf_ppo (PPO on
+best + random of N); the filters' maths by worked examples; resume equivalence for raft."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from test_online import ROWS, one_thread, run  # noqa: F401  (one_thread: the mo
 
 import alignkit
 from alignkit.objectives.filters import (
+    at_least,
     best_of_n,
     best_random,
     best_worst,
@@ -50,6 +51,12 @@ def test_best_worst_and_best_random_keep_two_per_group():
 def test_top_fraction_keeps_the_batch_best():
     assert top_fraction(REWARDS, 0.25).tolist() == [1, 6]  # 8 x 0.25 = 2 best overall
     assert top_fraction(REWARDS, 0.01).tolist() == [1]  # at least one
+
+
+def test_at_least_keeps_every_sample_reaching_the_threshold():
+    assert at_least(REWARDS, 0.5).tolist() == [1, 2, 6]
+    assert at_least(REWARDS, 2.0).tolist() == []  # Expert Iteration with no correct sample
+    assert filter_rows("at_least", REWARDS, GROUPS, fraction=1.0, seed=0, min_reward=0.3).tolist() == [1, 2, 3, 4, 6]
 
 
 def test_filters_are_a_function_of_the_seed():
@@ -98,6 +105,42 @@ def test_superhf_learns_and_its_kl_prior_holds_it_back(tiny_model_dir, tmp_path)
             assert rows[0]["kl_prior"] == pytest.approx(0.0, abs=1e-4)  # the first update starts at the reference
             assert rows[-1]["kl_prior"] > 0.1 and "kl" in rows[-1]
     assert rises[0.1] > 1.0 and rises[0.0] > rises[0.1] + 2.0, rises
+
+
+def two_e(prompts, completions, **columns):
+    """A 0/1 "correct" reward: at least two e's (the untrained model writes ~0.3 per completion)."""
+    return [float(text.count("e") >= 2) for text in completions]
+
+
+def run_with(model_dir, reward, output_dir, **overrides):
+    settings = dict(batch_size=4, max_steps=30, lr=1e-2, warmup_ratio=0.0, scheduler="constant",
+                    progress=False, max_new_tokens=8)
+    settings.update(overrides)
+    return alignkit.train("expert_iteration", model=str(model_dir), data=ROWS, output_dir=output_dir,
+                          reward=reward, **settings)
+
+
+def test_expert_iteration_trains_on_the_correct_samples_only(tiny_model_dir, tmp_path):
+    """Best-of-nothing: every sample with reward 1 is kept, the rest dropped. The share of correct
+    samples (reward/mean) rises; kept samples are all correct. Measured block means of the correct
+    share (steps 1-10, 11-20, 21-30): 0.094, 0.731, 0.994."""
+    run_with(tiny_model_dir, two_e, tmp_path / "ei")
+    rows = read_metrics(tmp_path / "ei")
+    for row in rows:
+        kept = row["filter/kept_samples"]
+        assert kept == round(row["reward/mean"] * 32)  # 4 prompts x the preset's 8 samples, 0/1 rewards
+        assert row["filter/kept_reward_mean"] == (1.0 if kept else 0.0)
+    first, _, third = _block_means(rows)
+    assert third > first + 0.3, _block_means(rows)
+
+
+def test_a_step_where_the_filter_keeps_nothing_trains_nothing(tiny_model_dir, tmp_path):
+    never = lambda prompts, completions, **columns: [0.0] * len(completions)  # noqa: E731
+    result = run_with(tiny_model_dir, never, tmp_path / "none", max_steps=2, allow_degenerate=True)
+    rows = read_metrics(tmp_path / "none")
+    assert [r["filter/kept_samples"] for r in rows] == [0.0, 0.0] and all(r["loss"] == 0.0 for r in rows)
+    initial = alignkit.models.load_model(str(tiny_model_dir))[0]
+    assert_same_parameters(initial, result.model)
 
 
 @pytest.mark.parametrize("sample_filter", ["best_random", "best_worst"])

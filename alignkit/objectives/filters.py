@@ -9,11 +9,14 @@ Applied after scoring (and after DAPO's dynamic sampling), before log-probs and 
 | best_random  | the best and one other sample drawn uniformly               | pf_ppo (BR)        |
 | best_worst   | the best and the worst sample                               | pf_ppo (BW)        |
 | top_fraction | the round(N x filter_fraction) highest rewards of the batch | raft's global top 1/K |
+| at_least     | every sample with reward >= filter_min_reward (maybe none)  | expert_iteration   |
 
 PF-PPO (Zhang et al. 2024, "Policy Filtration in RLHF to Fine-Tune LLM for Code Generation")
 filters per prompt, as here; verl's `compute_pf_ppo_reweight_data` takes max/min over the
 whole batch instead (ALGORITHMS.md 2.7). RAFT (Dong et al. 2023) keeps the best per prompt or
-the global top 1/K of the batch. Ties go to the sample generated first, so a filter is a
+the global top 1/K of the batch. Expert Iteration (Anthony et al. 2017; Havrilla et al. 2024;
+Zhao et al. 2025, Echo Chamber) keeps every correct sample (`at_least` with a 0/1 reward and
+threshold 1); a step where it keeps none trains nothing. Ties go to the sample generated first, so a filter is a
 function of (rewards, groups, seed) only and a resumed run keeps what the first run kept.
 """
 
@@ -24,7 +27,7 @@ from torch import Tensor
 
 PER_GROUP_FILTERS = ("best_of_n", "best_random", "best_worst")
 """The filters that choose within each prompt's group of samples (they need group_size >= 2)."""
-SAMPLE_FILTERS = ("none", *PER_GROUP_FILTERS, "top_fraction")
+SAMPLE_FILTERS = ("none", *PER_GROUP_FILTERS, "top_fraction", "at_least")
 
 
 def group_members(group_index: Tensor) -> list[Tensor]:
@@ -71,7 +74,13 @@ def top_fraction(rewards: Tensor, fraction: float) -> Tensor:
     return order[:count].sort().values
 
 
-def filter_rows(name: str, rewards: Tensor, group_index: Tensor, *, fraction: float, seed: int) -> Tensor:
+def at_least(rewards: Tensor, min_reward: float) -> Tensor:
+    """Rows with r_i >= min_reward, ascending; empty when no sample reaches it."""
+    return (rewards >= min_reward).nonzero().squeeze(-1)
+
+
+def filter_rows(name: str, rewards: Tensor, group_index: Tensor, *, fraction: float, seed: int,
+                min_reward: float = 1.0) -> Tensor:
     """The rows filter `name` keeps (ascending), rewards (N,) and group_index (N,)."""
     group_index = group_index.to(rewards.device)
     if name == "none":
@@ -84,4 +93,6 @@ def filter_rows(name: str, rewards: Tensor, group_index: Tensor, *, fraction: fl
         return best_random(rewards, group_index, torch.Generator().manual_seed(seed))
     if name == "top_fraction":
         return top_fraction(rewards, fraction)
+    if name == "at_least":
+        return at_least(rewards, min_reward)
     raise ValueError(f"unknown sample_filter {name!r}; known: {SAMPLE_FILTERS}")

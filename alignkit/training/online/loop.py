@@ -345,8 +345,11 @@ class OnlineDriver:
         self.flags = {"no_reward_variance": samples.rollout is None or (s.distill_loss == "none" and not reward_varies(
             *signal_rows, uses_group_baseline(s), samples.baseline, dense_values))}  # distill: the teacher's KL
         if samples.rollout is None:
-            log.warning("step %d: no prompt group with reward variance in %d generation round(s); "
-                        "update skipped", step, samples.rounds)
+            if samples.extra_metrics.get("filter/kept_samples") == 0.0:
+                log.warning("step %d: sample_filter=%s kept no sample; update skipped", step, s.sample_filter)
+            else:
+                log.warning("step %d: no prompt group with reward variance in %d generation round(s); "
+                            "update skipped", step, samples.rounds)
             metrics.update({"loss": 0.0, **roles.trainer.skip_update(), "time/step_s": scored - started})
             return metrics
         batch = SequenceBatch.from_rollout(samples.rollout, roles.tokenizer.pad_token_id).to(roles.device)

@@ -12,6 +12,7 @@
 | online_dpo   | - (pairs best/worst) | dpo (PAIRWISE)       | mean over pairs     | beta 0.1 is DPO's; live reference   | no     |
 | raft         | - (best of 8 kept)   | sft (NLL)            | token_mean          | 0.0 (none)                          | no     |
 | superhf      | - (best of 32 kept)  | sft (NLL) + KL prior | token_mean          | 0.1, full-vocabulary KL(ref||policy)| no     |
+| expert_iteration | - (reward >= 1 kept) | sft (NLL)        | token_mean          | 0.0 (none)                          | no     |
 | safe_ppo     | (A_R - l A_C)/(1+l)  | ppo_clip 0.1         | token_mean          | 0.1, k1, reward (-KL) and cost (+KL)| 2      |
 | dpa          | - (best of 8 by v.r) | sft (NLL)            | token_mean          | 0.0 (none); direction in the prompt | no     |
 | nash_md      | sequence_reward      | reinforce            | seq_mean_token_sum  | 0.1, k1, per token (REINFORCE)      | no     |
@@ -72,6 +73,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                  aggregation="token_mean"),
     "superhf": dict(objective="sft", sample_filter="best_of_n", group_size=32, top_p=0.95, beta=0.1,
                     kl_in="loss", aggregation="token_mean"),
+    # Expert Iteration as Echo Chamber (Zhao et al. 2025) runs it beside PPO and GRPO: sample G per
+    # question, keep every correct one (0/1 reward >= 1), fine-tune on them. Online form: one SFT
+    # update per sampled batch (the paper's rounds fine-tune for epochs on a round's kept set).
+    "expert_iteration": dict(objective="sft", sample_filter="at_least", filter_min_reward=1.0, group_size=8,
+                             beta=0.0, kl_in="none", aggregation="token_mean"),
     "dpa": dict(dpa=True, objective="sft", sample_filter="best_of_n", group_size=8, beta=0.0, kl_in="none",
                 aggregation="token_mean"),
     "nash_md": dict(mixture_coef=0.5, advantage="sequence_reward", policy_loss="reinforce",
@@ -109,6 +115,7 @@ PAPERS = {
     "online_dpo": "Online / iterative DPO (Dong et al. 2024, RLHF Workflow)",
     "raft": "RAFT: reward-ranked fine-tuning (Dong et al. 2023)",
     "superhf": "SuperHF (Mukobi et al. 2023)",
+    "expert_iteration": "Expert Iteration (Anthony et al. 2017; Havrilla et al. 2024), as in Echo Chamber (Zhao et al. 2025)",
     "pf_ppo": "PF-PPO: policy filtration for PPO (Zhang et al. 2024)",
     "safe_ppo": "Safe RLHF: PPO-Lagrangian (Dai et al. 2024)",
     "dpa": "DPA: directional preference alignment (Wang et al. 2024)",

@@ -404,13 +404,14 @@ class PromptSampler:
         unfiltered = None
         if s.sample_filter != "none" and rollout is not None:
             rows = filter_rows(s.sample_filter, rewards, rollout.group_index, fraction=s.filter_fraction,
-                               seed=step_seed(self.seed, step, 7_919))
-            extra.update({"filter/kept_samples": float(len(rows)), "filter/kept_reward_mean": raw[rows].mean().item()})
+                               seed=step_seed(self.seed, step, 7_919), min_reward=s.filter_min_reward)
+            extra.update({"filter/kept_samples": float(len(rows)),
+                          "filter/kept_reward_mean": raw[rows].mean().item() if len(rows) else 0.0})
             unfiltered = (rewards, rollout.group_index)
-            rollout = merge_rows([(rollout, rows.cpu())], self.pad_id)
             raw, rewards, no_eos = raw[rows], rewards[rows], no_eos[rows]
             baseline = None if baseline is None else baseline[rows]
             dense = None if dense is None else dense[rows]
+            rollout = merge_rows([(rollout, rows.cpu())], self.pad_id) if len(rows) else None
         return StepSamples(
             rollout, raw, rewards, no_eos, baseline,
             generated_raw=torch.cat([g[0] for g in generated]),

@@ -167,9 +167,12 @@ class OnlineSettings:
     # filtering and the objective
     sample_filter: str = "none"
     """Which scored samples the update trains on: none, best_of_n, best_random, best_worst (per
-    prompt group) or top_fraction (of the batch); see objectives/filters.py."""
+    prompt group), top_fraction (of the batch) or at_least (reward >= filter_min_reward); see
+    objectives/filters.py."""
     filter_fraction: float = 0.125
     """top_fraction: share of the batch's samples kept (RAFT's 1/K)."""
+    filter_min_reward: float = 1.0
+    """at_least: the reward a sample needs to be kept (Expert Iteration: 1 = correct)."""
     objective: str = "policy_gradient"
     """policy_gradient; pairwise (best vs worst sample of each prompt, a PAIRWISE loss); or sft
     (negative log-likelihood of the kept samples + beta x KL(ref || policy), RAFT / SuperHF)."""
