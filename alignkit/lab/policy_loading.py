@@ -64,6 +64,15 @@ def checkpoint_step(path: str | Path) -> int | None:
     return None
 
 
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run's complete `checkpoints/step-N` directories (state.json written last, as the
+    trainer's `list_checkpoints` requires; temporary and set-aside ones are not `step-N`),
+    oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
 def base_model_of(path: str | Path) -> str | None:
     """The model `path` was trained from, when its directory records it (see module doc)."""
     path = Path(path)
@@ -110,6 +119,15 @@ def load_policy(
     return load_model(str(path), device=device, dtype=dtype)
 
 
+def policy_weights(weights: dict[str, Any]) -> dict[str, Any]:
+    """The policy's own parameters of a checkpoint's trainable weights. An online run saves its
+    `Trainable` module: the policy under `policy.`, a separate critic under `critic.` (not part of
+    the policy, left out); an offline run saves the model's parameters by their own names."""
+    if not any(name.startswith("policy.") for name in weights):
+        return weights
+    return {name[len("policy."):]: value for name, value in weights.items() if name.startswith("policy.")}
+
+
 def _load_training_checkpoint(path: Path, *, device: str | None, dtype: Any) -> tuple[Any, Any]:
     import torch
     from safetensors.torch import load_file
@@ -134,7 +152,7 @@ def _load_training_checkpoint(path: Path, *, device: str | None, dtype: Any) -> 
     elif config.get("adapter") == "ssf":
         targets = config.get("ssf_target_modules") or "all-linear"
         model = apply_ssf(model, target_modules=targets if targets == "all-linear" else targets.split(","))
-    weights = load_file(str(path / "weights.safetensors"))
+    weights = policy_weights(load_file(str(path / "weights.safetensors")))
     params = dict(model.named_parameters())
     unknown = [name for name in weights if name not in params]
     if unknown:
