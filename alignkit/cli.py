@@ -34,6 +34,7 @@ VERBS = {
     "safety": "refusal rate on harmful requests, over-refusal on look-alikes, changes against a baseline",
     "imagine": "a model writes multi-turn dialogues from a task file (personas, both roles, rewards) -> JSONL",
     "label": "preference pairs from a reward: n samples per prompt, best vs worst -> pairs.jsonl (for dpo)",
+    "faithfulness": "chain-of-thought faithfulness (early answering, added mistakes), before vs after fine-tuning",
     "modes": "mode share over training (Echo Chamber): each checkpoint's outputs by format class -> modes.png",
 }
 
@@ -354,6 +355,13 @@ def cmd_modes(argv: list[str]) -> int:
     return modes_main(argv)
 
 
+def cmd_faithfulness(argv: list[str]) -> int:
+    """alignkit faithfulness --models base,tuned --questions Q.jsonl [--fractions 0,0.5,1] [--output DIR]"""
+    from alignkit.lab.faithfulness_lab import main as faithfulness_main
+
+    return faithfulness_main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from alignkit.demo import main as demo_main
 
@@ -400,7 +408,7 @@ def run_verb(argv: list[str] | None = None) -> int:
     commands = {"train": cmd_train, "algorithms": cmd_algorithms, "demo": cmd_demo, "eval-rm": cmd_eval_rm,
                 "eval": cmd_eval, "overopt": cmd_overopt, "merge": cmd_merge, "surgery": cmd_surgery,
                 "sweep": cmd_sweep, "tax": cmd_tax, "safety": cmd_safety, "imagine": cmd_imagine,
-                "label": cmd_label, "modes": cmd_modes}
+                "label": cmd_label, "modes": cmd_modes, "faithfulness": cmd_faithfulness}
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
@@ -408,7 +416,7 @@ def run_verb(argv: list[str] | None = None) -> int:
     where = f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
     try:
         if verb in ("eval", "eval-rm", "overopt", "merge", "surgery", "tax", "safety", "imagine",
-                    "label", "modes"):  # --threads for these
+                    "label", "modes", "faithfulness"):  # --threads for these
             from alignkit.training.run.threads import configure_cli_threads
 
             rest = configure_cli_threads(rest)
