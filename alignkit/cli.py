@@ -186,9 +186,15 @@ def cmd_algorithms(argv: list[str]) -> int:
 
 def cmd_eval_rm(argv: list[str]) -> int:
     """alignkit eval-rm --model RM --data PAIRS [--consistency FILE] [--output results.json]
-    alignkit eval-rm --model RM --data SAMPLES --r2 [--score-column score] [--output results.json]"""
+    alignkit eval-rm --model RM --data SAMPLES --r2 [--score-column score] [--output results.json]
+    alignkit eval-rm --policy P [--reference R] --data PAIRS [--shifted FILE ...] [--model RM] [--set beta=B]"""
     import argparse
     import json
+
+    if any(arg == "--policy" or arg.startswith("--policy=") for arg in argv):  # DPO's implicit reward model
+        from alignkit.lab.implicit_rm import main as implicit_main
+
+        return implicit_main(argv)
 
     from alignkit.cli_args import (
         check_data_source,
@@ -205,7 +211,8 @@ def cmd_eval_rm(argv: list[str]) -> int:
         "distributions, and reward consistency when I1/I2/R1/R2 columns are present. With --r2, "
         "--data holds samples with a true score instead (prompt, completion, score): the R² of a "
         "linear fit of the true score on the reward under each PF-PPO filter (all, best_of_n, "
-        "best_random, best_worst; Zhang et al. 2024).",
+        "best_random, best_worst; Zhang et al. 2024). With --policy P [--reference R], DPO's implicit reward "
+        "beta*log(pi/ref) is evaluated instead (alignkit eval-rm --policy P --help).",
     )
     parser.add_argument("--model", required=True, help="reward-model directory or hub id")
     parser.add_argument("--data", default=None, help="pairs (prompt, chosen, rejected) file")
