@@ -266,3 +266,41 @@ def test_reward_http_settings_without_a_server_are_an_error(tiny_model_dir, tmp_
                      "--max-steps", "1", "--batch-size", "2", "--reward", "length:3", "--set",
                      "reward_http_timeout=5", "--no-progress"])
     assert code == 2
+
+
+def test_alignkit_eval_scores_through_the_server_as_in_process(tiny_model_dir, rm_dir, rm_server, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Write a short review."},
+                                                        {"prompt": [{"role": "user", "content": "The movie"}]}])
+    results = {}
+    for name, reward in (("served", f"{rm_server.url}/score"), ("local", str(rm_dir))):
+        assert cli_main(["eval", "--model", str(tiny_model_dir), "--prompts", prompts, "--reward", reward,
+                         "--samples", "2", "--max-new-tokens", "6", "--no-embeddings", "--output",
+                         str(tmp_path / name)]) == 0
+        results[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    assert results["served"]["n"] == 4
+    assert results["served"]["gold_reward"] == pytest.approx(results["local"]["gold_reward"], abs=1e-5)
+
+
+def test_the_serve_rm_verb_serves_until_stopped(rm_dir):
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "alignkit.cli", "serve-rm", str(rm_dir), "--port", "0",
+                                "--max-batch", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith(f"serving {rm_dir} at http://127.0.0.1:"), (line, process.stderr.read())
+        url = line.split(" at ")[1].split()[0]
+        scores = HTTPReward(f"{url}/score")(PROMPTS, COMPLETIONS)  # the server scores rows 0-3, then 4-5
+        scorer = load_served_reward(str(rm_dir), 4)
+        assert torch.equal(scores, torch.cat([scorer(PROMPTS[:4], COMPLETIONS[:4]), scorer(PROMPTS[4:], COMPLETIONS[4:])]))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_serve_rm_flag_errors_are_one_line(capsys):
+    assert cli_main(["serve-rm", "vader", "--port", "70000"]) == 2
+    assert "--port 70000: must be in [0, 65535]" in capsys.readouterr().err
+    assert cli_main(["serve-rm", "no_such_module:fn", "--port", "0"]) == 2
+    assert "module 'no_such_module' not found" in capsys.readouterr().err

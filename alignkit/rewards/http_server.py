@@ -376,11 +376,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long a batch waits for more requests to join it")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
-        parser.error(f"--port {args.port}: must be in [0, 65535]")
+        raise ValueError(f"--port {args.port}: must be in [0, 65535]")
     if args.max_batch < 1:
-        parser.error(f"--max-batch {args.max_batch}: must be >= 1")
+        raise ValueError(f"--max-batch {args.max_batch}: must be >= 1")
     if args.max_wait_ms < 0:
-        parser.error(f"--max-wait-ms {args.max_wait_ms}: must be >= 0")
+        raise ValueError(f"--max-wait-ms {args.max_wait_ms}: must be >= 0")
     reward = load_served_reward(args.reward, args.max_batch)
     try:
         server = RewardServer(reward, host=args.host, port=args.port, max_batch=args.max_batch,
