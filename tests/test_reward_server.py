@@ -67,6 +67,9 @@ def test_scores_through_the_server_equal_in_process_scores_exactly(rm_dir, rm_se
     status, reply = post(f"{rm_server.url}/get_reward", json.dumps(
         {"query": [p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True)], "prompts": PROMPTS, "labels": [""] * 6}).encode())
     assert status == 200 and reply["rewards"] == reply["scores"] == in_process.tolist()
+    # OpenRLHF before 0.5 sends only "query": the whole query is the response to an empty prompt
+    status, reply = post(f"{rm_server.url}/get_reward", json.dumps({"query": COMPLETIONS}).encode())
+    assert status == 200 and reply["rewards"] == load_served_reward(str(rm_dir), 32)([""] * 6, COMPLETIONS).tolist()
     # a client batch of 4 rows is two requests (4 + 2): each equals scoring those rows in process
     chunked = HTTPReward(f"{rm_server.url}/score#batch_size=4")
     before = rm_server.requests
