@@ -237,6 +237,7 @@ class RewardServer:
         self.name = name or reward_name(reward)
         self.batcher = MicroBatcher(reward, max_batch=max_batch, max_wait_s=max_wait_s)
         self.requests = 0
+        self._count_lock = threading.Lock()  # handler threads count requests concurrently
         self._http = ThreadingHTTPServer((host, port), _handler(self))
         self._http.daemon_threads = True
         self._http.handle_error = lambda request, address: None  # a vanished client is not an error
@@ -276,8 +277,10 @@ class RewardServer:
         if method != "POST" or path not in parsers:
             return HTTPStatus.NOT_FOUND, {"error": f"not served: {method} {path} (POST /score, POST /get_reward, "
                                                    "GET /health)"}
-        self.requests += 1
-        job = self.batcher.score(parsers[path](body))
+        job = parsers[path](body)
+        with self._count_lock:
+            self.requests += 1
+        job = self.batcher.score(job)
         if job.error is not None:
             return HTTPStatus.UNPROCESSABLE_ENTITY, {"error": job.error}
         if path == "/get_reward":
@@ -317,6 +320,8 @@ def _handler(server: RewardServer) -> type[BaseHTTPRequestHandler]:
             except (ConnectionError, TimeoutError):
                 self.close_connection = True
                 return
+            except Exception as error:  # noqa: BLE001 (a bug here answers 500, and the server keeps serving)
+                status, reply = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(error).__name__}: {error}"}
             data = json.dumps(reply).encode()
             try:
                 self.send_response(status)
