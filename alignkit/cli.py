@@ -11,6 +11,9 @@
   alignkit safety --model M [--baseline B] [--judge DIR] [--output DIR]
   alignkit imagine --task task.yaml --model M --out dialogues.jsonl [--n 64] [--max-turns 6]
   alignkit label --prompts P --model M --reward SPEC [--n 4] --out pairs.jsonl
+  alignkit serve-rm DIR [--port 8000] [--host 127.0.0.1] [--max-batch 32]
+  alignkit modes --run DIR --classes modes.yaml [--prompts P] [--output DIR]
+  alignkit faithfulness --models base,tuned --questions Q.jsonl [--output DIR]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ VERBS = {
     "label": "preference pairs from a reward: n samples per prompt, best vs worst -> pairs.jsonl (for dpo)",
     "faithfulness": "chain-of-thought faithfulness (early answering, added mistakes), before vs after fine-tuning",
     "modes": "mode share over training (Echo Chamber): each checkpoint's outputs by format class -> modes.png",
+    "serve-rm": "serve a reward model over HTTP (batched JSON; OpenRLHF's remote_rm_url too): --reward http://...",
 }
 
 
@@ -186,9 +190,15 @@ def cmd_algorithms(argv: list[str]) -> int:
 
 def cmd_eval_rm(argv: list[str]) -> int:
     """alignkit eval-rm --model RM --data PAIRS [--consistency FILE] [--output results.json]
-    alignkit eval-rm --model RM --data SAMPLES --r2 [--score-column score] [--output results.json]"""
+    alignkit eval-rm --model RM --data SAMPLES --r2 [--score-column score] [--output results.json]
+    alignkit eval-rm --policy P [--reference R] --data PAIRS [--shifted FILE ...] [--model RM] [--set beta=B]"""
     import argparse
     import json
+
+    if any(arg == "--policy" or arg.startswith("--policy=") for arg in argv):  # DPO's implicit reward model
+        from alignkit.lab.implicit_rm import main as implicit_main
+
+        return implicit_main(argv)
 
     from alignkit.cli_args import (
         check_data_source,
@@ -205,7 +215,8 @@ def cmd_eval_rm(argv: list[str]) -> int:
         "distributions, and reward consistency when I1/I2/R1/R2 columns are present. With --r2, "
         "--data holds samples with a true score instead (prompt, completion, score): the R² of a "
         "linear fit of the true score on the reward under each PF-PPO filter (all, best_of_n, "
-        "best_random, best_worst; Zhang et al. 2024).",
+        "best_random, best_worst; Zhang et al. 2024). With --policy P [--reference R], DPO's implicit reward "
+        "beta*log(pi/ref) is evaluated instead (alignkit eval-rm --policy P --help).",
     )
     parser.add_argument("--model", required=True, help="reward-model directory or hub id")
     parser.add_argument("--data", default=None, help="pairs (prompt, chosen, rejected) file")
@@ -362,6 +373,13 @@ def cmd_faithfulness(argv: list[str]) -> int:
     return faithfulness_main(argv)
 
 
+def cmd_serve_rm(argv: list[str]) -> int:
+    """alignkit serve-rm DIR|SPEC [--port P] [--host H] [--max-batch N] [--max-wait-ms MS]"""
+    from alignkit.rewards.http_server import main as serve_main
+
+    return serve_main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from alignkit.demo import main as demo_main
 
@@ -408,7 +426,8 @@ def run_verb(argv: list[str] | None = None) -> int:
     commands = {"train": cmd_train, "algorithms": cmd_algorithms, "demo": cmd_demo, "eval-rm": cmd_eval_rm,
                 "eval": cmd_eval, "overopt": cmd_overopt, "merge": cmd_merge, "surgery": cmd_surgery,
                 "sweep": cmd_sweep, "tax": cmd_tax, "safety": cmd_safety, "imagine": cmd_imagine,
-                "label": cmd_label, "modes": cmd_modes, "faithfulness": cmd_faithfulness}
+                "label": cmd_label, "modes": cmd_modes, "faithfulness": cmd_faithfulness,
+                "serve-rm": cmd_serve_rm}
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
@@ -416,7 +435,7 @@ def run_verb(argv: list[str] | None = None) -> int:
     where = f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
     try:
         if verb in ("eval", "eval-rm", "overopt", "merge", "surgery", "tax", "safety", "imagine",
-                    "label", "modes", "faithfulness"):  # --threads for these
+                    "label", "modes", "faithfulness", "serve-rm"):  # --threads for these
             from alignkit.training.run.threads import configure_cli_threads
 
             rest = configure_cli_threads(rest)

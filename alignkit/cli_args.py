@@ -7,33 +7,12 @@ from pathlib import Path
 
 from alignkit.lab.argtypes import (  # noqa: F401  (re-exported for the verbs)
     DATA_SUFFIXES,
+    check_data_source,
     int_at_least,
     non_negative_int,
     positive_int,
+    prepare_output_file,
 )
-
-
-def check_data_source(flag: str, source: str) -> None:
-    """A data file named like one (a path, or a data-file suffix) must exist; anything else
-    may be a hub dataset id and is left to the loader."""
-    from alignkit.models.sources import looks_like_path
-
-    if Path(source).exists():
-        return
-    if looks_like_path(source) or source.endswith(DATA_SUFFIXES):
-        raise FileNotFoundError(f"{flag} {source}: no such file or directory")
-
-
-def prepare_output_file(flag: str, target: str) -> None:
-    """Create the directory `target` will be written to, now rather than after the work; a
-    directory or an unwritable place is a ValueError naming the flag."""
-    path = Path(target)
-    if path.is_dir():
-        raise ValueError(f"{flag} {target}: is a directory; name the file to write")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{flag} {target}: cannot create {path.parent}: {error.strerror or error}") from None
 
 
 def check_no_arguments_but(argv: list[str], allowed: tuple[str, ...], verb: str) -> None:

@@ -76,14 +76,21 @@ def _rate_with_ci(hits: np.ndarray, n_bootstrap: int, seed: int) -> tuple[float,
 def pairwise_metrics(
     chosen_scores: Any, rejected_scores: Any, *, n_bootstrap: int = 2000, seed: int = 0
 ) -> dict[str, Any]:
-    """accuracy (strict r_w > r_l; ties are failures), its 95% bootstrap interval, ECE
-    (10 bins) and the score distributions of chosen, rejected and their margin."""
+    """accuracy (strict r_w > r_l; ties are failures), its 95% bootstrap interval, the number
+    of ties and the accuracy with ties counted half (what a coin flip on ties would score),
+    ECE (10 bins) and the score distributions of chosen, rejected and their margin.
+
+    Worked example: margins (1, 0, -1, 0) -> accuracy 1/4, ties 2, accuracy_ties_half
+    (1 + 0.5 + 0 + 0.5) / 4 = 0.5."""
     chosen, rejected = _numpy(chosen_scores), _numpy(rejected_scores)
     accuracy, interval = _rate_with_ci(chosen > rejected, n_bootstrap, seed)
+    ties = chosen == rejected
     return {
         "n_pairs": int(chosen.size),
         "accuracy": accuracy,
         "accuracy_ci": interval,
+        "ties": int(ties.sum()),
+        "accuracy_ties_half": float(((chosen > rejected) + 0.5 * ties).mean()),
         "ece": expected_calibration_error(chosen, rejected),
         "scores": {
             "chosen": distribution(chosen),

@@ -45,6 +45,13 @@ def _run_dir_of(path: Path) -> Path | None:
     return None
 
 
+def run_config_of(path: str | Path) -> dict[str, Any] | None:
+    """The config.yaml (as a dict) of the run that wrote `path` (RUN/final, a checkpoint), else None."""
+    path = Path(path)
+    run_dir = _run_dir_of(path) if path.is_dir() else None
+    return _run_config(run_dir) if run_dir is not None else None
+
+
 def checkpoint_step(path: str | Path) -> int | None:
     """12 for `.../step-000012`; the last logged step of the run for `.../final`; else None."""
     path = Path(path)

@@ -39,6 +39,11 @@ class RewardError(RuntimeError, ValueError):
     one line (the function is the user's input)."""
 
 
+class RewardServiceError(RewardError):
+    """A remote reward (`--reward http://...`) failed for a whole batch of rows (the server did
+    not answer, or refused the request): `score_safely` does not retry it row by row."""
+
+
 @runtime_checkable
 class RewardFunction(Protocol):
     """Scores a batch: `(prompts, completions, **columns) -> Tensor (B,)` or `(B, K)`.
@@ -215,6 +220,8 @@ def score_safely(
         values = invoke_reward(raw_fn, prompts, completions, columns)
     except RewardOutputError as err:  # a nested reward's output (an ensemble member): no row retry
         raise RewardError(f"reward {name}: {err}{where}") from err
+    except RewardServiceError as err:  # the service failed for the whole batch: rows would fail alike
+        raise RewardServiceError(f"{err}{where}") from err
     except Exception as batch_err:  # isolate the failing row(s) below
         if n == 1:
             failures[0] = f"{type(batch_err).__name__}: {batch_err}"

@@ -2,6 +2,9 @@
 
 Spec forms, tried in this order:
 
+- `http://HOST:PORT/PATH[#batch_size=N&timeout=S&retries=R]` - a reward server
+  (`alignkit serve-rm`'s `/score`, or any other path in OpenRLHF's remote_rm_url protocol;
+  `alignkit.rewards.http_reward`);
 - `rm:DIR` or an existing directory - a saved reward model (plain sequence classifier,
   ensemble, BRME, ArmoRM or embedding RM) through `alignkit.rewards.load_reward_model`;
 - a built-in name: `vader`, `length` (needs `target=`) or `length:TARGET`, `json_valid`,
@@ -173,6 +176,10 @@ def load_reward(spec: str, **kwargs: Any) -> RewardFunction:
     spec = spec.strip()
     if not spec:
         raise ValueError("empty reward spec")
+    if spec.startswith(("http://", "https://")):
+        from alignkit.rewards.http_reward import HTTPReward
+
+        return HTTPReward(spec, **kwargs)
     if spec.startswith("rm:") or os.path.isdir(spec):
         from alignkit.rewards.saved import load_reward_model
 

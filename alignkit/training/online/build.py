@@ -348,6 +348,7 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
 
     if isinstance(spec, list | tuple) and len(spec) == 1:
         spec = spec[0]
+    check_http_settings(spec, s)
     if isinstance(spec, list | tuple):
         from alignkit.training.online.multi_reward import MultiReward, parse_weights, reward_names
 
@@ -437,9 +438,27 @@ def segment_reward_role(config: TrainConfig, directory: str, tokenizer, s: Onlin
     return role
 
 
+def check_http_settings(spec: Any, s: OnlineSettings) -> None:
+    """--set reward_http_* without any --reward http://... is a mistake worth saying."""
+    given = [name for name in ("reward_http_batch_size", "reward_http_timeout", "reward_http_retries")
+             if getattr(s, name) is not None]
+    specs = spec if isinstance(spec, list | tuple) else [spec]
+    if given and not any(isinstance(one, str) and one.strip().startswith(("http://", "https://")) for one in specs):
+        raise ValueError(f"--set {given[0]} applies to --reward http://HOST:PORT/PATH; this run's reward is not "
+                         "a server")
+
+
 def load_reward_spec(spec: str, s: OnlineSettings):
     """`load_reward(spec)`, with `ensemble_reduce` (and its lambdas) for an `rm:DIR` of an
     rm_ensemble or rm_bayes model; a reduction the model cannot take is an error naming both."""
+    http_options = {key: value for key, value in (("batch_size", s.reward_http_batch_size),
+                                                   ("timeout", s.reward_http_timeout),
+                                                   ("retries", s.reward_http_retries)) if value is not None}
+    if spec.strip().startswith(("http://", "https://")):
+        if s.ensemble_reduce is not None:
+            raise ValueError(f"ensemble_reduce={s.ensemble_reduce} reduces an rm:DIR ensemble; --reward {spec} is a "
+                             "server (reduce on the server's side)")
+        return load_reward(spec, **http_options)
     if s.ensemble_reduce is None:
         return load_reward(spec)
     from alignkit.rewards.saved import reward_model_kind

@@ -59,6 +59,13 @@ class OnlineSettings:
     """brme's nominal/worst mix (None: the value the model was trained with)."""
     reward_on_error: str = "raise"
     """A reward function that raises on a row: raise, or penalty (-1, counted in the log)."""
+    reward_http_batch_size: int | None = None
+    """--reward http://...: rows per request (None: the URL's #batch_size=, else 64)."""
+    reward_http_timeout: float | None = None
+    """--reward http://...: seconds to wait for one request (None: the URL's #timeout=, else 60)."""
+    reward_http_retries: int | None = None
+    """--reward http://...: further attempts after a failed request, with exponential backoff
+    (None: the URL's #retries=, else 3)."""
     # KL to the reference
     beta: float = 0.0
     """KL coefficient (0 loads no reference model); for online_dpo, DPO's beta."""
