@@ -182,3 +182,24 @@ def test_judge_reward_teaches_grpo_the_judges_taste(tiny_model_dir, tokenizer, t
     first = sum(r["reward/mean"] for r in rows[:5]) / 5
     last = sum(r["reward/mean"] for r in rows[-5:]) / 5
     assert last > first + 0.2, (first, last)
+
+
+def test_alignkit_eval_scores_with_judges(tiny_model_dir, tmp_path):
+    """`alignkit eval --reward judge:DIR --judge judge:DIR,mode=pairwise`: the gold reward is the
+    pointwise P(Yes) (a probability), the win rate comes from the pairwise judge; the policy is
+    its own reference, so every pair is the same text and the win rate is exactly 0.5."""
+    import json
+
+    from alignkit.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Write a short review.", "Tell me"]))
+    code = main(["eval", "--model", str(tiny_model_dir), "--ref", str(tiny_model_dir), "--prompts", str(prompts),
+                 "--reward", f"judge:{tiny_model_dir}", "--judge", f"judge:{tiny_model_dir},mode=pairwise",
+                 "--samples", "2", "--max-new-tokens", "6", "--no-embeddings", "--no-progress",
+                 "--output", str(tmp_path / "out")])
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert 0.0 < result["gold_reward"] < 1.0
+    assert result["win_rate"] == 0.5
+    assert result["win_rate_details"]["judge"] == "PairwiseLLMJudge"

@@ -278,6 +278,19 @@ class LLMJudge:
         return self.prefer(prompts, completions, references)
 
 
+class PairwiseLLMJudge:
+    """A pairwise `LLMJudge` behind the interface of `PreferenceJudge`: `prob(prompts, a, b)` is
+    its symmetrised P(a > b) (what `alignkit eval --judge judge:MODEL,mode=pairwise` uses)."""
+
+    def __init__(self, judge: LLMJudge) -> None:
+        if judge.mode != "pairwise":
+            raise ValueError("PairwiseLLMJudge needs a judge with mode=pairwise")
+        self.judge = judge
+
+    def prob(self, prompts: list[Any], responses_a: list[Any], responses_b: list[Any]) -> Tensor:
+        return self.judge.prefer(prompts, responses_a, responses_b)
+
+
 JUDGE_OPTIONS = ("mode", "template", "decision", "reference_column", "batch_size", "max_field_tokens")
 
 
@@ -318,5 +331,5 @@ def load_judge_reward(spec: str, **kwargs: Any) -> LLMJudge:
     return LLMJudge(model, **{**options, **kwargs}, name=spec.strip())
 
 
-__all__ = ["LLMJudge", "PAIRWISE_TEMPLATE", "POINTWISE_TEMPLATE", "load_judge_reward", "parse_judge_spec",
+__all__ = ["LLMJudge", "PairwiseLLMJudge", "PAIRWISE_TEMPLATE", "POINTWISE_TEMPLATE", "load_judge_reward", "parse_judge_spec",
            "symmetric_preference", "two_way_probability"]
