@@ -169,3 +169,45 @@ def test_cgpo_crpg_logs_violation_rates_and_the_planted_rule_is_learned(tiny_mod
     # calibrated against the baseline "a fine answer" (reward 1 too): r~ = sigma(0) = 0.5 when feasible
     assert all(r["reward/mean"] <= 0.5 + 1e-6 for r in rows)
     assert all(r["reward/mean"] == pytest.approx(0.5 * r["judges/feasible_rate"], abs=1e-6) for r in rows)
+
+
+def test_cgpo_crraft_learns_the_rule_and_infeasible_groups_add_nothing(tiny_model_dir, tmp_path):
+    """cgpo_crraft: the best feasible sample of each prompt, its NLL weighted by r~. With the
+    planted rule (contains "e") the violation rate falls by more than 0.3; with a constraint no
+    sample can meet (the completion is exactly "ZZZZ") every r~ is 0, so every step's loss and
+    gradient norm are exactly 0 and the weights do not move."""
+    def constant(prompts, completions, **columns):
+        return [1.0] * len(completions)
+
+    alignkit.train("cgpo_crraft", model=str(tiny_model_dir), data=ROWS, output_dir=tmp_path / "crraft",
+                   reward=constant, max_steps=30, lr=1e-2, judges="regex:e", **_settings())
+    rows = read_metrics(tmp_path / "crraft")
+    assert all("judges/regex/violation_rate" in r for r in rows)
+    first = sum(r["judges/regex/violation_rate"] for r in rows[:5]) / 5
+    last = sum(r["judges/regex/violation_rate"] for r in rows[-5:]) / 5
+    assert last < first - 0.3, (first, last)
+
+    alignkit.train("cgpo_crraft", model=str(tiny_model_dir), data=ROWS, output_dir=tmp_path / "none",
+                   reward=constant, max_steps=2, lr=1e-2, judges="regex:^ZZZZ$", allow_degenerate=True, **_settings())
+    rows = read_metrics(tmp_path / "none")
+    assert all(r["judges/feasible_rate"] == 0.0 and r["loss"] == 0.0 and r["grad_norm"] == 0.0 for r in rows)
+
+
+def test_cli_takes_judges_through_set(tiny_model_dir, tmp_path):
+    """`alignkit train cgpo_crpg --set judges=...` from the command line: a regex with a
+    backslash and an escaped bar reaches the judges intact; two steps log both judges."""
+    from run_helpers import write_jsonl
+
+    from alignkit.cli import main
+
+    reward_file = tmp_path / "reward.py"
+    reward_file.write_text("def reward(prompts, completions, **kw):\n    return [1.0 for c in completions]\n")
+    data = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    code = main(["train", "cgpo_crpg", "--model", str(tiny_model_dir), "--data", data, "--output",
+                 str(tmp_path / "cli"), "--reward", f"{reward_file}:reward", "--max-steps", "2", "--batch-size", "2",
+                 "--set", r"judges=regex:\w(e\|a)|max_words:4", "--set", "max_new_tokens=6", "--no-progress"])
+    assert code == 0
+    rows = read_metrics(tmp_path / "cli")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert {"judges/regex/violation_rate", "judges/max_words/violation_rate"} <= set(rows[0])
+    assert r"regex:\w(e\|a)|max_words:4" in (tmp_path / "cli" / "config.yaml").read_text()

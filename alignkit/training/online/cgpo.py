@@ -1,6 +1,6 @@
 """CGPO (Xu et al. 2024, "The Perfect Blend: Redefining RLHF with Mixture of Judges", arXiv
-2409.20370): a mixture of judges as constraints next to the reward, and the CRPG optimiser as the
-`cgpo_crpg` preset.
+2409.20370): a mixture of judges as constraints next to the reward, and two of the paper's
+constrained optimisers as presets, CRPG (`cgpo_crpg`) and CRRAFT (`cgpo_crraft`).
 
 Each step:
 
@@ -19,6 +19,13 @@ Each step:
 4. regularisation: the loop's KL penalty in the reward (k1, beta 0.05), and optionally CRPG's KL
    threshold as in TRL's port, r~ <- r~ max(0, 1 - KL(s, a) / cgpo_kl_threshold), KL(s, a) the
    sample's summed log pi_old - log pi_ref (`kl_regularised`).
+
+CRRAFT (`cgpo_crraft`, TRL's port cites eq. 18): per prompt, the sample with the highest r~ among
+its group of 4 (`sample_filter=best_of_n` on r~), trained with the r~-weighted NLL
+-r~ log pi(a_best|s) (`steps.sft_update`'s sample_weights); a prompt none of whose samples
+satisfies every judge has r~ = 0 and adds nothing. TRL's port then falls back to the dataset's
+response when that one satisfies the judges; alignkit does not (the group is dropped), and it
+divides by the kept samples' tokens, not by the number of feasible prompts.
 
 Every step logs `judges/<name>/violation_rate` (share of the step's samples that judge rejected),
 `judges/feasible_rate` (samples satisfying all) and `judges/reward` (the mean raw reward R, before
@@ -121,8 +128,9 @@ def validate_cgpo(s, preset: str) -> None:
     if not s.cgpo and (s.judges or s.calibration_column or s.cgpo_kl_threshold is not None):
         raise ValueError(f"{preset}: judges, calibration_column and cgpo_kl_threshold belong to CGPO: train cgpo_crpg "
                          "(or --set cgpo=true)")
-    if s.cgpo and s.objective != "policy_gradient":
-        raise ValueError(f"{preset}: cgpo's constrained reward drives a policy gradient (objective=policy_gradient)")
+    if s.cgpo and s.objective not in ("policy_gradient", "sft"):
+        raise ValueError(f"{preset}: cgpo's constrained reward drives a policy gradient (CRPG) or a reward-weighted "
+                         f"NLL (CRRAFT, objective=sft); got objective={s.objective}")
     if s.cgpo_kl_threshold is not None and not s.cgpo_kl_threshold > 0:
         raise ValueError(f"{preset}: cgpo_kl_threshold must be > 0 nats, got {s.cgpo_kl_threshold}")
 

@@ -23,6 +23,7 @@
 | drpo         | gae (+whitening)     | ppo_clip, off roll-in| token_mean          | 0.05, k1, reward; dataset resets    | yes    |
 | salsa        | gae (+whitening)     | ppo_clip             | token_mean          | 0.05, k1, reward; to a weight soup  | yes    |
 | cgpo_crpg    | grpo (no std) on r~  | reinforce            | token_mean          | 0.05, k1, reward; judges constrain  | no     |
+| cgpo_crraft  | - (best of 4 by r~)  | sft, NLL x r~        | token_mean          | 0.0 (none); judges constrain        | no     |
 
 Dynamic sampling (dapo): groups whose rewards are all equal are dropped and further prompt
 batches are generated until --batch-size groups remain (at most max_generation_rounds batches;
@@ -103,6 +104,9 @@ PRESETS["salsa"] = {**PRESETS["ppo"], "soup": True}  # SALSA: PPO with its KL to
 PRESETS["cgpo_crpg"] = dict(cgpo=True, advantage="grpo", scale_by_std=False, policy_loss="reinforce",
                             aggregation="token_mean", kl_in="reward", kl_estimator="k1", beta=0.05, group_size=4,
                             epochs_per_batch=1)
+# CGPO's CRRAFT: RAFT on r~ (best of 4 per prompt), its NLL weighted by r~, so a group with no feasible sample adds 0
+PRESETS["cgpo_crraft"] = dict(cgpo=True, objective="sft", sample_filter="best_of_n", group_size=4, beta=0.0,
+                              kl_in="none", aggregation="token_mean")
 
 PAPERS = {
     "ppo": "PPO for LMs (Ouyang et al. 2022; Zheng et al. 2023 PPO-max)",
@@ -126,6 +130,7 @@ PAPERS = {
     "drpo": "DR-PO: dataset reset policy optimization (Chang et al. 2024)",
     "salsa": "SALSA: soup-based alignment learning (Chegini et al. 2024)",
     "cgpo_crpg": "CGPO / CRPG: constrained RLHF with a mixture of judges (Xu et al. 2024)",
+    "cgpo_crraft": "CGPO / CRRAFT: constrained reward-ranked fine-tuning, mixture of judges (Xu et al. 2024)",
 }
 
 CHOICES = {
