@@ -158,6 +158,18 @@ def test_custom_template_file_is_used(tokenizer, tmp_path):
     assert "Q: two plus two\nA: 4\nGood?" in seen[0]
 
 
+def test_plain_text_judge_input_without_a_chat_template(tokenizer):
+    """A tokenizer without a chat template: the filled template is plain text ending in "Answer:"."""
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    seen = []
+    judge = scripted_judge(plain, lambda text: seen.append(text) or math.log(3))
+    assert_close(judge(["p"], ["r"]), torch.tensor([0.75]))
+    assert seen[0].rstrip().endswith("Yes or No.\nAnswer:") and "<|im_start|>" not in seen[0]
+
+
 ROWS = [{"prompt": p} for p in ["Write a short review.", "The movie", "Tell me", "What is two plus two?"] * 4]
 
 

@@ -16,8 +16,10 @@ reward is 0: r~ = psi sigma(R).
 Checked against the CGPO port in TRL (`CGPOTrainer.crpg_optimization`, huggingface/trl PR
 branch trl/trainer/cgpo_trainer.py): `judgements * sigmoid(rewards - baseline_rewards)`, with
 the baseline the dataset's completion of the prompt. That port also multiplies by a KL
-factor max(0, 1 - KL / kl_threshold); alignkit's `cgpo_crpg` preset keeps the usual per-token
-KL penalty of the online loop instead (see `training/online/cgpo.py`).
+factor max(0, 1 - KL / kl_threshold); alignkit's `cgpo_crpg` preset regularises with the
+online loop's KL penalty and takes that factor as an option (`training/online/cgpo.py`). The
+paper's own text was not available to check here beyond its abstract, so the formulas follow
+the port.
 """
 
 from __future__ import annotations

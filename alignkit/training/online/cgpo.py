@@ -31,6 +31,10 @@ Every step logs `judges/<name>/violation_rate` (share of the step's samples that
 `judges/feasible_rate` (samples satisfying all) and `judges/reward` (the mean raw reward R, before
 calibration; `reward/mean` is the mean r~).
 
+Checked against TRL's CGPO port (huggingface/trl PR branch, `CGPOTrainer.crpg_optimization` and
+`crraft_optimization`), whose equation numbers (eq. 18 for CRRAFT) are cited here; the paper's
+full text was not available to this check.
+
 Deviations, stated: the KL threshold is optional (off by default; the KL penalty regularises
 instead), and one task only (the paper stratifies prompts by task, each with its own judges and
 optimiser).
