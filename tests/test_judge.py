@@ -174,13 +174,19 @@ ROWS = [{"prompt": p} for p in ["Write a short review.", "The movie", "Tell me",
 
 
 def test_judge_spec_drives_grpo_two_steps(tiny_model_dir, tmp_path):
-    """`--reward judge:DIR` in a GRPO run: two steps, rewards are probabilities."""
+    """`--reward judge:DIR` in a GRPO run: two steps, rewards are probabilities; pairwise too."""
     alignkit.train("grpo", model=str(tiny_model_dir), data=ROWS, output_dir=tmp_path / "run",
                    reward=f"judge:{tiny_model_dir}", max_steps=2, batch_size=2, group_size=2, max_new_tokens=6,
                    progress=False)
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(0.0 < r["reward/mean"] < 1.0 for r in rows)
+    # pairwise: each completion's win rate within its prompt's group; a group's rates average 1/2
+    alignkit.train("grpo", model=str(tiny_model_dir), data=ROWS, output_dir=tmp_path / "pairwise",
+                   reward=f"judge:{tiny_model_dir},mode=pairwise", max_steps=2, batch_size=2, group_size=3,
+                   max_new_tokens=6, progress=False, allow_degenerate=True)
+    rows = read_metrics(tmp_path / "pairwise")
+    assert all(r["reward/mean"] == pytest.approx(0.5, abs=1e-6) for r in rows)
 
 
 def test_judge_reward_teaches_grpo_the_judges_taste(tiny_model_dir, tokenizer, tmp_path):
