@@ -141,6 +141,9 @@ def test_cgpo_settings_errors_are_one_line(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="belong to CGPO: train cgpo_crpg"):
         alignkit.train("grpo", model=str(tiny_model_dir), data=ROWS, output_dir=tmp_path / "b", reward=constant,
                        max_steps=1, judges="json_valid", **_settings())
+    with pytest.raises(ValueError, match="CRRAFT weighs each NLL by r~"):
+        alignkit.train("cgpo_crraft", model=str(tiny_model_dir), data=ROWS, output_dir=tmp_path / "d", reward=constant,
+                       max_steps=1, judges="json_valid", missing_eos_penalty=1.0, **_settings())
     with pytest.raises(ValueError, match="cgpo_kl_threshold must be > 0"):
         alignkit.train("cgpo_crpg", model=str(tiny_model_dir), data=ROWS, output_dir=tmp_path / "c", reward=constant,
                        max_steps=1, judges="json_valid", cgpo_kl_threshold=0.0, **_settings())

@@ -135,6 +135,9 @@ def validate_cgpo(s, preset: str) -> None:
     if s.cgpo and s.objective not in ("policy_gradient", "sft"):
         raise ValueError(f"{preset}: cgpo's constrained reward drives a policy gradient (CRPG) or a reward-weighted "
                          f"NLL (CRRAFT, objective=sft); got objective={s.objective}")
+    if s.cgpo and s.objective == "sft" and (s.reward_norm or s.missing_eos_penalty is not None):
+        raise ValueError(f"{preset}: CRRAFT weighs each NLL by r~ in [0, 1]; reward_norm and missing_eos_penalty would "
+                         "shift it below 0 (turn them off, or add a max_words/regex judge for the format)")
     if s.cgpo_kl_threshold is not None and not s.cgpo_kl_threshold > 0:
         raise ValueError(f"{preset}: cgpo_kl_threshold must be > 0 nats, got {s.cgpo_kl_threshold}")
 
