@@ -15,6 +15,7 @@ from alignkit.lab.generation_eval import evaluate_model
 from alignkit.lab.overopt_lab import load_prompt_list, load_scorer
 from alignkit.lab.policy_loading import base_model_of, load_policy
 from alignkit.models import is_peft
+from alignkit.rewards.judge import LLMJudge, PairwiseLLMJudge
 from alignkit.rewards.preference import PreferenceJudge
 
 log = logging.getLogger("alignkit")
@@ -67,10 +68,15 @@ def stderr_is_tty() -> bool:
 
 
 def load_judge(spec: str) -> Any:
-    """A preference-model directory -> `PreferenceJudge`; anything else -> a reward scorer."""
+    """A preference-model directory -> `PreferenceJudge`; a pairwise LLM judge
+    (`judge:MODEL,mode=pairwise`) -> its symmetrised P(a > b) as the judge's `prob`; anything
+    else -> a reward scorer."""
     if (Path(spec) / "preference_model.json").is_file():
         return PreferenceJudge(spec)
-    return load_scorer(spec)
+    scorer = load_scorer(spec)
+    if isinstance(scorer, LLMJudge) and scorer.mode == "pairwise":
+        return PairwiseLLMJudge(scorer)
+    return scorer
 
 
 def run_eval(options: EvalOptions) -> dict[str, Any]:

@@ -11,6 +11,8 @@ Spec forms, tried in this order:
   `numeric_match`, `regex:PATTERN` (everything after the first colon is the pattern), and the
   visual ones `iou` (boxes vs a `boxes` column), `choice_accuracy` (vs an `answer` column),
   `think_format` (`alignkit.rewards.visual`);
+- `judge:MODEL[,mode=pairwise,template=FILE,...]` - a causal LM as a pointwise or pairwise
+  judge (`alignkit.rewards.judge`; MODEL a directory, hub id or `smollm2-135m`);
 - `path/to/file.py:function` - a Python file loaded by path (ends in `.py` or contains a
   path separator before the colon);
 - `package.module:function` - imported with importlib.
@@ -187,6 +189,10 @@ def load_reward(spec: str, **kwargs: Any) -> RewardFunction:
         if not directory:
             raise ValueError(f"reward spec {spec!r}: write the reward-model directory after rm:")
         return load_reward_model(directory, **kwargs)
+    if spec.startswith("judge:"):  # an LLM judge (alignkit.rewards.judge): judge:MODEL[,key=value...]
+        from alignkit.rewards.judge import load_judge_reward
+
+        return load_judge_reward(spec, **kwargs)
     builtin = _builtin(spec, kwargs)
     if builtin is not None:
         return builtin

@@ -27,6 +27,7 @@ from alignkit.models import apply_lora, count_parameters, is_peft, load_model
 from alignkit.models.heads import require_trained_head
 from alignkit.models.soup import check_same_parameters, load_soup, parse_soup_weights
 from alignkit.rollout.http_engine import HTTPEngine
+from alignkit.training.online.cgpo import constrained_reward_role
 from alignkit.training.online.distributed_rollout import (
     CopyRollout,
     ShardedReference,
@@ -124,6 +125,7 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     scorer = load_reward_role(config, reward, tokenizer, s)
     if ranks.distributed and (isinstance(scorer, ModelReward) or getattr(scorer, "model_backed", False)):
         scorer = ShardedReward(scorer, ranks)  # a reward model splits its rows
+    scorer = constrained_reward_role(scorer, s)  # cgpo: the judges' constraints on the reward
     cost = load_cost_role(config, tokenizer, s)
     if ranks.distributed and isinstance(cost, ModelReward):
         cost = ShardedReward(cost, ranks)

@@ -69,6 +69,7 @@ from alignkit.objectives.policy import truncated_importance_weights
 from alignkit.rewards.runner import reward_batch, reward_columns
 from alignkit.training.online.async_rollout import Prefetcher
 from alignkit.training.online.build import OnlineRoles, build_online_roles
+from alignkit.training.online.cgpo import kl_regularised
 from alignkit.training.online.dpa import DirectionalPrompts
 from alignkit.training.online.kl_control import RunningMeanStd, make_kl_controller
 from alignkit.training.online.reset import load_reset_responses, rollin_metrics
@@ -373,6 +374,8 @@ class OnlineDriver:
                 metrics["distill/reverse_kl"] = torch.where(mask, old_logp - ref_logp, 0.0).sum(-1).mean().item()
             if s.kl_in == "reward" and s.objective == "policy_gradient":
                 kl_penalty = self.kl_control.value * kl_tokens
+            if s.cgpo_kl_threshold is not None:  # CRPG's KL factor on the constrained reward (cgpo.py)
+                samples.rewards = kl_regularised(samples.rewards, old_logp, ref_logp, mask, s.cgpo_kl_threshold)
 
         # 5. advantages
         group_index = samples.rollout.group_index.to(roles.device)  # (N,)

@@ -23,6 +23,8 @@
 | ma_ppo       | gae over macro spans | ppo_clip             | token_mean          | 0.05, k1, reward (per token)        | yes    |
 | drpo         | gae (+whitening)     | ppo_clip, off roll-in| token_mean          | 0.05, k1, reward; dataset resets    | yes    |
 | salsa        | gae (+whitening)     | ppo_clip             | token_mean          | 0.05, k1, reward; to a weight soup  | yes    |
+| cgpo_crpg    | grpo (no std) on r~  | reinforce            | token_mean          | 0.05, k1, reward; judges constrain  | no     |
+| cgpo_crraft  | - (best of 4 by r~)  | sft, NLL x r~        | token_mean          | 0.0 (none); judges constrain        | no     |
 
 Dynamic sampling (dapo): groups whose rewards are all equal are dropped and further prompt
 batches are generated until --batch-size groups remain (at most max_generation_rounds batches;
@@ -41,6 +43,7 @@ from alignkit.advantages import ADVANTAGE_KINDS, ADVANTAGES
 from alignkit.objectives import KL, PAIRWISE
 from alignkit.objectives.filters import PER_GROUP_FILTERS, SAMPLE_FILTERS
 from alignkit.objectives.policy import AGGREGATIONS, POLICY_LOSSES
+from alignkit.training.online.cgpo import validate_cgpo
 from alignkit.training.online.macro import MACRO_TERMINATIONS, MACRO_VALUES
 from alignkit.training.online.multi_reward import REWARD_AGGREGATIONS
 from alignkit.training.online.reset import check_reset_settings
@@ -103,6 +106,13 @@ PRESETS["ma_ppo"] = {**PRESETS["ppo"], "macro_termination": "fixed"}
 # lambda 0.95, whitened advantages; temperature 0.7, whitened rewards, every rollout reset (Args.beta 1.0)
 PRESETS["drpo"] = {**PRESETS["ppo"], "temperature": 0.7, "whiten_rewards": True, "reset_prob": 1.0}
 PRESETS["salsa"] = {**PRESETS["ppo"], "soup": True}  # SALSA: PPO with its KL to the soup
+# CGPO's CRPG (training/online/cgpo.py): REINFORCE on psi x sigma(R - R_bar), group-mean baseline
+PRESETS["cgpo_crpg"] = dict(cgpo=True, advantage="grpo", scale_by_std=False, policy_loss="reinforce",
+                            aggregation="token_mean", kl_in="reward", kl_estimator="k1", beta=0.05, group_size=4,
+                            epochs_per_batch=1)
+# CGPO's CRRAFT: RAFT on r~ (best of 4 per prompt), its NLL weighted by r~, so a group with no feasible sample adds 0
+PRESETS["cgpo_crraft"] = dict(cgpo=True, objective="sft", sample_filter="best_of_n", group_size=4, beta=0.0,
+                              kl_in="none", aggregation="token_mean")
 
 PAPERS = {
     "ppo": "PPO for LMs (Ouyang et al. 2022; Zheng et al. 2023 PPO-max)",
@@ -126,6 +136,8 @@ PAPERS = {
     "ma_ppo": "MA-RLHF: PPO over macro actions (Chai et al. 2024)",
     "drpo": "DR-PO: dataset reset policy optimization (Chang et al. 2024)",
     "salsa": "SALSA: soup-based alignment learning (Chegini et al. 2024)",
+    "cgpo_crpg": "CGPO / CRPG: constrained RLHF with a mixture of judges (Xu et al. 2024)",
+    "cgpo_crraft": "CGPO / CRRAFT: constrained reward-ranked fine-tuning, mixture of judges (Xu et al. 2024)",
 }
 
 CHOICES = {
@@ -192,6 +204,7 @@ def _validate(s: OnlineSettings, preset: str) -> None:
     if s.macro_termination != "none":
         _validate_macro(s, preset)
     check_reset_settings(s, preset)
+    validate_cgpo(s, preset)
     if not s.soup and (s.soup_weights is not None or s.policy_init != "first"):
         raise ValueError(f"{preset}: soup_weights and policy_init=soup weigh a soup of --ref-model checkpoints: "
                          "--set soup=true (or train salsa)")
@@ -275,7 +288,7 @@ def needs_reference(s: OnlineSettings) -> bool:
         return True
     if s.objective == "sft":  # beta: the KL prior's coefficient (SuperHF)
         return s.beta > 0
-    return s.beta > 0 and s.kl_in != "none"
+    return s.beta > 0 and s.kl_in != "none" or s.cgpo_kl_threshold is not None  # CRPG's KL factor
 
 
 def _reference_free() -> set[str]:

@@ -49,6 +49,7 @@ from alignkit.agents.branching import reset_turns, run_branched
 from alignkit.objectives.filters import filter_rows
 from alignkit.rewards.dense import DenseRewards, sequence_scores
 from alignkit.rollout import Rollout, SamplingParams
+from alignkit.training.online.cgpo import METRIC_PREFIX
 from alignkit.training.online.distributed_rollout import check_episodes_agree
 from alignkit.training.online.dpa import DIRECTION_COLUMN
 from alignkit.training.online.kl_control import RunningMeanStd
@@ -216,7 +217,8 @@ class StepSamples:
             "throughput/generated_tokens_per_s": lengths.sum().item() / max(self.generation_s, 1e-9),
             "time/generation_s": self.generation_s, "time/scoring_s": self.scoring_s,
         }
-        out.update({f"reward/{name}": scores.mean().item() for name, scores in self.components.items()})
+        out.update({(name if name.startswith(METRIC_PREFIX) else f"reward/{name}"): scores.mean().item()
+                    for name, scores in self.components.items()})  # cgpo's judges/...: their own names
         out.update(self.extra_metrics)
         if dynamic_sampling:
             out.update({

@@ -243,6 +243,15 @@ class OnlineSettings:
     """The soup's weights, comma-separated, one per checkpoint, >= 0, summing to 1 (default uniform)."""
     policy_init: str = "first"
     """first (the policy is --model) or soup (the soup's weights); not pinned by the SALSA paper."""
+    # CGPO's mixture of judges (cgpo_crpg; training/online/cgpo.py, rewards/constraints.py)
+    cgpo: bool = False
+    """Train on CGPO's constrained calibrated reward psi x sigma(R - R(baseline)) (needs judges)."""
+    judges: str | None = None
+    """Constraint judges, bar-separated: regex:PATTERN|json_valid|max_words:N|max_chars:N|judge:MODEL|module:fn."""
+    calibration_column: str | None = None
+    """The column holding each prompt's baseline response for sigma(R - R(baseline)) (None: baseline reward 0)."""
+    cgpo_kl_threshold: float | None = None
+    """CRPG's KL factor max(0, 1 - KL/threshold) on the reward, KL in nats per sample (None: off)."""
     # engine and logging
     generation_batch_size: int = 0
     """Most samples decoded together (0: all at once)."""

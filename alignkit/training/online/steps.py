@@ -448,7 +448,7 @@ def generalized_jsd(student: Tensor, teacher: Tensor, beta: float) -> Tensor:
             + (1 - beta) * (student.exp() * (student - mixture)).sum(-1))
 
 
-def sft_update(policy, batch, rows, s, ref_dist) -> dict[str, float]:
+def sft_update(policy, batch, rows, s, ref_dist, sample_weights: Tensor | None = None) -> dict[str, float]:
     """The supervised objectives on the step's (kept) samples, aggregated like a policy loss
     (token_mean: the mean over the minibatch's tokens).
 
@@ -456,7 +456,8 @@ def sft_update(policy, batch, rows, s, ref_dist) -> dict[str, float]:
     KL_t the KL prior (`kl_prior`), `ref_dist` (N, L, V) the reference's log softmax (None when
     beta = 0). distill (GKD, on-policy): L = aggregate(JSD_beta(pi_T, pi_theta)_t), `ref_dist`
     the teacher's log softmax (`generalized_jsd`, jsd_beta). Normalisers count the whole
-    minibatch, as `policy_gradient_update`."""
+    minibatch, as `policy_gradient_update`. `sample_weights` (N,) weigh each sample's NLL
+    (cgpo_crraft: CRRAFT's -r~ log pi of the best sample; 0 drops an infeasible one)."""
     ranks = distributed.current()
     mask_all = batch.response_mask[rows]
     norm = {"num_tokens": mask_all.sum(), "num_seqs": (mask_all.sum(-1) > 0).sum(), "max_len": s.max_new_tokens}
@@ -474,7 +475,8 @@ def sft_update(policy, batch, rows, s, ref_dist) -> dict[str, float]:
                 target = ref_dist[micro, :width]
             else:
                 logp, entropy, _ = policy.forward(sub, with_entropy=s.log_entropy)
-            nll = aggregate(-logp, mask, **norm)
+            token_nll = -logp if sample_weights is None else -logp * sample_weights[micro].to(logp).unsqueeze(-1)
+            nll = aggregate(token_nll, mask, **norm)
             if jsd:
                 kl = aggregate(generalized_jsd(log_dist, target, s.jsd_beta), mask, **norm)
                 loss = kl

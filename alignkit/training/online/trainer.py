@@ -230,7 +230,8 @@ class PolicyTrainer:
         if s.objective == "pairwise":
             part = pairwise_update(self, e.batch, rows, e.ref_logp, s, e.old_logp, e.rewards)
         elif s.objective in ("sft", "distill"):
-            part = sft_update(self, e.batch, rows, s, e.ref_dist)
+            part = sft_update(self, e.batch, rows, s, e.ref_dist,
+                              sample_weights=e.rewards if s.cgpo else None)  # cgpo_crraft: r~-weighted NLL
         else:
             part = policy_gradient_update(self, e.batch, rows, s, e.old_logp, e.ref_logp,
                                           e.advantages, e.returns, e.old_values, self.on_policy, e.beta,
