@@ -11,6 +11,7 @@
   alignkit safety --model M [--baseline B] [--judge DIR] [--output DIR]
   alignkit imagine --task task.yaml --model M --out dialogues.jsonl [--n 64] [--max-turns 6]
   alignkit label --prompts P --model M --reward SPEC [--n 4] --out pairs.jsonl
+  alignkit label-principles --prompts P --model M --principles FILE --out pairs.jsonl
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ VERBS = {
     "safety": "refusal rate on harmful requests, over-refusal on look-alikes, changes against a baseline",
     "imagine": "a model writes multi-turn dialogues from a task file (personas, both roles, rewards) -> JSONL",
     "label": "preference pairs from a reward: n samples per prompt, best vs worst -> pairs.jsonl (for dpo)",
+    "label-principles": "SALMON pairs: a base model judges two samples under principles (both orders) -> pairs.jsonl",
 }
 
 
@@ -346,6 +348,13 @@ def cmd_label(argv: list[str]) -> int:
     return label_main(argv)
 
 
+def cmd_label_principles(argv: list[str]) -> int:
+    """alignkit label-principles --prompts P --model M --principles FILE --out pairs.jsonl"""
+    from alignkit.lab.principle_label import main as principle_label_main
+
+    return principle_label_main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from alignkit.demo import main as demo_main
 
@@ -392,7 +401,7 @@ def run_verb(argv: list[str] | None = None) -> int:
     commands = {"train": cmd_train, "algorithms": cmd_algorithms, "demo": cmd_demo, "eval-rm": cmd_eval_rm,
                 "eval": cmd_eval, "overopt": cmd_overopt, "merge": cmd_merge, "surgery": cmd_surgery,
                 "sweep": cmd_sweep, "tax": cmd_tax, "safety": cmd_safety, "imagine": cmd_imagine,
-                "label": cmd_label}
+                "label": cmd_label, "label-principles": cmd_label_principles}
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
@@ -400,7 +409,7 @@ def run_verb(argv: list[str] | None = None) -> int:
     where = f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
     try:
         if verb in ("eval", "eval-rm", "overopt", "merge", "surgery", "tax", "safety", "imagine",
-                    "label"):  # --threads for these
+                    "label", "label-principles"):  # --threads for these
             from alignkit.training.run.threads import configure_cli_threads
 
             rest = configure_cli_threads(rest)
