@@ -217,6 +217,9 @@ def cmd_eval_rm(argv: list[str]) -> int:
     parser.add_argument("--r2", action="store_true", help="--data holds samples (prompt, completion or "
                         "messages, a true score): report the R² of each PF-PPO filter")
     parser.add_argument("--score-column", default=None, help="with --r2: the true-score column (default score)")
+    parser.add_argument("--principles", default=None, help="an rm_principles model: score under these principles "
+                        "(text or JSON file)")
+    parser.add_argument("--user-context", default=None, help="an rm_vpl model: the user's labelled pairs (JSONL)")
     args = parser.parse_args(argv)
     if args.data is None and args.consistency is None:
         parser.error("give --data and/or --consistency")
@@ -236,6 +239,12 @@ def cmd_eval_rm(argv: list[str]) -> int:
     from alignkit.rewards.saved import load_reward_model, reward_model_kind
 
     kwargs = {} if reward_model_kind(args.model) == "embedding_rm" else {"batch_size": args.batch_size}
+    for flag, key, kind, trainer in (("--principles", "principles", "principles_rm", "rm_principles"),
+                                     ("--user-context", "user_context", "vpl_rm", "rm_vpl")):
+        if getattr(args, key) is not None:
+            if reward_model_kind(args.model) != kind:
+                parser.error(f"{flag} is for an {trainer} model; {args.model} is {reward_model_kind(args.model)}")
+            kwargs[key] = getattr(args, key)
     if args.r2:
         return _eval_rm_r2(args, lambda: load_reward_model(args.model, **kwargs))
     scorer = load_reward_model(args.model, **kwargs)

@@ -5,6 +5,7 @@ reward, `alignkit label-principles`, and one-line errors."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -155,3 +156,26 @@ def test_label_principles_writes_pairs_that_rm_principles_trains_on(tiny_model_d
     assert main(["label-principles", "--prompts", prompts, "--model", str(tiny_model_dir), "--principles",
                  str(tmp_path / "none.json"), "--out", str(out)]) == 2
     assert "principles file" in capsys.readouterr().err
+
+
+def test_principles_reach_online_training_and_eval_rm(principles_rm, tiny_model_dir, tmp_path):
+    """GRPO with --reward rm:DIR and --set principles=FILE scores every sample (finite rewards);
+    --set principles without such a reward is refused; eval-rm --principles evaluates under them."""
+    from reward_helpers import eval_rm
+    from run_helpers import read_metrics
+    from test_online import ROWS
+
+    import alignkit
+
+    principles = tmp_path / "short.json"
+    principles.write_text(json.dumps([SHORT]))
+    common = dict(model=str(tiny_model_dir), data=ROWS, batch_size=2, max_steps=2, group_size=2, max_new_tokens=4,
+                  progress=False, allow_degenerate=True)
+    alignkit.train("grpo", output_dir=tmp_path / "run", reward=f"rm:{principles_rm.final_dir}",
+                   principles=str(principles), **common)
+    assert all(math.isfinite(r["reward/mean"]) for r in read_metrics(tmp_path / "run"))
+    with pytest.raises(ValueError, match="principles=.* is for an rm_principles reward model"):
+        alignkit.train("grpo", output_dir=tmp_path / "bad", reward="length:4", principles=str(principles), **common)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [r for r in principle_pairs(40, seed=3) if r["principles"] == [SHORT]])
+    results = eval_rm(principles_rm.final_dir, pairs, tmp_path / "eval.json", 50, "--principles", str(principles))
+    assert results["kind"] == "principles_rm" and results["accuracy"] >= 0.9
