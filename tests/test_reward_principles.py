@@ -119,6 +119,27 @@ def test_judge_keeps_a_pair_only_when_both_orders_agree(monkeypatch):
     assert text.index("(a)\nFIRST-ANSWER") < text.index("(b)\nSECOND-ANSWER")
 
 
+def test_principle_subsets_follow_the_dominant_principle_and_negations():
+    """Worked example: margins pair 0 = (2, -1), pair 1 = (0, 0). Variances over the pairs:
+    A (2, 0) -> 1, B (-1, 0) -> 0.25, so normalised A = 2, B = -4. One principle per row: A gives
+    response 1 (strength 2), B response 2 (strength 4); pair 1 gives no row (both orders
+    disagreed under every principle). With both principles B dominates (|-4| > |2|); a negated
+    principle (its negative_definition) flips the preference."""
+    rows = principle_label.principle_subsets([[2.0, -1.0], [0.0, 0.0]], ["A", "B"], 20, max_principles=1)
+    assert rows and all(i == 0 for i, *_ in rows)
+    assert {(tuple(p), pref, strength) for _, p, pref, strength in rows} == {(("A",), 1, 2.0), (("B",), 2, 4.0)}
+    both = principle_label.principle_subsets([[2.0, -1.0], [0.0, 0.0]], ["A", "B"], 50, max_principles=2)
+    two = [(pref, strength) for i, p, pref, strength in both if len(p) == 2]
+    assert two and all(pref == 2 and strength == 4.0 for pref, strength in two)
+    dicts = [{"dimension": "Short", "definition": "be short", "negative_definition": "be long"}]
+    flips = principle_label.principle_subsets([[1.0], [-1.0]], dicts, 40, seed=3)
+    negated = [(i, pref) for i, p, pref, _ in flips if p[0]["definition"] == "be long"]
+    plain = [(i, pref) for i, p, pref, _ in flips if p[0]["definition"] == "be short"]
+    assert negated and plain
+    assert all(pref == (2 if i == 0 else 1) for i, pref in negated)
+    assert all(pref == (1 if i == 0 else 2) for i, pref in plain)
+
+
 def test_label_principles_writes_pairs_that_rm_principles_trains_on(tiny_model_dir, tmp_path, capsys, monkeypatch):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Describe the film {i}."} for i in range(6)])
     principles = tmp_path / "principles.json"
@@ -153,6 +174,10 @@ def test_label_principles_writes_pairs_that_rm_principles_trains_on(tiny_model_d
     assert {p["principles"][0]["dimension"] for p in pairs} == {"Concise", "Detailed"}
     result = train_tiny("rm_principles", pairs, tmp_path / "rm", model_dir=tiny_model_dir, max_steps=1)
     assert (result.final_dir / "principles_rm.json").is_file()
+    assert main([*args[:-2], "--principle-subsets", "3", "--no-progress"]) == 0  # SALMON's RM data
+    subsets = [json.loads(line) for line in out.read_text().splitlines()]
+    assert 8 <= len(subsets) <= 3 * 6 and all(1 <= len(p["principles"]) <= 2 for p in subsets)
+    assert all(len(p["chosen"]) < len(p["rejected"]) for p in subsets)
     assert main(["label-principles", "--prompts", prompts, "--model", str(tiny_model_dir), "--principles",
                  str(tmp_path / "none.json"), "--out", str(out)]) == 2
     assert "principles file" in capsys.readouterr().err

@@ -14,7 +14,10 @@ al. 2023, github.com/IBM/SALMON training/step1_synthetic_preference_collection) 
    prompt is skipped and counted (`inconsistent`), as SALMON's script keeps preference 0 for
    such pairs; `margin` = (d_ab - d_ba) / 2;
 4. write pairwise rows (`prompt`, `chosen`, `rejected`, `principles`, `margin`) and
-   OUT_STEM.manifest.json beside them.
+   OUT_STEM.manifest.json beside them. With `--principle-subsets N` (SALMON's RM data) every
+   principle is judged alone and each pair gives N rows, each under a random subset of the
+   principles (some replaced by their `negative_definition`), labelled by the dominant one
+   (`principle_subsets`).
 
 Checked against SALMON's code: the judge is the base model itself, one query per principle
 ("dimension: definition", prompts/synthetic_preference_prompt.txt) in both orders, preference
@@ -30,6 +33,7 @@ sample both from `--model` at `--temperature`.
 from __future__ import annotations
 
 import json
+import random
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +71,11 @@ class PrincipleLabelOptions:
     """The model that judges the pairs (default: --model, as in SALMON)."""
     per_principle: bool = False
     """One judgement and one row per principle (SALMON), instead of one for the whole list."""
+    principle_subsets: int = 0
+    """SALMON's RM data (`principle_subsets`): judge each principle, then write N rows per pair,
+    each under a random subset of the principles with the dominant one's preference."""
+    max_principles: int = 8
+    """With --principle-subsets: the most principles in one row's subset (SALMON: 8)."""
     num_prompts: int | None = None
     """Use only the first N prompts."""
     max_new_tokens: int = 48
@@ -127,6 +136,55 @@ def judge_pairs(model: Any, tokenizer: Any, instructions: list[str], firsts: lis
     return verdicts
 
 
+def negated(principle: Any) -> Any:
+    """A principle's `negative_definition` in its place (SALMON's negative principles)."""
+    return {"dimension": principle["dimension"], "definition": principle["negative_definition"]}
+
+
+def principle_subsets(margins: list[list[float]], principles: list[Any], rows_per_pair: int,
+                      max_principles: int = 8, seed: int = 0) -> list[tuple[int, list[Any], int, float]]:
+    """SALMON's aggregation of per-principle judgements into RM training rows (IBM/SALMON
+    training/step2_rm_training/aggregate_synthetic_preference.py).
+
+    `margins[i][k]`: pair i's margin under principle k (> 0: response 1 better; 0: the judge's
+    two orders disagreed). Each principle's margins are divided by their variance over the
+    pairs (SALMON normalises so). For every pair, `rows_per_pair` times: draw a subset size
+    from Geometric(0.2) (redrawn while above max_principles or the number of principles), a
+    random subset of that size, and negate each principle that has a `negative_definition`
+    with probability 1/2 (its margin changes sign); the row's preference is the sign of the
+    dominant principle's margin (largest |normalised margin|), its strength that magnitude; a
+    dominant margin of 0 gives no row. Returns (pair index, principle subset, 1 or 2, strength).
+    OUR DEVIATIONS: SALMON's extra rules (penalising "As an AI language model", a language
+    mismatch) and its 10% label noise are left out.
+    """
+    rng, count = random.Random(seed), len(principles)
+    variances = []
+    for k in range(count):
+        column = [row[k] for row in margins]
+        mean = sum(column) / max(len(column), 1)
+        variance = sum((v - mean) ** 2 for v in column) / max(len(column), 1)
+        variances.append(variance if variance > 0 else 1.0)
+    rows = []
+    for _ in range(rows_per_pair):
+        for i, row in enumerate(margins):
+            size = count + 1
+            while size > min(max_principles, count):
+                size = 1
+                while rng.random() >= 0.2:
+                    size += 1
+            subset, signed = rng.sample(range(count), size), []
+            for k in subset:
+                flip = isinstance(principles[k], dict) and "negative_definition" in principles[k] and rng.random() < 0.5
+                signed.append((-row[k] / variances[k] if flip else row[k] / variances[k], flip))
+            dominant = max(range(size), key=lambda j: abs(signed[j][0]))
+            score = signed[dominant][0]
+            if score == 0:
+                continue
+            chosen = [negated(principles[k]) if flip else principles[k] for k, (_, flip) in zip(subset, signed, strict=True)]
+            rows.append((i, chosen, 1 if score > 0 else 2, abs(score)))
+    return rows
+
+
 def run_principle_label(options: PrincipleLabelOptions) -> dict[str, Any]:
     """Sample, judge in both orders, keep the consistent pairs, write (module docstring)."""
     if options.temperature <= 0:
@@ -134,9 +192,13 @@ def run_principle_label(options: PrincipleLabelOptions) -> dict[str, Any]:
     if Path(options.out).suffix != ".jsonl":
         raise ValueError(f"--out {options.out}: write the pairs to a .jsonl file")
     principles = load_principles(options.principles)
-    if options.per_principle and not isinstance(principles, list):
-        raise ValueError(f"--per-principle needs a JSON list of principles; {options.principles} is one text")
-    sets = [[item] for item in principles] if options.per_principle else [principles]
+    per_principle = options.per_principle or options.principle_subsets > 0
+    if per_principle and not isinstance(principles, list):
+        raise ValueError(f"--per-principle and --principle-subsets need a JSON list of principles; "
+                         f"{options.principles} is one text")
+    if options.principle_subsets < 0 or options.max_principles < 1:
+        raise ValueError("--principle-subsets must be >= 0 and --max-principles >= 1")
+    sets = [[item] for item in principles] if per_principle else [principles]
     rows = load_prompt_rows(options.prompts, options.num_prompts)
     model, tokenizer = load_policy(options.model)
     judge, judge_tokenizer = (model, tokenizer) if options.judge is None else load_policy(options.judge)
@@ -150,15 +212,20 @@ def run_principle_label(options: PrincipleLabelOptions) -> dict[str, Any]:
     verdicts = judge_pairs(judge, judge_tokenizer, [prompt_text(prompts[i]) for i, _ in jobs],
                            [samples.texts[i][0] for i, _ in jobs], [samples.texts[i][1] for i, _ in jobs],
                            [s for _, s in jobs], options.batch_size)
+    labelled = [(i, s, preferred, abs(margin)) for (i, s), (preferred, margin) in zip(jobs, verdicts, strict=True)
+                if preferred is not None]
+    if options.principle_subsets > 0:  # per pair, one signed margin per principle (0: inconsistent)
+        margins = [[0.0 if p is None else m for p, m in verdicts[n * len(sets):(n + 1) * len(sets)]]
+                   for n in range(len(usable))]
+        labelled = [(usable[n], subset, preferred, strength) for n, subset, preferred, strength in principle_subsets(
+            margins, principles, options.principle_subsets, options.max_principles, options.seed)]
     pairs = []
-    for (i, principle_set), (preferred, margin) in zip(jobs, verdicts, strict=True):
-        if preferred is None:
-            continue
+    for i, principle_set, preferred, margin in labelled:
         a, b = samples.texts[i]
         chosen, rejected = (a, b) if preferred == 1 else (b, a)
-        row = pair_row(prompts[i], chosen, rejected, abs(margin), -abs(margin))
+        row = pair_row(prompts[i], chosen, rejected, margin, -margin)
         row = {key: row[key] for key in ("prompt", "chosen", "rejected")}
-        pairs.append({**row, "principles": principle_set, "margin": abs(margin)})
+        pairs.append({**row, "principles": principle_set, "margin": margin})
     out = Path(options.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
@@ -187,4 +254,4 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["PrincipleLabelOptions", "judge_pairs", "judge_prompt", "run_principle_label"]
+__all__ = ["PrincipleLabelOptions", "judge_pairs", "judge_prompt", "principle_subsets", "run_principle_label"]

@@ -24,7 +24,10 @@ and a conversational prompt gets the same principles block as a system message (
 the content of an existing first system message).
 
 Principles are given as text (used as is), a list of strings (one bullet each) or SALMON's
-JSON form, a list of {"dimension": ..., "definition": ...} (bullet "dimension: definition").
+JSON form, a list of {"dimension": ..., "definition": ...} (bullet "dimension: definition";
+SALMON's RM prompt bullets the definition alone, training/data_utils/data_utils_rm.py, and
+its negative principles are the items' `negative_definition`, see `alignkit label-principles
+--principle-subsets`).
 """
 
 from __future__ import annotations

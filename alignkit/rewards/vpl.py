@@ -28,8 +28,11 @@ Active query selection (the paper's active learning of a new user's queries): am
 pairs (x, a, b), pick the ones whose label is most informative about z, the mutual information
 I(y; z) = H[E_z p(y | z)] - E_z H[p(y | z)] with p(y = a | z) = sigma(r(x, a, z) - r(x, b, z))
 and z drawn from the population of training users (their posteriors, saved with the model):
-`select_queries`. The vpl_llm repository holds no active-learning code (its survey contexts
-are drawn at random), so this follows the paper's description, not code.
+`select_queries`. NOT CHECKED AGAINST CODE: the vpl_llm repository holds no active-learning
+code (its "survey" contexts are drawn at random from a fixed pool), and the paper's exact
+estimator could not be read here; this is the standard BALD form of "maximise the information
+the labels give about z". The paper scores query SETS; we rank single queries and take the
+top k (greedy, ignoring redundancy between the chosen queries).
 """
 
 from __future__ import annotations
