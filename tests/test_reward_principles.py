@@ -204,3 +204,19 @@ def test_principles_reach_online_training_and_eval_rm(principles_rm, tiny_model_
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [r for r in principle_pairs(40, seed=3) if r["principles"] == [SHORT]])
     results = eval_rm(principles_rm.final_dir, pairs, tmp_path / "eval.json", 50, "--principles", str(principles))
     assert results["kind"] == "principles_rm" and results["accuracy"] >= 0.9
+
+
+def test_one_principle_set_in_training_is_the_default_at_scoring_time(tiny_model_dir, tmp_path):
+    """Trained under SHORT only (held-out rows under LONG do not count): principles_rm.json keeps
+    SHORT, and rm:DIR without principles scores exactly as rm:DIR,principles=FILE with SHORT."""
+    rows = [r for r in principle_pairs(40, seed=2) if r["principles"] == [SHORT]]
+    held_out = [r for r in principle_pairs(20, seed=4) if r["principles"] == [LONG]]
+    result = train_tiny("rm_principles", rows + held_out, tmp_path / "one", model_dir=tiny_model_dir,
+                        split=len(rows), max_steps=2)
+    manifest = json.loads((result.final_dir / "principles_rm.json").read_text())
+    assert manifest["default_principles"] == [SHORT] and manifest["principle_sets_in_training"] == 1
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps([SHORT]))
+    default, explicit = load_reward(f"rm:{result.final_dir}"), load_reward(f"rm:{result.final_dir},principles={short}")
+    prompts, answers = ["Describe it. The film"] * 2, [" good.", " good and great and happy."]
+    torch.testing.assert_close(default(prompts, answers), explicit(prompts, answers))

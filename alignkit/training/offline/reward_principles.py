@@ -30,14 +30,16 @@ from alignkit.training.offline.tasks import RewardModelTask
 class PrincipleRewardTask(RewardModelTask):
     """Bradley-Terry RM on principles + prompt + response (see the module docstring)."""
 
-    principle_sets: dict[str, Any] = field(init=False, default_factory=dict)
+    principle_sets: dict[str, Any] | None = field(init=False, default=None)
+    """The distinct principle sets of the training data (the first table tokenised; the
+    offline loop tokenises the training table before the held-out one)."""
 
     def __post_init__(self) -> None:
         self.hparams = resolve_hparams("rm_principles", self.config, {"center_rewards_coefficient": 0.0})
         self.center_coef = float(self.hparams["center_rewards_coefficient"])
 
     def tokenize(self, table: RowTable, tokenizer):
-        rows = []
+        rows, sets = [], {}
         for i, raw in enumerate(table.rows):
             if raw.get("principles") is None:
                 raise table.error(i, "rm_principles needs a 'principles' column (text or a list of principles)")
@@ -46,12 +48,14 @@ class PrincipleRewardTask(RewardModelTask):
                 prompt = principled_prompt(row["prompt"], raw["principles"], "column 'principles'")
             except ValueError as error:
                 raise table.error(i, str(error)) from None
-            self.principle_sets.setdefault(json.dumps(raw["principles"], sort_keys=True), raw["principles"])
+            sets.setdefault(json.dumps(raw["principles"], sort_keys=True), raw["principles"])
             rows.append({**row, "prompt": prompt})
+        if self.principle_sets is None:
+            self.principle_sets = sets
         return super().tokenize(RowTable(rows, list(table.origins)), tokenizer)
 
     def write_final(self, final_dir) -> None:
-        sets = list(self.principle_sets.values())
+        sets = list((self.principle_sets or {}).values())
         manifest = {
             "format": "alignkit.rewards.principles.principled_prompt",
             "principle_sets_in_training": len(sets),
