@@ -220,3 +220,13 @@ def test_one_principle_set_in_training_is_the_default_at_scoring_time(tiny_model
     default, explicit = load_reward(f"rm:{result.final_dir}"), load_reward(f"rm:{result.final_dir},principles={short}")
     prompts, answers = ["Describe it. The film"] * 2, [" good.", " good and great and happy."]
     torch.testing.assert_close(default(prompts, answers), explicit(prompts, answers))
+
+
+def test_personal_options_leave_other_specs_alone():
+    """A regex with a comma is not parsed as rm:DIR,key=FILE options, with or without the setting."""
+    from alignkit.training.online.build import load_reward_spec
+    from alignkit.training.online.presets import OnlineSettings
+
+    for settings in (OnlineSettings(), OnlineSettings(principles="p.json")):
+        reward = load_reward_spec("regex:a{1,2}", settings)
+        assert reward(["q"], ["aa"]).tolist() == [1.0]

@@ -445,10 +445,13 @@ PERSONAL_KINDS = {"principles": "principles_rm", "user_context": "vpl_rm"}
 
 
 def spec_kind(spec: str) -> str:
-    """`saved_kind` of the directory a reward spec names (`rm:DIR[,key=FILE]` or DIR)."""
+    """`saved_kind` of the directory a reward spec names (`rm:DIR[,key=FILE]` or DIR; "plain" for
+    any other spec, such as a regex with commas)."""
     from alignkit.rewards.loading import saved_model_options
 
-    return saved_kind(saved_model_options(spec[3:] if spec.startswith("rm:") else spec, spec)[0])
+    if not spec.startswith("rm:"):
+        return saved_kind(spec)
+    return saved_kind(saved_model_options(spec[3:], spec)[0])
 
 
 def personal_reward_options(spec: str, s: OnlineSettings) -> dict[str, str]:
@@ -462,8 +465,10 @@ def personal_reward_options(spec: str, s: OnlineSettings) -> dict[str, str]:
 def check_personal_options(specs: list[Any], s: OnlineSettings) -> None:
     """`--set principles=` / `user_context=` must reach a reward of the matching kind."""
     for key, wanted in PERSONAL_KINDS.items():
+        if getattr(s, key) is None:
+            continue
         kinds = [spec_kind(x) for x in specs if isinstance(x, str)]
-        if getattr(s, key) is not None and wanted not in kinds:
+        if wanted not in kinds:
             model = "an rm_principles" if key == "principles" else "an rm_vpl"
             raise ValueError(f"--set {key}={getattr(s, key)} is for {model} reward model (--reward rm:DIR); "
                              f"this run's rewards are {kinds or 'Python callables'}")
