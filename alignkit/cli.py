@@ -14,6 +14,7 @@
   alignkit serve-rm DIR [--port 8000] [--host 127.0.0.1] [--max-batch 32]
   alignkit modes --run DIR --classes modes.yaml [--prompts P] [--output DIR]
   alignkit faithfulness --models base,tuned --questions Q.jsonl [--output DIR]
+  alignkit label-principles --prompts P --model M --principles FILE --out pairs.jsonl
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ VERBS = {
     "faithfulness": "chain-of-thought faithfulness (early answering, added mistakes), before vs after fine-tuning",
     "modes": "mode share over training (Echo Chamber): each checkpoint's outputs by format class -> modes.png",
     "serve-rm": "serve a reward model over HTTP (batched JSON; OpenRLHF's remote_rm_url too): --reward http://...",
+    "label-principles": "SALMON pairs: a base model judges two samples under principles (both orders) -> pairs.jsonl",
 }
 
 
@@ -228,6 +230,9 @@ def cmd_eval_rm(argv: list[str]) -> int:
     parser.add_argument("--r2", action="store_true", help="--data holds samples (prompt, completion or "
                         "messages, a true score): report the R² of each PF-PPO filter")
     parser.add_argument("--score-column", default=None, help="with --r2: the true-score column (default score)")
+    parser.add_argument("--principles", default=None, help="an rm_principles model: score under these principles "
+                        "(text or JSON file)")
+    parser.add_argument("--user-context", default=None, help="an rm_vpl model: the user's labelled pairs (JSONL)")
     args = parser.parse_args(argv)
     if args.data is None and args.consistency is None:
         parser.error("give --data and/or --consistency")
@@ -247,6 +252,12 @@ def cmd_eval_rm(argv: list[str]) -> int:
     from alignkit.rewards.saved import load_reward_model, reward_model_kind
 
     kwargs = {} if reward_model_kind(args.model) == "embedding_rm" else {"batch_size": args.batch_size}
+    for flag, key, kind, trainer in (("--principles", "principles", "principles_rm", "rm_principles"),
+                                     ("--user-context", "user_context", "vpl_rm", "rm_vpl")):
+        if getattr(args, key) is not None:
+            if reward_model_kind(args.model) != kind:
+                parser.error(f"{flag} is for an {trainer} model; {args.model} is {reward_model_kind(args.model)}")
+            kwargs[key] = getattr(args, key)
     if args.r2:
         return _eval_rm_r2(args, lambda: load_reward_model(args.model, **kwargs))
     scorer = load_reward_model(args.model, **kwargs)
@@ -380,6 +391,13 @@ def cmd_serve_rm(argv: list[str]) -> int:
     return serve_main(argv)
 
 
+def cmd_label_principles(argv: list[str]) -> int:
+    """alignkit label-principles --prompts P --model M --principles FILE --out pairs.jsonl"""
+    from alignkit.lab.principle_label import main as principle_label_main
+
+    return principle_label_main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from alignkit.demo import main as demo_main
 
@@ -427,7 +445,7 @@ def run_verb(argv: list[str] | None = None) -> int:
                 "eval": cmd_eval, "overopt": cmd_overopt, "merge": cmd_merge, "surgery": cmd_surgery,
                 "sweep": cmd_sweep, "tax": cmd_tax, "safety": cmd_safety, "imagine": cmd_imagine,
                 "label": cmd_label, "modes": cmd_modes, "faithfulness": cmd_faithfulness,
-                "serve-rm": cmd_serve_rm}
+                "serve-rm": cmd_serve_rm, "label-principles": cmd_label_principles}
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
@@ -435,7 +453,8 @@ def run_verb(argv: list[str] | None = None) -> int:
     where = f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
     try:
         if verb in ("eval", "eval-rm", "overopt", "merge", "surgery", "tax", "safety", "imagine",
-                    "label", "modes", "faithfulness", "serve-rm"):  # --threads for these
+                    "label", "modes", "faithfulness", "serve-rm",
+                    "label-principles"):  # --threads for these
             from alignkit.training.run.threads import configure_cli_threads
 
             rest = configure_cli_threads(rest)

@@ -10,6 +10,7 @@ no config objects.
 - `cost_model_loss`: Safe RLHF cost model (§1.7).
 - `preference_bce`, `symmetrize_preference`: pairwise preference model (§1.3).
 - `segment_reward_loss`: fine-grained per-segment rewards (§1.8).
+- `gaussian_kl_standard_normal`: the KL term of VPL's negative ELBO (rm_vpl).
 """
 
 from __future__ import annotations
@@ -282,3 +283,25 @@ def segment_reward_loss(
         raise ValueError(f"segment loss kind must be 'bce' or 'mse'; got {kind!r}")
     mask = segment_mask.to(per_token.dtype)
     return (per_token * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
+
+
+# --------------------------------------------------------------------------- VPL
+
+
+def gaussian_kl_standard_normal(mean: Tensor, log_var: Tensor) -> Tensor:
+    """KL(N(mu, diag s^2) || N(0, I)) per row, the KL term of VPL's negative ELBO (Poddar et al.
+    2024, "Personalizing RLHF with Variational Preference Learning"):
+
+        KL = 0.5 sum_d (mu_d^2 + s_d^2 - 1 - log s_d^2),
+        L_VPL = mean_i -log sigma(r(x_i, y_w, z_i) - r(x_i, y_l, z_i)) + kl_weight * mean_i KL_i.
+
+    Checked against WEIRDLabUW/vpl_llm (hidden_context/vae_utils.py, VAETrainer.compute_loss):
+    it uses -sum(1 + log s^2 - mu^2 - s^2) summed over the batch, i.e. 2 B x this mean, so its
+    kl_loss_weight w corresponds to kl_weight = 2 B w here.
+
+    Worked example: mu = (1, 0), log s^2 = (0, log 2): 0.5 ((1 + 1 - 1 - 0) + (0 + 2 - 1 - 0.6931))
+    = 0.5 (1 + 0.3069) = 0.6534.
+
+    Shapes: mean, log_var (B, L); returns (B,).
+    """
+    return 0.5 * (mean.square() + log_var.exp() - 1.0 - log_var).sum(dim=-1)

@@ -34,6 +34,7 @@ from alignkit.rewards.loading import BUILTIN_REWARDS, load_reward
 from alignkit.rewards.multi_objective import MultiObjectiveScorer
 from alignkit.rewards.outputs import RewardOutputError, as_reward_tensor, describe_output
 from alignkit.rewards.preference import PreferenceJudge
+from alignkit.rewards.principles import PrincipleRewardScorer, principled_prompt
 from alignkit.rewards.process import SegmentRewardScorer, split_segments
 from alignkit.rewards.rules import (
     JsonValid,
@@ -47,6 +48,7 @@ from alignkit.rewards.runner import RewardRunner, RewardTimeout
 from alignkit.rewards.saved import load_reward_model, reward_model_kind
 from alignkit.rewards.scorer import RewardModelScorer, ScoreNormalizer
 from alignkit.rewards.visual import BoxIoU, ChoiceAccuracy, ThinkAnswerFormat
+from alignkit.rewards.vpl import VariationalRewardScorer
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -58,6 +60,9 @@ __all__ = [
     "EnsembleScorer",
     "MultiObjectiveScorer",
     "PreferenceJudge",
+    "PrincipleRewardScorer",
+    "VariationalRewardScorer",
+    "principled_prompt",
     "RewardModelScorer",
     "ScoreNormalizer",
     "SegmentRewardScorer",

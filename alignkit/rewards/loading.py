@@ -6,7 +6,9 @@ Spec forms, tried in this order:
   (`alignkit serve-rm`'s `/score`, or any other path in OpenRLHF's remote_rm_url protocol;
   `alignkit.rewards.http_reward`);
 - `rm:DIR` or an existing directory - a saved reward model (plain sequence classifier,
-  ensemble, BRME, ArmoRM or embedding RM) through `alignkit.rewards.load_reward_model`;
+  ensemble, BRME, ArmoRM, embedding RM, principle-following or VPL RM) through
+  `alignkit.rewards.load_reward_model`; `rm:DIR,principles=FILE` gives an rm_principles model
+  its principles, `rm:DIR,user_context=FILE` an rm_vpl model its user's labelled pairs;
 - a built-in name: `vader`, `length` (needs `target=`) or `length:TARGET`, `json_valid`,
   `numeric_match`, `regex:PATTERN` (everything after the first colon is the pattern), and the
   visual ones `iou` (boxes vs a `boxes` column), `choice_accuracy` (vs an `answer` column),
@@ -165,6 +167,27 @@ def _tensor_returning(fn: Callable[..., Any], spec: str) -> RewardFunction:
     return reward
 
 
+# options a saved reward model takes in its spec: rm:DIR,principles=FILE,user_context=FILE
+SAVED_MODEL_OPTIONS = ("principles", "user_context")
+
+
+def saved_model_options(text: str, spec: str) -> tuple[str, dict[str, str]]:
+    """(directory, options) of `DIR[,key=FILE...]`: `principles=FILE` for an rm_principles
+    model, `user_context=FILE` for an rm_vpl model (an existing directory whose name has a
+    comma is taken whole)."""
+    if "," not in text or os.path.isdir(text):
+        return text, {}
+    directory, *parts = text.split(",")
+    options = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in SAVED_MODEL_OPTIONS or not value.strip():
+            raise ValueError(f"reward spec {spec!r}: {part!r} is not one of "
+                             + ", ".join(f"{k}=FILE" for k in SAVED_MODEL_OPTIONS))
+        options[key.strip()] = value.strip()
+    return directory, options
+
+
 def load_reward(spec: str, **kwargs: Any) -> RewardFunction:
     """Load a reward function from `spec` (see the module docstring for the forms).
 
@@ -185,10 +208,10 @@ def load_reward(spec: str, **kwargs: Any) -> RewardFunction:
     if spec.startswith("rm:") or os.path.isdir(spec):
         from alignkit.rewards.saved import load_reward_model
 
-        directory = spec[3:] if spec.startswith("rm:") else spec
+        directory, options = saved_model_options(spec[3:] if spec.startswith("rm:") else spec, spec)
         if not directory:
             raise ValueError(f"reward spec {spec!r}: write the reward-model directory after rm:")
-        return load_reward_model(directory, **kwargs)
+        return load_reward_model(directory, **options, **kwargs)
     if spec.startswith("judge:"):  # an LLM judge (alignkit.rewards.judge): judge:MODEL[,key=value...]
         from alignkit.rewards.judge import load_judge_reward
 

@@ -14,13 +14,15 @@ from typing import Any
 from alignkit.rewards.embedding_rm import EmbeddingRewardModel
 from alignkit.rewards.ensemble import BayesRewardScorer, EnsembleScorer
 from alignkit.rewards.multi_objective import MultiObjectiveScorer
+from alignkit.rewards.principles import PrincipleRewardScorer
 from alignkit.rewards.scorer import RewardModelScorer
+from alignkit.rewards.vpl import VariationalRewardScorer
 
 
 def reward_model_kind(directory: str | Path) -> str:
     """Which scorer a saved reward-model directory needs, from the marker file it holds:
     ensemble.json, embedding_rm.json, multi_objective.json, brme.json, preference_model.json,
-    segment_rm.json, else "sequence_classifier"."""
+    segment_rm.json, principles_rm.json, vpl_rm.json, else "sequence_classifier"."""
     directory = Path(directory)
     for marker in (
         "ensemble",
@@ -29,6 +31,8 @@ def reward_model_kind(directory: str | Path) -> str:
         "brme",
         "preference_model",
         "segment_rm",
+        "principles_rm",
+        "vpl_rm",
     ):
         if (directory / f"{marker}.json").is_file():
             return marker
@@ -40,7 +44,8 @@ def load_reward_model(directory: str | Path, **kwargs: Any) -> Any:
 
     Dispatches on `reward_model_kind`: an ensemble directory -> `EnsembleScorer`, an
     embedding RM -> `EmbeddingRewardModel`, ArmoRM-style -> `MultiObjectiveScorer`, BRME ->
-    `BayesRewardScorer`, a plain sequence classifier (or a hub id) -> `RewardModelScorer`.
+    `BayesRewardScorer`, rm_principles -> `PrincipleRewardScorer` (`principles=`), rm_vpl ->
+    `VariationalRewardScorer` (`user_context=`), a plain sequence classifier (or a hub id) -> `RewardModelScorer`.
     `kwargs` go to that class.
     """
     kind = reward_model_kind(directory) if Path(directory).is_dir() else "sequence_classifier"
@@ -52,6 +57,10 @@ def load_reward_model(directory: str | Path, **kwargs: Any) -> Any:
         return MultiObjectiveScorer(directory, **kwargs)
     if kind == "brme":
         return BayesRewardScorer(directory, **kwargs)
+    if kind == "principles_rm":
+        return PrincipleRewardScorer(directory, **kwargs)
+    if kind == "vpl_rm":
+        return VariationalRewardScorer(directory, **kwargs)
     if kind in ("preference_model", "segment_rm"):
         raise ValueError(
             f"{directory} is a {kind.replace('_', ' ')}, not a scalar reward model: load it "

@@ -16,6 +16,8 @@ from alignkit.training.offline import alol as _alol  # noqa: F401  (alol, alol_r
 from alignkit.training.offline import listwise as _listwise  # noqa: F401  (pro, listwise_dpo)
 from alignkit.training.offline import pointwise as _pointwise  # noqa: F401  (crlft, ift)
 from alignkit.training.offline import reward_frozen as _reward  # noqa: F401  (rm_ranked, cost, rm_bayes, preference_model, rm_segment, rm_ensemble, rm_multi, rm_embedding)
+from alignkit.training.offline import reward_principles as _reward_principles  # noqa: F401  (rm_principles)
+from alignkit.training.offline import reward_vpl as _reward_vpl  # noqa: F401  (rm_vpl)
 from alignkit.training.offline import treg as _treg  # noqa: F401  (treg)
 from alignkit.training.offline import unpaired as _unpaired  # noqa: F401  (kto)
 from alignkit.training.offline import turns as _turns  # noqa: F401  (filtered_bc)

@@ -73,7 +73,8 @@ def train_pairwise(
 ) -> dict[str, float]:
     """Bradley-Terry on precomputed features: L = -log sigma(r_w - r_l), AdamW, warm-up/decay.
 
-    `pair_scores(indices (b,)) -> (r_w (b,), r_l (b,))`. Data order: a seeded permutation per
+    `pair_scores(indices (b,)) -> (r_w (b,), r_l (b,))`, or `(r_w, r_l, {name: term})` whose
+    scalar terms are added to the loss and logged as loss/NAME. Data order: a seeded permutation per
     epoch. Steps: `config.max_steps`, else `config.epochs` passes. Returns the last metrics.
     With `run_dir`, a checkpoint of the heads (parameters, optimizer, data order, RNG states)
     is written to run_dir/checkpoints every --save-steps steps and when SIGINT/SIGTERM stops
@@ -101,8 +102,9 @@ def train_pairwise(
             cursor += batch
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_multiplier(step - 1, steps, warmup, config.scheduler)
-            chosen, rejected = pair_scores(indices)
-            loss = -F.logsigmoid(chosen - rejected).mean()
+            chosen, rejected, *extra = pair_scores(indices)
+            terms = extra[0] if extra else {}  # named terms added to the loss (rm_vpl's KL)
+            loss = -F.logsigmoid(chosen - rejected).mean() + sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.max_grad_norm > 0:
@@ -115,6 +117,7 @@ def train_pairwise(
                 "rewards/rejected": float(rejected.detach().mean()),
                 "rewards/margins": float((chosen - rejected).detach().mean()),
                 "rewards/accuracies": float((chosen > rejected).float().mean()),
+                **{f"loss/{name}": float(term.detach()) for name, term in terms.items()},
             }
             if writer is not None and (step % config.logging_steps == 0 or step == steps):
                 writer.write(step, last)

@@ -341,6 +341,9 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
         return FunctionReward(directional_reward(config, spec, s), on_error=s.reward_on_error,
                               timeout=config.reward_timeout, workers=config.reward_workers)
 
+    named = list(spec) if isinstance(spec, list | tuple) else [spec if spec is not None else config.reward_model]
+    check_personal_options(named, s)
+
     def function_role(one: Any) -> FunctionReward:  # a spec (ensemble_reduce applied) or a callable
         if isinstance(one, str) and s.ensemble_reduce is None and segment_model_dir(one) is not None:
             return segment_reward_role(config, segment_model_dir(one), tokenizer, s, flag="--reward")
@@ -362,7 +365,7 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
     if config.reward_weights is not None:
         raise ValueError("--reward-weights weighs several --reward; this run has one reward")
     if spec is None and config.reward_model is not None and saved_kind(config.reward_model) in SCORER_KINDS:
-        spec = f"rm:{config.reward_model}"  # an ensemble, BRME, ArmoRM-style or embedding RM: its scorer
+        spec = f"rm:{config.reward_model}"  # an ensemble, BRME, ArmoRM-style, embedding, SALMON or VPL RM: its scorer
     if s.ensemble_reduce is not None and not isinstance(spec, str):
         raise ValueError(f"ensemble_reduce={s.ensemble_reduce}: it reduces an ensemble's members; give the "
                          "ensemble as --reward rm:DIR")
@@ -383,7 +386,7 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
     return ModelReward(model, rm_tokenizer, tokenizer)
 
 
-SCORER_KINDS = ("ensemble", "embedding_rm", "multi_objective", "brme")
+SCORER_KINDS = ("ensemble", "embedding_rm", "multi_objective", "brme", "principles_rm", "vpl_rm")
 """Saved reward models that score through their own scorer (`load_reward`), not as one classifier."""
 
 
@@ -450,6 +453,40 @@ def check_http_settings(spec: Any, s: OnlineSettings) -> None:
                          "a server")
 
 
+PERSONAL_KINDS = {"principles": "principles_rm", "user_context": "vpl_rm"}
+"""`--set principles=FILE` / `--set user_context=FILE` and the saved kind each is given to."""
+
+
+def spec_kind(spec: str) -> str:
+    """`saved_kind` of the directory a reward spec names (`rm:DIR[,key=FILE]` or DIR; "plain" for
+    any other spec, such as a regex with commas)."""
+    from alignkit.rewards.loading import saved_model_options
+
+    if not spec.startswith("rm:"):
+        return saved_kind(spec)
+    return saved_kind(saved_model_options(spec[3:], spec)[0])
+
+
+def personal_reward_options(spec: str, s: OnlineSettings) -> dict[str, str]:
+    """{"principles": FILE} for an rm_principles model, {"user_context": FILE} for an rm_vpl one,
+    from the settings; {} for any other reward."""
+    kind = spec_kind(spec)
+    return {key: getattr(s, key) for key, wanted in PERSONAL_KINDS.items()
+            if getattr(s, key) is not None and kind == wanted}
+
+
+def check_personal_options(specs: list[Any], s: OnlineSettings) -> None:
+    """`--set principles=` / `user_context=` must reach a reward of the matching kind."""
+    for key, wanted in PERSONAL_KINDS.items():
+        if getattr(s, key) is None:
+            continue
+        kinds = [spec_kind(x) for x in specs if isinstance(x, str)]
+        if wanted not in kinds:
+            model = "an rm_principles" if key == "principles" else "an rm_vpl"
+            raise ValueError(f"--set {key}={getattr(s, key)} is for {model} reward model (--reward rm:DIR); "
+                             f"this run's rewards are {kinds or 'Python callables'}")
+
+
 def load_reward_spec(spec: str, s: OnlineSettings):
     """`load_reward(spec)`, with `ensemble_reduce` (and its lambdas) for an `rm:DIR` of an
     rm_ensemble or rm_bayes model; a reduction the model cannot take is an error naming both."""
@@ -462,7 +499,7 @@ def load_reward_spec(spec: str, s: OnlineSettings):
                              "server (reduce on the server's side)")
         return load_reward(spec, **http_options)
     if s.ensemble_reduce is None:
-        return load_reward(spec)
+        return load_reward(spec, **personal_reward_options(spec, s))
     from alignkit.rewards.saved import reward_model_kind
 
     directory = spec[3:] if spec.startswith("rm:") else spec

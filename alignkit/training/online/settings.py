@@ -57,6 +57,12 @@ class OnlineSettings:
     """uwo's variance penalty (None: the ensemble's saved value; Coste et al. use 0.1 for PPO)."""
     brme_lambda: float | None = None
     """brme's nominal/worst mix (None: the value the model was trained with)."""
+    principles: str | None = None
+    """A reward rm:DIR (or --reward-model DIR) of an rm_principles model: the principles file it
+    scores under (SALMON; swap it without retraining), as rm:DIR,principles=FILE."""
+    user_context: str | None = None
+    """A reward rm:DIR (or --reward-model DIR) of an rm_vpl model: a JSONL of the user's labelled
+    pairs (prompt, chosen, rejected) that sets the user's latent z, as rm:DIR,user_context=FILE."""
     reward_on_error: str = "raise"
     """A reward function that raises on a row: raise, or penalty (-1, counted in the log)."""
     reward_http_batch_size: int | None = None
