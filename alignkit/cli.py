@@ -215,14 +215,22 @@ def cmd_eval_rm(argv: list[str]) -> int:
     parser.add_argument("--r2", action="store_true", help="--data holds samples (prompt, completion or "
                         "messages, a true score): report the R² of each PF-PPO filter")
     parser.add_argument("--score-column", default=None, help="with --r2: the true-score column (default score)")
+    parser.add_argument("--fusion-index", default=None, help="training pairs: also report RewardFusion's metrics")
+    parser.add_argument("--fusion-k", type=positive_int, default=5, help="with --fusion-index: most neighbours")
+    parser.add_argument("--fusion-min-sim", type=float, default=0.9, help="with --fusion-index: least cosine")
     args = parser.parse_args(argv)
     if args.data is None and args.consistency is None:
         parser.error("give --data and/or --consistency")
     if args.r2 and (args.data is None or args.consistency is not None):
         parser.error("--r2 evaluates the samples of --data alone; run --consistency without --r2")
+    if args.fusion_index is not None and args.r2:
+        parser.error("--fusion-index fuses pair and consistency scores; it does not apply to --r2")
+    if not -1 <= args.fusion_min_sim <= 1:
+        parser.error(f"--fusion-min-sim is a cosine similarity in [-1, 1], got {args.fusion_min_sim}")
     if args.score_column is not None and not args.r2:
         parser.error("--score-column names the true score of --r2 samples; add --r2")
-    for flag, source in (("--data", args.data), ("--consistency", args.consistency)):
+    for flag, source in (("--data", args.data), ("--consistency", args.consistency),
+                         ("--fusion-index", args.fusion_index)):
         if source is not None:
             check_data_source(flag, source)
     if args.output:
@@ -247,6 +255,12 @@ def cmd_eval_rm(argv: list[str]) -> int:
     results = evaluate_reward_model(
         scorer, pairs, consistency=consistency, n_bootstrap=args.n_bootstrap, seed=args.seed
     )
+    if args.fusion_index is not None:  # RewardFusion beside the plain scores (alignkit.lab.fusion_eval)
+        from alignkit.lab.fusion_eval import fusion_results
+
+        results["fusion"] = fusion_results(scorer, results, pairs, consistency, index=args.fusion_index,
+                                           k=args.fusion_k, min_similarity=args.fusion_min_sim,
+                                           n_bootstrap=args.n_bootstrap, seed=args.seed)
     results = {"model": str(args.model), "kind": reward_model_kind(args.model), **results}
     text = json.dumps(results, indent=2)
     if args.output:

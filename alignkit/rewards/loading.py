@@ -4,6 +4,8 @@ Spec forms, tried in this order:
 
 - `rm:DIR` or an existing directory - a saved reward model (plain sequence classifier,
   ensemble, BRME, ArmoRM or embedding RM) through `alignkit.rewards.load_reward_model`;
+  `rm:DIR,fusion_index=TRAIN.jsonl[,fusion_k=5,fusion_min_sim=0.9]` wraps it in RewardFusion
+  (`alignkit.rewards.fusion`);
 - a built-in name: `vader`, `length` (needs `target=`) or `length:TARGET`, `json_valid`,
   `numeric_match`, `regex:PATTERN` (everything after the first colon is the pattern), and the
   visual ones `iou` (boxes vs a `boxes` column), `choice_accuracy` (vs an `answer` column),
@@ -177,8 +179,14 @@ def load_reward(spec: str, **kwargs: Any) -> RewardFunction:
         from alignkit.rewards.saved import load_reward_model
 
         directory = spec[3:] if spec.startswith("rm:") else spec
+        directory, _, fusion = directory.partition(",") if spec.startswith("rm:") else (directory, "", "")
         if not directory:
             raise ValueError(f"reward spec {spec!r}: write the reward-model directory after rm:")
+        if fusion:  # rm:DIR,fusion_index=TRAIN.jsonl[,fusion_k=5,fusion_min_sim=0.9]: RewardFusion
+            from alignkit.rewards.fusion import fused_reward, parse_fusion_options
+
+            options = parse_fusion_options(spec, fusion)
+            return fused_reward(load_reward_model(directory, **kwargs), options)
         return load_reward_model(directory, **kwargs)
     builtin = _builtin(spec, kwargs)
     if builtin is not None:
