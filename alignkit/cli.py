@@ -11,6 +11,7 @@
   alignkit safety --model M [--baseline B] [--judge DIR] [--output DIR]
   alignkit imagine --task task.yaml --model M --out dialogues.jsonl [--n 64] [--max-turns 6]
   alignkit label --prompts P --model M --reward SPEC [--n 4] --out pairs.jsonl
+  alignkit augment-pairs --data PAIRS --method convexda --out augmented.jsonl
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ VERBS = {
     "safety": "refusal rate on harmful requests, over-refusal on look-alikes, changes against a baseline",
     "imagine": "a model writes multi-turn dialogues from a task file (personas, both roles, rewards) -> JSONL",
     "label": "preference pairs from a reward: n samples per prompt, best vs worst -> pairs.jsonl (for dpo)",
+    "augment-pairs": "ConvexDA: add pairs with perturbed chosen responses on a convex hull (for train rm)",
 }
 
 
@@ -353,6 +355,13 @@ def cmd_imagine(argv: list[str]) -> int:
     return imagine_main(argv)
 
 
+def cmd_augment_pairs(argv: list[str]) -> int:
+    """alignkit augment-pairs --data PAIRS --method convexda --out augmented.jsonl [--copies 5] [--per-pair 1]"""
+    from alignkit.lab.convexda import main as augment_main
+
+    return augment_main(argv)
+
+
 def cmd_label(argv: list[str]) -> int:
     """alignkit label --prompts P --model M --reward SPEC [--n 4] --out pairs.jsonl"""
     from alignkit.lab.label import main as label_main
@@ -406,7 +415,7 @@ def run_verb(argv: list[str] | None = None) -> int:
     commands = {"train": cmd_train, "algorithms": cmd_algorithms, "demo": cmd_demo, "eval-rm": cmd_eval_rm,
                 "eval": cmd_eval, "overopt": cmd_overopt, "merge": cmd_merge, "surgery": cmd_surgery,
                 "sweep": cmd_sweep, "tax": cmd_tax, "safety": cmd_safety, "imagine": cmd_imagine,
-                "label": cmd_label}
+                "label": cmd_label, "augment-pairs": cmd_augment_pairs}
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
