@@ -5,8 +5,9 @@ tolerance, and the decided comparisons become preference pairs for any offline m
 
 Comparison rule (checked against the official code, abukharin3/HERON
 `ClassicControl/cleanrl/rm_mountain.py`, `RewardModel.get_loss`: a decision tree over the
-factors in importance order, each level with a margin), for responses a, b and factors
-r_1..r_F with tolerances d_1..d_F:
+factors in importance order, each level with a margin; the paper text itself was not read,
+its abstract and summaries describe the same importance-ordered decision tree), for responses
+a, b and factors r_1..r_F with tolerances d_1..d_F:
 
     for k = 1..F:  if r_k(a) - r_k(b) > d_k: a wins (decided by factor k)
                    if r_k(b) - r_k(a) > d_k: b wins (decided by factor k)
