@@ -172,6 +172,9 @@ def test_eval_rm_fusion_bad_flags(tiny_rm_dir, tmp_path, capsys):
     base = ["eval-rm", "--model", str(tiny_rm_dir), "--consistency", contrast]
     assert main([*base, "--fusion-index", str(tmp_path / "missing.jsonl")]) != 0
     assert "--fusion-index" in capsys.readouterr().err
+    bad_index = write_jsonl(tmp_path / "index.jsonl", [{"prompt": "p", "chosen": "a"}, {"prompt": "p"}])
+    assert main([*base, "--fusion-index", bad_index]) == 2
+    assert "index.jsonl, row 2: a fusion index row needs 'prompt' and 'chosen'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--fusion-index", contrast, "--fusion-min-sim", "2"])
     assert "--fusion-min-sim is a cosine similarity in [-1, 1], got 2.0" in capsys.readouterr().err

@@ -183,7 +183,11 @@ def fused_reward(reward: Callable[..., Any], options: dict[str, Any], embedder: 
     from alignkit.data import load_rows, split_implicit_prompt
 
     source = options["fusion_index"]
-    rows = [split_implicit_prompt(row) for row in load_rows(source).rows]
+    table = load_rows(source)
+    rows = [split_implicit_prompt(row) for row in table.rows]
+    for i, row in enumerate(rows):  # located by the table (file and editor row) before anything embeds
+        if row.get("prompt") is None or row.get("chosen", row.get("completion")) is None:
+            raise table.error(i, f"a fusion index row needs 'prompt' and 'chosen' (or 'completion'); it has {sorted(row)}")
     return RewardFusion(reward, rows, k=options.get("fusion_k", 5),
                         min_similarity=options.get("fusion_min_sim", 0.9), embedder=embedder, source=source)
 
