@@ -22,8 +22,10 @@ Deviations, on purpose:
   at most int(0.05 x words) words); nlpaug and its dictionary are not available offline, and
   reviewers describe WordNet synonyms, which are not available either. The default here,
   `spelling_noise`, gives max(1, floor(5% of the words)) words one typo each (swap, drop, double
-  or keyboard-neighbour letter), seeded; at least one word, because int(0.05 x words) is 0 for
-  responses under 20 words and the script then makes no change. `--perturb file.py:function`
+  or keyboard-neighbour letter), seeded; at least one word (`--min-words 1`), because
+  int(0.05 x words) is 0 for responses under 20 words and the script then makes no change
+  (`--min-words 0` restores that cap: such pairs get no new pair, their copies counted as
+  unchanged). `--perturb file.py:function`
   plugs in any `(text, rng: random.Random) -> str`.
 - Hull vertices: the script loops over every vertex but appends one reused dict, so it keeps
   copies of the last vertex (in effect one per pair); `per_pair` makes the count explicit.
@@ -76,15 +78,15 @@ def typo(word: str, rng: random.Random) -> str:
     return word[:-1]  # dropping the last letter always changes a word of >= 2 letters
 
 
-def spelling_noise(text: str, rng: random.Random, rate: float = 0.05) -> str:
-    """`text` with max(1, floor(rate x words)) of its alphabetic words (>= 2 letters, chosen
-    with `rng`) given one typo each; whitespace and punctuation are kept. A text with no such
-    word is returned unchanged."""
+def spelling_noise(text: str, rng: random.Random, rate: float = 0.05, min_words: int = 1) -> str:
+    """`text` with max(min_words, floor(rate x words)) of its alphabetic words (>= 2 letters,
+    chosen with `rng`) given one typo each; whitespace and punctuation are kept. A text with no
+    such word is returned unchanged; `min_words=0` is the official script's cap exactly."""
     pieces = text.split(" ")
     words = [i for i, piece in enumerate(pieces) if sum(c.isalpha() for c in piece) >= 2]
     if not words:
         return text
-    count = min(len(words), max(1, int(rate * len([p for p in pieces if p.strip()]))))
+    count = min(len(words), max(min_words, int(rate * len([p for p in pieces if p.strip()]))))
     for i in rng.sample(words, count):
         piece = pieces[i]
         start = next(j for j, c in enumerate(piece) if c.isalpha())
@@ -158,7 +160,9 @@ class AugmentOptions:
     per_pair: int = 1
     """Hull vertices kept per pair (>= 1), drawn at random."""
     noise_rate: float = 0.05
-    """Share of words the default spelling noise changes (at least one word)."""
+    """Share of words the default spelling noise changes (floor of it)."""
+    min_words: int = 1
+    """Fewest words the default spelling noise changes (0: the official cap, no change under 20 words)."""
     perturb: str | None = None
     """A perturbation `file.py:function` or `module:function`, called as f(text, rng) -> text; replaces spelling noise."""
     seed: int = 0
@@ -174,6 +178,8 @@ def check_options(options: AugmentOptions) -> None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if not 0 < options.noise_rate <= 1:
         raise ValueError(f"--noise-rate is a share of words in (0, 1], got {options.noise_rate}")
+    if options.min_words < 0:
+        raise ValueError(f"--min-words must be >= 0, got {options.min_words}")
     if options.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {options.seed}")
     if Path(options.out).suffix != ".jsonl":
@@ -204,10 +210,10 @@ def run_augment(options: AugmentOptions, embedder: Any = None) -> dict[str, Any]
         if not callable(perturb):
             raise ValueError(f"--perturb {options.perturb!r} is not a function")
     else:
-        rate = options.noise_rate
+        rate, min_words = options.noise_rate, options.min_words
 
         def perturb(text: str, rng: random.Random) -> str:
-            return spelling_noise(text, rng, rate)
+            return spelling_noise(text, rng, rate, min_words)
 
     rows = load_pairs(options.data)
     if embedder is None:
