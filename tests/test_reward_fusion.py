@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from run_helpers import write_jsonl
+from run_helpers import read_metrics, write_jsonl
 
 from alignkit.cli import main
 from alignkit.eval.embeddings import MiniLMEmbedder
@@ -178,3 +178,15 @@ def test_eval_rm_fusion_bad_flags(tiny_rm_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*base, "--fusion-index", contrast, "--fusion-min-sim", "2"])
     assert "--fusion-min-sim is a cosine similarity in [-1, 1], got 2.0" in capsys.readouterr().err
+
+
+def test_grpo_trains_on_a_fused_reward_spec(tiny_model_dir, tiny_rm_dir, tmp_path):
+    """The online loop takes `--reward rm:DIR,fusion_index=...` like any reward spec."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ("Tell me", "The movie", "Hi", "Say")])
+    index = write_jsonl(tmp_path / "index.jsonl", synthetic_pairs(6, seed=1))
+    out = tmp_path / "grpo"
+    assert main(["train", "grpo", "--model", str(tiny_model_dir), "--data", data, "--output", str(out),
+                 "--reward", f"rm:{tiny_rm_dir},fusion_index={index},fusion_min_sim=0.5", "--batch-size", "2",
+                 "--max-steps", "2", "--set", "group_size=2", "--set", "max_new_tokens=4", "--no-progress"]) == 0
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows] == [1, 2] and all(np.isfinite(row["reward/mean"]) for row in rows)
