@@ -51,6 +51,8 @@ def test_spelling_noise_changes_five_percent_of_words_seeded():
     assert sum(a != b for a, b in zip("The movie was good.".split(" "), short.split(" "), strict=True)) == 1
     assert short.endswith(".")  # punctuation kept
     assert spelling_noise("1 2 3 !", random.Random(0)) == "1 2 3 !"  # no word to change
+    multiline = spelling_noise("(Hello),\n  world!", random.Random(2), rate=1.0)
+    assert multiline.startswith("(") and "),\n  " in multiline and multiline.endswith("!")
     assert spelling_noise("The movie was good.", random.Random(0), min_words=0) == "The movie was good."  # 5% of 4
     for seed in range(50):
         assert typo("ab", random.Random(seed)) != "ab"

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import random
-import string
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,18 +82,17 @@ def spelling_noise(text: str, rng: random.Random, rate: float = 0.05, min_words:
     """`text` with max(min_words, floor(rate x words)) of its alphabetic words (>= 2 letters,
     chosen with `rng`) given one typo each; whitespace and punctuation are kept. A text with no
     such word is returned unchanged; `min_words=0` is the official script's cap exactly."""
-    pieces = text.split(" ")
+    pieces = re.split(r"(\s+)", text)  # words and the whitespace between them, kept as it was
     words = [i for i, piece in enumerate(pieces) if sum(c.isalpha() for c in piece) >= 2]
     if not words:
         return text
     count = min(len(words), max(min_words, int(rate * len([p for p in pieces if p.strip()]))))
     for i in rng.sample(words, count):
         piece = pieces[i]
-        start = next(j for j, c in enumerate(piece) if c.isalpha())
-        end = len(piece.rstrip(string.punctuation + string.digits))
-        if end - start >= 2:
-            pieces[i] = piece[:start] + typo(piece[start:end], rng) + piece[end:]
-    return " ".join(pieces)
+        letters = [j for j, c in enumerate(piece) if c.isalpha()]
+        start, end = letters[0], letters[-1] + 1  # the typo stays inside the word, not its punctuation
+        pieces[i] = piece[:start] + typo(piece[start:end], rng) + piece[end:]
+    return "".join(pieces)
 
 
 def _with_text(response: Any, text: str) -> Any:
