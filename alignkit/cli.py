@@ -218,8 +218,8 @@ def cmd_eval_rm(argv: list[str]) -> int:
                         "messages, a true score): report the R² of each PF-PPO filter")
     parser.add_argument("--score-column", default=None, help="with --r2: the true-score column (default score)")
     parser.add_argument("--fusion-index", default=None, help="training pairs: also report RewardFusion's metrics")
-    parser.add_argument("--fusion-k", type=positive_int, default=5, help="with --fusion-index: most neighbours")
-    parser.add_argument("--fusion-min-sim", type=float, default=0.9, help="with --fusion-index: least cosine")
+    parser.add_argument("--fusion-k", type=positive_int, default=None, help="with --fusion-index: most neighbours (5)")
+    parser.add_argument("--fusion-min-sim", type=float, default=None, help="with --fusion-index: least cosine (0.9)")
     args = parser.parse_args(argv)
     if args.data is None and args.consistency is None:
         parser.error("give --data and/or --consistency")
@@ -227,7 +227,9 @@ def cmd_eval_rm(argv: list[str]) -> int:
         parser.error("--r2 evaluates the samples of --data alone; run --consistency without --r2")
     if args.fusion_index is not None and args.r2:
         parser.error("--fusion-index fuses pair and consistency scores; it does not apply to --r2")
-    if not -1 <= args.fusion_min_sim <= 1:
+    if args.fusion_index is None and (args.fusion_k, args.fusion_min_sim) != (None, None):
+        parser.error("--fusion-k and --fusion-min-sim tune --fusion-index; add --fusion-index TRAIN.jsonl")
+    if args.fusion_min_sim is not None and not -1 <= args.fusion_min_sim <= 1:
         parser.error(f"--fusion-min-sim is a cosine similarity in [-1, 1], got {args.fusion_min_sim}")
     if args.score_column is not None and not args.r2:
         parser.error("--score-column names the true score of --r2 samples; add --r2")
@@ -261,8 +263,8 @@ def cmd_eval_rm(argv: list[str]) -> int:
         from alignkit.lab.fusion_eval import fusion_results
 
         results["fusion"] = fusion_results(scorer, results, pairs, consistency, index=args.fusion_index,
-                                           k=args.fusion_k, min_similarity=args.fusion_min_sim,
-                                           n_bootstrap=args.n_bootstrap, seed=args.seed)
+                                           k=args.fusion_k or 5, n_bootstrap=args.n_bootstrap, seed=args.seed,
+                                           min_similarity=0.9 if args.fusion_min_sim is None else args.fusion_min_sim)
     results = {"model": str(args.model), "kind": reward_model_kind(args.model), **results}
     text = json.dumps(results, indent=2)
     if args.output:

@@ -178,6 +178,9 @@ def test_eval_rm_fusion_bad_flags(tiny_rm_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*base, "--fusion-index", contrast, "--fusion-min-sim", "2"])
     assert "--fusion-min-sim is a cosine similarity in [-1, 1], got 2.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--fusion-k", "3"])
+    assert "--fusion-k and --fusion-min-sim tune --fusion-index" in capsys.readouterr().err
 
 
 def test_grpo_trains_on_a_fused_reward_spec(tiny_model_dir, tiny_rm_dir, tmp_path):
