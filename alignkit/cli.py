@@ -197,6 +197,11 @@ def cmd_eval_rm(argv: list[str]) -> int:
         positive_int,
         prepare_output_file,
     )
+    from alignkit.lab.fusion_eval import (
+        add_fusion_arguments,
+        check_fusion_arguments,
+        fusion_section,
+    )
 
     parser = argparse.ArgumentParser(
         prog="alignkit eval-rm",
@@ -217,20 +222,13 @@ def cmd_eval_rm(argv: list[str]) -> int:
     parser.add_argument("--r2", action="store_true", help="--data holds samples (prompt, completion or "
                         "messages, a true score): report the R² of each PF-PPO filter")
     parser.add_argument("--score-column", default=None, help="with --r2: the true-score column (default score)")
-    parser.add_argument("--fusion-index", default=None, help="training pairs: also report RewardFusion's metrics")
-    parser.add_argument("--fusion-k", type=positive_int, default=None, help="with --fusion-index: most neighbours (5)")
-    parser.add_argument("--fusion-min-sim", type=float, default=None, help="with --fusion-index: least cosine (0.9)")
+    add_fusion_arguments(parser)  # --fusion-index, --fusion-k, --fusion-min-sim: RewardFusion beside plain scores
     args = parser.parse_args(argv)
+    check_fusion_arguments(parser, args)
     if args.data is None and args.consistency is None:
         parser.error("give --data and/or --consistency")
     if args.r2 and (args.data is None or args.consistency is not None):
         parser.error("--r2 evaluates the samples of --data alone; run --consistency without --r2")
-    if args.fusion_index is not None and args.r2:
-        parser.error("--fusion-index fuses pair and consistency scores; it does not apply to --r2")
-    if args.fusion_index is None and (args.fusion_k, args.fusion_min_sim) != (None, None):
-        parser.error("--fusion-k and --fusion-min-sim tune --fusion-index; add --fusion-index TRAIN.jsonl")
-    if args.fusion_min_sim is not None and not -1 <= args.fusion_min_sim <= 1:
-        parser.error(f"--fusion-min-sim is a cosine similarity in [-1, 1], got {args.fusion_min_sim}")
     if args.score_column is not None and not args.r2:
         parser.error("--score-column names the true score of --r2 samples; add --r2")
     for flag, source in (("--data", args.data), ("--consistency", args.consistency),
@@ -259,12 +257,8 @@ def cmd_eval_rm(argv: list[str]) -> int:
     results = evaluate_reward_model(
         scorer, pairs, consistency=consistency, n_bootstrap=args.n_bootstrap, seed=args.seed
     )
-    if args.fusion_index is not None:  # RewardFusion beside the plain scores (alignkit.lab.fusion_eval)
-        from alignkit.lab.fusion_eval import fusion_results
-
-        results["fusion"] = fusion_results(scorer, results, pairs, consistency, index=args.fusion_index,
-                                           k=args.fusion_k or 5, n_bootstrap=args.n_bootstrap, seed=args.seed,
-                                           min_similarity=0.9 if args.fusion_min_sim is None else args.fusion_min_sim)
+    if args.fusion_index is not None:
+        results["fusion"] = fusion_section(args, scorer, results, pairs, consistency)
     results = {"model": str(args.model), "kind": reward_model_kind(args.model), **results}
     text = json.dumps(results, indent=2)
     if args.output:

@@ -8,11 +8,15 @@ neighbours a row was fused with, and `side_by_side` (plain vs fused accuracy and
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from typing import Any
 
 from alignkit.eval.reward_eval import evaluate_reward_model
+from alignkit.lab.argtypes import positive_int
 from alignkit.rewards.fusion import fused_reward
+
+DEFAULT_K, DEFAULT_MIN_SIMILARITY = 5, 0.9  # addendum §5: k = 5 neighbours, cosine >= 0.9
 
 COMPARED = ("accuracy", "response_consistency", "instruction_consistency")
 
@@ -30,8 +34,8 @@ def fusion_results(
     consistency: Sequence[dict[str, Any]] | None,
     *,
     index: str,
-    k: int = 5,
-    min_similarity: float = 0.9,
+    k: int = DEFAULT_K,
+    min_similarity: float = DEFAULT_MIN_SIMILARITY,
     n_bootstrap: int = 2000,
     seed: int = 0,
     embedder: Any = None,
@@ -51,4 +55,31 @@ def fusion_results(
             "mean_neighbours": sum(counts) / len(counts), "side_by_side": side_by_side, **results}
 
 
-__all__ = ["fusion_results"]
+def add_fusion_arguments(parser: argparse.ArgumentParser) -> None:
+    """eval-rm's --fusion-index, --fusion-k and --fusion-min-sim."""
+    parser.add_argument("--fusion-index", default=None, help="training pairs: also report RewardFusion's metrics")
+    parser.add_argument("--fusion-k", type=positive_int, default=None,
+                        help=f"with --fusion-index: most neighbours ({DEFAULT_K})")
+    parser.add_argument("--fusion-min-sim", type=float, default=None,
+                        help=f"with --fusion-index: least cosine similarity ({DEFAULT_MIN_SIMILARITY})")
+
+
+def check_fusion_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """argparse's one-line errors for a flag that cannot apply, before any model loads."""
+    if args.fusion_index is not None and args.r2:
+        parser.error("--fusion-index fuses pair and consistency scores; it does not apply to --r2")
+    if args.fusion_index is None and (args.fusion_k, args.fusion_min_sim) != (None, None):
+        parser.error("--fusion-k and --fusion-min-sim tune --fusion-index; add --fusion-index TRAIN.jsonl")
+    if args.fusion_min_sim is not None and not -1 <= args.fusion_min_sim <= 1:
+        parser.error(f"--fusion-min-sim is a cosine similarity in [-1, 1], got {args.fusion_min_sim}")
+
+
+def fusion_section(args: argparse.Namespace, scorer: Any, plain_results: dict[str, Any],
+                   pairs: Sequence[dict[str, Any]], consistency: Sequence[dict[str, Any]] | None) -> dict[str, Any]:
+    """`fusion_results` with eval-rm's flags."""
+    return fusion_results(scorer, plain_results, pairs, consistency, index=args.fusion_index,
+                          k=args.fusion_k or DEFAULT_K, n_bootstrap=args.n_bootstrap, seed=args.seed,
+                          min_similarity=DEFAULT_MIN_SIMILARITY if args.fusion_min_sim is None else args.fusion_min_sim)
+
+
+__all__ = ["add_fusion_arguments", "check_fusion_arguments", "fusion_results", "fusion_section"]
