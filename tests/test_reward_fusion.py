@@ -193,3 +193,38 @@ def test_grpo_trains_on_a_fused_reward_spec(tiny_model_dir, tiny_rm_dir, tmp_pat
                  "--max-steps", "2", "--set", "group_size=2", "--set", "max_new_tokens=4", "--no-progress"]) == 0
     rows = read_metrics(out)
     assert [row["step"] for row in rows] == [1, 2] and all(np.isfinite(row["reward/mean"]) for row in rows)
+
+
+def test_fusion_raises_consistency_of_a_noisy_reward_on_a_planted_set():
+    """A reward = true score (good 1, bad 0) + N(0, 1) noise fixed per text is inconsistent:
+    C_res = P(1 + e1 > e2) = Phi(1 / sqrt 2) ~ 0.76. Each (I1, R) has 5 index neighbours (cos
+    ~0.95, same true score); fusing 6 scores with ~equal weights cuts the noise variance ~6x:
+    C_res ~ Phi(sqrt 3) ~ 0.96. Measured on these 80 planted items: 0.775 -> 0.95."""
+    from alignkit.eval.reward_eval import reward_consistency
+
+    generator = torch.Generator().manual_seed(0)
+    vectors, true_scores, index, items = {}, {}, [], []
+    for item in range(80):
+        prompt = f"instruction {item}"
+        for kind, truth in (("good", 1.0), ("bad", 0.0)):
+            base = torch.randn(64, generator=generator)
+            for variant in range(6):  # variant 0 is the evaluated response, 1..5 its index neighbours
+                response = f"{kind} {item} v{variant}"
+                noise = 0.0 if variant == 0 else 0.3
+                vector = base + noise * torch.randn(64, generator=generator) * base.norm() / 8
+                vectors[fusion_text(prompt, response)] = vector.tolist()
+                true_scores[response] = truth + float(torch.randn(1, generator=generator))
+                if variant:
+                    index.append({"prompt": prompt, "chosen": response})
+        items.append({"I1": prompt, "I2": f"instruction {item}?", "R1": f"good {item} v0", "R2": f"bad {item} v0"})
+    for row in items:  # (I2, R1) is scored too (for C_ins): embed it like (I1, R1)
+        vectors[fusion_text(row["I2"], row["R1"])] = vectors[fusion_text(row["I1"], row["R1"])]
+
+    def noisy_reward(prompts, completions, **columns):
+        return [true_scores[c] for c in completions]
+
+    plain = reward_consistency(noisy_reward, items, n_bootstrap=10)["response_consistency"]
+    fused_reward = RewardFusion(noisy_reward, index, embedder=TableEmbedder(vectors))
+    fused = reward_consistency(fused_reward, items, n_bootstrap=10)["response_consistency"]
+    assert sum(fused_reward.neighbour_counts) == 5 * len(fused_reward.neighbour_counts)  # every row fused with 5
+    assert plain < 0.85 and fused > plain + 0.1, (plain, fused)
