@@ -58,17 +58,17 @@ def select_neighbours(
     similarities: Tensor, k: int, min_similarity: float, exclude: int | None = None
 ) -> list[tuple[int, float]]:
     """Up to `k` (index, similarity) with similarity >= min_similarity, most similar first
-    (ties by lower index); `exclude` (the query's own index entry) is never chosen.
-    Shape: similarities (N,)."""
-    values = similarities.tolist()
+    (equal similarities by lower index among the top k + 1 that `torch.topk` returns);
+    `exclude` (the query's own index entry) is never chosen. Shape: similarities (N,)."""
     threshold = torch.tensor(min_similarity, dtype=similarities.dtype).item()  # 0.9 as the tensor stores it
-    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    top = similarities.topk(min(k + 1, similarities.shape[0]))  # k + 1: one may be excluded
+    candidates = sorted(zip(top.values.tolist(), top.indices.tolist(), strict=True), key=lambda c: (-c[0], c[1]))
     chosen = []
-    for i in order:
-        if len(chosen) == k or values[i] < threshold:
+    for value, i in candidates:
+        if len(chosen) == k or value < threshold:
             break
         if i != exclude:
-            chosen.append((i, values[i]))
+            chosen.append((i, value))
     return chosen
 
 
