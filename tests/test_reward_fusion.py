@@ -173,7 +173,8 @@ def test_eval_rm_fusion_bad_flags(tiny_rm_dir, tmp_path, capsys):
     assert main([*base, "--fusion-index", str(tmp_path / "missing.jsonl")]) != 0
     assert "--fusion-index" in capsys.readouterr().err
     bad_index = write_jsonl(tmp_path / "index.jsonl", [{"prompt": "p", "chosen": "a"}, {"prompt": "p"}])
-    assert main([*base, "--fusion-index", bad_index]) == 2
+    no_model = ["eval-rm", "--model", str(tmp_path / "no-rm"), "--consistency", contrast]  # fails before the model
+    assert main([*no_model, "--fusion-index", bad_index]) == 2
     assert "index.jsonl, row 2: a fusion index row needs 'prompt' and 'chosen'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--fusion-index", contrast, "--fusion-min-sim", "2"])

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from alignkit.eval.reward_eval import evaluate_reward_model
 from alignkit.lab.argtypes import positive_int
-from alignkit.rewards.fusion import fused_reward
+from alignkit.rewards.fusion import fused_reward, load_fusion_index
 
 DEFAULT_K, DEFAULT_MIN_SIMILARITY = 5, 0.9  # addendum §5: k = 5 neighbours, cosine >= 0.9
 
@@ -65,13 +66,16 @@ def add_fusion_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_fusion_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """argparse's one-line errors for a flag that cannot apply, before any model loads."""
+    """argparse's one-line errors for a flag that cannot apply, and the index's bad rows (a
+    DataError naming file and row), before any model loads."""
     if args.fusion_index is not None and args.r2:
         parser.error("--fusion-index fuses pair and consistency scores; it does not apply to --r2")
     if args.fusion_index is None and (args.fusion_k, args.fusion_min_sim) != (None, None):
         parser.error("--fusion-k and --fusion-min-sim tune --fusion-index; add --fusion-index TRAIN.jsonl")
     if args.fusion_min_sim is not None and not -1 <= args.fusion_min_sim <= 1:
         parser.error(f"--fusion-min-sim is a cosine similarity in [-1, 1], got {args.fusion_min_sim}")
+    if args.fusion_index is not None and Path(args.fusion_index).exists():
+        load_fusion_index(args.fusion_index)  # a bad row fails now, not after the plain evaluation
 
 
 def fusion_section(args: argparse.Namespace, scorer: Any, plain_results: dict[str, Any],

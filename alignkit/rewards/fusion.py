@@ -178,19 +178,25 @@ def parse_fusion_options(spec: str, options_text: str) -> dict[str, Any]:
     return options
 
 
-def fused_reward(reward: Callable[..., Any], options: dict[str, Any], embedder: Any = None) -> RewardFusion:
-    """`RewardFusion` over the rows of `options["fusion_index"]` (a data file or directory)."""
+def load_fusion_index(source: str) -> list[dict[str, Any]]:
+    """The rows of a fusion index file (pairwise, or prompt + completion); a row without a prompt
+    or a preferred response is an error naming the file and editor row."""
     from alignkit.data import load_rows, split_implicit_prompt
 
-    source = options["fusion_index"]
     table = load_rows(source)
     rows = [split_implicit_prompt(row) for row in table.rows]
-    for i, row in enumerate(rows):  # located by the table (file and editor row) before anything embeds
+    for i, row in enumerate(rows):
         if row.get("prompt") is None or row.get("chosen", row.get("completion")) is None:
             raise table.error(i, f"a fusion index row needs 'prompt' and 'chosen' (or 'completion'); it has {sorted(row)}")
-    return RewardFusion(reward, rows, k=options.get("fusion_k", 5),
+    return rows
+
+
+def fused_reward(reward: Callable[..., Any], options: dict[str, Any], embedder: Any = None) -> RewardFusion:
+    """`RewardFusion` over the rows of `options["fusion_index"]` (a data file or directory)."""
+    source = options["fusion_index"]
+    return RewardFusion(reward, load_fusion_index(source), k=options.get("fusion_k", 5),
                         min_similarity=options.get("fusion_min_sim", 0.9), embedder=embedder, source=source)
 
 
-__all__ = ["RewardFusion", "fused_reward", "fusion_text", "fusion_weights", "parse_fusion_options",
+__all__ = ["RewardFusion", "fused_reward", "load_fusion_index", "fusion_text", "fusion_weights", "parse_fusion_options",
            "select_neighbours"]
