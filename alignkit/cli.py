@@ -15,6 +15,7 @@
   alignkit modes --run DIR --classes modes.yaml [--prompts P] [--output DIR]
   alignkit faithfulness --models base,tuned --questions Q.jsonl [--output DIR]
   alignkit label-principles --prompts P --model M --principles FILE --out pairs.jsonl
+  alignkit augment-pairs --data PAIRS --method convexda --out augmented.jsonl
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ VERBS = {
     "modes": "mode share over training (Echo Chamber): each checkpoint's outputs by format class -> modes.png",
     "serve-rm": "serve a reward model over HTTP (batched JSON; OpenRLHF's remote_rm_url too): --reward http://...",
     "label-principles": "SALMON pairs: a base model judges two samples under principles (both orders) -> pairs.jsonl",
+    "augment-pairs": "ConvexDA: add pairs with perturbed chosen responses on a convex hull (for train rm)",
 }
 
 
@@ -209,6 +211,11 @@ def cmd_eval_rm(argv: list[str]) -> int:
         positive_int,
         prepare_output_file,
     )
+    from alignkit.lab.fusion_eval import (
+        add_fusion_arguments,
+        check_fusion_arguments,
+        fusion_section,
+    )
 
     parser = argparse.ArgumentParser(
         prog="alignkit eval-rm",
@@ -233,14 +240,17 @@ def cmd_eval_rm(argv: list[str]) -> int:
     parser.add_argument("--principles", default=None, help="an rm_principles model: score under these principles "
                         "(text or JSON file)")
     parser.add_argument("--user-context", default=None, help="an rm_vpl model: the user's labelled pairs (JSONL)")
+    add_fusion_arguments(parser)  # --fusion-index, --fusion-k, --fusion-min-sim: RewardFusion beside plain scores
     args = parser.parse_args(argv)
+    check_fusion_arguments(parser, args)
     if args.data is None and args.consistency is None:
         parser.error("give --data and/or --consistency")
     if args.r2 and (args.data is None or args.consistency is not None):
         parser.error("--r2 evaluates the samples of --data alone; run --consistency without --r2")
     if args.score_column is not None and not args.r2:
         parser.error("--score-column names the true score of --r2 samples; add --r2")
-    for flag, source in (("--data", args.data), ("--consistency", args.consistency)):
+    for flag, source in (("--data", args.data), ("--consistency", args.consistency),
+                         ("--fusion-index", args.fusion_index)):
         if source is not None:
             check_data_source(flag, source)
     if args.output:
@@ -271,6 +281,8 @@ def cmd_eval_rm(argv: list[str]) -> int:
     results = evaluate_reward_model(
         scorer, pairs, consistency=consistency, n_bootstrap=args.n_bootstrap, seed=args.seed
     )
+    if args.fusion_index is not None:
+        results["fusion"] = fusion_section(args, scorer, results, pairs, consistency)
     results = {"model": str(args.model), "kind": reward_model_kind(args.model), **results}
     text = json.dumps(results, indent=2)
     if args.output:
@@ -363,6 +375,13 @@ def cmd_imagine(argv: list[str]) -> int:
     return imagine_main(argv)
 
 
+def cmd_augment_pairs(argv: list[str]) -> int:
+    """alignkit augment-pairs --data PAIRS --method convexda --out augmented.jsonl [--copies 5] [--per-pair 1]"""
+    from alignkit.lab.convexda import main as augment_main
+
+    return augment_main(argv)
+
+
 def cmd_label(argv: list[str]) -> int:
     """alignkit label --prompts P --model M --reward SPEC [--n 4] --out pairs.jsonl"""
     from alignkit.lab.label import main as label_main
@@ -445,7 +464,8 @@ def run_verb(argv: list[str] | None = None) -> int:
                 "eval": cmd_eval, "overopt": cmd_overopt, "merge": cmd_merge, "surgery": cmd_surgery,
                 "sweep": cmd_sweep, "tax": cmd_tax, "safety": cmd_safety, "imagine": cmd_imagine,
                 "label": cmd_label, "modes": cmd_modes, "faithfulness": cmd_faithfulness,
-                "serve-rm": cmd_serve_rm, "label-principles": cmd_label_principles}
+                "serve-rm": cmd_serve_rm, "label-principles": cmd_label_principles,
+                "augment-pairs": cmd_augment_pairs}
     if verb not in commands:
         print(f"alignkit: unknown verb {verb!r}; one of {', '.join(VERBS)}", file=sys.stderr)
         return 2

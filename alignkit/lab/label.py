@@ -12,6 +12,11 @@
    `--tie-tolerance` (`ties`), when fewer than two of its responses are non-blank
    (`too_few_samples`; blank responses are counted too), or when the best and worst texts are
    the same (`identical_texts`, possible only with a reward that is not a function of the text);
+   With `--lexicographic SPEC1:TOL1,SPEC2:TOL2` (or a YAML file) instead of `--reward`, the
+   responses are compared on ordered reward factors with tolerances (HERON; see
+   `alignkit.lab.lexicographic`): every decided comparison is a pair (`--pairing all`) or one
+   per prompt (`best_worst`); each row also carries `factor_scores_chosen`,
+   `factor_scores_rejected` and `decided_by` (the spec of the factor that decided it);
 4. write the pairs in alignkit's pairwise format (`prompt`, `chosen`, `rejected`, plus
    `score_chosen` and `score_rejected`; a conversational prompt gets assistant-message
    responses, as TRL's conversational preference format), and `OUT_STEM.manifest.json`
@@ -29,12 +34,13 @@ import logging
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from alignkit.data import is_conversational, load_rows
 from alignkit.lab.generation_eval import encode_prompts, progress_bar, prompt_text, sample
+from alignkit.lab.lexicographic import lexicographic_label, parse_factors
 from alignkit.lab.overopt_lab import load_scorer
 from alignkit.lab.policy_loading import load_policy
 from alignkit.rewards.runner import RewardRunner, reward_columns
@@ -52,11 +58,17 @@ class LabelOptions:
     """Prompt-only dataset (`prompt` column, text or conversational); its other columns go to the reward."""
     model: str
     """The model sampled: a model directory, LoRA adapter, training checkpoint, hub id or smollm2-135m."""
-    reward: str
-    """The reward labelling the pairs: a reward spec (`vader`, `file.py:function`, `rm:DIR`,
-    `rlhs:CONFIG.yaml`) or a reward-model directory."""
     out: str
     """The pairs file (JSONL); its manifest is written beside it as OUT_STEM.manifest.json."""
+    reward: str | None = None
+    """The reward labelling the pairs: a reward spec (`vader`, `file.py:function`, `rm:DIR`,
+    `rlhs:CONFIG.yaml`) or a reward-model directory."""
+    lexicographic: str | None = None
+    """Instead of --reward, HERON's ordered reward factors with tolerances: `SPEC1:TOL1,SPEC2:TOL2`
+    (`TOLstd`: x the factor's std) or a YAML file (alignkit.lab.lexicographic)."""
+    pairing: Literal["all", "best_worst"] | None = None
+    """With --lexicographic: every decided pair per prompt (all, HERON's; the default) or one
+    (best_worst: best vs worst Copeland score)."""
     n: int = 4
     """Responses sampled per prompt (>= 2): chosen is the best, rejected the worst."""
     num_prompts: int | None = None
@@ -79,6 +91,12 @@ class LabelOptions:
 
 def check_options(options: LabelOptions) -> None:
     """One-line errors naming the flag, before any model loads."""
+    if (options.reward is None) == (options.lexicographic is None):
+        raise ValueError("give --reward SPEC or --lexicographic FACTORS (one of them)")
+    if options.pairing is not None and options.lexicographic is None:
+        raise ValueError("--pairing chooses among --lexicographic comparisons; --reward pairs best with worst")
+    if options.lexicographic is not None and options.tie_tolerance:
+        raise ValueError("--tie-tolerance applies to --reward; give --lexicographic factors their own tolerances")
     if options.n < 2:
         raise ValueError(f"--n must be >= 2 (a pair needs two responses), got {options.n}")
     if options.temperature <= 0:
@@ -116,6 +134,20 @@ def pair_row(prompt: Any, chosen: str, rejected: str, score_chosen: float, score
             "score_chosen": score_chosen, "score_rejected": score_rejected}
 
 
+def best_worst_pairs(prompts: list[Any], texts: list[list[str]], scores: list[list[float]],
+                     tie_tolerance: float) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """One best-vs-worst pair per prompt (`choose_pair`) and the skipped prompts by reason."""
+    pairs, skipped = [], dict.fromkeys(SKIP_REASONS, 0)
+    for prompt, group, row_scores in zip(prompts, texts, scores, strict=True):
+        choice = choose_pair(row_scores, group, tie_tolerance)
+        if isinstance(choice, str):
+            skipped[choice] += 1
+            continue
+        best, worst = choice
+        pairs.append(pair_row(prompt, group[best], group[worst], row_scores[best], row_scores[worst]))
+    return pairs, skipped
+
+
 def load_prompt_rows(source: str, limit: int | None) -> list[dict[str, Any]]:
     """The rows of a prompt dataset (each needs a non-empty `prompt`), the first `limit` of them."""
     table = load_rows(source)
@@ -145,8 +177,9 @@ def score_samples(reward: Any, rows: list[dict[str, Any]], texts: list[list[str]
 def run_label(options: LabelOptions) -> dict[str, Any]:
     """Sample, score, pair and write (see the module docstring); returns the manifest."""
     check_options(options)
+    factors = parse_factors(options.lexicographic) if options.lexicographic is not None else None
     rows = load_prompt_rows(options.prompts, options.num_prompts)
-    reward = load_scorer(options.reward)
+    rewards = [load_scorer(f.spec) for f in factors] if factors else [load_scorer(options.reward)]
     model, tokenizer = load_policy(options.model)
     prompts = [row["prompt"] for row in rows]
     progress = not options.no_progress and sys.stderr.isatty()
@@ -154,16 +187,17 @@ def run_label(options: LabelOptions) -> dict[str, Any]:
         samples = sample(model, tokenizer, encode_prompts(tokenizer, prompts), options.n,
                          max_new_tokens=options.max_new_tokens, temperature=options.temperature,
                          top_p=options.top_p, seed=options.seed, max_batch_size=options.batch_size, progress=bar)
-    scores = score_samples(reward, rows, samples.texts)  # (P, n)
-    logged = reward.drain() if callable(getattr(reward, "drain", None)) else {}
-    pairs, skipped = [], dict.fromkeys(SKIP_REASONS, 0)
-    for prompt, texts, row_scores in zip(prompts, samples.texts, scores.tolist(), strict=True):
-        choice = choose_pair(row_scores, texts, options.tie_tolerance)
-        if isinstance(choice, str):
-            skipped[choice] += 1
-            continue
-        best, worst = choice
-        pairs.append(pair_row(prompt, texts[best], texts[worst], row_scores[best], row_scores[worst]))
+    factor_scores = torch.stack([score_samples(reward, rows, samples.texts) for reward in rewards], dim=-1)
+    scores = factor_scores[..., 0]  # (P, n): the reward, or the first factor
+    logged = {name: values for reward in rewards if callable(getattr(reward, "drain", None))
+              for name, values in reward.drain().items()}
+    lexicographic: dict[str, Any] = {}
+    if factors:  # HERON: ordered factors with tolerances (alignkit.lab.lexicographic)
+        pairs, lexicographic = lexicographic_label(prompts, samples.texts, factor_scores, factors,
+                                                   options.pairing or "all")
+        skipped = {reason: lexicographic.pop(reason) for reason in SKIP_REASONS}
+    else:
+        pairs, skipped = best_worst_pairs(prompts, samples.texts, scores.tolist(), options.tie_tolerance)
     out = Path(options.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
@@ -177,6 +211,7 @@ def run_label(options: LabelOptions) -> dict[str, Any]:
                    "mean_chosen": sum(p["score_chosen"] for p in pairs) / len(pairs) if pairs else None,
                    "mean_rejected": sum(p["score_rejected"] for p in pairs) / len(pairs) if pairs else None},
         "reward_logged": {name: values.double().mean().item() for name, values in logged.items()},
+        **({"lexicographic": {"factors": [asdict(f) for f in factors], **lexicographic}} if factors else {}),
         "pairs_file": str(out),
     }
     manifest_path = out.with_name(out.stem + ".manifest.json")

@@ -9,6 +9,8 @@ Spec forms, tried in this order:
   ensemble, BRME, ArmoRM, embedding RM, principle-following or VPL RM) through
   `alignkit.rewards.load_reward_model`; `rm:DIR,principles=FILE` gives an rm_principles model
   its principles, `rm:DIR,user_context=FILE` an rm_vpl model its user's labelled pairs;
+  `rm:DIR,fusion_index=TRAIN.jsonl[,fusion_k=5,fusion_min_sim=0.9]` wraps it in RewardFusion
+  (`alignkit.rewards.fusion`);
 - a built-in name: `vader`, `length` (needs `target=`) or `length:TARGET`, `json_valid`,
   `numeric_match`, `regex:PATTERN` (everything after the first colon is the pattern), and the
   visual ones `iou` (boxes vs a `boxes` column), `choice_accuracy` (vs an `answer` column),
@@ -168,13 +170,16 @@ def _tensor_returning(fn: Callable[..., Any], spec: str) -> RewardFunction:
 
 
 # options a saved reward model takes in its spec: rm:DIR,principles=FILE,user_context=FILE
-SAVED_MODEL_OPTIONS = ("principles", "user_context")
+SAVED_MODEL_OPTIONS = {"principles": "FILE", "user_context": "FILE", "fusion_index": "FILE", "fusion_k": "K",
+                       "fusion_min_sim": "S"}
+"""The `rm:DIR,key=VALUE` options, with the placeholder error messages show for each."""
 
 
 def saved_model_options(text: str, spec: str) -> tuple[str, dict[str, str]]:
-    """(directory, options) of `DIR[,key=FILE...]`: `principles=FILE` for an rm_principles
-    model, `user_context=FILE` for an rm_vpl model (an existing directory whose name has a
-    comma is taken whole)."""
+    """(directory, options) of `DIR[,key=VALUE...]`: `principles=FILE` for an rm_principles
+    model, `user_context=FILE` for an rm_vpl model, `fusion_index=FILE` (+ `fusion_k`,
+    `fusion_min_sim`) for RewardFusion around any model (an existing directory whose name has
+    a comma is taken whole)."""
     if "," not in text or os.path.isdir(text):
         return text, {}
     directory, *parts = text.split(",")
@@ -183,7 +188,7 @@ def saved_model_options(text: str, spec: str) -> tuple[str, dict[str, str]]:
         key, sep, value = part.partition("=")
         if not sep or key.strip() not in SAVED_MODEL_OPTIONS or not value.strip():
             raise ValueError(f"reward spec {spec!r}: {part!r} is not one of "
-                             + ", ".join(f"{k}=FILE" for k in SAVED_MODEL_OPTIONS))
+                             + ", ".join(f"{k}={v}" for k, v in SAVED_MODEL_OPTIONS.items()))
         options[key.strip()] = value.strip()
     return directory, options
 
@@ -211,7 +216,14 @@ def load_reward(spec: str, **kwargs: Any) -> RewardFunction:
         directory, options = saved_model_options(spec[3:] if spec.startswith("rm:") else spec, spec)
         if not directory:
             raise ValueError(f"reward spec {spec!r}: write the reward-model directory after rm:")
-        return load_reward_model(directory, **options, **kwargs)
+        fusion = {key: options.pop(key) for key in list(options) if key.startswith("fusion_")}
+        if not fusion:
+            return load_reward_model(directory, **options, **kwargs)
+        # rm:DIR,fusion_index=TRAIN.jsonl[,fusion_k=5,fusion_min_sim=0.9]: RewardFusion (checked first)
+        from alignkit.rewards.fusion import fused_reward, parse_fusion_options
+
+        fusion_options = parse_fusion_options(spec, ",".join(f"{k}={v}" for k, v in fusion.items()))
+        return fused_reward(load_reward_model(directory, **options, **kwargs), fusion_options)
     if spec.startswith("judge:"):  # an LLM judge (alignkit.rewards.judge): judge:MODEL[,key=value...]
         from alignkit.rewards.judge import load_judge_reward
 
