@@ -59,5 +59,6 @@ def check_reward_model_source(source: str) -> None:
     check_model_source(source, "--model")
 
 
-SPECIAL_REWARD_MODELS = ("ensemble", "embedding_rm", "multi_objective", "brme", "preference_model", "segment_rm")
+SPECIAL_REWARD_MODELS = ("ensemble", "embedding_rm", "multi_objective", "brme", "preference_model", "segment_rm",
+                         "seq2seq_rm")
 """Marker files of reward-model directories that are not one plain sequence classifier."""

@@ -81,10 +81,11 @@ class IQLearnTask(SequenceData):
     lambda_: float = field(init=False, default=0.1)
     gamma: float = field(init=False, default=1.0)
     temperature: float = field(init=False, default=1.0)
+    hparams: dict[str, float] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         check_hparams("iq_learn", self.config.hparams, IQ_LEARN_DEFAULTS)
-        values = {**IQ_LEARN_DEFAULTS, **self.config.hparams}
+        values = self.hparams = {**IQ_LEARN_DEFAULTS, **self.config.hparams}
         self.lambda_, self.gamma = float(values["lambda_"]), float(values["gamma"])
         self.temperature = float(values["temperature"])
         if self.lambda_ < 0:
