@@ -10,8 +10,8 @@ import json
 
 import pytest
 import torch
-from reward_helpers import train_tiny
-from run_helpers import read_metrics
+from reward_helpers import eval_rm, train_tiny
+from run_helpers import read_metrics, write_jsonl
 from test_online import one_thread  # noqa: F401  (one_thread: the module's autouse fixture)
 from test_online_dense import NO_REWARD, run
 from torch.testing import assert_close
@@ -92,6 +92,13 @@ def test_rm_seq2seq_learns_the_planted_rule(seq2seq_rm, tiny_model_dir):
     metrics = read_metrics(final.parent)
     assert metrics[-1]["nll/correction"] < metrics[0]["nll/correction"]
     assert metrics[-1]["nll/identity"] < metrics[0]["nll/identity"]
+
+
+def test_eval_rm_scores_a_seq2seq_model_by_its_summed_token_rewards(seq2seq_rm, tmp_path):
+    """`alignkit eval-rm --model DIR` on held-out pairs: the kind is named, accuracy (strict) >= 0.9."""
+    data = write_jsonl(tmp_path / "held.jsonl", synthetic_pairs(24, seed=12))
+    results = eval_rm(seq2seq_rm.final_dir, data, tmp_path / "s2s.json", 100)
+    assert results["kind"] == "seq2seq_rm" and results["accuracy"] >= 0.9
 
 
 def test_token_rewards_line_up_with_the_policy_tokens(seq2seq_rm, tiny_model_dir):

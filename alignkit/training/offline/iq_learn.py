@@ -98,6 +98,8 @@ class IQLearnTask(SequenceData):
     loss_tokens = staticmethod(scored_tokens)  # a token mean, like SFT
 
     def loss(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
+        if batch.get("pixel_inputs"):
+            raise ValueError("iq_learn: rows with images are not supported (train a VLM with sft)")
         mask = batch["response_mask"].bool() & batch["attention_mask"].bool()
         mask[:, 0] = False  # the first token has no state that predicts it
         taken_q, values = q_and_values(model, batch["input_ids"], batch["attention_mask"], mask[:, 1:],
