@@ -123,6 +123,17 @@ def test_token_rewards_line_up_with_the_policy_tokens(seq2seq_rm, tiny_model_dir
     assert sum(row) == pytest.approx(sum(dense))
 
 
+def test_tokens_past_max_length_get_zero_and_are_counted(seq2seq_rm, caplog):
+    """max_length 6 with a 9-token response: the source is cut to 1 token, the first 5 response
+    tokens are scored (+-1), the last 4 get 0, and the log says how many were cut."""
+    scorer = Seq2SeqRewardScorer(seq2seq_rm.final_dir, device="cpu", max_length=6)
+    ids = list(range(10, 19))
+    with caplog.at_level("WARNING", logger="alignkit"):
+        (row,) = scorer(["Write a short review."], ["anything"], completion_ids=[ids])
+    assert len(row) == 9 and set(row[:5]) <= {1.0, -1.0} and row[5:] == [0.0] * 4
+    assert "4 response token(s) past max_length=6 got reward 0" in caplog.text
+
+
 def test_ppo_and_reinforce_pp_run_on_seq2seq_token_rewards(seq2seq_rm, tiny_model_dir, tmp_path):
     """ppo with --reward-model DIR and reinforce_pp with --reward rm:DIR, 2 steps each: finite
     losses and rewards that differ between samples. The policy starts from the RM's own LM (it

@@ -90,7 +90,8 @@ class Seq2SeqRewardScorer:
 
     `token_rewards(prompts, completions, completion_ids=None) -> list[Tensor (n_i,)]`: one reward
     per token of each completion (its `completion_ids` in the RM's vocabulary, or the RM's own
-    tokens of `completion + eos`). Tokens past `max_length` get 0 (counted in the log).
+    tokens of `completion + eos`). Tokens past `max_length` (default: the training run's) get 0
+    (counted in the log).
     """
 
     def __init__(
@@ -101,7 +102,7 @@ class Seq2SeqRewardScorer:
         template: str | None = None,
         match_reward: float | None = None,
         mismatch_reward: float | None = None,
-        max_length: int = 1024,
+        max_length: int | None = None,
         batch_size: int = 16,
         device: str | None = None,
         policy_tokenizer: Any = None,
@@ -124,7 +125,8 @@ class Seq2SeqRewardScorer:
         self.match_reward = float(manifest.get("match_reward", 1.0) if match_reward is None else match_reward)
         self.mismatch_reward = float(manifest.get("mismatch_reward", -1.0) if mismatch_reward is None
                                      else mismatch_reward)
-        self.max_length, self.batch_size = max_length, batch_size
+        self.max_length = int(max_length or manifest.get("max_length", 1024))
+        self.batch_size = batch_size
         self.policy_tokenizer = policy_tokenizer
         self.same_vocabulary = policy_tokenizer is None or policy_tokenizer.get_vocab() == tokenizer.get_vocab()
         self.__name__ = (f"Seq2SeqRewardScorer({path_or_model})" if isinstance(path_or_model, str | Path)

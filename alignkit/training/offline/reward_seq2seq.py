@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from alignkit.data import RowTable, SeqExample, TruncationStats
+from alignkit.data import RowTable, SeqExample, TruncationStats, tokenize_sft
 from alignkit.models import token_logps
 from alignkit.objectives.seq2seq_rm import sequence_mle
 from alignkit.rewards.seq2seq import (
@@ -75,7 +75,9 @@ class Seq2SeqRewardTask(RewardTask, SequenceData):
             for source, is_correction in sources:
                 rows.append({"prompt": source, "completion": target, "is_correction": is_correction})
                 origins.append(table.origins[i])
-        return super().tokenize(RowTable(rows, origins), tokenizer)
+        # plain text, never the chat template: the scorer renders its input the same way
+        return tokenize_sft(RowTable(rows, origins), tokenizer, max_length=self.config.max_length,
+                            max_prompt_length=self.config.max_prompt_length, chat=False)
 
     loss_tokens = staticmethod(scored_tokens)  # a token mean, like SFT
 
@@ -94,7 +96,7 @@ class Seq2SeqRewardTask(RewardTask, SequenceData):
 
     def write_final(self, final_dir) -> None:
         manifest = {key: self.hparams[key] for key in ("template", "match_reward", "mismatch_reward")}
-        manifest["identity_mapping"] = self.hparams["identity_mapping"]
+        manifest.update(identity_mapping=self.hparams["identity_mapping"], max_length=self.config.max_length)
         (final_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
