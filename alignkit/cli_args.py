@@ -39,5 +39,6 @@ def check_reward_model_source(source: str) -> None:
 
 
 SPECIAL_REWARD_MODELS = ("ensemble", "embedding_rm", "multi_objective", "brme", "preference_model", "segment_rm",
-                         "principles_rm", "vpl_rm")
+                         "principles_rm", "vpl_rm",
+                         "seq2seq_rm")
 """Marker files of reward-model directories that are not one plain sequence classifier."""

@@ -80,7 +80,7 @@ def case_name(name: str, strategy: str) -> str:
     return f"{name}-{strategy}"
 
 
-FSDP2 = {"ipo", "orpo", "listwise_dpo", "rm_bayes", "treg", "ift"}
+FSDP2 = {"ipo", "orpo", "listwise_dpo", "rm_bayes", "treg", "ift", "iq_learn"}
 SPECIAL = {"aot"}  # rank-local sorting: runs on 2 ranks, not equal to one process
 
 
@@ -115,6 +115,8 @@ FAMILY: dict[str, tuple[str, str, dict]] = {
     "dpo+sft": ("dpo", "pairs", {"loss_weights": {"dpo": 1.0, "sft": 0.5}}),
     "dpo-accum2": ("dpo", "pairs", {"grad_accum": 2}),
     "dpo-eval": ("dpo", "pairs", {"eval_holdout": 8, "eval_steps": 1}),
+    "iq_learn": ("iq_learn", "sft", {"lambda_": 0.5, "gamma": 0.9}),
+    "rm_seq2seq": ("rm_seq2seq", "pairs", {}),
 }
 # Cases known not to equal one process, with the diagnosis. TRAINING: the loss, gradient
 # norm or parameters differ (or the run fails); METRICS: training matches, a logged metric not.

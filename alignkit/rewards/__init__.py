@@ -47,6 +47,7 @@ from alignkit.rewards.rules import (
 from alignkit.rewards.runner import RewardRunner, RewardTimeout
 from alignkit.rewards.saved import load_reward_model, reward_model_kind
 from alignkit.rewards.scorer import RewardModelScorer, ScoreNormalizer
+from alignkit.rewards.seq2seq import Seq2SeqRewardScorer
 from alignkit.rewards.visual import BoxIoU, ChoiceAccuracy, ThinkAnswerFormat
 from alignkit.rewards.vpl import VariationalRewardScorer
 
@@ -66,6 +67,7 @@ __all__ = [
     "RewardModelScorer",
     "ScoreNormalizer",
     "SegmentRewardScorer",
+    "Seq2SeqRewardScorer",
     "ThinkAnswerFormat",
     "load_reward_model",
     "split_segments",

@@ -16,13 +16,14 @@ from alignkit.rewards.ensemble import BayesRewardScorer, EnsembleScorer
 from alignkit.rewards.multi_objective import MultiObjectiveScorer
 from alignkit.rewards.principles import PrincipleRewardScorer
 from alignkit.rewards.scorer import RewardModelScorer
+from alignkit.rewards.seq2seq import Seq2SeqRewardScorer
 from alignkit.rewards.vpl import VariationalRewardScorer
 
 
 def reward_model_kind(directory: str | Path) -> str:
     """Which scorer a saved reward-model directory needs, from the marker file it holds:
     ensemble.json, embedding_rm.json, multi_objective.json, brme.json, preference_model.json,
-    segment_rm.json, principles_rm.json, vpl_rm.json, else "sequence_classifier"."""
+    segment_rm.json, principles_rm.json, vpl_rm.json, seq2seq_rm.json, else "sequence_classifier"."""
     directory = Path(directory)
     for marker in (
         "ensemble",
@@ -33,6 +34,7 @@ def reward_model_kind(directory: str | Path) -> str:
         "segment_rm",
         "principles_rm",
         "vpl_rm",
+        "seq2seq_rm",
     ):
         if (directory / f"{marker}.json").is_file():
             return marker
@@ -61,6 +63,8 @@ def load_reward_model(directory: str | Path, **kwargs: Any) -> Any:
         return PrincipleRewardScorer(directory, **kwargs)
     if kind == "vpl_rm":
         return VariationalRewardScorer(directory, **kwargs)
+    if kind == "seq2seq_rm":  # per-token rewards with completion_ids, else summed per row
+        return Seq2SeqRewardScorer(directory, **kwargs)
     if kind in ("preference_model", "segment_rm"):
         raise ValueError(
             f"{directory} is a {kind.replace('_', ' ')}, not a scalar reward model: load it "

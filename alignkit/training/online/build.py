@@ -347,6 +347,8 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
     def function_role(one: Any) -> FunctionReward:  # a spec (ensemble_reduce applied) or a callable
         if isinstance(one, str) and s.ensemble_reduce is None and segment_model_dir(one) is not None:
             return segment_reward_role(config, segment_model_dir(one), tokenizer, s, flag="--reward")
+        if isinstance(one, str) and s.ensemble_reduce is None and seq2seq_model_dir(one) is not None:
+            return seq2seq_reward_role(config, seq2seq_model_dir(one), tokenizer, s)
         fn = load_reward_spec(one, s) if isinstance(one, str) else one
         return FunctionReward(fn, on_error=s.reward_on_error, timeout=config.reward_timeout,
                               workers=config.reward_workers)
@@ -377,6 +379,8 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
         raise ValueError(f"{config.algorithm} needs a reward: --reward module:function or --reward-model DIR")
     if segment_model_dir(config.reward_model) is not None:
         return segment_reward_role(config, config.reward_model, tokenizer, s, flag="--reward-model")
+    if seq2seq_model_dir(config.reward_model) is not None:
+        return seq2seq_reward_role(config, config.reward_model, tokenizer, s)
     if saved_kind(config.reward_model) == "preference_model":
         raise ValueError(f"--reward-model {config.reward_model} is a pairwise preference model: it judges pairs, "
                          "not samples; pass it to nash_md as --preference-model DIR")
@@ -485,6 +489,24 @@ def check_personal_options(specs: list[Any], s: OnlineSettings) -> None:
             model = "an rm_principles" if key == "principles" else "an rm_vpl"
             raise ValueError(f"--set {key}={getattr(s, key)} is for {model} reward model (--reward rm:DIR); "
                              f"this run's rewards are {kinds or 'Python callables'}")
+
+
+def seq2seq_model_dir(spec: str) -> str | None:
+    """The directory of an `rm_seq2seq` model named by a reward spec (`rm:DIR` or DIR), else None."""
+    directory = spec[3:] if spec.startswith("rm:") else spec
+    return directory if saved_kind(directory) == "seq2seq_rm" else None
+
+
+def seq2seq_reward_role(config: TrainConfig, directory: str, tokenizer, s: OnlineSettings) -> FunctionReward:
+    """An `rm_seq2seq` model (Zhou et al. 2024) as a dense reward: a score on every sampled token
+    (`Seq2SeqRewardScorer` with the policy's tokenizer), split over ranks like a reward model."""
+    from alignkit.rewards import Seq2SeqRewardScorer
+
+    scorer = Seq2SeqRewardScorer(directory, device=_device(config), policy_tokenizer=tokenizer)
+    role = FunctionReward(scorer, on_error=s.reward_on_error, timeout=config.reward_timeout,
+                          workers=config.reward_workers)
+    role.model_backed = True
+    return role
 
 
 def load_reward_spec(spec: str, s: OnlineSettings):

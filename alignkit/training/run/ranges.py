@@ -89,6 +89,7 @@ HPARAM_RANGES: dict[str, dict[str, Interval]] = {
     "pro": {"sft_weight": NON_NEGATIVE},
     "kto": {"beta": POSITIVE, "desirable_weight": POSITIVE, "undesirable_weight": POSITIVE},
     "ift": {"gamma": UNIT},
+    "iq_learn": {"lambda_": NON_NEGATIVE, "gamma": UNIT, "temperature": POSITIVE},
     "rm": {"center_rewards_coefficient": NON_NEGATIVE},
     "cost": {"reg": NON_NEGATIVE},
     "rm_ensemble": {"members": Interval("[1, inf)"), "uwo_lambda": NON_NEGATIVE},
