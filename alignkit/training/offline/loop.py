@@ -163,9 +163,10 @@ def vlm_parts_to_train(config: TrainConfig, model) -> tuple[str, ...] | None:
     return vlm_train_parts(config.vlm_train, lora=config.lora_r > 0)
 
 
-def image_encoder(config: TrainConfig, processor, tables: list[RowTable | None], tokenizer):
-    """What tokenises the data: the VLM's processor when any table has images (sft only so
-    far), else the tokenizer. Images with a text-only model are an error naming the model."""
+def image_encoder(config: TrainConfig, task, processor, tables: list[RowTable | None], tokenizer):
+    """What tokenises the data: the VLM's processor when any table has images, else the
+    tokenizer. Images with a text-only model, or with a task that does not take them (its
+    `images_problem()` says why; tasks without the hook do not), are errors."""
     if not any(table is not None and uses_images(table) for table in tables):
         return tokenizer
     if processor is None:
@@ -173,8 +174,10 @@ def image_encoder(config: TrainConfig, processor, tables: list[RowTable | None],
             f"the data has images but --model {config.model!r} is not a vision-language model "
             "(its config.json has no vision_config)"
         )
-    if config.algorithm != "sft":
-        raise ValueError(f"--algorithm {config.algorithm}: data with images trains with sft only so far")
+    hook = getattr(task, "images_problem", None)
+    problem = hook() if hook is not None else "data with images trains with sft, rm, cost and the pairwise family only so far"
+    if problem:
+        raise ValueError(f"--algorithm {config.algorithm}: {problem}")
     return processor
 
 
@@ -315,7 +318,7 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with a loaded model")
     pad_id = tokenizer.pad_token_id
-    encoder = image_encoder(config, processor, [table, eval_table], tokenizer)
+    encoder = image_encoder(config, task, processor, [table, eval_table], tokenizer)
     examples, stats = task.tokenize(table, encoder)
     log.info("training data: %s", stats.summary())
     identical = check_identical_pairs(task, examples, config.allow_degenerate)  # None: not pairs

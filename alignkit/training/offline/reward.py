@@ -150,6 +150,9 @@ class CostModelTask(RewardTask, PairData):
     def __post_init__(self) -> None:
         self.hparams = resolve_hparams("cost", self.config, {"reg": 0.0})
 
+    def images_problem(self) -> str | None:
+        return None
+
     def tokenize(self, table: RowTable, tokenizer):
         for i, row in enumerate(table.rows):
             for column in ("chosen_is_safe", "rejected_is_safe"):
@@ -160,7 +163,8 @@ class CostModelTask(RewardTask, PairData):
         return super().tokenize(table, tokenizer)
 
     def loss(self, model, batch: Batch) -> tuple[Tensor, Metrics]:
-        costs = reward_scores(model, batch["input_ids"], batch["attention_mask"])
+        costs = reward_scores(model, batch["input_ids"], batch["attention_mask"],
+                              pixel_inputs=batch.get("pixel_inputs"))
         half = costs.shape[0] // 2
         safer, unsafer = costs[:half], costs[half:]
         safer_safe, unsafer_safe = batch["chosen_is_safe"], batch["rejected_is_safe"]

@@ -27,8 +27,11 @@ from alignkit.data import (
     tokenize_sft,
 )
 from alignkit.data.image_tokenize import (
+    ImagePairExample,
     ImageSeqExample,
+    collate_image_pairs,
     collate_image_sequences,
+    tokenize_pairwise_images,
     tokenize_sft_images,
 )
 from alignkit.models import reward_scores, sequence_logps, token_logps
@@ -161,6 +164,10 @@ class SFTTask(SequenceData):
     def __post_init__(self) -> None:
         check_hparams("sft", self.config.hparams, {})
 
+    def images_problem(self) -> str | None:
+        """Why this task cannot train on image rows (None: it can); the loop asks before loading."""
+        return None
+
     loss_tokens = staticmethod(scored_tokens)  # a token mean: data parallelism normalises by tokens
 
     def loss(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
@@ -183,12 +190,16 @@ class PairData:
     config: TrainConfig
 
     def tokenize(self, table: RowTable, tokenizer) -> tuple[list[PairExample], TruncationStats]:
+        if hasattr(tokenizer, "image_processor"):  # a VLM processor: rows with images
+            return tokenize_pairwise_images(table, tokenizer, max_length=self.config.max_length)
         return tokenize_pairwise(table, tokenizer, **tokenize_options(self.config))
 
     def length(self, example: PairExample) -> int:
         return len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
 
     def collate(self, examples: list[PairExample], pad_id: int) -> dict[str, Tensor]:
+        if examples and isinstance(examples[0], ImagePairExample):
+            return collate_image_pairs(examples, pad_id)
         return collate_pairs(examples, pad_id)
 
     def identical_pair(self, example: PairExample) -> bool:
@@ -215,8 +226,12 @@ class RewardModelTask(PairData):
         check_hparams("rm", self.config.hparams, {"center_rewards_coefficient": 0.0})
         self.center_coef = float(self.config.hparams.get("center_rewards_coefficient", 0.0))
 
+    def images_problem(self) -> str | None:
+        return None
+
     def loss(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
-        scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])
+        scores = reward_scores(model, batch["input_ids"], batch["attention_mask"],
+                               pixel_inputs=batch.get("pixel_inputs"))
         half = scores.shape[0] // 2
         chosen, rejected = scores[:half], scores[half:]
         per_pair = bradley_terry(chosen, rejected, batch.get("margin"), self.center_coef)
@@ -281,6 +296,13 @@ class PairwiseTask(PairData):
             raise ValueError("margin_reward_models feed MODPO's margins; train modpo to use them")
         self.bco_delta = RunningMean() if "bco" in self.weights and "delta" not in given else None
         self.live_reference: LiveReference | None = None
+
+    def images_problem(self) -> str | None:
+        """Options whose extra forwards do not take pixel inputs yet refuse image rows."""
+        unsupported = {"use_weighting": self.options.use_weighting, "ref_sync": self.options.ref_sync != "off",
+                       "margin_reward_models": bool(self.options.margin_reward_models)}
+        named = [name for name, on in unsupported.items() if on]
+        return f"--set {named[0]} does not take image rows yet" if named else None
 
     @property
     def needs_reference(self) -> bool:
@@ -348,7 +370,7 @@ class PairwiseTask(PairData):
     # -- batches and the loss ------------------------------------------------------------------
     def collate(self, examples: list[PairExample], pad_id: int) -> dict[str, Tensor]:
         """`collate_pairs`, plus `margins` (B, K) float32 when the examples carry them."""
-        batch = collate_pairs(examples, pad_id)
+        batch = PairData.collate(self, examples, pad_id)
         if "margins" in examples[0].extras:
             batch["margins"] = torch.tensor([ex.extras["margins"] for ex in examples], dtype=torch.float32)
         return batch
@@ -357,11 +379,11 @@ class PairwiseTask(PairData):
         """(the sums the loss sees, plain sums, token counts), each (2B,): LD-DPO sums when
         `ld_alpha` is set (per-token log-probs from the same forward), else plain sums."""
         ids, attention, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-        chunk = self.config.logp_chunk_size
+        options = {"chunk_size": self.config.logp_chunk_size, "pixel_inputs": batch.get("pixel_inputs")}
         if self.options.ld_alpha is None:
-            sums, counts = sequence_logps(model, ids, attention, response, chunk_size=chunk)
+            sums, counts = sequence_logps(model, ids, attention, response, **options)
             return sums, sums, counts
-        per_token = token_logps(model, ids, attention, response, chunk_size=chunk)  # (2B, T)
+        per_token = token_logps(model, ids, attention, response, **options)  # (2B, T)
         mask = scored_mask(batch)
         half = ids.shape[0] // 2
         ld_chosen, ld_rejected = ld_dpo(
