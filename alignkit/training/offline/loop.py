@@ -49,6 +49,7 @@ from alignkit.models import (
 )
 from alignkit.models.packing import padding_free
 from alignkit.models.vlm import is_vlm_config, set_vlm_trainable, vlm_train_parts
+from alignkit.models.vlm_reward import load_vlm_reward
 from alignkit.training.offline.reference import attach_reference_logps
 from alignkit.training.offline.tasks import make_task
 from alignkit.training.run.adapters import adapter_kind, attach_ssf, uses_adapter
@@ -300,11 +301,12 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
 
     # 3. model and tokens (a VLM brings its processor, which tokenises image rows)
     processor = None
-    if model is None and task.model_kind == "causal_lm" and is_vlm_dir(resolve_model_path(config.model)):
-        model, processor = load_vlm(
-            config.model, dtype=None if config.dtype == "auto" else config.dtype,
-            device=default_device(ranks, config.device),
-        )
+    if model is None and task.model_kind in ("causal_lm", "reward") and is_vlm_dir(resolve_model_path(config.model)):
+        options = {"dtype": None if config.dtype == "auto" else config.dtype, "device": default_device(ranks, config.device)}
+        if task.model_kind == "reward":  # a score head on the VLM's language model
+            model, processor = load_vlm_reward(config.model, num_labels=getattr(task, "num_labels", 1), **options)
+        else:
+            model, processor = load_vlm(config.model, **options)
         tokenizer = processor.tokenizer
     elif model is None:
         model, tokenizer = load_model(

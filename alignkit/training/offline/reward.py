@@ -38,6 +38,7 @@ from alignkit.objectives.reward_losses import (
 )
 from alignkit.rewards.preference import DEFAULT_TEMPLATE, encode_preference
 from alignkit.rewards.process import GRANULARITIES, encode_segments, token_scores
+from alignkit.training.offline.reward_context import RewardContext
 from alignkit.training.offline.tasks import (
     Metrics,
     PairData,
@@ -143,12 +144,12 @@ class RankedRewardTask(RewardTask, RankedData):
 
 
 @dataclass
-class CostModelTask(RewardTask, PairData):
+class CostModelTask(RewardTask, RewardContext, PairData):
     """Safe RLHF cost model: chosen = safer, rejected = less safe, `chosen_is_safe` and
     `rejected_is_safe` per-response labels; cost > 0 means harmful (see `cost_model_loss`)."""
 
     def __post_init__(self) -> None:
-        self.hparams = resolve_hparams("cost", self.config, {"reg": 0.0})
+        self.hparams = resolve_hparams("cost", self.config, {"reg": 0.0, "rm_context_columns": None})
 
     def images_problem(self) -> str | None:
         return None

@@ -52,6 +52,7 @@ from alignkit.training.offline.pairwise_options import (
     wpo_token_statistics,
 )
 from alignkit.training.offline.reference import attach_reference_logps
+from alignkit.training.offline.reward_context import RewardContext
 from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
 from alignkit.training.run.values import hparam_type_error
@@ -209,11 +210,12 @@ class PairData:
 
 
 @dataclass
-class RewardModelTask(PairData):
+class RewardModelTask(RewardContext, PairData):
     """Bradley-Terry reward model with optional margin column and centering coefficient.
 
     L = -log sigma(r(x, y_w) - r(x, y_l) - m) + c (r_w + r_l)^2, scores read at the last
-    real token of prompt + response.
+    real token of prompt + response. `rm_context_columns`: ground-truth columns appended to the
+    RM's prompt (Factually Augmented RLHF; `RewardContext`).
     """
 
     config: TrainConfig
@@ -223,7 +225,7 @@ class RewardModelTask(PairData):
     center_coef: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
-        check_hparams("rm", self.config.hparams, {"center_rewards_coefficient": 0.0})
+        check_hparams("rm", self.config.hparams, {"center_rewards_coefficient": 0.0, "rm_context_columns": None})
         self.center_coef = float(self.config.hparams.get("center_rewards_coefficient", 0.0))
 
     def images_problem(self) -> str | None:
