@@ -35,10 +35,18 @@ from alignkit.data.image_tokenize import (
     tokenize_sft_images,
 )
 from alignkit.models import reward_scores, sequence_logps, token_logps
-from alignkit.objectives import PAIRWISE, PairLogps, combine_losses, ld_dpo, wpo_weights
+from alignkit.objectives import (
+    PAIRWISE,
+    PairLogps,
+    combine_losses,
+    ld_dpo,
+    mm_dpo_beta,
+    wpo_weights,
+)
 from alignkit.objectives.pairwise import log_ratios
 from alignkit.objectives.registry import REFERENCE_FREE
 from alignkit.objectives.reward_model import bradley_terry
+from alignkit.training.offline.dynamic_beta import attach_reward_margins
 from alignkit.training.offline.pairwise_options import (
     SFT_COMPONENT,
     LiveReference,
@@ -294,17 +302,15 @@ class PairwiseTask(PairData):
             raise ValueError(f"ref_sync updates a reference model; {sorted(self.weights)} use none")
         if self.options.use_weighting and "aot" in self.weights:
             raise ValueError("use_weighting (WPO) weights pairs; aot's per-row losses are batch-coupled")
+        if self.options.dynamic_beta is not None and set(self.weights) != {"dpo"}:
+            raise ValueError(f"dynamic_beta (MM-DPO) scales dpo's beta; {sorted(self.weights)} is not plain dpo")
         if self.options.margin_reward_models and "modpo" not in self.weights:
             raise ValueError("margin_reward_models feed MODPO's margins; train modpo to use them")
         self.bco_delta = RunningMean() if "bco" in self.weights and "delta" not in given else None
         self.live_reference: LiveReference | None = None
 
     def images_problem(self) -> str | None:
-        """Options whose extra forwards do not take pixel inputs yet refuse image rows."""
-        unsupported = {"use_weighting": self.options.use_weighting, "ref_sync": self.options.ref_sync != "off",
-                       "margin_reward_models": bool(self.options.margin_reward_models)}
-        named = [name for name, on in unsupported.items() if on]
-        return f"--set {named[0]} does not take image rows yet" if named else None
+        return self.options.images_problem()
 
     @property
     def needs_reference(self) -> bool:
@@ -320,6 +326,8 @@ class PairwiseTask(PairData):
     def prepare(self, model, tokenizer, splits: dict[str, tuple[Any, list]], run_dir) -> None:
         """MODPO margins (a `margins` data column or frozen reward models), then the reference
         log-prob cache (`attach_reference_logps`) unless the reference is live or absent."""
+        if self.options.dynamic_beta is not None:  # MM-DPO's reward margins, before the reference cache
+            attach_reward_margins(self, model, splits)
         if "modpo" in self.weights:
             self.prepare_margins(model, splits)
         if self.needs_reference:
@@ -431,6 +439,10 @@ class PairwiseTask(PairData):
                 self.bco_delta.update(float(distributed.global_mean(rewards)))
             hparams["bco"]["delta"] = self.bco_delta.mean
             extra["bco/delta"] = torch.tensor(self.bco_delta.mean)
+        if self.options.dynamic_beta is not None:  # MM-DPO: one beta per pair from its reward margin
+            hparams["dpo"]["beta"] = mm_dpo_beta(batch["reward_margin"], self.beta, float(self.options.dynamic_beta),
+                                                 float(self.options.dynamic_beta_k))
+            extra["dynamic_beta/mean"] = hparams["dpo"]["beta"].mean()
         pairwise = {name: w for name, w in self.weights.items() if name != SFT_COMPONENT}
         per_pair = combine_losses(logps, pairwise, hparams) if pairwise else torch.zeros_like(sft_nll)
         if SFT_COMPONENT in self.weights:
