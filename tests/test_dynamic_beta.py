@@ -59,6 +59,10 @@ def test_a_constant_margin_is_dpo_with_the_scaled_beta(tiny_model_dir, tmp_path)
 def test_dynamic_beta_needs_margins_and_plain_dpo(tiny_model_dir, tmp_path):
     with pytest.raises(Exception, match=r"row 1.*dynamic_beta needs a numeric 'reward_margin' column"):
         _dpo(tiny_model_dir, tmp_path, "missing", _pairs(4), dynamic_beta=0.1)
+    with pytest.raises(ValueError, match="dynamic_beta_rm scores the margins of dynamic_beta"):
+        _dpo(tiny_model_dir, tmp_path, "no-w", _pairs(4), dynamic_beta_rm=str(tiny_model_dir))
+    with pytest.raises(ValueError, match="dynamic_beta \\(w\\) must be >= 0"):
+        _dpo(tiny_model_dir, tmp_path, "negative", _pairs(4, 1.0), dynamic_beta=-0.1)
     with pytest.raises(ValueError, match="dynamic_beta \\(MM-DPO\\) scales dpo's beta"):
         alignkit.train("ipo", model=str(tiny_model_dir), data=_pairs(4, 1.0), output_dir=tmp_path / "ipo",
                        max_steps=1, device="cpu", dynamic_beta=0.1)

@@ -137,3 +137,18 @@ def test_context_on_image_rows_follows_the_images(tmp_path):
     assert text.count("<|image_pad|>") == 4
     assert text.index("<|image_pad|>") < text.index("Colour?") < text.index("caption: a red square")
     assert example.pixel_inputs["pixel_values"].shape[0] == 16
+
+
+def test_cli_set_rm_context_columns(tiny_model_dir, tmp_path):
+    """`alignkit train rm --set rm_context_columns=caption,options`: both columns reach the saved
+    model's manifest, in the order given."""
+    from run_helpers import write_jsonl
+
+    from alignkit.cli import main
+
+    rows = [dict(r, options=list(COLOURS)) for r in caption_pairs(8, 0)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "run"
+    assert main(["train", "rm", "--model", str(tiny_model_dir), "--data", data, "--output", str(out),
+                 "--max-steps", "1", "--device", "cpu", "--set", "rm_context_columns=caption,options"]) == 0
+    assert json.loads((out / "final" / CONTEXT_FILE).read_text()) == {"context_columns": ["caption", "options"]}

@@ -126,6 +126,10 @@ class PairwiseOptions:
             raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.ld_alpha is not None and self.length_normalize:
             raise ValueError("ld_alpha and length_normalize are two length corrections; use one")
+        if self.dynamic_beta is not None and (float(self.dynamic_beta) < 0 or float(self.dynamic_beta_k) <= 0):
+            raise ValueError(f"dynamic_beta (w) must be >= 0 and dynamic_beta_k > 0, got {self.dynamic_beta}, {self.dynamic_beta_k}")
+        if self.dynamic_beta is None and self.dynamic_beta_rm:
+            raise ValueError("dynamic_beta_rm scores the margins of dynamic_beta: set --set dynamic_beta=W too")
 
     def components(self, loss_name: str) -> dict[str, float]:
         """Loss name -> weight of what is optimised ({loss_name: 1.0} without loss_weights)."""
