@@ -163,3 +163,25 @@ def test_images_refused_where_the_task_cannot_read_them(vlm, tmp_path):
     data = write_image_rows(tmp_path, colour_pairs(4), "train")
     with pytest.raises(ValueError, match="--algorithm dpo: --set use_weighting does not take image rows yet"):
         _train_dpo(path, data, None, tmp_path / "wpo", max_steps=1, use_weighting=True)
+    # a pairwise-data task whose loss reads no pixels yet: refused, not trained blind
+    with pytest.raises(ValueError, match="--algorithm preference_model: data with images trains with sft, rm, cost"):
+        alignkit.train("preference_model", model=str(path), data=data, output_dir=tmp_path / "pm", max_steps=1,
+                       device="cpu", progress=False)
+
+
+def test_vlm_dpo_with_lora_uses_the_adapter_free_model_as_reference(vlm, tmp_path):
+    """LoRA on the language model: the cached reference log-probs are the initial model's (the
+    adapter-free pass), so step 1's loss is exactly log 2 and its rewards 0; final/ is merged."""
+    from run_helpers import read_metrics
+
+    _, path = vlm
+    data = write_image_rows(tmp_path, colour_pairs(8, seed=2), "train")
+    result = _train_dpo(path, data, None, tmp_path / "lora", max_steps=2, batch_size=4, lora_r=4, lr=1e-2,
+                        logging_steps=1, eval_steps=0)
+    first = read_metrics(result.output_dir)[0]
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    trained, _ = load_vlm(str(result.final_dir), device="cpu")
+    start, _ = load_vlm(str(path), device="cpu")
+    before = dict(start.named_parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in trained.named_parameters())
