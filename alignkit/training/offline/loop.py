@@ -113,6 +113,8 @@ Callback = Callable[[int, dict[str, float]], None]
 #   run(model, tokenizer, data, eval_data, callbacks) -> TrainResult   a whole loop of its own
 #   num_labels                                   outputs of a reward model's score head
 #   write_final(final_dir)                       extra files next to final/ (e.g. brme.json)
+#   images_problem() -> str | None               why it cannot train on image rows (None: it can);
+#                                                a task without it refuses them
 
 
 def _hook(task, name: str) -> Callable[..., Any] | None:

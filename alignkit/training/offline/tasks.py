@@ -47,6 +47,11 @@ from alignkit.objectives.pairwise import log_ratios
 from alignkit.objectives.registry import REFERENCE_FREE
 from alignkit.objectives.reward_model import bradley_terry
 from alignkit.training.offline.dynamic_beta import attach_reward_margins
+from alignkit.training.offline.pair_metrics import (
+    Metrics,
+    implicit_reward_metrics,
+    score_pair_metrics,
+)
 from alignkit.training.offline.pairwise_options import (
     SFT_COMPONENT,
     LiveReference,
@@ -64,8 +69,6 @@ from alignkit.training.offline.reward_context import RewardContext
 from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
 from alignkit.training.run.values import hparam_type_error
-
-Metrics = dict[str, Tensor]
 
 
 def accepted_hparams(fn: Callable[..., Any]) -> dict[str, Any]:
@@ -89,33 +92,6 @@ def check_hparams(algorithm: str, given: dict[str, Any], accepted: dict[str, Any
 def scored_tokens(batch: dict[str, Tensor]) -> Tensor:
     """Response tokens a token-mean loss averages over: response & attention, t >= 1."""
     return (batch["response_mask"].bool() & batch["attention_mask"].bool())[:, 1:].sum()
-
-
-def score_pair_metrics(loss: Tensor, chosen: Tensor, rejected: Tensor) -> Metrics:
-    """Loss and the `rewards/*` metrics of chosen vs rejected scores (B,), detached."""
-    return {
-        "loss": loss.detach(),
-        "rewards/chosen": chosen.mean().detach(),
-        "rewards/rejected": rejected.mean().detach(),
-        "rewards/margins": (chosen - rejected).mean().detach(),
-        "rewards/accuracies": (chosen > rejected).float().mean().detach(),
-    }
-
-
-def implicit_reward_metrics(loss: Tensor, logps: PairLogps, beta: float) -> Metrics:
-    """`rewards/*` from DPO's implicit rewards beta * (logp - ref_logp), or beta * mean token
-    logp without a reference, plus `logps/chosen|rejected`; all detached."""
-    if logps.ref_chosen is not None and logps.ref_rejected is not None:
-        chosen = beta * (logps.chosen - logps.ref_chosen)
-        rejected = beta * (logps.rejected - logps.ref_rejected)
-    else:
-        chosen = beta * logps.chosen / logps.chosen_tokens.clamp(min=1)
-        rejected = beta * logps.rejected / logps.rejected_tokens.clamp(min=1)
-    return {
-        **score_pair_metrics(loss, chosen, rejected),
-        "logps/chosen": logps.chosen.mean().detach(),
-        "logps/rejected": logps.rejected.mean().detach(),
-    }
 
 
 def tokenize_options(config: TrainConfig) -> dict[str, Any]:
@@ -173,8 +149,7 @@ class SFTTask(SequenceData):
     def __post_init__(self) -> None:
         check_hparams("sft", self.config.hparams, {})
 
-    def images_problem(self) -> str | None:
-        """Why this task cannot train on image rows (None: it can); the loop asks before loading."""
+    def images_problem(self) -> str | None:  # the loop's hook: None, image rows train
         return None
 
     loss_tokens = staticmethod(scored_tokens)  # a token mean: data parallelism normalises by tokens
