@@ -16,7 +16,7 @@ from run_helpers import PAIRWISE_DETERMINISTIC, assert_resumed_matches, run_inte
 import alignkit
 from alignkit.data.image_tokenize import collate_image_pairs, tokenize_pairwise_images
 from alignkit.data.table import RowTable
-from alignkit.models import load_vlm
+from alignkit.models import load_vlm, reward_scores
 from alignkit.testing_vlm import COLOURS, build_tiny_vlm, draw_shape_image
 
 ARCHS = ("qwen2_vl", "llava")
@@ -185,3 +185,32 @@ def test_vlm_dpo_with_lora_uses_the_adapter_free_model_as_reference(vlm, tmp_pat
     start, _ = load_vlm(str(path), device="cpu")
     before = dict(start.named_parameters())
     assert any(not torch.equal(p, before[n]) for n, p in trained.named_parameters())
+
+
+def test_mixed_image_and_text_pairs_batch_like_single_rows(vlm):
+    """A batch interleaving image pairs and text-only pairs gives each row the log-prob (policy)
+    and score (reward head) it gets alone: pixels follow their rows, text rows read none."""
+    from alignkit.models import sequence_logps
+    from alignkit.models.vlm_reward import load_vlm_reward
+
+    _, path = vlm
+    model, processor = load_vlm(str(path), device="cpu")
+    reward_model, _ = load_vlm_reward(str(path), device="cpu")
+    text = {"prompt": [{"role": "user", "content": "Say hi."}], "chosen": [{"role": "assistant", "content": "hi"}],
+            "rejected": [{"role": "assistant", "content": "no, not now"}]}
+    images = colour_pairs(2, seed=4)
+    rows = [images[0], text, images[1], dict(text, chosen=[{"role": "assistant", "content": "hello"}])]
+    pad = processor.tokenizer.pad_token_id
+    examples, _ = tokenize_pairwise_images(RowTable(rows), processor, max_length=64)
+
+    def values(batch):
+        with torch.no_grad():
+            args = (batch["input_ids"], batch["attention_mask"])
+            logps, _ = sequence_logps(model, *args, batch["response_mask"], pixel_inputs=batch["pixel_inputs"])
+            return logps, reward_scores(reward_model, *args, pixel_inputs=batch["pixel_inputs"])
+
+    together = values(collate_image_pairs(examples, pad))
+    alone = [values(collate_image_pairs([example], pad)) for example in examples]
+    for k in range(2):  # log-probs, scores: rows 0..3 chosen, 4..7 rejected
+        expected = torch.cat([torch.stack([a[k][0] for a in alone]), torch.stack([a[k][1] for a in alone])])
+        torch.testing.assert_close(together[k], expected, rtol=1e-4, atol=1e-4)
