@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.models.logprobs import _unwrap_peft, position_ids_from_mask
+from alignkit.models.vlm import is_vlm_config
 
 # Attribute names of the classification head in transformers' *ForSequenceClassification.
 _HEAD_NAMES = ("score", "classifier")
@@ -50,6 +51,7 @@ def reward_scores(
     attention_mask: Tensor,
     *,
     position_ids: Tensor | None = None,
+    pixel_inputs: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Scores of a sequence-classification model at each row's last real token.
 
@@ -58,16 +60,22 @@ def reward_scores(
     Works through a peft wrapper (LoRA layers and `modules_to_save` heads stay active).
     `position_ids` default to `position_ids_from_mask`, so left- and right-padded copies of
     the same text get the same score.
+
+    A vision-language reward model (`alignkit.models.vlm_reward`) runs its multimodal body with
+    `pixel_inputs` (a VLM batch's `pixel_values`, `image_grid_thw`, ...) and positions left to
+    the model (Qwen2-VL derives M-RoPE positions from the ids): its rows must be right-padded.
     """
     backbone, head = _score_head(model)
-    if position_ids is None:
-        position_ids = position_ids_from_mask(attention_mask)
-    hidden = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-    ).last_hidden_state  # (B, T, H)
+    inputs: dict = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if is_vlm_config(getattr(_unwrap_peft(model), "config", None)):
+        if not bool(attention_mask[:, 0].all()):
+            raise ValueError("vision-language batches must be right-padded (every row starts with a real token)")
+        inputs.update(pixel_inputs or {})
+    elif pixel_inputs:
+        raise ValueError(f"{type(_unwrap_peft(model)).__name__} is a text model: it takes no pixel inputs")
+    else:
+        inputs["position_ids"] = position_ids_from_mask(attention_mask) if position_ids is None else position_ids
+    hidden = backbone(**inputs).last_hidden_state  # (B, T, H)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     last_hidden = hidden[rows, last_token_index(attention_mask).to(hidden.device)]  # (B, H)
     scores = head(last_hidden).float()  # (B, num_labels)

@@ -229,7 +229,8 @@ def load_model(
     initialised). Weights are read from safetensors only. The tokenizer always has a pad token
     and `model.config.pad_token_id` matches it; padding side is the caller's choice.
     A vision-language checkpoint (`is_vlm_dir`) with kind "causal_lm" loads through `load_vlm`
-    and returns its processor's tokenizer (the model runs text-only inputs too).
+    and returns its processor's tokenizer (the model runs text-only inputs too); with kind
+    "reward" through `alignkit.models.vlm_reward.load_vlm_reward` (a score head on the VLM).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -243,6 +244,11 @@ def load_model(
     kwargs["trust_remote_code"] = trust_remote_code
     if kind == "causal_lm" and is_vlm_dir(path):
         model, processor = load_vlm(name_or_path, dtype=torch_dtype, device=device)
+        return model, processor.tokenizer
+    if kind == "reward" and is_vlm_dir(path):
+        from alignkit.models.vlm_reward import load_vlm_reward
+
+        model, processor = load_vlm_reward(name_or_path, dtype=torch_dtype, device=device, num_labels=num_labels)
         return model, processor.tokenizer
     if kind == "reward":
         model_class, kwargs["num_labels"] = AutoModelForSequenceClassification, num_labels

@@ -15,7 +15,13 @@ from alignkit.objectives.registry import (
     register_kl,
     register_pairwise,
 )
-from alignkit.objectives.weighting import combine_losses, ld_dpo, log_sum_squared_probs, wpo_weights
+from alignkit.objectives.weighting import (
+    combine_losses,
+    ld_dpo,
+    log_sum_squared_probs,
+    mm_dpo_beta,
+    wpo_weights,
+)
 
 __all__ = [
     "KL",
@@ -30,6 +36,7 @@ __all__ = [
     "kto_kl_estimate",
     "ld_dpo",
     "log_sum_squared_probs",
+    "mm_dpo_beta",
     "register_kl",
     "register_listwise",
     "register_pairwise",

@@ -2,7 +2,8 @@
 
 - `ld_dpo`: LD-DPO length desensitisation of summed log-probs (from per-token log-probs);
 - `wpo_weights` (+ `log_sum_squared_probs`): WPO per-pair importance weights;
-- `combine_losses`: a weighted sum of registered pairwise losses.
+- `combine_losses`: a weighted sum of registered pairwise losses;
+- `mm_dpo_beta`: MM-DPO's per-pair beta from a reward model's margin.
 """
 
 from __future__ import annotations
@@ -120,3 +121,30 @@ def combine_losses(
         term = weight * PAIRWISE[name](logps, **hparams.get(name, {}))
         total = term if total is None else total + term
     return total
+
+
+def mm_dpo_beta(
+    reward_margin: Tensor, beta: float = 0.1, weight: float = 0.1, k: float = 1.0, min_beta: float = 1e-3
+) -> Tensor:
+    """MM-DPO's per-pair beta (Zhang et al. 2025, "MM-RLHF", arXiv 2502.10391, dynamic reward
+    scaling): pairs a reward model separates by a wide margin get a larger beta,
+
+        beta_i = max(beta * (1 + w * (1 - exp(-k * delta_i))), min_beta),
+        delta_i = r(x_i, y_w) - r(x_i, y_l),
+
+    then L_i = -log sigma(beta_i * delta_h_i) (DPO with beta_i). `weight` is the paper's w, `k`
+    its sensitivity to the margin. The bracket saturates at 1 + w for confident pairs; a
+    negative margin (the RM disagrees with the label) lowers beta, and `min_beta` keeps it
+    positive. Checked against the official code (Kwai-YuanQi/MM-RLHF, read from its public
+    mirror julyanghar/MM-RLHF, first commit e103c40, `trl/trainer/dpo_trainer.py`, `dpo_loss`):
+    `beta_used = beta * (1 + ls_factor_weight * ls_factor)` clamped at min 1e-3, the factor
+    1 - exp(-k delta) read per pair from the data (computed offline), `ls_factor_weight` = w =
+    0.1 and beta = 0.1 in its `scripts/train/dpo_ov7b.sh`. The released k is not in that code:
+    k = 1.0 is our default, set it with `dynamic_beta_k`. (The released `dpo_loss`, called with
+    its default `implicit_beta=True`, then overrides this per-pair beta with a batch-level
+    beta-DPO rule; we implement the per-pair rule the paper states.)
+
+    Shapes: reward_margin (B,) -> beta (B,), detached from any graph (beta is a coefficient).
+    """
+    factor = 1.0 - torch.exp(-k * reward_margin.detach().float())
+    return (beta * (1.0 + weight * factor)).clamp(min=min_beta)

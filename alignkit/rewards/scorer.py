@@ -10,6 +10,13 @@ Different tokenizers (ALGORITHMS.md §0 pitfall 4): the scorer always works on t
 that are token ids (lists of ints) are decoded with `policy_tokenizer` (special tokens
 skipped) and re-tokenised with the reward tokenizer, as safe-rlhf's `batch_retokenize` does.
 
+Images and context: a vision-language reward model (`alignkit.models.vlm_reward`) scores rows
+with an `images` column (passed as `images=` beside the prompts, one list per row, PIL images
+or paths) through its processor, as `alignkit train rm` tokenised them. A reward model trained
+with `rm_context_columns` (Factually Augmented RLHF) reads those columns of every row,
+appended to its prompt by `alignkit.data.context.prompt_with_context`; the columns come from
+the checkpoint's `reward_context.json` unless `context_columns=` says otherwise.
+
 Normalisation (the output scale of an RM is arbitrary, §1.1): `normalize="running"` keeps a
 running mean/variance of every score seen (Welford, float64) and returns
 (r - mean) / std after adding the batch; `normalize="reference"` uses the mean/std of a
@@ -27,8 +34,11 @@ import torch
 from torch import Tensor
 
 from alignkit.data import RowTable, tokenize_sft
-from alignkit.models import load_model, reward_scores
+from alignkit.data.context import parse_context_columns, prompt_with_context, saved_context_columns
+from alignkit.data.image_tokenize import collate_image_sequences, tokenize_sft_images
+from alignkit.models import is_vlm_dir, load_model, reward_scores
 from alignkit.models.heads import require_trained_head
+from alignkit.models.loading import resolve_model_path
 
 NORMALIZE_MODES = (None, "running", "reference")
 
@@ -144,26 +154,39 @@ class RewardModelScorer:
         padding_side: str = "right",
         device: str | None = None,
         dtype: Any = None,
+        context_columns: str | Sequence[str] | None = None,
     ) -> None:
         if normalize not in NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}; got {normalize!r}")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}")
+        saved_columns: list[str] = []
         if isinstance(path_or_model, str | Path):
             self.path: str | None = str(path_or_model)
-            model, loaded_tokenizer = load_model(
-                self.path,
-                kind="reward",
-                device=device,
-                dtype=dtype,
-                num_labels=saved_num_labels(self.path),
-            )
+            resolved = resolve_model_path(self.path)
+            if is_vlm_dir(resolved):  # a score head on a VLM: the processor tokenises image rows
+                from alignkit.models.vlm_reward import load_vlm_reward
+
+                model, loaded_tokenizer = load_vlm_reward(self.path, device=device, dtype=dtype)
+            else:
+                model, loaded_tokenizer = load_model(
+                    self.path,
+                    kind="reward",
+                    device=device,
+                    dtype=dtype,
+                    num_labels=saved_num_labels(self.path),
+                )
             require_trained_head(self.path, model, "reward model")
             tokenizer = tokenizer or loaded_tokenizer
+            saved_columns = saved_context_columns(resolved)
         else:
             if tokenizer is None:
                 raise ValueError("pass the reward model's tokenizer together with a loaded model")
             self.path, model = None, path_or_model
+        # a VLM processor (it carries the tokenizer) or None for a text reward model
+        self.processor = tokenizer if hasattr(tokenizer, "image_processor") else None
+        tokenizer = tokenizer.tokenizer if self.processor is not None else tokenizer
+        self.context_columns = parse_context_columns(context_columns) if context_columns is not None else saved_columns
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.policy_tokenizer = policy_tokenizer
@@ -232,11 +255,50 @@ class RewardModelScorer:
         result[torch.tensor(order)] = scores
         return result
 
+    @torch.no_grad()
+    def score_image_rows(self, prompts: Sequence[Any], completions: Sequence[Any], images: Sequence[Any]) -> Tensor:
+        """Raw scores of rows with images through the VLM processor (right-padded batches in row
+        order, as `alignkit train rm` built them): (N,) or (N, K), CPU."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} rows of images")
+        rows = [
+            {"prompt": _as_text(p, self.policy_tokenizer, "prompt"),
+             "completion": _as_text(c, self.policy_tokenizer, "completion"), "images": list(i or [])}
+            for p, c, i in zip(prompts, completions, images, strict=True)
+        ]
+        examples, _ = tokenize_sft_images(RowTable(rows), self.processor, max_length=self.max_length)
+        device = next(self.model.parameters()).device
+        parts = []
+        for start in range(0, len(examples), self.batch_size):
+            batch = collate_image_sequences(examples[start : start + self.batch_size], self.tokenizer.pad_token_id)
+            pixels = {k: v.to(device) for k, v in batch["pixel_inputs"].items()}
+            scores = reward_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                   pixel_inputs=pixels)
+            parts.append(scores.float().cpu())
+        return torch.cat(parts)
+
+    def with_context(self, prompts: Sequence[Any], columns: dict[str, Any]) -> list[Any]:
+        """The prompts with each row's context columns appended (`prompt_with_context`)."""
+        missing = [c for c in self.context_columns if c not in columns]
+        if missing:
+            raise ValueError(f"{self.__name__} reads context column(s) {missing}; pass them beside the prompts "
+                             f"(got columns {sorted(columns)})")
+        return [
+            prompt_with_context(_as_text(p, self.policy_tokenizer, "prompt"), {c: columns[c][i] for c in self.context_columns},
+                                self.context_columns)
+            for i, p in enumerate(prompts)
+        ]
+
     # ------------------------------------------------------------------ scoring
-    def raw_scores(self, prompts: Sequence[Any], completions: Sequence[Any]) -> Tensor:
-        """Unnormalised scores (B,) or (B, K)."""
+    def raw_scores(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> Tensor:
+        """Unnormalised scores (B,) or (B, K). `columns`: the rows' other columns (`images` for a
+        VLM reward model, the context columns it was trained with)."""
         if len(completions) == 0:
             return torch.zeros(0)
+        if self.context_columns:
+            prompts = self.with_context(prompts, columns)
+        if self.processor is not None and columns.get("images") is not None:
+            return self.score_image_rows(prompts, completions, columns["images"])
         return self.score_ids(self.encode(prompts, completions))
 
     def fit_reference(self, prompts: Sequence[Any], completions: Sequence[Any]) -> ScoreNormalizer:
@@ -248,7 +310,7 @@ class RewardModelScorer:
         return self.normalizer
 
     def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> Tensor:
-        scores = self.raw_scores(prompts, completions)
+        scores = self.raw_scores(prompts, completions, **columns)
         if self.normalize == "running":
             self.normalizer.update(scores)
         if self.normalize is not None:

@@ -49,6 +49,7 @@ from alignkit.models import (
 )
 from alignkit.models.packing import padding_free
 from alignkit.models.vlm import is_vlm_config, set_vlm_trainable, vlm_train_parts
+from alignkit.models.vlm_reward import load_vlm_reward
 from alignkit.training.offline.reference import attach_reference_logps
 from alignkit.training.offline.tasks import make_task
 from alignkit.training.run.adapters import adapter_kind, attach_ssf, uses_adapter
@@ -112,6 +113,8 @@ Callback = Callable[[int, dict[str, float]], None]
 #   run(model, tokenizer, data, eval_data, callbacks) -> TrainResult   a whole loop of its own
 #   num_labels                                   outputs of a reward model's score head
 #   write_final(final_dir)                       extra files next to final/ (e.g. brme.json)
+#   images_problem() -> str | None               why it cannot train on image rows (None: it can);
+#                                                a task without it refuses them
 
 
 def _hook(task, name: str) -> Callable[..., Any] | None:
@@ -163,9 +166,10 @@ def vlm_parts_to_train(config: TrainConfig, model) -> tuple[str, ...] | None:
     return vlm_train_parts(config.vlm_train, lora=config.lora_r > 0)
 
 
-def image_encoder(config: TrainConfig, processor, tables: list[RowTable | None], tokenizer):
-    """What tokenises the data: the VLM's processor when any table has images (sft only so
-    far), else the tokenizer. Images with a text-only model are an error naming the model."""
+def image_encoder(config: TrainConfig, task, processor, tables: list[RowTable | None], tokenizer):
+    """What tokenises the data: the VLM's processor when any table has images, else the
+    tokenizer. Images with a text-only model, or with a task that does not take them (its
+    `images_problem()` says why; tasks without the hook do not), are errors."""
     if not any(table is not None and uses_images(table) for table in tables):
         return tokenizer
     if processor is None:
@@ -173,8 +177,10 @@ def image_encoder(config: TrainConfig, processor, tables: list[RowTable | None],
             f"the data has images but --model {config.model!r} is not a vision-language model "
             "(its config.json has no vision_config)"
         )
-    if config.algorithm != "sft":
-        raise ValueError(f"--algorithm {config.algorithm}: data with images trains with sft only so far")
+    hook = getattr(task, "images_problem", None)
+    problem = hook() if hook is not None else "data with images trains with sft, rm, cost and the pairwise family only so far"
+    if problem:
+        raise ValueError(f"--algorithm {config.algorithm}: {problem}")
     return processor
 
 
@@ -297,11 +303,12 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
 
     # 3. model and tokens (a VLM brings its processor, which tokenises image rows)
     processor = None
-    if model is None and task.model_kind == "causal_lm" and is_vlm_dir(resolve_model_path(config.model)):
-        model, processor = load_vlm(
-            config.model, dtype=None if config.dtype == "auto" else config.dtype,
-            device=default_device(ranks, config.device),
-        )
+    if model is None and task.model_kind in ("causal_lm", "reward") and is_vlm_dir(resolve_model_path(config.model)):
+        options = {"dtype": None if config.dtype == "auto" else config.dtype, "device": default_device(ranks, config.device)}
+        if task.model_kind == "reward":  # a score head on the VLM's language model
+            model, processor = load_vlm_reward(config.model, num_labels=getattr(task, "num_labels", 1), **options)
+        else:
+            model, processor = load_vlm(config.model, **options)
         tokenizer = processor.tokenizer
     elif model is None:
         model, tokenizer = load_model(
@@ -315,7 +322,7 @@ def _train_in(run: RunDir, task, config: TrainConfig, ranks: Ranks, model, token
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with a loaded model")
     pad_id = tokenizer.pad_token_id
-    encoder = image_encoder(config, processor, [table, eval_table], tokenizer)
+    encoder = image_encoder(config, task, processor, [table, eval_table], tokenizer)
     examples, stats = task.tokenize(table, encoder)
     log.info("training data: %s", stats.summary())
     identical = check_identical_pairs(task, examples, config.allow_degenerate)  # None: not pairs

@@ -80,6 +80,18 @@ class PairwiseOptions:
     chosen and rejected once before training, margins_k = r_k(x, y_w) - r_k(x, y_l) are stored
     per pair and the models freed. One no-grad forward per reward model over the data, once.
     Alternatively the data may carry a `margins` list column (K numbers per row)."""
+    dynamic_beta: float | None = None
+    """MM-DPO (MM-RLHF, Zhang et al. 2025) dynamic reward scaling, dpo only: the weight w of
+    beta_i = beta (1 + w (1 - exp(-k delta_i))) (`alignkit.objectives.mm_dpo_beta`; the official
+    scripts use w = 0.1), delta_i the reward margin of the pair: a `reward_margin` data column,
+    or scored once before training by `dynamic_beta_rm`. No extra forward while training."""
+    dynamic_beta_k: float = 1.0
+    """MM-DPO's k (how fast the margin saturates the scaling); 1.0 is our default (the released
+    code reads the factor precomputed, without k)."""
+    dynamic_beta_rm: str | None = None
+    """A saved reward model (directory) that scores chosen and rejected of every pair once
+    before training (`RewardModelScorer`: image rows and context columns as it was trained);
+    its margins replace a `reward_margin` column."""
 
     @classmethod
     def split(cls, hparams: Mapping[str, Any]) -> tuple[PairwiseOptions, dict[str, Any]]:
@@ -114,6 +126,10 @@ class PairwiseOptions:
             raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.ld_alpha is not None and self.length_normalize:
             raise ValueError("ld_alpha and length_normalize are two length corrections; use one")
+        if self.dynamic_beta is not None and (float(self.dynamic_beta) < 0 or float(self.dynamic_beta_k) <= 0):
+            raise ValueError(f"dynamic_beta (w) must be >= 0 and dynamic_beta_k > 0, got {self.dynamic_beta}, {self.dynamic_beta_k}")
+        if self.dynamic_beta is None and self.dynamic_beta_rm:
+            raise ValueError("dynamic_beta_rm scores the margins of dynamic_beta: set --set dynamic_beta=W too")
 
     def components(self, loss_name: str) -> dict[str, float]:
         """Loss name -> weight of what is optimised ({loss_name: 1.0} without loss_weights)."""
@@ -124,6 +140,14 @@ class PairwiseOptions:
                 f"loss_weights {self.loss_weights} must include the trained loss {loss_name!r}"
             )
         return dict(self.loss_weights)
+
+    def images_problem(self) -> str | None:
+        """Why these options cannot train on image rows (their extra forwards take no pixel
+        inputs yet), or None."""
+        unsupported = {"use_weighting": self.use_weighting, "ref_sync": self.ref_sync != "off",
+                       "margin_reward_models": bool(self.margin_reward_models)}
+        named = [name for name, on in unsupported.items() if on]
+        return f"--set {named[0]} does not take image rows yet" if named else None
 
     @property
     def sync_alpha(self) -> float:

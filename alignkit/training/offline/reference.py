@@ -50,9 +50,17 @@ def reference_batches(task, model, examples, pad_id: int, config: TrainConfig, d
             for start in tqdm(starts, desc=desc, disable=not shown, leave=False):
                 indices = order[start : start + size]
                 batch = task.collate([examples[i] for i in indices], pad_id)
-                yield indices, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+                yield indices, _on_device(batch, device)
     finally:
         model.train(was_training)
+
+
+def _on_device(batch: dict, device) -> dict:
+    """The batch's tensors, and those of nested dicts (a VLM batch's `pixel_inputs`), on `device`."""
+    return {
+        k: v.to(device) if torch.is_tensor(v) else _on_device(v, device)
+        for k, v in batch.items() if torch.is_tensor(v) or isinstance(v, dict)
+    }
 
 
 @torch.no_grad()

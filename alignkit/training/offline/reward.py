@@ -38,6 +38,7 @@ from alignkit.objectives.reward_losses import (
 )
 from alignkit.rewards.preference import DEFAULT_TEMPLATE, encode_preference
 from alignkit.rewards.process import GRANULARITIES, encode_segments, token_scores
+from alignkit.training.offline.reward_context import RewardContext
 from alignkit.training.offline.tasks import (
     Metrics,
     PairData,
@@ -143,12 +144,15 @@ class RankedRewardTask(RewardTask, RankedData):
 
 
 @dataclass
-class CostModelTask(RewardTask, PairData):
+class CostModelTask(RewardTask, RewardContext, PairData):
     """Safe RLHF cost model: chosen = safer, rejected = less safe, `chosen_is_safe` and
     `rejected_is_safe` per-response labels; cost > 0 means harmful (see `cost_model_loss`)."""
 
     def __post_init__(self) -> None:
-        self.hparams = resolve_hparams("cost", self.config, {"reg": 0.0})
+        self.hparams = resolve_hparams("cost", self.config, {"reg": 0.0, "rm_context_columns": None})
+
+    def images_problem(self) -> str | None:
+        return None
 
     def tokenize(self, table: RowTable, tokenizer):
         for i, row in enumerate(table.rows):
@@ -160,7 +164,8 @@ class CostModelTask(RewardTask, PairData):
         return super().tokenize(table, tokenizer)
 
     def loss(self, model, batch: Batch) -> tuple[Tensor, Metrics]:
-        costs = reward_scores(model, batch["input_ids"], batch["attention_mask"])
+        costs = reward_scores(model, batch["input_ids"], batch["attention_mask"],
+                              pixel_inputs=batch.get("pixel_inputs"))
         half = costs.shape[0] // 2
         safer, unsafer = costs[:half], costs[half:]
         safer_safe, unsafer_safe = batch["chosen_is_safe"], batch["rejected_is_safe"]

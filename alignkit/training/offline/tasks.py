@@ -27,15 +27,31 @@ from alignkit.data import (
     tokenize_sft,
 )
 from alignkit.data.image_tokenize import (
+    ImagePairExample,
     ImageSeqExample,
+    collate_image_pairs,
     collate_image_sequences,
+    tokenize_pairwise_images,
     tokenize_sft_images,
 )
 from alignkit.models import reward_scores, sequence_logps, token_logps
-from alignkit.objectives import PAIRWISE, PairLogps, combine_losses, ld_dpo, wpo_weights
+from alignkit.objectives import (
+    PAIRWISE,
+    PairLogps,
+    combine_losses,
+    ld_dpo,
+    mm_dpo_beta,
+    wpo_weights,
+)
 from alignkit.objectives.pairwise import log_ratios
 from alignkit.objectives.registry import REFERENCE_FREE
 from alignkit.objectives.reward_model import bradley_terry
+from alignkit.training.offline.dynamic_beta import attach_reward_margins
+from alignkit.training.offline.pair_metrics import (
+    Metrics,
+    implicit_reward_metrics,
+    score_pair_metrics,
+)
 from alignkit.training.offline.pairwise_options import (
     SFT_COMPONENT,
     LiveReference,
@@ -49,11 +65,10 @@ from alignkit.training.offline.pairwise_options import (
     wpo_token_statistics,
 )
 from alignkit.training.offline.reference import attach_reference_logps
+from alignkit.training.offline.reward_context import RewardContext
 from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
 from alignkit.training.run.values import hparam_type_error
-
-Metrics = dict[str, Tensor]
 
 
 def accepted_hparams(fn: Callable[..., Any]) -> dict[str, Any]:
@@ -77,33 +92,6 @@ def check_hparams(algorithm: str, given: dict[str, Any], accepted: dict[str, Any
 def scored_tokens(batch: dict[str, Tensor]) -> Tensor:
     """Response tokens a token-mean loss averages over: response & attention, t >= 1."""
     return (batch["response_mask"].bool() & batch["attention_mask"].bool())[:, 1:].sum()
-
-
-def score_pair_metrics(loss: Tensor, chosen: Tensor, rejected: Tensor) -> Metrics:
-    """Loss and the `rewards/*` metrics of chosen vs rejected scores (B,), detached."""
-    return {
-        "loss": loss.detach(),
-        "rewards/chosen": chosen.mean().detach(),
-        "rewards/rejected": rejected.mean().detach(),
-        "rewards/margins": (chosen - rejected).mean().detach(),
-        "rewards/accuracies": (chosen > rejected).float().mean().detach(),
-    }
-
-
-def implicit_reward_metrics(loss: Tensor, logps: PairLogps, beta: float) -> Metrics:
-    """`rewards/*` from DPO's implicit rewards beta * (logp - ref_logp), or beta * mean token
-    logp without a reference, plus `logps/chosen|rejected`; all detached."""
-    if logps.ref_chosen is not None and logps.ref_rejected is not None:
-        chosen = beta * (logps.chosen - logps.ref_chosen)
-        rejected = beta * (logps.rejected - logps.ref_rejected)
-    else:
-        chosen = beta * logps.chosen / logps.chosen_tokens.clamp(min=1)
-        rejected = beta * logps.rejected / logps.rejected_tokens.clamp(min=1)
-    return {
-        **score_pair_metrics(loss, chosen, rejected),
-        "logps/chosen": logps.chosen.mean().detach(),
-        "logps/rejected": logps.rejected.mean().detach(),
-    }
 
 
 def tokenize_options(config: TrainConfig) -> dict[str, Any]:
@@ -161,6 +149,9 @@ class SFTTask(SequenceData):
     def __post_init__(self) -> None:
         check_hparams("sft", self.config.hparams, {})
 
+    def images_problem(self) -> str | None:  # the loop's hook: None, image rows train
+        return None
+
     loss_tokens = staticmethod(scored_tokens)  # a token mean: data parallelism normalises by tokens
 
     def loss(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
@@ -183,12 +174,16 @@ class PairData:
     config: TrainConfig
 
     def tokenize(self, table: RowTable, tokenizer) -> tuple[list[PairExample], TruncationStats]:
+        if hasattr(tokenizer, "image_processor"):  # a VLM processor: rows with images
+            return tokenize_pairwise_images(table, tokenizer, max_length=self.config.max_length)
         return tokenize_pairwise(table, tokenizer, **tokenize_options(self.config))
 
     def length(self, example: PairExample) -> int:
         return len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
 
     def collate(self, examples: list[PairExample], pad_id: int) -> dict[str, Tensor]:
+        if examples and isinstance(examples[0], ImagePairExample):
+            return collate_image_pairs(examples, pad_id)
         return collate_pairs(examples, pad_id)
 
     def identical_pair(self, example: PairExample) -> bool:
@@ -198,11 +193,12 @@ class PairData:
 
 
 @dataclass
-class RewardModelTask(PairData):
+class RewardModelTask(RewardContext, PairData):
     """Bradley-Terry reward model with optional margin column and centering coefficient.
 
     L = -log sigma(r(x, y_w) - r(x, y_l) - m) + c (r_w + r_l)^2, scores read at the last
-    real token of prompt + response.
+    real token of prompt + response. `rm_context_columns`: ground-truth columns appended to the
+    RM's prompt (Factually Augmented RLHF; `RewardContext`).
     """
 
     config: TrainConfig
@@ -212,11 +208,15 @@ class RewardModelTask(PairData):
     center_coef: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
-        check_hparams("rm", self.config.hparams, {"center_rewards_coefficient": 0.0})
+        check_hparams("rm", self.config.hparams, {"center_rewards_coefficient": 0.0, "rm_context_columns": None})
         self.center_coef = float(self.config.hparams.get("center_rewards_coefficient", 0.0))
 
+    def images_problem(self) -> str | None:
+        return None
+
     def loss(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
-        scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])
+        scores = reward_scores(model, batch["input_ids"], batch["attention_mask"],
+                               pixel_inputs=batch.get("pixel_inputs"))
         half = scores.shape[0] // 2
         chosen, rejected = scores[:half], scores[half:]
         per_pair = bradley_terry(chosen, rejected, batch.get("margin"), self.center_coef)
@@ -277,10 +277,15 @@ class PairwiseTask(PairData):
             raise ValueError(f"ref_sync updates a reference model; {sorted(self.weights)} use none")
         if self.options.use_weighting and "aot" in self.weights:
             raise ValueError("use_weighting (WPO) weights pairs; aot's per-row losses are batch-coupled")
+        if self.options.dynamic_beta is not None and set(self.weights) != {"dpo"}:
+            raise ValueError(f"dynamic_beta (MM-DPO) scales dpo's beta; {sorted(self.weights)} is not plain dpo")
         if self.options.margin_reward_models and "modpo" not in self.weights:
             raise ValueError("margin_reward_models feed MODPO's margins; train modpo to use them")
         self.bco_delta = RunningMean() if "bco" in self.weights and "delta" not in given else None
         self.live_reference: LiveReference | None = None
+
+    def images_problem(self) -> str | None:
+        return self.options.images_problem()
 
     @property
     def needs_reference(self) -> bool:
@@ -296,6 +301,8 @@ class PairwiseTask(PairData):
     def prepare(self, model, tokenizer, splits: dict[str, tuple[Any, list]], run_dir) -> None:
         """MODPO margins (a `margins` data column or frozen reward models), then the reference
         log-prob cache (`attach_reference_logps`) unless the reference is live or absent."""
+        if self.options.dynamic_beta is not None:  # MM-DPO's reward margins, before the reference cache
+            attach_reward_margins(self, model, splits)
         if "modpo" in self.weights:
             self.prepare_margins(model, splits)
         if self.needs_reference:
@@ -348,7 +355,7 @@ class PairwiseTask(PairData):
     # -- batches and the loss ------------------------------------------------------------------
     def collate(self, examples: list[PairExample], pad_id: int) -> dict[str, Tensor]:
         """`collate_pairs`, plus `margins` (B, K) float32 when the examples carry them."""
-        batch = collate_pairs(examples, pad_id)
+        batch = PairData.collate(self, examples, pad_id)
         if "margins" in examples[0].extras:
             batch["margins"] = torch.tensor([ex.extras["margins"] for ex in examples], dtype=torch.float32)
         return batch
@@ -357,11 +364,11 @@ class PairwiseTask(PairData):
         """(the sums the loss sees, plain sums, token counts), each (2B,): LD-DPO sums when
         `ld_alpha` is set (per-token log-probs from the same forward), else plain sums."""
         ids, attention, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-        chunk = self.config.logp_chunk_size
+        options = {"chunk_size": self.config.logp_chunk_size, "pixel_inputs": batch.get("pixel_inputs")}
         if self.options.ld_alpha is None:
-            sums, counts = sequence_logps(model, ids, attention, response, chunk_size=chunk)
+            sums, counts = sequence_logps(model, ids, attention, response, **options)
             return sums, sums, counts
-        per_token = token_logps(model, ids, attention, response, chunk_size=chunk)  # (2B, T)
+        per_token = token_logps(model, ids, attention, response, **options)  # (2B, T)
         mask = scored_mask(batch)
         half = ids.shape[0] // 2
         ld_chosen, ld_rejected = ld_dpo(
@@ -407,6 +414,10 @@ class PairwiseTask(PairData):
                 self.bco_delta.update(float(distributed.global_mean(rewards)))
             hparams["bco"]["delta"] = self.bco_delta.mean
             extra["bco/delta"] = torch.tensor(self.bco_delta.mean)
+        if self.options.dynamic_beta is not None:  # MM-DPO: one beta per pair from its reward margin
+            hparams["dpo"]["beta"] = mm_dpo_beta(batch["reward_margin"], self.beta, float(self.options.dynamic_beta),
+                                                 float(self.options.dynamic_beta_k))
+            extra["dynamic_beta/mean"] = hparams["dpo"]["beta"].mean()
         pairwise = {name: w for name, w in self.weights.items() if name != SFT_COMPONENT}
         per_pair = combine_losses(logps, pairwise, hparams) if pairwise else torch.zeros_like(sft_nll)
         if SFT_COMPONENT in self.weights:
