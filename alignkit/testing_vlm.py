@@ -183,3 +183,20 @@ def draw_shape_image(
     else:
         draw.polygon([((x1 + x2) // 2, y1), (x2, y2), (x1, y2)], fill=fill)
     return image
+
+
+def write_image_rows(directory: str | Path, rows: list[dict[str, Any]], name: str) -> str:
+    """`rows` (each with `images`: PIL images) as DIRECTORY/NAME.jsonl next to an `img/` folder of
+    PNGs, the paths in the file relative to it (the data format users write); returns its path."""
+    import json
+
+    directory = Path(directory)
+    (directory / "img").mkdir(exist_ok=True)
+    lines = []
+    for k, row in enumerate(rows):
+        relative = f"img/{name}-{k}.png"
+        row["images"][0].save(directory / relative)
+        lines.append(json.dumps({**row, "images": [relative]}))
+    path = directory / f"{name}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)

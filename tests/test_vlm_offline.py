@@ -17,7 +17,7 @@ import alignkit
 from alignkit.data.image_tokenize import collate_image_pairs, tokenize_pairwise_images
 from alignkit.data.table import RowTable
 from alignkit.models import load_vlm, reward_scores
-from alignkit.testing_vlm import COLOURS, build_tiny_vlm, draw_shape_image
+from alignkit.testing_vlm import COLOURS, build_tiny_vlm, draw_shape_image, write_image_rows
 
 ARCHS = ("qwen2_vl", "llava")
 QUESTION = [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]
@@ -45,17 +45,6 @@ def colour_pairs(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_image_rows(directory, rows: list[dict], name: str) -> str:
-    """The rows as JSONL next to an `img/` folder of PNGs (paths relative to the data file)."""
-    (directory / "img").mkdir(exist_ok=True)
-    lines = []
-    for k, row in enumerate(rows):
-        relative = f"img/{name}-{k}.png"
-        row["images"][0].save(directory / relative)
-        lines.append(json.dumps({**row, "images": [relative]}))
-    path = directory / f"{name}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
 
 
 def test_pairs_share_the_prompt_pixels_and_image_tokens_are_never_scored(vlm):

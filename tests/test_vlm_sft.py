@@ -13,7 +13,7 @@ from alignkit.data.image_tokenize import collate_image_sequences, tokenize_sft_i
 from alignkit.data.table import RowTable
 from alignkit.models import load_vlm, token_logps
 from alignkit.models.vlm import module_role, set_vlm_trainable
-from alignkit.testing_vlm import COLOURS, build_tiny_vlm, draw_shape_image
+from alignkit.testing_vlm import COLOURS, build_tiny_vlm, draw_shape_image, write_image_rows
 
 ARCHS = ("qwen2_vl", "llava")
 
@@ -119,19 +119,6 @@ def test_sft_lowers_held_out_nll_on_the_colour_task(vlm):
     assert after < 0.25 * before
 
 
-def _write_image_rows(directory, rows: list[dict], name: str) -> str:
-    """The rows as JSONL next to an `img/` folder of PNGs (paths relative to the data file)."""
-    import json
-
-    (directory / "img").mkdir(exist_ok=True)
-    lines = []
-    for k, row in enumerate(rows):
-        relative = f"img/{name}-{k}.png"
-        row["images"][0].save(directory / relative)
-        lines.append(json.dumps({**row, "images": [relative]}))
-    path = directory / f"{name}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
 
 
 def test_train_sft_on_an_image_dataset_end_to_end(vlm, tmp_path):
@@ -142,8 +129,8 @@ def test_train_sft_on_an_image_dataset_end_to_end(vlm, tmp_path):
     import alignkit
 
     arch, path = vlm
-    data = _write_image_rows(tmp_path, colour_rows(160, seed=0), "train")
-    eval_data = _write_image_rows(tmp_path, colour_rows(16, seed=99), "eval")
+    data = write_image_rows(tmp_path, colour_rows(160, seed=0), "train")
+    eval_data = write_image_rows(tmp_path, colour_rows(16, seed=99), "eval")
     result = alignkit.train(
         "sft", model=str(path), data=data, eval_data=eval_data, output_dir=tmp_path / "run",
         max_steps=40, batch_size=8, lr=1e-2, eval_steps=40, device="cpu", dtype="float32",
@@ -167,7 +154,7 @@ def test_train_sft_on_an_image_dataset_end_to_end(vlm, tmp_path):
 def test_images_with_a_text_model_are_a_clear_error(tiny_model_dir, tmp_path):
     import alignkit
 
-    data = _write_image_rows(tmp_path, colour_rows(4), "train")
+    data = write_image_rows(tmp_path, colour_rows(4), "train")
     with pytest.raises(ValueError, match="the data has images but --model .* is not a vision-language model"):
         alignkit.train("sft", model=str(tiny_model_dir), data=data, output_dir=tmp_path / "run", max_steps=1,
                        device="cpu")
@@ -228,7 +215,7 @@ def test_vlm_train_option(tiny_model_dir, tmp_path, vlm):
                        device="cpu", vlm_train="vision")
     # LoRA on the VLM with the tower named: the tower and the adapters change, the projector not
     _, path = vlm
-    data = _write_image_rows(tmp_path, colour_rows(8, seed=0), "train")
+    data = write_image_rows(tmp_path, colour_rows(8, seed=0), "train")
     result = alignkit.train("sft", model=str(path), data=data, output_dir=tmp_path / "lora", max_steps=2,
                             batch_size=4, lr=1e-2, lora_r=4, vlm_train="vision", device="cpu", dtype="float32")
     trained, _ = load_vlm(str(result.final_dir), device="cpu")

@@ -181,20 +181,32 @@ def token_logps_and_entropy(
     predict_mask = (response_mask.bool() & attention_mask.bool())[:, 1:]  # (B, T-1)
     targets = input_ids[:, 1:][predict_mask]  # (N,)
 
-    parts = decoder_and_head(model)
-    if pixel_inputs:
-        predictors, head = vlm_predictor_states(model, input_ids, attention_mask, predict_mask, pixel_inputs)
-    elif parts is None:  # full (B, T, V) logits; the head is then the identity
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits
-        predictors, head = logits[:, :-1][predict_mask], nn.Identity()  # (N, V)
-        del logits
-    else:
-        decoder, head = parts
-        predictors = predictor_states(decoder, input_ids, attention_mask, predict_mask, position_ids,
-                                      packable=packable)  # (N, H)
+    predictors, head = predictors_and_head(model, input_ids, attention_mask, predict_mask, position_ids=position_ids,
+                                           packable=packable, pixel_inputs=pixel_inputs)
     logps, entropy = linear_head_logps(head, predictors, targets, chunk_size, temperature, with_entropy)
     return _scatter(logps, predict_mask), _scatter(entropy, predict_mask)
+
+
+def predictors_and_head(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, predict_mask: Tensor, *,
+    position_ids: Tensor | None = None, packable: bool = False, pixel_inputs: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, nn.Module]:
+    """(the states predicting the True entries of `predict_mask` (B, T-1), the head that maps them
+    to logits): h_{t-1} (N, H) and the LM head for a decoder with a plain linear head (packed
+    when `packable`), a VLM's multimodal body with `pixel_inputs`, else the full logits (N, V)
+    with the identity as head (soft-capped or scaled logits are not W h)."""
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    if pixel_inputs:
+        return vlm_predictor_states(model, input_ids, attention_mask, predict_mask, pixel_inputs)
+    parts = decoder_and_head(model)
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
+        return logits[:, :-1][predict_mask], nn.Identity()  # (N, V)
+    decoder, head = parts
+    return predictor_states(decoder, input_ids, attention_mask, predict_mask, position_ids,
+                            packable=packable), head  # (N, H)
 
 
 def vlm_predictor_states(

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.data.tokenize import _bos_prefix
-from alignkit.models import load_model, position_ids_from_mask
-from alignkit.models.logprobs import decoder_and_head
+from alignkit.models import load_model
+from alignkit.models.logprobs import predictors_and_head
 from alignkit.objectives.seq2seq_rm import divergence_token_rewards
 from alignkit.rewards.process import segment_end_tokens, token_char_ends
 
@@ -71,16 +71,7 @@ def greedy_predictions(model: nn.Module, input_ids: Tensor, attention_mask: Tens
                        chunk_size: int = 1024) -> Tensor:
     """argmax of the logits at t - 1 for every True of `predict_mask` (B, T - 1) -> (N,) token ids,
     computed from hidden states in chunks (no (B, T, V) logits tensor)."""
-    parts = decoder_and_head(model)
-    position_ids = position_ids_from_mask(attention_mask)
-    if parts is None:
-        hidden, head = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).logits, nn.Identity()
-    else:
-        decoder, head = parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state
-    predictors = hidden[:, :-1][predict_mask]
+    predictors, head = predictors_and_head(model, input_ids, attention_mask, predict_mask)
     chosen = [head(predictors[start : start + chunk_size]).argmax(-1) for start in range(0, len(predictors), chunk_size)]
     return torch.cat(chosen) if chosen else input_ids.new_zeros(0)
 

@@ -13,8 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from alignkit.models import position_ids_from_mask
-from alignkit.models.logprobs import _scatter, decoder_and_head
+from alignkit.models.logprobs import _scatter, predictors_and_head
 from alignkit.objectives.iq_learn import iq_learn_token_losses
 from alignkit.training.offline.tasks import Metrics, SequenceData, check_hparams, scored_tokens
 from alignkit.training.run.config import TrainConfig
@@ -36,16 +35,7 @@ def q_and_values(model, input_ids: Tensor, attention_mask: Tensor, predict_mask:
     """Q(s_t, y_t) and V(s_t) of each scored token, (B, T) each (position 0 and unscored
     positions 0), the logits at t - 1 being the Q values of the state that predicts token t."""
     targets = input_ids[:, 1:][predict_mask]  # (N,)
-    parts = decoder_and_head(model)
-    position_ids = position_ids_from_mask(attention_mask)
-    if parts is None:  # logits are not W h (soft-capped, scaled): full logits, identity head
-        hidden, head = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).logits, nn.Identity()
-    else:
-        decoder, head = parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state
-    predictors = hidden[:, :-1][predict_mask]  # (N, H)
+    predictors, head = predictors_and_head(model, input_ids, attention_mask, predict_mask)  # (N, H)
     needs_grad = torch.is_grad_enabled() and predictors.requires_grad
     taken, values = [], []
     for start in range(0, predictors.shape[0], chunk_size):
