@@ -19,6 +19,7 @@ from alignkit.training.offline import reward_frozen as _reward  # noqa: F401  (r
 from alignkit.training.offline import treg as _treg  # noqa: F401  (treg)
 from alignkit.training.offline import unpaired as _unpaired  # noqa: F401  (kto)
 from alignkit.training.offline import turns as _turns  # noqa: F401  (filtered_bc)
+from alignkit.diffusion import tasks as _diffusion  # noqa: F401  (d3po, prdp)
 from alignkit.training.run.registry import ALGORITHMS, AlgorithmSpec, register_algorithm
 # isort: on
 
