@@ -54,6 +54,9 @@ def build_tiny_pipeline(path: str | Path, *, image_size: int = 16, seed: int = 0
     (8, 16) channels, one cross-attention block, cross-attention width 16; CLIP text encoder:
     2 layers of width 16. The DDIM scheduler keeps `set_alpha_to_one=False` (as Stable
     Diffusion does), so every DDIM step with eta > 0 has a proper Gaussian log-likelihood.
+    The VAE decoder's output layer is planted: its green and blue filters are the negated red
+    filter, so how red an image is (alignkit.diffusion.rewards.redness) is a strong, smooth
+    function of the latents that a few dozen reward-tuning steps can move.
     """
     import torch
     from diffusers import (
@@ -78,6 +81,10 @@ def build_tiny_pipeline(path: str | Path, *, image_size: int = 16, seed: int = 0
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         norm_num_groups=2, sample_size=image_size,
     )
+    with torch.no_grad():  # planted colour: green and blue read the negated features of red
+        weight = vae.decoder.conv_out.weight
+        weight[1].copy_(-weight[0])
+        weight[2].copy_(-weight[0])
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,

@@ -104,6 +104,9 @@ class DiffusionRun:
             self.pairs, self.rows = load_image_pairs(self.source), None
             count = len(self.pairs)
         else:
+            if self.reward_spec is None:
+                raise ValueError(f"{self.task.name} needs --reward: a built-in image reward (redness, brightness, "
+                                 "aesthetic) or file.py:function returning one number per image")
             if self.source is not None and has_image_pairs(self.source):
                 raise ValueError(f"--data {self.source}: image pairs train d3po without --reward; "
                                  f"{self.task.name} with --reward samples its own images from prompt-only data")
@@ -177,7 +180,10 @@ class DiffusionRun:
     def run(self, callbacks=()) -> TrainResult:
         c = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        c.save(self.run_dir / "config.yaml")
+        saved = copy.copy(c)
+        if callable(saved.reward):  # alignkit.train(reward=fn): recorded by name
+            saved.reward = f"<python callable {getattr(saved.reward, '__qualname__', 'reward')}>"
+        saved.save(self.run_dir / "config.yaml")
         self.prepare()
         checkpoint = resumable_checkpoint(self.run_dir) if c.resume else None
         start, last = 0, {}

@@ -112,7 +112,7 @@ def prdp_step_loss(
     rewards (B,). Returns the per-(pair, step) loss, the log-probs' shape.
 
     Worked example (T = 4, beta = 1, clip_eps = 0.1, r_a = 1.0, r_b = 0.2, so dr / T = 0.2):
-    log-ratios 0.1 and -0.05 give d = 0.15, inside the clip, L = (0.2 - 0.15)^2 = 0.0025.
+    log-ratios 0.08 and -0.05 give d = 0.13, inside the clip, L = (0.2 - 0.13)^2 = 0.0049.
     Log-ratios 0.3 and -0.3 give d = 0.6 and d^clip = log 1.1 - log 0.9 = 0.2006707:
     L = max(0.16, 4.5e-7) = 0.16 (the overshoot is penalised in full).
     """
