@@ -26,7 +26,7 @@ $(VENV)/.stamp-demo: $(VENV)/.stamp-base
 	touch $@
 
 $(VENV)/.stamp-dev: $(VENV)/.stamp-demo
-	$(BIN)/pip install -q -e ".[dev,envs]"
+	$(BIN)/pip install -q -e ".[dev,envs,diffusion]"
 	touch $@
 
 install: $(VENV)/.stamp-demo

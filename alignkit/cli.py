@@ -131,7 +131,7 @@ def cmd_train(argv: list[str]) -> int:
             config.apply_overrides({key: value})
         except ValueError as error:
             raise ValueError(f"--set {key}: {error}") from None
-    if config.data is None and not config.resume:
+    if config.data is None and not config.resume and ALGORITHMS[config.algorithm].kind != "diffusion":
         raise ValueError("--data is required (a JSONL/JSON/Parquet/CSV file, a directory of them or a hub dataset id)")
     validate_config(config, explicit_fields(config, baseline))
 

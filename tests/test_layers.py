@@ -25,10 +25,11 @@ LAYERS: dict[str, int] = {
     "lab": 6,  # sample a policy, score it with rewards, measure it with eval/
     "merge": 6,  # model-space methods: weights in, a checkpoint out (lab/'s rank: each uses the other)
     "training": 7,  # may import everything below it
+    "diffusion": 7,  # d3po/prdp on diffusers: part of training/ (training/ registers them)
     "sweep": 8,  # hyper-parameter search: trains recipes through training/, reports through eval/
 }
 # The command line and the public entry points sit on top and may import anything.
-TOP = {"__init__", "__main__", "cli", "cli_args", "cli_train", "demo", "api", "algorithms", "testing", "testing_vlm"}
+TOP = {"__init__", "__main__", "cli", "cli_args", "cli_train", "demo", "api", "algorithms", "testing", "testing_vlm", "testing_diffusion"}
 
 
 def layer_of_file(path: Path) -> str:

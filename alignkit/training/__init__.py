@@ -23,6 +23,7 @@ from alignkit.training.offline import unpaired as _unpaired  # noqa: F401  (kto)
 from alignkit.training.offline import turns as _turns  # noqa: F401  (filtered_bc)
 from alignkit.training.offline import iq_learn as _iq_learn  # noqa: F401  (iq_learn)
 from alignkit.training.offline import reward_seq2seq as _reward_seq2seq  # noqa: F401  (rm_seq2seq)
+from alignkit.diffusion import tasks as _diffusion  # noqa: F401  (d3po, prdp)
 from alignkit.training.run.registry import ALGORITHMS, AlgorithmSpec, register_algorithm
 # isort: on
 

@@ -184,7 +184,10 @@ def offline_ignores(config: TrainConfig, task: Any) -> dict[str, str]:
 
 def ignored_fields(config: TrainConfig, spec: Any, task: Any) -> dict[str, str]:
     """TrainConfig field -> why `config.algorithm` ignores it, for these settings."""
-    ignored = online_ignores(config, task) if spec.runner == "online" else offline_ignores(config, task)
+    if hasattr(task, "ignored_fields"):  # a task with its own loop says what it ignores (d3po, prdp)
+        ignored = task.ignored_fields(config)
+    else:
+        ignored = online_ignores(config, task) if spec.runner == "online" else offline_ignores(config, task)
     if config.lora_r == 0:
         ignored.update({name: "LoRA options need --lora-r > 0" for name in LORA_OPTIONS})
     if not (config.eval_data or config.eval_holdout):
@@ -203,7 +206,8 @@ def check_ignored(config: TrainConfig, spec: Any, task: Any, given: set[str]) ->
 
 def model_sources(config: TrainConfig, spec: Any, task: Any) -> list[tuple[str, str]]:
     """(flag, source) of every model the run will load, besides the data."""
-    sources = [] if config.algorithm == "rm_embedding" else [("--model", config.model)]
+    own_model = config.algorithm == "rm_embedding" or getattr(task, "model_kind", "") == "diffusion"
+    sources = [] if own_model else [("--model", config.model)]  # a diffusers pipeline: its task checks it
     if config.ref_model and spec.runner == "online" and not config.ref_model.startswith("merge:"):
         # several, comma-separated: salsa's soup (a merge: spec is one source, checked whole)
         sources += [("--ref-model", part.strip()) for part in config.ref_model.split(",") if part.strip()]
