@@ -209,10 +209,18 @@ def vlm_predictor_states(
     body, head = getattr(inner, "model", None), inner.get_output_embeddings()
     if body is None or head is None:
         raise ValueError(f"{type(inner).__name__} is not a vision-language model with a body and an LM head")
+    return vlm_body_states(body, input_ids, attention_mask, predict, pixel_inputs), head
+
+
+def vlm_body_states(
+    body: nn.Module, input_ids: Tensor, attention_mask: Tensor, predict: Tensor, pixel_inputs: dict[str, Tensor]
+) -> Tensor:
+    """h_{t-1} at the True entries of `predict` (B, T-1) -> (N, H) from a VLM's multimodal body
+    (a policy's, or a critic's copy of it) on right-padded rows with their pixel inputs."""
     if not bool(attention_mask[:, 0].all()):
         raise ValueError("vision-language batches must be right-padded (every row starts with a real token)")
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **pixel_inputs).last_hidden_state
-    return hidden[:, :-1][predict], head  # (N, H)
+    return hidden[:, :-1][predict]  # (N, H)
 
 
 def token_logps(
