@@ -26,7 +26,8 @@ from torch import Tensor
 from alignkit.data.image_tokenize import tokenize_image_prompts
 from alignkit.data.images import uses_images
 from alignkit.data.table import RowTable
-from alignkit.models.vlm import is_vlm_config
+from alignkit.models.loading import resolve_model_path
+from alignkit.models.vlm import is_vlm_config, is_vlm_dir
 from alignkit.training.online.settings import OnlineSettings
 from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
@@ -58,12 +59,15 @@ def image_run_conflicts(config: TrainConfig, s: OnlineSettings) -> list[str]:
     return found
 
 
-def check_image_run(config: TrainConfig, s: OnlineSettings, table: RowTable, model: Any) -> bool:
-    """Whether the prompts have images; if they do, that the policy is a VLM and nothing in the
-    run ignores the images (one error naming what does)."""
+def check_image_run(config: TrainConfig, s: OnlineSettings, table: RowTable, model: Any = None) -> bool:
+    """Whether the prompts have images; if they do, that the policy (`model`, or --model's
+    checkpoint before it loads) is a VLM and nothing in the run ignores the images (one error
+    naming what does)."""
     if not uses_images(table):
         return False
-    if not is_vlm_config(getattr(model, "config", None)):
+    vlm = (is_vlm_config(getattr(model, "config", None)) if model is not None
+           else is_vlm_dir(resolve_model_path(config.model)))
+    if not vlm:
         raise ValueError(f"the prompts have images but --model {config.model!r} is not a vision-language model "
                          "(its config has no vision_config)")
     conflicts = image_run_conflicts(config, s)

@@ -148,6 +148,7 @@ def _train_in(run: RunDir, s: OnlineSettings, config: TrainConfig, ranks, model,
                               data_format=config.data_format)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(
         config.epochs * len(table) / config.batch_size)
+    check_image_run(config, s, table, model)  # image prompts: refused settings fail before anything loads
     roles = build_online_roles(config, s, total_steps=total_steps, model=model, tokenizer=tokenizer,
                                reward=reward)
     if ranks.is_main:
