@@ -38,17 +38,20 @@ def vlm_dir(request, tmp_path_factory) -> Path:
 
 def shape_rows(n: int, seed: int, *, name_in_prompt: bool = False) -> list[dict]:
     """"Square or triangle?" over a red square or triangle filling most of the canvas; `answer`
-    is the shape's letter. `name_in_prompt` also names the shape in the question text (so a
-    reward can check that each sample got its own row's columns)."""
+    is the shape's letter, `boxes` the shape's box (Visual-RFT's ground truth for `iou`).
+    `name_in_prompt` also names the shape in the question text (so a reward can check that each
+    sample got its own row's columns)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         shape = rng.choice(sorted(LETTERS))
+        box = (8, 8, 48, 48)
         question = f"Square or triangle ({shape})?" if name_in_prompt else "Square or triangle?"
         rows.append({
             "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-            "images": [draw_shape_image(shape, "red", (8, 8, 48, 48))],
+            "images": [draw_shape_image(shape, "red", box)],
             "answer": LETTERS[shape],
+            "boxes": [list(box)],
             "completion": [{"role": "assistant", "content": LETTERS[shape]}],
         })
     return rows
@@ -67,13 +70,15 @@ def write_rows(directory: Path, rows: list[dict], name: str) -> str:
     return str(path)
 
 
-def columns_checked_reward(prompts, completions, answer, images, **columns):
-    """Fails unless each sample got its own row's `answer` (the shape named in its prompt) and
-    its `images`; scores the number of distinct characters, which varies between samples."""
-    assert len(answer) == len(images) == len(completions)
-    for prompt, letter in zip(prompts, answer, strict=True):
+def columns_checked_reward(prompts, completions, answer, images, boxes, **columns):
+    """Fails unless each sample got its own row's `answer` (that of the shape named in its
+    prompt), `boxes` and `images`; scores the number of distinct characters, which varies
+    between samples."""
+    assert len(answer) == len(images) == len(boxes) == len(completions)
+    for prompt, letter, truth in zip(prompts, answer, boxes, strict=True):
         named = next(shape for shape in LETTERS if f"({shape})" in str(prompt))
         assert letter == LETTERS[named], (prompt, letter)
+        assert truth == [[8, 8, 48, 48]], (prompt, truth)
     return [float(len(set(completion_text(completion)))) for completion in completions]
 
 
