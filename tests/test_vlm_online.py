@@ -119,7 +119,6 @@ def test_image_prompts_with_a_text_model_or_a_reward_model_are_clear_errors(vlm_
                        reward_model=str(tiny_model_dir), **settings)
 
 
-@pytest.mark.parametrize("vlm_dir", ["qwen2_vl"], indirect=True)
 def test_resumed_vlm_grpo_matches_the_uninterrupted_run(vlm_dir, tmp_path):
     """Full fine-tuning (language model + projector), 4 steps, checkpoint at 2, cut at 3."""
     data = write_rows(tmp_path, shape_rows(8, 1, name_in_prompt=True), "train")

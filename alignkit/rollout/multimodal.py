@@ -10,8 +10,10 @@ or patches; `alignkit.data.image_tokenize.encode_image_prompt` makes them). Two 
 - everything else: concatenated along dim 0 over the chunk's prompts, in prompt order (how
   every transformers VLM pairs image features with image tokens).
 
-Only the prefill sees them: the vision tower runs once per prompt, and the image features
-live on in the KV cache that the group's samples share.
+Only the prefill sees them (`left_padded_inputs`): the vision tower runs once per prompt, and
+the image features live on in the KV cache that the group's samples share. A teacher-forced
+forward over the sampled rows (right-padded prompt + response) takes each row's prompt inputs
+again (`right_padded_inputs`).
 
 Positions: a model with multimodal rotary positions (Qwen2-VL's M-RoPE: `get_rope_index` on
 its body) gets its 3-D prompt positions from that function, and each generated token the
@@ -62,6 +64,26 @@ def left_padded_inputs(prompt_inputs: Sequence[ModelInputs | None], prompt_len: 
         else:
             batched[key] = torch.cat([inputs[key].to(device) for inputs in prompt_inputs
                                       if inputs and key in inputs])
+    return batched
+
+
+def right_padded_inputs(row_inputs: Sequence[ModelInputs | None], input_ids: Tensor) -> dict[str, Tensor]:
+    """The model inputs of right-padded prompt + response rows `input_ids` (B, T), one entry
+    per row (a teacher-forced forward): tensors concatenated over the rows in order,
+    token-aligned ones laid over each row's first (prompt) positions, 0 elsewhere; {} when no
+    row has any."""
+    keys = sorted({key for inputs in row_inputs if inputs for key in inputs})
+    batched: dict[str, Tensor] = {}
+    for key in keys:
+        if key in TOKEN_ALIGNED:
+            values = torch.zeros_like(input_ids)
+            for row, inputs in enumerate(row_inputs):
+                if inputs and key in inputs:
+                    flat = inputs[key].reshape(-1)
+                    values[row, : len(flat)] = flat.to(values.device)
+            batched[key] = values
+        else:
+            batched[key] = torch.cat([inputs[key] for inputs in row_inputs if inputs and key in inputs])
     return batched
 
 

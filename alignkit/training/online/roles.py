@@ -53,7 +53,7 @@ from alignkit.rewards.base import unconverted
 from alignkit.rewards.dense import DenseRewards, Scores
 from alignkit.rewards.runner import RewardRunner
 from alignkit.rollout import HFEngine, Rollout, SamplingParams
-from alignkit.rollout.multimodal import TOKEN_ALIGNED
+from alignkit.rollout.multimodal import right_padded_inputs
 
 
 def last_true(mask: Tensor) -> int:
@@ -123,20 +123,7 @@ class SequenceBatch:
         concatenated over the rows in order (one copy per row: a group's samples repeat their
         prompt's images), token-aligned ones (`mm_token_type_ids`) laid over each row's prompt
         positions, 0 elsewhere; {} without pixel inputs."""
-        rows = self.prompt_inputs or []
-        keys = sorted({key for one in rows if one for key in one})
-        out: dict[str, Tensor] = {}
-        for key in keys:
-            if key in TOKEN_ALIGNED:
-                values = torch.zeros_like(self.input_ids)
-                for row, one in enumerate(rows):
-                    if one and key in one:
-                        flat = one[key].reshape(-1)
-                        values[row, : len(flat)] = flat.to(values.device)
-                out[key] = values
-            else:
-                out[key] = torch.cat([one[key] for one in rows if one and key in one])
-        return out
+        return right_padded_inputs(self.prompt_inputs or [], self.input_ids)
 
     def predictor_rows(self, decoder: nn.Module) -> tuple[Tensor, Tensor]:
         """Hidden states that predict response tokens, and those tokens: (M, H), (M,).
