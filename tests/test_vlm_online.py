@@ -129,3 +129,51 @@ def test_resumed_vlm_grpo_matches_the_uninterrupted_run(vlm_dir, tmp_path):
     assert_resumed_matches(runs.full, runs.resumed, ("loss", "reward/mean", "kl", "grad_norm", "entropy"), steps=4,
                            tolerance=dict(rel=1e-5, abs=1e-6))
     assert_same_parameters(runs.full_result.model, runs.resumed_result.model)
+
+
+def test_cli_grpo_with_vlm_train_projector_trains_the_projector_beside_lora(vlm_dir, tmp_path):
+    """`alignkit train grpo --lora-r 4 --vlm-train projector` on image prompts: final/ differs
+    from the start in the language model (merged adapters) and the projector, never the tower."""
+    from alignkit.cli import main as cli_main
+
+    data = write_rows(tmp_path, shape_rows(8, 2), "train")
+    reward_file = tmp_path / "varied.py"
+    reward_file.write_text("def reward(prompts, completions, **kw):\n    return [len(set(str(c))) for c in completions]\n")
+    code = cli_main(["train", "grpo", "--model", str(vlm_dir), "--data", data, "--output", str(tmp_path / "cli"),
+                     "--max-steps", "2", "--batch-size", "2", "--reward", f"{reward_file}:reward", "--lora-r", "4",
+                     "--vlm-train", "projector", "--lr", "1e-3", "--device", "cpu", "--dtype", "float32",
+                     "--set", "group_size=4", "--set", "max_new_tokens=4", "--no-progress"])
+    assert code == 0
+    final, _ = load_vlm(str(tmp_path / "cli" / "final"), device="cpu")
+    start, _ = load_vlm(str(vlm_dir), device="cpu")
+    before = dict(start.named_parameters())
+    changed = {module_role(n) for n, p in final.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"language", "projector"}
+
+
+def test_ppo_with_a_shared_value_head_on_a_vlm(vlm_dir, tmp_path):
+    """critic=shared: the value head sits on the VLM language model's hidden states (its width
+    read from the text config)."""
+    data = write_rows(tmp_path, shape_rows(8, 3, name_in_prompt=True), "train")
+    alignkit.train("ppo", model=str(vlm_dir), data=data, output_dir=tmp_path / "run",
+                   reward=columns_checked_reward, critic="shared", **SMOKE)
+    rows = read_metrics(tmp_path / "run")
+    assert all(math.isfinite(row["value_loss"]) for row in rows)
+
+
+def test_image_prompt_rows_are_checked_and_never_truncated(vlm_dir):
+    """A prompt whose placeholders do not match its images, or that does not fit
+    --max-prompt-length with its image tokens, is an error naming the row."""
+    from alignkit.data import DataError
+    from alignkit.data.image_tokenize import tokenize_image_prompts
+    from alignkit.data.table import RowTable
+
+    _, processor = load_vlm(str(vlm_dir), device="cpu")
+    rows = shape_rows(2, 4)
+    ids, inputs, _ = tokenize_image_prompts(RowTable(rows), processor, max_prompt_length=256)
+    assert len(ids) == 2 and all("pixel_values" in one for one in inputs)
+    with pytest.raises(DataError, match="row 1.*the prompt takes .* tokens .*over --max-prompt-length 10"):
+        tokenize_image_prompts(RowTable(rows), processor, max_prompt_length=10)
+    rows[1]["images"] = rows[1]["images"] * 2
+    with pytest.raises(DataError, match="row 2.*2 image\\(s\\) but 1 placeholder"):
+        tokenize_image_prompts(RowTable(rows), processor, max_prompt_length=256)
