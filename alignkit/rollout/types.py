@@ -155,7 +155,9 @@ class RolloutEngine(Protocol):
     """Token ids in, token ids + log-probs + masks out. Knows nothing of text or rewards."""
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
-        """Sample `n` responses for each prompt; rows are grouped by prompt (see `Rollout`)."""
+        """Sample `n` responses for each prompt; rows are grouped by prompt (see `Rollout`).
+        An engine that samples vision-language models (`HFEngine`) also takes
+        `prompt_inputs=`, one dict of pixel inputs per prompt (`alignkit.rollout.multimodal`)."""
         ...
 
     def update_weights(self, state_dict: Mapping[str, Tensor] | None = None) -> None:
