@@ -88,14 +88,16 @@ SMOKE = dict(max_steps=2, batch_size=2, group_size=4, max_new_tokens=4, lr=1e-3,
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo", "ppo", "dapo"])
 def test_two_steps_of_each_online_preset_on_a_vlm(algorithm, vlm_dir, tmp_path):
-    """Two steps with LoRA: losses finite, the reward saw every row's columns, final/ loads with
-    its processor and only the language model changed (adapters merged; tower and projector
+    """Two steps with LoRA: losses finite, the reward saw every row's columns, the reference's
+    KL is 0 at step 1 (it reads the same images as the policy), final/ loads with its processor and only the language model changed (adapters merged; tower and projector
     frozen)."""
     data = write_rows(tmp_path, shape_rows(8, 0, name_in_prompt=True), "train")
     result = alignkit.train(algorithm, model=str(vlm_dir), data=data, output_dir=tmp_path / "run",
                             reward=columns_checked_reward, **SMOKE)
     rows = read_metrics(tmp_path / "run")
     assert [row["step"] for row in rows] == [1, 2]
+    if "kl" in rows[0]:  # step 1: LoRA's B = 0, so the adapter-off reference, fed the same pixels, is the policy
+        assert abs(rows[0]["kl"]) < 1e-4
     for row in rows:
         assert math.isfinite(row["loss"]) and row["reward/std"] > 0
         if algorithm == "ppo":
@@ -126,6 +128,7 @@ def test_resumed_vlm_grpo_matches_the_uninterrupted_run(vlm_dir, tmp_path):
     train = partial(alignkit.train, "grpo", model=str(vlm_dir), data=data, reward=columns_checked_reward,
                     **settings)
     runs = run_interrupted_and_resumed(train, tmp_path, at=3)
+    assert abs(runs.full[0]["kl"]) < 1e-4  # the frozen copy of the policy as reference, same pixels
     assert_resumed_matches(runs.full, runs.resumed, ("loss", "reward/mean", "kl", "grad_norm", "entropy"), steps=4,
                            tolerance=dict(rel=1e-5, abs=1e-6))
     assert_same_parameters(runs.full_result.model, runs.resumed_result.model)
