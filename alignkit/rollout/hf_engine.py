@@ -283,10 +283,10 @@ class HFEngine:
         )
         logits = logits.repeat_interleave(n, dim=0)  # (N, V)
         full_mask = full_mask.repeat_interleave(n, dim=0)  # (N, P + max_new)
-        prompt_lengths = prompt_mask.sum(-1)  # (B,) real prompt tokens
+        first_positions = prompt_mask.sum(-1)  # (B,) the first generated token's position: real prompt tokens
         if rope is not None:  # M-RoPE: a generated token's position is its index + the prompt's delta
-            prompt_lengths = prompt_lengths + rope[1]
-        prompt_lengths = prompt_lengths.repeat_interleave(n)  # (N,)
+            first_positions = first_positions + rope[1]
+        first_positions = first_positions.repeat_interleave(n)  # (N,)
         rows = batch * n
         # global sample index: a data-parallel rank's samples draw the noise one process draws
         sample_ids = sampling.first_sample + first_prompt * n + torch.arange(rows, device=device)
@@ -333,7 +333,7 @@ class HFEngine:
             if step == max_new - 1 or not bool(live.any()):
                 break
             step_mask = full_mask[active, : prompt_len + step + 1] if padded else None  # (A, P+t+1)
-            step_positions = (prompt_lengths[active] + step).unsqueeze(-1)  # (A, 1)
+            step_positions = (first_positions[active] + step).unsqueeze(-1)  # (A, 1)
             if rope is not None:
                 step_positions = step_positions.unsqueeze(0).expand(3, -1, -1)  # (3, A, 1)
             logits = self._forward(tokens.unsqueeze(-1), step_mask, step_positions, cache)
