@@ -158,3 +158,26 @@ def test_suppressed_tokens_are_never_drawn_and_scores_stay_unfiltered():
     assert set(drawn.tolist()) <= {0, 3} and set(drawn.tolist()) == {0, 3}
     unsuppressed, _ = sample_next_tokens(logits[[0]].expand(64, -1), SamplingParams(), uniforms)
     assert 1 in unsuppressed.tolist()
+
+
+def test_a_group_shares_one_encoding_of_its_prompt_images(vlm):
+    """In the teacher-forced forward over a rollout (3 prompts x 4 rows), the tower encodes each
+    prompt's image once (`encode_images_once`), with the same log-probs as encoding every row's."""
+    arch, model, processor = vlm
+    prompts, inputs = image_prompts(processor)
+    sampling = SamplingParams(max_new_tokens=6, seed=5, suppress_token_ids=placeholder_token_ids(model.config))
+    rollout = engine_for(model, processor).generate(prompts, 4, sampling, prompt_inputs=inputs)
+    batch = SequenceBatch.from_rollout(rollout, processor.tokenizer.pad_token_id)
+    copied = SequenceBatch(batch.input_ids, batch.attention_mask, batch.sequence_mask, batch.response_mask,
+                           [dict(one) for one in batch.prompt_inputs])  # distinct dicts: nothing shared
+    seen = []
+    hook = vision_module(model).register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            shared = response_logps(model, batch)[0]
+            per_row = response_logps(model, copied)[0]
+    finally:
+        hook.remove()
+    per_image = 16 if arch == "qwen2_vl" else 1
+    assert seen == [3 * per_image, 12 * per_image]
+    torch.testing.assert_close(shared, per_row, atol=1e-5, rtol=1e-5)

@@ -148,7 +148,8 @@ def batch_predictors(model: nn.Module, batch: SequenceBatch) -> tuple[Tensor, Te
     pixel_inputs = batch.model_inputs()
     if pixel_inputs:
         predict = (batch.sequence_mask & batch.attention_mask.bool())[:, 1:]
-        hidden, head = vlm_predictor_states(model, batch.input_ids, batch.attention_mask, predict, pixel_inputs)
+        hidden, head = vlm_predictor_states(model, batch.input_ids, batch.attention_mask, predict, pixel_inputs,
+                                            batch.prompt_inputs)
         return hidden, batch.input_ids[:, 1:][predict], head
     parts = decoder_and_head(model)
     if parts is None:
@@ -466,7 +467,8 @@ class ValueModel(nn.Module):
         pixel_inputs = batch.model_inputs() if self.multimodal else {}
         if pixel_inputs:
             predict = (batch.sequence_mask & batch.attention_mask.bool())[:, 1:]
-            predictors = vlm_body_states(self.backbone, batch.input_ids, batch.attention_mask, predict, pixel_inputs)
+            predictors = vlm_body_states(self.backbone, batch.input_ids, batch.attention_mask, predict, pixel_inputs,
+                                         batch.prompt_inputs)
             return batch.scatter(self.head(predictors).squeeze(-1).float())
         predictors, _ = batch.predictor_rows(self.backbone)
         return batch.scatter(self.head(predictors).squeeze(-1).float())
