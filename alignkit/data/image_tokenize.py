@@ -111,6 +111,38 @@ def _tokenize_image_rows(table: RowTable, processor: Any, response_keys: tuple[s
     return rows, stats
 
 
+def prompt_model_inputs(processor: Any, prompt_text: str, images: list[Any]) -> tuple[list[int], dict[str, Tensor]]:
+    """(prompt ids, model inputs) of one prompt for a rollout engine: the pixel inputs, plus
+    `mm_token_type_ids` (one per prompt token) when the processor gives token types
+    (`alignkit.rollout.multimodal` says how the engine batches them)."""
+    ids, inputs, types = encode_image_prompt(processor, prompt_text, images)
+    if types is not None:
+        inputs["mm_token_type_ids"] = torch.tensor(types, dtype=torch.long)
+    return ids, inputs
+
+
+def tokenize_image_prompts(
+    table: RowTable, processor: Any, *, max_prompt_length: int | None
+) -> tuple[list[list[int]], list[dict[str, Tensor] | None], TruncationStats]:
+    """Prompts of image rows (any format; the prompt is everything before the last assistant
+    turn) for generation: ids with the image tokens expanded, each row's model inputs (None for a
+    row without images) and the counts. Never truncated: a prompt longer than
+    `max_prompt_length` is an error naming the row (cutting image tokens would desynchronise
+    them from their pixels)."""
+    tokenizer = processor.tokenizer
+    prompts, inputs = [], []
+    for i, row in enumerate(table.rows):
+        prompt, _ = _prompt_and_responses(row, ())
+        images = _row_images(table, i, prompt)
+        prompt_text, _ = _render(prompt, [], tokenizer, apply_chat_template=True)
+        ids, row_inputs = prompt_model_inputs(processor, prompt_text, images)
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
+            raise table.error(i, f"the prompt takes {len(ids)} tokens (images included), over --max-prompt-length {max_prompt_length}; prompts with images are never truncated")
+        prompts.append(ids)
+        inputs.append(row_inputs if images else None)
+    return prompts, inputs, TruncationStats(examples=len(prompts))
+
+
 def tokenize_sft_images(
     table: RowTable, processor: Any, *, max_length: int
 ) -> tuple[list[ImageSeqExample], TruncationStats]:

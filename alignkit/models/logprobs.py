@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from alignkit.models.packing import predictor_states
+from alignkit.models.vlm import encode_images_once
 
 # Config attributes that mean "logits are not just lm_head(hidden)"; a value other than the
 # neutral one (None, or 1.0 for scales) sends us to the full-logits fallback.
@@ -210,21 +211,36 @@ def predictors_and_head(
 
 
 def vlm_predictor_states(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, predict: Tensor, pixel_inputs: dict[str, Tensor]
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, predict: Tensor, pixel_inputs: dict[str, Tensor],
+    row_inputs: list | None = None,
 ) -> tuple[Tensor, nn.Module]:
     """(h_{t-1} at the True entries of `predict` (B, T-1): (N, H), output embedding) of a
     vision-language model: its multimodal body (`model.model`: vision tower, projector and
     language model, which places the image features at the image tokens) run on the padded
     batch. Positions are left to the model (Qwen2-VL derives its 3-D M-RoPE positions from
-    the ids and `image_grid_thw`), so rows must be right-padded; nothing is packed."""
+    the ids and `image_grid_thw`), so rows must be right-padded; nothing is packed.
+    `row_inputs`: each row's own pixel inputs, rows of one prompt sharing one dict (a rollout's
+    group), so the images are encoded once per prompt (`encode_images_once`)."""
     inner = _unwrap_peft(model)
     body, head = getattr(inner, "model", None), inner.get_output_embeddings()
     if body is None or head is None:
         raise ValueError(f"{type(inner).__name__} is not a vision-language model with a body and an LM head")
+    return vlm_body_states(body, input_ids, attention_mask, predict, pixel_inputs, row_inputs), head
+
+
+def vlm_body_states(
+    body: nn.Module, input_ids: Tensor, attention_mask: Tensor, predict: Tensor, pixel_inputs: dict[str, Tensor],
+    row_inputs: list | None = None,
+) -> Tensor:
+    """h_{t-1} at the True entries of `predict` (B, T-1) -> (N, H) from a VLM's multimodal body
+    (a policy's, or a critic's copy of it) on right-padded rows with their pixel inputs (see
+    `vlm_predictor_states` for `row_inputs`)."""
     if not bool(attention_mask[:, 0].all()):
         raise ValueError("vision-language batches must be right-padded (every row starts with a real token)")
+    if row_inputs is not None:
+        pixel_inputs = encode_images_once(body, row_inputs, pixel_inputs)
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **pixel_inputs).last_hidden_state
-    return hidden[:, :-1][predict], head  # (N, H)
+    return hidden[:, :-1][predict]  # (N, H)
 
 
 def token_logps(

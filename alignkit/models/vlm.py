@@ -18,6 +18,7 @@ language model (everything else).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -149,3 +150,43 @@ def load_processor(path: str) -> Any:
     if model_type in ("qwen2_vl", "qwen2_5_vl") and _torchvision_missing():
         return _image_only_qwen2_vl().from_pretrained(path)
     return AutoProcessor.from_pretrained(path, trust_remote_code=False)
+
+
+def encode_images_once(body: nn.Module, row_inputs: list[dict[str, Any] | None], batched: dict[str, Any]) -> dict[str, Any]:
+    """The forward inputs of a VLM body over rows that share prompts (a rollout's group: G rows
+    per prompt, each row's `row_inputs` entry the same dict object): the image features computed
+    once per distinct prompt (`body.get_image_features`, vision tower and projector, gradients
+    kept) and handed to every row as `mm_encoder_outputs` instead of `pixel_values`, which the
+    body would run through the tower once per row. `batched`: the rows' inputs concatenated
+    (`right_padded_inputs`); returned as is when no prompt is shared or the body takes no
+    precomputed features."""
+    if "pixel_values" not in batched or not hasattr(body, "get_image_features"):
+        return batched
+    if "mm_encoder_outputs" not in inspect.signature(body.forward).parameters:
+        return batched
+    distinct: dict[int, int] = {}
+    prompts, rows = [], []
+    for inputs in row_inputs:
+        if inputs and "pixel_values" in inputs:
+            if id(inputs) not in distinct:
+                distinct[id(inputs)] = len(prompts)
+                prompts.append(inputs)
+            rows.append(distinct[id(inputs)])
+    if len(prompts) == len(rows):  # nothing shared
+        return batched
+    import torch
+
+    kwargs = {"pixel_values": torch.cat([p["pixel_values"] for p in prompts])}
+    if "image_grid_thw" in batched:
+        kwargs["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in prompts])
+    for name in ("vision_feature_layer", "vision_feature_select_strategy"):  # LLaVA reads them from its config
+        if hasattr(body.config, name):
+            kwargs[name] = getattr(body.config, name)
+    encoded = body.get_image_features(**kwargs, return_dict=True)
+    per_image = list(encoded.pooler_output)  # one (tokens, H) tensor per image, in prompt order
+    counts = [len(p["image_grid_thw"]) if "image_grid_thw" in p else p["pixel_values"].shape[0] for p in prompts]
+    starts = [sum(counts[:k]) for k in range(len(counts))]
+    encoded.pooler_output = [per_image[starts[r] + j] for r in rows for j in range(counts[r])]
+    out = {key: value for key, value in batched.items() if key != "pixel_values"}
+    out["mm_encoder_outputs"] = {"image": encoded}
+    return out

@@ -18,6 +18,10 @@ logit to -inf), scored under the policy like sampled ones and never ending the s
 policy samples from position k on. The prompt is still prefilled once per group.
 
 The engine sees token ids only (nanochat's Engine "knows nothing about tokenization").
+A vision-language prompt also carries its pixel inputs as opaque model inputs
+(`prompt_inputs`, see `alignkit.rollout.multimodal`): only the prefill reads them, so the
+vision tower runs once per prompt and the group's samples share the image features through
+the repeated KV cache.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.rollout.kv_cache import expand_to_preallocated, select_rows
+from alignkit.rollout.multimodal import (
+    ModelInputs,
+    check_prompt_inputs,
+    left_padded_inputs,
+    multimodal_positions,
+)
 from alignkit.rollout.sampling import counter_uniform, sample_next_tokens
 from alignkit.rollout.types import Rollout, SamplingParams
 
@@ -121,11 +131,14 @@ class HFEngine:
             copy_named_weights(self.model, state_dict.items())
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
-                 prefixes: Sequence[Sequence[int]] | None = None) -> Rollout:
+                 prefixes: Sequence[Sequence[int]] | None = None,
+                 prompt_inputs: Sequence[ModelInputs | None] | None = None) -> Rollout:
         """Sample `n` responses per prompt. Row `i * n + j` is sample `j` of prompt `i`.
 
         `prefixes`: one token list per row (B x n), forced as that row's first response tokens
-        (empty: none), each shorter than `max_new_tokens`; `Rollout.rollin_mask` marks them."""
+        (empty: none), each shorter than `max_new_tokens`; `Rollout.rollin_mask` marks them.
+        `prompt_inputs`: one dict of model inputs per prompt (None: none), a VLM prompt's pixel
+        inputs (`alignkit.rollout.multimodal`); the rollout carries them per row."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if not prompt_ids or any(len(prompt) == 0 for prompt in prompt_ids):
@@ -136,6 +149,8 @@ class HFEngine:
             if any(len(prefix) >= sampling.max_new_tokens for prefix in prefixes):
                 raise ValueError(f"prefixes must be shorter than max_new_tokens ({sampling.max_new_tokens}): "
                                  "the policy generates at least the last token")
+        if prompt_inputs is not None:
+            check_prompt_inputs(prompt_inputs, prompt_ids)
         seed = sampling.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
@@ -155,6 +170,7 @@ class HFEngine:
                     self._generate_chunk(
                         prompt_ids[first : first + per_chunk], first, n, sampling, seed, stop_ids,
                         None if prefixes is None else prefixes[first * n : (first + per_chunk) * n],
+                        None if prompt_inputs is None else prompt_inputs[first : first + per_chunk],
                     )
                     for first in range(0, len(prompt_ids), per_chunk)
                 ]
@@ -188,6 +204,7 @@ class HFEngine:
                 "seed": seed,
             },
             rollin_mask=rollin_mask,
+            prompt_inputs=None if prompt_inputs is None else [prompt_inputs[i // n] for i in range(len(prompt_ids) * n)],
         )
 
     def _new_cache(self) -> Any:
@@ -195,17 +212,19 @@ class HFEngine:
         return _new_cache(self.model)
 
     def _forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor, cache: Any
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor, cache: Any,
+        **model_inputs: Tensor,
     ) -> Tensor:
-        """One forward with the cache; returns the last position's logits (rows, V)."""
-        return self._model_forward(self.model, input_ids, attention_mask, position_ids, cache)
+        """One forward with the cache; returns the last position's logits (rows, V).
+        `model_inputs`: the prefill's pixel inputs (none while decoding)."""
+        return self._model_forward(self.model, input_ids, attention_mask, position_ids, cache, **model_inputs)
 
     def _model_forward(
         self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor,
-        cache: Any,
+        cache: Any, **model_inputs: Tensor,
     ) -> Tensor:
         """`model`'s forward with `cache`: the last position's logits (rows, V)."""
-        kwargs: dict[str, Any] = {self._cache_kwarg: cache}
+        kwargs: dict[str, Any] = {self._cache_kwarg: cache, **model_inputs}
         if self._logits_kwarg is not None:
             kwargs[self._logits_kwarg] = 1
         output = model(
@@ -226,9 +245,11 @@ class HFEngine:
         seed: int,
         stop_ids: set[int],
         prefixes: Sequence[Sequence[int]] | None = None,
+        prompt_inputs: Sequence[ModelInputs | None] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
         """Decode one chunk: (tokens, logprobs) (N, max_new), lengths, stopped (N,), decoded rows.
-        `prefixes`: the chunk's rows' forced first tokens (see `generate`)."""
+        `prefixes`: the chunk's rows' forced first tokens; `prompt_inputs`: its prompts' model
+        inputs (see `generate`)."""
         device = next(self.model.parameters()).device
         max_new = sampling.max_new_tokens
         prompt_len = max(len(prompt) for prompt in prompts)
@@ -244,20 +265,28 @@ class HFEngine:
         input_ids, full_mask = input_ids.to(device), full_mask.to(device)
         prompt_mask = full_mask[:, :prompt_len]
         position_ids = (prompt_mask.cumsum(-1) - 1).clamp_(min=0)  # (B, P)
+        # a VLM's pixel inputs (prefill only), and its 3-D positions where it has M-RoPE
+        model_inputs = left_padded_inputs(prompt_inputs, prompt_len, device) if prompt_inputs else {}
+        rope = multimodal_positions(self.model, input_ids, prompt_mask, model_inputs) if model_inputs else None
+        if rope is not None:
+            position_ids = rope[0]  # (3, B, P)
 
         # 2. prefill once per prompt; 3. one cache row per sample.
         cache = self._new_cache()
         # Without left padding the mask is plain causal: let the model skip building it.
         padded = any(len(prompt) != prompt_len for prompt in prompts)
         logits = self._forward(
-            input_ids, prompt_mask if padded else None, position_ids, cache
+            input_ids, prompt_mask if padded else None, position_ids, cache, **model_inputs
         )  # (B, V)
         cache = expand_to_preallocated(
             cache, n, prompt_len + max_new, preallocate=self.preallocate_cache
         )
         logits = logits.repeat_interleave(n, dim=0)  # (N, V)
         full_mask = full_mask.repeat_interleave(n, dim=0)  # (N, P + max_new)
-        prompt_lengths = prompt_mask.sum(-1).repeat_interleave(n)  # (N,)
+        first_positions = prompt_mask.sum(-1)  # (B,) the first generated token's position: real prompt tokens
+        if rope is not None:  # M-RoPE: a generated token's position is its index + the prompt's delta
+            first_positions = first_positions + rope[1]
+        first_positions = first_positions.repeat_interleave(n)  # (N,)
         rows = batch * n
         # global sample index: a data-parallel rank's samples draw the noise one process draws
         sample_ids = sampling.first_sample + first_prompt * n + torch.arange(rows, device=device)
@@ -304,7 +333,9 @@ class HFEngine:
             if step == max_new - 1 or not bool(live.any()):
                 break
             step_mask = full_mask[active, : prompt_len + step + 1] if padded else None  # (A, P+t+1)
-            step_positions = (prompt_lengths[active] + step).unsqueeze(-1)  # (A, 1)
+            step_positions = (first_positions[active] + step).unsqueeze(-1)  # (A, 1)
+            if rope is not None:
+                step_positions = step_positions.unsqueeze(0).expand(3, -1, -1)  # (3, A, 1)
             logits = self._forward(tokens.unsqueeze(-1), step_mask, step_positions, cache)
             decoded_rows += len(active)
         return out_tokens, out_logprobs, lengths, stopped, decoded_rows

@@ -55,13 +55,14 @@ class MixtureEngine(HFEngine):
         return PairCache(_new_cache(self.model), _new_cache(self.reference or self.model))
 
     def _forward(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor,
-                 cache: PairCache) -> Tensor:
-        policy = self._model_forward(self.model, input_ids, attention_mask, position_ids, cache.policy)
+                 cache: PairCache, **model_inputs: Tensor) -> Tensor:
+        policy = self._model_forward(self.model, input_ids, attention_mask, position_ids, cache.policy,
+                                     **model_inputs)
         if self.reference is None:
             with adapter_disabled(self.model):
                 reference = self._model_forward(self.model, input_ids, attention_mask, position_ids,
-                                                cache.reference)
+                                                cache.reference, **model_inputs)
         else:
             reference = self._model_forward(self.reference, input_ids, attention_mask, position_ids,
-                                             cache.reference)
+                                             cache.reference, **model_inputs)
         return mix_logits(policy, reference, self.alpha)

@@ -124,12 +124,16 @@ def sample_next_tokens(
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature  # (A, V)
     logprobs = torch.log_softmax(scaled, dim=-1)  # (A, V)
+    drawn_from = logprobs
+    if sampling.suppress_token_ids:  # never drawn; still scored under the unfiltered policy
+        banned = torch.tensor(sampling.suppress_token_ids, dtype=torch.long, device=logits.device)
+        drawn_from = logprobs.index_fill(-1, banned, -float("inf"))
     if sampling.is_greedy:
-        tokens = logits.argmax(-1)
+        tokens = drawn_from.argmax(-1) if sampling.suppress_token_ids else logits.argmax(-1)
     else:
         if uniforms is None:
             raise ValueError("sampling needs uniforms unless greedy")
-        tokens = _filter_and_draw(logprobs, sampling, uniforms)
+        tokens = _filter_and_draw(drawn_from, sampling, uniforms)
     if forced is not None:
         tokens = torch.where(forced >= 0, forced, tokens)
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -45,6 +45,10 @@ class SamplingParams:
     """Global index of this call's first sample. Noise is keyed on (seed, sample index, step),
     so a data-parallel rank that samples rows k.. of a batch passes k and draws the same noise
     one process would."""
+    suppress_token_ids: tuple[int, ...] = ()
+    """Token ids never drawn (a VLM's image placeholders: a sampled one would claim image
+    features that do not exist). A filter like top-k: the returned log-probs stay those of the
+    unfiltered policy."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -101,6 +105,10 @@ class Rollout:
     (`alignkit.agents`): they are in `response_ids` and `response_mask` (the sequence is the
     whole conversation) but never trained on and never in the KL; their log-probs are 0.
     None for single-turn rollouts."""
+    prompt_inputs: list[dict[str, Tensor] | None] | None = None
+    """Per row, its prompt's model inputs (a VLM prompt's pixel inputs, shared by the rows of
+    a group, not copied; see `alignkit.rollout.multimodal`), for the teacher-forced forwards
+    that score the rows; None when the prompts had none."""
 
     @property
     def policy_mask(self) -> Tensor:
@@ -147,7 +155,9 @@ class RolloutEngine(Protocol):
     """Token ids in, token ids + log-probs + masks out. Knows nothing of text or rewards."""
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
-        """Sample `n` responses for each prompt; rows are grouped by prompt (see `Rollout`)."""
+        """Sample `n` responses for each prompt; rows are grouped by prompt (see `Rollout`).
+        An engine that samples vision-language models (`HFEngine`) also takes
+        `prompt_inputs=`, one dict of pixel inputs per prompt (`alignkit.rollout.multimodal`)."""
         ...
 
     def update_weights(self, state_dict: Mapping[str, Tensor] | None = None) -> None:

@@ -23,9 +23,11 @@ import torch
 from torch import nn
 
 from alignkit.agents.reward_specs import load_reward  # rewards.load_reward + rlhs:CONFIG.yaml
-from alignkit.models import apply_lora, count_parameters, is_peft, load_model
+from alignkit.models import apply_lora, count_parameters, is_peft, load_model, load_vlm
 from alignkit.models.heads import require_trained_head
+from alignkit.models.loading import resolve_model_path
 from alignkit.models.soup import check_same_parameters, load_soup, parse_soup_weights
+from alignkit.models.vlm import is_vlm_config, is_vlm_dir, set_vlm_trainable, vlm_train_parts
 from alignkit.rollout.http_engine import HTTPEngine
 from alignkit.training.online.cgpo import constrained_reward_role
 from alignkit.training.online.distributed_rollout import (
@@ -82,12 +84,14 @@ class OnlineRoles:
     """safe_ppo: the cost role (--cost or --cost-model), scored like the reward; else None."""
     opponent: Any = None
     """nash_md: the NashOpponent (mixture sampler and judge), else None."""
+    processor: Any = None
+    """A vision-language policy's processor (it tokenises image prompts; final/ holds it), else None."""
 
 
 def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: int, model=None,
                        tokenizer=None, reward: Any = None) -> OnlineRoles:
     """Load and wire every role of the online loop; sets `config.lr` when it was None."""
-    model, tokenizer = load_policy(config, model, tokenizer)
+    model, tokenizer, processor = load_policy(config, model, tokenizer)
     soup = load_reference_soup(config, s, tokenizer)  # salsa: the --ref-model checkpoints' soup, else None
     if soup is not None and s.policy_init == "soup":
         check_same_parameters(soup.state_dict(), model.state_dict(), "the soup", "--model")
@@ -143,7 +147,7 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     trained, total = count_parameters(trainer.module)
     log.info("parameters: %s trainable of %s", f"{trained:,}", f"{total:,}")
     return OnlineRoles(model, tokenizer, rollout, trainer, reference, scorer,
-                       trainer if trainer.has_critic else None, trainer.device, cost, opponent)
+                       trainer if trainer.has_critic else None, trainer.device, cost, opponent, processor)
 
 
 class _TrainerReference:
@@ -160,13 +164,20 @@ class _TrainerReference:
 
 
 def load_policy(config: TrainConfig, model, tokenizer):
-    """(model, tokenizer): the ones passed in, or `config.model` loaded."""
+    """(model, tokenizer, processor or None): the ones passed in (a VLM's processor may stand
+    for its tokenizer), or `config.model` loaded (a vision-language checkpoint with its
+    processor)."""
+    if model is None and is_vlm_dir(resolve_model_path(config.model)):
+        model, processor = load_vlm(config.model, dtype=_dtype(config), device=_device(config))
+        return model, processor.tokenizer, processor
     if model is None:
-        return load_model(config.model, dtype=_dtype(config), device=_device(config),
-                          trust_remote_code=config.trust_remote_code)
+        return (*load_model(config.model, dtype=_dtype(config), device=_device(config),
+                            trust_remote_code=config.trust_remote_code), None)
     if tokenizer is None:
         raise ValueError("pass the tokenizer together with a loaded model")
-    return model, tokenizer
+    if hasattr(tokenizer, "image_processor") and hasattr(tokenizer, "tokenizer"):  # a VLM's processor
+        return model, tokenizer.tokenizer, tokenizer
+    return model, tokenizer, None
 
 
 def soup_directories(ref_model: str | None) -> list[str]:
@@ -270,7 +281,7 @@ def build_critic(config: TrainConfig, s: OnlineSettings, model: nn.Module):
             return ValueModel.from_reward_model(rm), None
         return ValueModel.from_policy(model), None
     if s.critic == "shared":
-        return None, zero_value_head(model.config.hidden_size).to(next(model.parameters()).device)
+        return None, zero_value_head(model.config.get_text_config().hidden_size).to(next(model.parameters()).device)
     return None, None
 
 
@@ -309,13 +320,21 @@ def load_cost_role(config: TrainConfig, tokenizer, s: OnlineSettings) -> RewardR
 
 def attach_adapters(config: TrainConfig, model: nn.Module) -> nn.Module:
     """The policy with LoRA adapters (when --lora-r > 0) or SSF (--adapter ssf), and gradient
-    checkpointing (if asked)."""
+    checkpointing (if asked). A VLM: LoRA on the language model, the vision tower frozen, and
+    `--vlm-train` naming what else trains in full (`vlm_train_parts`)."""
+    vlm = is_vlm_config(getattr(model, "config", None))
+    if not vlm and config.vlm_train != "auto":
+        raise ValueError(f"--vlm-train {config.vlm_train!r} applies to vision-language models only")
+    vlm_parts = vlm_train_parts(config.vlm_train, lora=config.lora_r > 0) if vlm else ()
     if config.lora_r > 0:
         targets = config.lora_target_modules
         model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                           target_modules=targets if targets == "all-linear" else targets.split(","))
+                           target_modules=targets if targets == "all-linear" else targets.split(","),
+                           train_vlm_parts=vlm_parts)
     elif adapter_kind(config) == "ssf":
         model = attach_ssf(model, config)
+    elif vlm:
+        set_vlm_trainable(model, ("language", *vlm_parts))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if uses_adapter(config):

@@ -71,6 +71,11 @@ from alignkit.training.online.async_rollout import Prefetcher
 from alignkit.training.online.build import OnlineRoles, build_online_roles
 from alignkit.training.online.cgpo import kl_regularised
 from alignkit.training.online.dpa import DirectionalPrompts
+from alignkit.training.online.images import (
+    check_image_run,
+    image_prompt_rows,
+    placeholder_token_ids,
+)
 from alignkit.training.online.kl_control import RunningMeanStd, make_kl_controller
 from alignkit.training.online.reset import load_reset_responses, rollin_metrics
 from alignkit.training.online.roles import SequenceBatch
@@ -144,6 +149,7 @@ def _train_in(run: RunDir, s: OnlineSettings, config: TrainConfig, ranks, model,
                               data_format=config.data_format)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(
         config.epochs * len(table) / config.batch_size)
+    check_image_run(config, s, table, model)  # image prompts: refused settings fail before anything loads
     roles = build_online_roles(config, s, total_steps=total_steps, model=model, tokenizer=tokenizer,
                                reward=reward)
     if ranks.is_main:
@@ -165,7 +171,7 @@ def _train_in(run: RunDir, s: OnlineSettings, config: TrainConfig, ranks, model,
         driver.close()
         getattr(roles.rollout, "close", lambda: None)()
 
-    final_dir = write_final(roles.model, roles.tokenizer, run_dir, ranks)
+    final_dir = write_final(roles.model, roles.processor or roles.tokenizer, run_dir, ranks)
     return TrainResult(run_dir, final_dir, total_steps, driver.last, driver.validation.last, roles.model,
                        roles.tokenizer)
 
@@ -217,7 +223,13 @@ class OnlineDriver:
         self.config, self.s, self.roles, self.run_dir, self.total_steps = config, s, roles, run_dir, total_steps
         self.kl_control = make_kl_controller(s.beta, s.kl_target, s.kl_horizon)
         self.reward_stats = RunningMeanStd()
-        prompt_ids, texts, columns, stats = prompt_rows(table, roles.tokenizer, config)
+        prompt_inputs, suppressed = None, ()  # a VLM's image prompts: pixel inputs per row (online/images.py)
+        if check_image_run(config, s, table, roles.model):
+            suppressed = placeholder_token_ids(roles.model.config)
+            prompt_ids, prompt_inputs, texts, stats = image_prompt_rows(table, roles.processor, config, roles.device)
+            columns = [reward_columns(row) for row in table.rows]
+        else:
+            prompt_ids, texts, columns, stats = prompt_rows(table, roles.tokenizer, config)
         self.first_row = data_metrics(stats, responses=False)  # run totals, in the first logged row
         self.flags: dict[str, bool] = {}  # the last step's degenerate-step flags (DegenerateWatch)
         resets = load_reset_responses(table, roles.tokenizer, s, chat=bool(config.chat_template),
@@ -227,7 +239,7 @@ class OnlineDriver:
                                      reward_stats=self.reward_stats, cost=roles.cost, opponent=roles.opponent,
                                      directions=directional_prompts(s, config, table, roles.tokenizer),
                                      reset_responses=resets, episodes=episode_runner(config, s, roles.tokenizer, roles.rollout),
-                                     rows=table.rows)
+                                     rows=table.rows, prompt_inputs=prompt_inputs, suppress_token_ids=suppressed)
         self.log_lambda = math.log(s.lambda_init)  # safe_ppo's Lagrange multiplier (training/online/safe.py)
         self.cost_window = CostWindow(s.cost_window)
         self.resumed_at: int | None = None

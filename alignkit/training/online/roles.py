@@ -18,6 +18,10 @@ the roles split rows across ranks (`distributed_rollout.py`); Ray actor groups a
 The critic's parameters are trained by the policy role: the policy and value losses share one
 backward, one gradient clip and one optimizer step, so the critic role only reads values.
 
+A vision-language rollout's rows carry their prompts' pixel inputs (`SequenceBatch.prompt_inputs`):
+every teacher-forced forward (policy, reference, critic) runs the VLM's multimodal body on them,
+so image tokens hold the image features, and as prompt tokens they are never scored.
+
 Token-level tensors use *response coordinates*: (N, L) with position 0 the first generated
 token, exactly like `Rollout.response_ids`; `SequenceBatch` holds the full prompt + response
 rows a teacher-forced forward needs and converts between the two.
@@ -36,12 +40,20 @@ from torch import Tensor, nn
 
 from alignkit.models import adapter_disabled, is_peft, reward_scores
 from alignkit.models.heads import _score_head
-from alignkit.models.logprobs import decoder_and_head, linear_head_logps, position_ids_from_mask
+from alignkit.models.logprobs import (
+    decoder_and_head,
+    linear_head_logps,
+    position_ids_from_mask,
+    vlm_body_states,
+    vlm_predictor_states,
+)
 from alignkit.models.packing import predictor_states
+from alignkit.models.vlm import is_vlm_config, module_role
 from alignkit.rewards.base import unconverted
 from alignkit.rewards.dense import DenseRewards, Scores
 from alignkit.rewards.runner import RewardRunner
 from alignkit.rollout import HFEngine, Rollout, SamplingParams
+from alignkit.rollout.multimodal import right_padded_inputs
 
 
 def last_true(mask: Tensor) -> int:
@@ -57,12 +69,14 @@ class SequenceBatch:
     input_ids, attention_mask, sequence_mask: (N, S), sequence_mask True on response tokens;
     response_mask: (N, L), True on generated tokens (same count per row as sequence_mask). In a
     multi-turn rollout both are True only on the policy's tokens, so they may have holes.
+    prompt_inputs: per row, its prompt's pixel inputs (a VLM rollout; `Rollout.prompt_inputs`).
     """
 
     input_ids: Tensor
     attention_mask: Tensor
     sequence_mask: Tensor
     response_mask: Tensor
+    prompt_inputs: list[dict[str, Tensor] | None] | None = None
 
     @classmethod
     def from_rollout(cls, rollout: Rollout, pad_id: int) -> SequenceBatch:
@@ -76,7 +90,7 @@ class SequenceBatch:
             for row, start in enumerate(starts):
                 env = rollout.env_mask[row]
                 sequence_mask[row, start : start + env.shape[0]] &= ~env[: sequence_mask.shape[1] - start]
-        return cls(input_ids, attention_mask, sequence_mask, rollout.policy_mask.bool())
+        return cls(input_ids, attention_mask, sequence_mask, rollout.policy_mask.bool(), rollout.prompt_inputs)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -87,14 +101,29 @@ class SequenceBatch:
         width = int(attention.sum(-1).max().item()) if len(rows) else 1
         response = self.response_mask[rows]
         length = max(last_true(response) + 1 if len(rows) else 1, 1)  # the mask may have holes (multi-turn)
+        inputs = None if self.prompt_inputs is None else [self.prompt_inputs[i] for i in rows.tolist()]
         return SequenceBatch(
             self.input_ids[rows, :width], attention[:, :width],
-            self.sequence_mask[rows, :width], response[:, :length],
+            self.sequence_mask[rows, :width], response[:, :length], inputs,
         )
 
     def to(self, device: torch.device) -> SequenceBatch:
+        inputs = self.prompt_inputs
+        if inputs is not None:  # each prompt's tensors moved once, still shared by its rows
+            moved: dict[int, dict[str, Tensor]] = {}
+            for one in inputs:
+                if one is not None and id(one) not in moved:
+                    moved[id(one)] = {key: value.to(device) for key, value in one.items()}
+            inputs = [None if one is None else moved[id(one)] for one in inputs]
         return SequenceBatch(*(t.to(device) for t in (
-            self.input_ids, self.attention_mask, self.sequence_mask, self.response_mask)))
+            self.input_ids, self.attention_mask, self.sequence_mask, self.response_mask)), inputs)
+
+    def model_inputs(self) -> dict[str, Tensor]:
+        """The rows' pixel inputs for one forward over these right-padded rows: each tensor
+        concatenated over the rows in order (one copy per row: a group's samples repeat their
+        prompt's images), token-aligned ones (`mm_token_type_ids`) laid over each row's prompt
+        positions, 0 elsewhere; {} without pixel inputs."""
+        return right_padded_inputs(self.prompt_inputs or [], self.input_ids)
 
     def predictor_rows(self, decoder: nn.Module) -> tuple[Tensor, Tensor]:
         """Hidden states that predict response tokens, and those tokens: (M, H), (M,).
@@ -113,6 +142,25 @@ class SequenceBatch:
         return out.masked_scatter(self.response_mask, values)
 
 
+def batch_predictors(model: nn.Module, batch: SequenceBatch) -> tuple[Tensor, Tensor, nn.Module]:
+    """(hidden states that predict the response tokens (M, H), those tokens (M,), the output
+    layer): through the decoder, or a VLM batch's multimodal body with its pixel inputs."""
+    pixel_inputs = batch.model_inputs()
+    if pixel_inputs:
+        predict = (batch.sequence_mask & batch.attention_mask.bool())[:, 1:]
+        hidden, head = vlm_predictor_states(model, batch.input_ids, batch.attention_mask, predict, pixel_inputs,
+                                            batch.prompt_inputs)
+        return hidden, batch.input_ids[:, 1:][predict], head
+    parts = decoder_and_head(model)
+    if parts is None:
+        raise ValueError(
+            f"{type(model).__name__}: the online loop needs a model whose logits are lm_head(hidden)"
+        )
+    decoder, head = parts
+    predictors, targets = batch.predictor_rows(decoder)  # (M, H), (M,)
+    return predictors, targets, head
+
+
 def response_logps(
     model: nn.Module,
     batch: SequenceBatch,
@@ -126,13 +174,7 @@ def response_logps(
     values[i, t] = V(s_t) = value_head(h_{t-1}): the state before token t is generated, the
     same hidden state whose logits produce token t. Log-probs at temperature 1.
     """
-    parts = decoder_and_head(model)
-    if parts is None:
-        raise ValueError(
-            f"{type(model).__name__}: the online loop needs a model whose logits are lm_head(hidden)"
-        )
-    decoder, head = parts
-    predictors, targets = batch.predictor_rows(decoder)  # (M, H), (M,)
+    predictors, targets, head = batch_predictors(model, batch)  # (M, H), (M,)
     logps, entropy = linear_head_logps(head, predictors, targets, chunk_size, 1.0, with_entropy)
     values = None
     if value_head is not None:
@@ -144,11 +186,7 @@ def response_distributions(model: nn.Module, batch: SequenceBatch) -> tuple[Tens
     """One forward keeping the whole next-token distribution: log-probs (N, L), entropies (N, L)
     and log softmax over the vocabulary (N, L, V), at temperature 1, zero off the response.
     Memory grows with V: for the few rows of a filtered batch (SuperHF's KL prior)."""
-    parts = decoder_and_head(model)
-    if parts is None:
-        raise ValueError(f"{type(model).__name__}: the online loop needs a model whose logits are lm_head(hidden)")
-    decoder, head = parts
-    predictors, targets = batch.predictor_rows(decoder)  # (M, H), (M,)
+    predictors, targets, head = batch_predictors(model, batch)  # (M, H), (M,)
     log_dist = torch.log_softmax(head(predictors).float(), dim=-1)  # (M, V)
     logps = log_dist.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = -(log_dist.exp() * log_dist).sum(-1)
@@ -274,8 +312,8 @@ class HFRollout:
                                max_batch_size=max_batch_size)
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
-                 prefixes: list[list[int]] | None = None) -> Rollout:
-        return self.engine.generate(prompt_ids, n, sampling, prefixes)
+                 prefixes: list[list[int]] | None = None, prompt_inputs: list | None = None) -> Rollout:
+        return self.engine.generate(prompt_ids, n, sampling, prefixes, prompt_inputs)
 
     def update_weights(self, source: Iterable[tuple[str, Tensor]] | None, version: int) -> None:
         """The engine samples the live module: nothing to copy, only the version is recorded."""
@@ -396,15 +434,23 @@ class ModelReward:
 
 
 class ValueModel(nn.Module):
-    """A separate critic: a decoder backbone and a linear value head on every position."""
+    """A separate critic: a decoder backbone and a linear value head on every position. For a
+    vision-language policy the backbone is its multimodal body (vision tower frozen, projector
+    and language model trained), so the critic reads the same pixel inputs as the policy."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, multimodal: bool = False) -> None:
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.multimodal = backbone, head, multimodal
 
     @classmethod
     def from_policy(cls, policy: nn.Module) -> ValueModel:
-        """Copy of the policy's decoder + a zero-initialised head (V = 0 at the start)."""
+        """Copy of the policy's decoder (a VLM's multimodal body) + a zero-initialised head
+        (V = 0 at the start)."""
+        if is_vlm_config(getattr(policy, "config", None)) and getattr(policy, "model", None) is not None:
+            body = copy.deepcopy(policy.model)
+            for name, parameter in body.named_parameters():
+                parameter.requires_grad = module_role(name) != "vision"
+            return cls(body, zero_value_head(policy.config.get_text_config().hidden_size), multimodal=True)
         decoder = decoder_and_head(policy)
         if decoder is None:
             raise ValueError("cannot build a critic from this policy; pass --set critic_init=DIR")
@@ -418,6 +464,12 @@ class ValueModel(nn.Module):
 
     def values(self, batch: SequenceBatch) -> Tensor:
         """(N, L) V(s_t) of one micro-batch, with gradients when enabled."""
+        pixel_inputs = batch.model_inputs() if self.multimodal else {}
+        if pixel_inputs:
+            predict = (batch.sequence_mask & batch.attention_mask.bool())[:, 1:]
+            predictors = vlm_body_states(self.backbone, batch.input_ids, batch.attention_mask, predict, pixel_inputs,
+                                         batch.prompt_inputs)
+            return batch.scatter(self.head(predictors).squeeze(-1).float())
         predictors, _ = batch.predictor_rows(self.backbone)
         return batch.scatter(self.head(predictors).squeeze(-1).float())
 

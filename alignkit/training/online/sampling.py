@@ -110,7 +110,7 @@ def merge_rows(parts: list[tuple[Rollout, Tensor]], pad_id: int) -> Rollout:
     """Rows `rows` of each rollout, concatenated in order and right-padded to the widest; the
     groups are renumbered 0, 1, ... in order of appearance (distinct across rollouts)."""
     width = max(rollout.response_ids.shape[1] for rollout, _ in parts)
-    ids, logps, masks, prompts, reasons, groups, rollins = [], [], [], [], [], [], []
+    ids, logps, masks, prompts, reasons, groups, rollins, inputs = [], [], [], [], [], [], [], []
     offset = 0
     for rollout, rows in parts:
         pad = width - rollout.response_ids.shape[1]
@@ -120,12 +120,14 @@ def merge_rows(parts: list[tuple[Rollout, Tensor]], pad_id: int) -> Rollout:
         if rollout.rollin_mask is not None:
             rollins.append(F.pad(rollout.rollin_mask[rows], (0, pad), value=False))
         prompts += [rollout.prompt_ids[i] for i in rows.tolist()]
+        if rollout.prompt_inputs is not None:  # a VLM's pixel inputs stay with their rows
+            inputs += [rollout.prompt_inputs[i] for i in rows.tolist()]
         reasons += [rollout.finish_reason[i] for i in rows.tolist()]
         groups.append(rollout.group_index[rows] + offset)
         offset += int(rollout.group_index.max().item()) + 1
     _, group_index = torch.unique(torch.cat(groups), return_inverse=True)
     return Rollout(prompts, torch.cat(ids), torch.cat(logps), torch.cat(masks), reasons, group_index,
-                   rollin_mask=torch.cat(rollins) if rollins else None)
+                   rollin_mask=torch.cat(rollins) if rollins else None, prompt_inputs=inputs or None)
 
 
 def merge_dense(parts: list[Tensor], width: int) -> Tensor:
@@ -240,12 +242,15 @@ class PromptSampler:
     def __init__(self, engine, scorer, tokenizer, prompt_ids: list[list[int]], prompt_texts: list[str],
                  columns: list[dict], s: OnlineSettings, *, batch_size: int, seed: int, device,
                  reward_stats: RunningMeanStd, cost=None, opponent=None, directions=None,
-                 reset_responses: list | None = None, episodes=None, rows: list[dict] | None = None) -> None:
+                 reset_responses: list | None = None, episodes=None, rows: list[dict] | None = None,
+                 prompt_inputs: list | None = None, suppress_token_ids: tuple[int, ...] = ()) -> None:
         self.engine, self.scorer, self.tokenizer, self.cost = engine, scorer, tokenizer, cost
         self.opponent = opponent  # nash_md: NashOpponent (training/online/nash.py)
         self.directions = directions  # dpa: DirectionalPrompts (training/online/dpa.py)
         self.round_metrics: dict[str, float] = {}
         self.prompt_ids, self.prompt_texts, self.columns = prompt_ids, prompt_texts, columns
+        self.prompt_inputs = prompt_inputs  # a VLM's pixel inputs per prompt row (None: text prompts)
+        self.suppress_token_ids = suppress_token_ids  # a VLM's image placeholders: never sampled
         self.s, self.batch_size, self.seed, self.device = s, batch_size, seed, device
         self.reward_stats = reward_stats
         self.reset_responses = reset_responses  # drpo: each prompt row's offline response ids (or None)
@@ -278,11 +283,14 @@ class PromptSampler:
         self.position += self.batch_size
         started = time.perf_counter()
         sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                  top_k=s.top_k, seed=step_seed(self.seed, step, round_))
+                                  top_k=s.top_k, seed=step_seed(self.seed, step, round_),
+                                  suppress_token_ids=self.suppress_token_ids)
         extra = {}
         if self.reset_responses is not None:  # drpo: each row rolls in a prefix of its offline response
             extra["prefixes"] = rollin_prefixes([self.reset_responses[i] for i in indices], s.group_size,
                                                 s.reset_prob, reset_seed(self.seed, step, round_))
+        if self.prompt_inputs is not None:  # with the prompt ids into the engine's prefill
+            extra["prompt_inputs"] = [self.prompt_inputs[i] for i in indices]
         episodes = None
         if self.episodes is not None:  # multi-turn: conversations with tools / an environment
             rows = [{**self.rows[i], "__row__": i} for i in indices]

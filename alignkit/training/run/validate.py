@@ -52,7 +52,6 @@ ONLINE_IGNORES = {
     "max_length": "generation is bounded by --set max_new_tokens (and --max-prompt-length)",
     "eval_holdout": "online runs validate on held-out prompts given as --eval-data",
     "allow_identical_pairs": "online runs read prompts only",
-    "vlm_train": "online runs do not train vision-language models yet",
 }
 OWN_LOOP_IGNORES = {
     "grad_accum": "its heads train in a loop of their own, one batch per step",
