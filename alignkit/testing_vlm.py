@@ -191,7 +191,7 @@ def write_image_rows(directory: str | Path, rows: list[dict[str, Any]], name: st
     import json
 
     directory = Path(directory)
-    (directory / "img").mkdir(exist_ok=True)
+    (directory / "img").mkdir(parents=True, exist_ok=True)
     lines = []
     for k, row in enumerate(rows):
         relative = f"img/{name}-{k}.png"

@@ -5,7 +5,6 @@ one, and GRPO with `choice_accuracy` learns which shape is in the picture."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from functools import partial
@@ -24,7 +23,7 @@ import alignkit
 from alignkit.models import load_vlm
 from alignkit.models.vlm import module_role
 from alignkit.rewards.rules import completion_text
-from alignkit.testing_vlm import build_tiny_vlm, draw_shape_image
+from alignkit.testing_vlm import build_tiny_vlm, draw_shape_image, write_image_rows
 
 ARCHS = ("qwen2_vl", "llava")
 LETTERS = {"square": "s", "triangle": "t"}
@@ -57,19 +56,6 @@ def shape_rows(n: int, seed: int, *, name_in_prompt: bool = False) -> list[dict]
     return rows
 
 
-def write_rows(directory: Path, rows: list[dict], name: str) -> str:
-    """The rows as JSONL with their images saved as PNGs in `img/` (paths relative to the file)."""
-    (directory / "img").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for k, row in enumerate(rows):
-        relative = f"img/{name}-{k}.png"
-        row["images"][0].save(directory / relative)
-        lines.append(json.dumps({**row, "images": [relative]}))
-    path = directory / f"{name}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
 def columns_checked_reward(prompts, completions, answer, images, boxes, **columns):
     """Fails unless each sample got its own row's `answer` (that of the shape named in its
     prompt), `boxes` and `images`; scores the number of distinct characters, which varies
@@ -91,7 +77,7 @@ def test_two_steps_of_each_online_preset_on_a_vlm(algorithm, vlm_dir, tmp_path):
     """Two steps with LoRA: losses finite, the reward saw every row's columns, the reference's
     KL is 0 at step 1 (it reads the same images as the policy), final/ loads with its processor and only the language model changed (adapters merged; tower and projector
     frozen)."""
-    data = write_rows(tmp_path, shape_rows(8, 0, name_in_prompt=True), "train")
+    data = write_image_rows(tmp_path, shape_rows(8, 0, name_in_prompt=True), "train")
     result = alignkit.train(algorithm, model=str(vlm_dir), data=data, output_dir=tmp_path / "run",
                             reward=columns_checked_reward, **SMOKE)
     rows = read_metrics(tmp_path / "run")
@@ -111,7 +97,7 @@ def test_two_steps_of_each_online_preset_on_a_vlm(algorithm, vlm_dir, tmp_path):
 
 
 def test_image_prompts_with_a_text_model_or_a_reward_model_are_clear_errors(vlm_dir, tiny_model_dir, tmp_path):
-    data = write_rows(tmp_path, shape_rows(4, 0), "train")
+    data = write_image_rows(tmp_path, shape_rows(4, 0), "train")
     settings = dict(SMOKE, max_steps=1)
     with pytest.raises(ValueError, match="the prompts have images but --model .* is not a vision-language model"):
         alignkit.train("grpo", model=str(tiny_model_dir), data=data, output_dir=tmp_path / "a",
@@ -123,7 +109,7 @@ def test_image_prompts_with_a_text_model_or_a_reward_model_are_clear_errors(vlm_
 
 def test_resumed_vlm_grpo_matches_the_uninterrupted_run(vlm_dir, tmp_path):
     """Full fine-tuning (language model + projector), 4 steps, checkpoint at 2, cut at 3."""
-    data = write_rows(tmp_path, shape_rows(8, 1, name_in_prompt=True), "train")
+    data = write_image_rows(tmp_path, shape_rows(8, 1, name_in_prompt=True), "train")
     settings = dict(SMOKE, max_steps=4, save_steps=2, lora_r=0, lr=5e-3)
     train = partial(alignkit.train, "grpo", model=str(vlm_dir), data=data, reward=columns_checked_reward,
                     **settings)
@@ -139,7 +125,7 @@ def test_cli_grpo_with_vlm_train_projector_trains_the_projector_beside_lora(vlm_
     from the start in the language model (merged adapters) and the projector, never the tower."""
     from alignkit.cli import main as cli_main
 
-    data = write_rows(tmp_path, shape_rows(8, 2), "train")
+    data = write_image_rows(tmp_path, shape_rows(8, 2), "train")
     reward_file = tmp_path / "varied.py"
     reward_file.write_text("def reward(prompts, completions, **kw):\n    return [len(set(str(c))) for c in completions]\n")
     code = cli_main(["train", "grpo", "--model", str(vlm_dir), "--data", data, "--output", str(tmp_path / "cli"),
@@ -157,7 +143,7 @@ def test_cli_grpo_with_vlm_train_projector_trains_the_projector_beside_lora(vlm_
 def test_ppo_with_a_shared_value_head_on_a_vlm(vlm_dir, tmp_path):
     """critic=shared: the value head sits on the VLM language model's hidden states (its width
     read from the text config)."""
-    data = write_rows(tmp_path, shape_rows(8, 3, name_in_prompt=True), "train")
+    data = write_image_rows(tmp_path, shape_rows(8, 3, name_in_prompt=True), "train")
     alignkit.train("ppo", model=str(vlm_dir), data=data, output_dir=tmp_path / "run",
                    reward=columns_checked_reward, critic="shared", **SMOKE)
     rows = read_metrics(tmp_path / "run")

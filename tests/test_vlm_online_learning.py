@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from run_helpers import read_metrics
-from test_vlm_online import ARCHS, shape_rows, write_rows
+from test_vlm_online import ARCHS, shape_rows
 
 import alignkit
 from alignkit.data.image_tokenize import prompt_model_inputs
 from alignkit.models import load_vlm
 from alignkit.rollout import HFEngine, SamplingParams
-from alignkit.testing_vlm import build_tiny_vlm
+from alignkit.testing_vlm import build_tiny_vlm, write_image_rows
 from alignkit.training.online.images import placeholder_token_ids
 
 
@@ -81,7 +81,7 @@ def test_grpo_with_choice_accuracy_learns_which_shape_is_in_the_picture(arch, tm
     warm = warm_start(build_tiny_vlm(tmp_path / arch, arch), tmp_path / "warm")
     held_out = shape_rows(64, 99)
     before = greedy_accuracy(warm, held_out)
-    data = write_rows(tmp_path, shape_rows(256, 0), "train")
+    data = write_image_rows(tmp_path, shape_rows(256, 0), "train")
     result = alignkit.train("grpo", model=str(warm), data=data, output_dir=tmp_path / "run", reward="choice_accuracy",
                             max_steps=60, batch_size=8, group_size=8, max_new_tokens=2, lr=3e-3, device="cpu",
                             dtype="float32", progress=False, warmup_ratio=0.0, scheduler="constant")
