@@ -456,8 +456,9 @@ def run_verb(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         print("\nverbs:")
+        width = max(len(verb) for verb in VERBS)
         for verb, text in VERBS.items():
-            print(f"  {verb:<11} {text}")
+            print(f"  {verb:<{width}} {text}")
         return 0
     verb, rest = argv[0], argv[1:]
     commands = {"train": cmd_train, "algorithms": cmd_algorithms, "demo": cmd_demo, "eval-rm": cmd_eval_rm,
