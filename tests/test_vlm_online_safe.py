@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -123,12 +124,13 @@ def image_paths_of(call: dict, prompts_file: str) -> list[list[str]]:
     return found
 
 
-def test_online_reward_model_scores_equal_offline_scores(models, tmp_path, scored):
-    """grpo with --reward-model (a VLM reward model), 2 steps: the scorer gets each row's prompt
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_online_reward_model_scores_equal_offline_scores(algorithm, models, tmp_path, scored):
+    """grpo / ppo with --reward-model (a VLM reward model), 2 steps: the scorer gets each row's prompt
     messages and its image opened from the file, and every online score equals (bitwise) the
     offline score of the same row written to a file and read back by the offline loader."""
     prompts = colour_prompts(tmp_path, ["red", "blue", "green", "yellow"])
-    alignkit.train("grpo", model=str(models["vlm"]), data=prompts, output_dir=tmp_path / "run",
+    alignkit.train(algorithm, model=str(models["vlm"]), data=prompts, output_dir=tmp_path / "run",
                    reward_model=str(models["rm"]), max_steps=2, group_size=4, **SMOKE)
     assert len(scored) == 2 and all(call["name"].startswith("--reward-model") for call in scored)
     for call in scored:
@@ -185,3 +187,29 @@ def test_the_cost_model_online_reads_each_samples_own_image(models, tmp_path, sc
             "completions": [row["chosen"] for row in held_out] + [row["rejected"] for row in held_out]}
     cost = offline_scores(tmp_path, models["cost"], pairs_file, both, files * 2)
     assert (cost[32:] > cost[:32]).float().mean() >= 0.75
+
+
+def test_bad_reward_and_cost_models_on_image_prompts_are_one_line_errors(models, tiny_model_dir, tmp_path):
+    """On image prompts: a text reward model (--reward-model, --reward rm:DIR) or cost model,
+    a VLM without a trained score head as --cost-model, and critics from a reward model; each a
+    one-line ValueError naming the flag and the directory, before anything trains."""
+    prompts = colour_prompts(tmp_path, ["red", "blue"])
+    text = re.escape(str(tiny_model_dir))
+    run = dict(model=str(models["vlm"]), data=prompts, max_steps=1, **SMOKE)
+    cases = [
+        ("grpo", dict(reward_model=str(tiny_model_dir)), f"not supported with --reward-model {text} \\(a text reward model"),
+        ("grpo", dict(reward=f"rm:{tiny_model_dir}"), f"not supported with --reward {text} \\(a text reward model"),
+        ("safe_ppo", dict(reward=distinct_characters, cost_model=str(tiny_model_dir)),
+         f"not supported with --cost-model {text} \\(a text reward model"),
+        ("safe_ppo", dict(reward=distinct_characters, cost_model=str(models["vlm"])),
+         "--cost-model .* is not a reward model: .* without a score head.*`alignkit train cost` on image rows"),
+        ("safe_ppo", dict(reward=distinct_characters, cost_model=str(models["cost"]),
+                          cost_critic_init=str(models["cost"])), "not supported with critic_init / cost_critic_init"),
+        ("ppo", dict(reward=distinct_characters, critic_init=str(models["rm"])),
+         "not supported with critic_init / cost_critic_init"),
+    ]
+    for k, (algorithm, options, message) in enumerate(cases):
+        with pytest.raises(ValueError, match=message) as caught:
+            alignkit.train(algorithm, output_dir=tmp_path / f"run{k}", **run, **options)
+        assert "\n" not in str(caught.value)
+        assert not (tmp_path / f"run{k}" / "final").exists()
