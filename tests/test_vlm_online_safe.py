@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from run_helpers import read_metrics
 
 import alignkit
@@ -94,13 +95,14 @@ def scored(monkeypatch) -> list[dict]:
     return calls
 
 
-def offline_scores(directory: Path, model_dir: Path, prompts_file: str, call: dict, images: list[str]) -> torch.Tensor:
+def offline_scores(model_dir: Path, prompts_file: str, call: dict, images: list[list[str]]) -> torch.Tensor:
     """The model's scores of one recorded call's samples read back as SFT rows from a JSONL file
     beside the prompts (images as paths relative to it, resolved by the offline loader), in one
     batch as the online scorer batched them."""
     lines = [json.dumps({"prompt": p, "completion": c, "images": i})
              for p, c, i in zip(call["prompts"], call["completions"], images, strict=True)]
-    path = Path(prompts_file).parent / f"offline-{len(list(directory.glob('offline-*')))}.jsonl"
+    directory = Path(prompts_file).parent
+    path = directory / f"offline-{len(list(directory.glob('offline-*')))}.jsonl"
     path.write_text("\n".join(lines) + "\n")
     model, processor = load_vlm_reward(str(model_dir), device="cpu")
     examples, _ = tokenize_sft_images(load_rows(str(path)), processor, max_length=1024)
@@ -114,8 +116,6 @@ def image_paths_of(call: dict, prompts_file: str) -> list[list[str]]:
     """The image file (relative to the prompts file) of each recorded sample, found by pixels."""
     rows = [json.loads(line) for line in Path(prompts_file).read_text().splitlines()]
     base = Path(prompts_file).parent
-    from PIL import Image
-
     files = {row["images"][0]: list(Image.open(base / row["images"][0]).convert("RGB").getdata()) for row in rows}
     found = []
     for images in call["images"]:
@@ -137,7 +137,7 @@ def test_online_reward_model_scores_equal_offline_scores(algorithm, models, tmp_
         assert len(call["scores"]) == 8 and all(p == [{"role": "user", "content": QUESTION}] for p in call["prompts"])
         paths = image_paths_of(call, prompts)  # each sample carries one of the rows' images, opened
         assert len({p[0] for p in paths}) == 2  # the step's two prompts, each with its own image
-        offline = offline_scores(tmp_path, models["rm"], prompts, call, paths)
+        offline = offline_scores(models["rm"], prompts, call, paths)
         assert torch.equal(call["scores"], offline), (call["scores"], offline)
     assert len({round(float(s), 6) for call in scored for s in call["scores"]}) > 1
 
@@ -175,9 +175,9 @@ def test_the_cost_model_online_reads_each_samples_own_image(models, tmp_path, sc
             "img/prompts-2.png": "img/prompts-3.png", "img/prompts-3.png": "img/prompts-2.png"}
     for call in costs:
         paths = image_paths_of(call, prompts)
-        own = offline_scores(tmp_path, models["cost"], prompts, call, paths)
+        own = offline_scores(models["cost"], prompts, call, paths)
         assert torch.equal(call["scores"], own)
-        other = offline_scores(tmp_path, models["cost"], prompts, call, [[swap[p[0]]] for p in paths])
+        other = offline_scores(models["cost"], prompts, call, [[swap[p[0]]] for p in paths])
         assert ((other - own).abs() > 1e-4).all(), (own, other)
     # the planted rule, on 32 held-out pairs: misnaming the square's colour costs more (chance 1/2)
     held_out = colour_pairs(32, seed=99)
@@ -185,8 +185,10 @@ def test_the_cost_model_online_reads_each_samples_own_image(models, tmp_path, sc
     files = [json.loads(line)["images"] for line in Path(pairs_file).read_text().splitlines()]
     both = {"prompts": [row["prompt"] for row in held_out] * 2,
             "completions": [row["chosen"] for row in held_out] + [row["rejected"] for row in held_out]}
-    cost = offline_scores(tmp_path, models["cost"], pairs_file, both, files * 2)
-    assert (cost[32:] > cost[:32]).float().mean() >= 0.75
+    cost = offline_scores(models["cost"], pairs_file, both, files * 2)
+    accuracy = (cost[32:] > cost[:32]).float().mean().item()
+    print("held-out: unsafe answer costs more on", accuracy, "of pairs")
+    assert accuracy >= 0.75
 
 
 def test_bad_reward_and_cost_models_on_image_prompts_are_one_line_errors(models, tiny_model_dir, tmp_path):
