@@ -124,15 +124,17 @@ def image_paths_of(call: dict, prompts_file: str) -> list[list[str]]:
     return found
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
-def test_online_reward_model_scores_equal_offline_scores(algorithm, models, tmp_path, scored):
-    """grpo / ppo with --reward-model (a VLM reward model), 2 steps: the scorer gets each row's prompt
+@pytest.mark.parametrize(("algorithm", "flag"), [("grpo", "--reward-model"), ("ppo", "--reward-model"),
+                                               ("grpo", "--reward rm:DIR")])
+def test_online_reward_model_scores_equal_offline_scores(algorithm, flag, models, tmp_path, scored):
+    """grpo / ppo with --reward-model (or --reward rm:DIR), a VLM reward model, 2 steps: the scorer gets each row's prompt
     messages and its image opened from the file, and every online score equals (bitwise) the
     offline score of the same row written to a file and read back by the offline loader."""
     prompts = colour_prompts(tmp_path, ["red", "blue", "green", "yellow"])
     alignkit.train(algorithm, model=str(models["vlm"]), data=prompts, output_dir=tmp_path / "run",
-                   reward_model=str(models["rm"]), max_steps=2, group_size=4, **SMOKE)
-    assert len(scored) == 2 and all(call["name"].startswith("--reward-model") for call in scored)
+                   **({"reward_model": str(models["rm"])} if flag == "--reward-model" else {"reward": f"rm:{models['rm']}"}),
+                   max_steps=2, group_size=4, **SMOKE)
+    assert len(scored) == 2
     for call in scored:
         assert len(call["scores"]) == 8 and all(p == [{"role": "user", "content": QUESTION}] for p in call["prompts"])
         paths = image_paths_of(call, prompts)  # each sample carries one of the rows' images, opened
@@ -193,8 +195,9 @@ def test_the_cost_model_online_reads_each_samples_own_image(models, tmp_path, sc
 
 def test_bad_reward_and_cost_models_on_image_prompts_are_one_line_errors(models, tiny_model_dir, tmp_path):
     """On image prompts: a text reward model (--reward-model, --reward rm:DIR) or cost model,
-    a VLM without a trained score head as --cost-model, and critics from a reward model; each a
-    one-line ValueError naming the flag and the directory, before anything trains."""
+    a VLM without a trained score head as --cost-model, critics from a reward model, and a prompt
+    image that is missing; each a one-line ValueError naming the flag and directory (or the file,
+    row and image), before anything trains."""
     prompts = colour_prompts(tmp_path, ["red", "blue"])
     text = re.escape(str(tiny_model_dir))
     run = dict(model=str(models["vlm"]), data=prompts, max_steps=1, **SMOKE)
@@ -210,8 +213,12 @@ def test_bad_reward_and_cost_models_on_image_prompts_are_one_line_errors(models,
         ("ppo", dict(reward=distinct_characters, critic_init=str(models["rm"])),
          "not supported with critic_init / cost_critic_init"),
     ]
+    missing = colour_prompts(tmp_path, ["red", "blue"], name="missing")
+    (tmp_path / "img" / "missing-1.png").unlink()
+    cases.append(("safe_ppo", dict(data=missing, reward=distinct_characters, cost_model=str(models["cost"])),
+                  "missing.jsonl.*row 2.*image 'img/missing-1.png' not found"))
     for k, (algorithm, options, message) in enumerate(cases):
         with pytest.raises(ValueError, match=message) as caught:
-            alignkit.train(algorithm, output_dir=tmp_path / f"run{k}", **run, **options)
+            alignkit.train(algorithm, output_dir=tmp_path / f"run{k}", **{**run, **options})
         assert "\n" not in str(caught.value)
         assert not (tmp_path / f"run{k}" / "final").exists()
