@@ -37,6 +37,7 @@ from alignkit.training.online.distributed_rollout import (
     ShardedRollout,
 )
 from alignkit.training.online.dpa import DirectionalReward, rm_multi_attributes
+from alignkit.training.online.image_rewards import is_vision_model_dir, vision_model_reward
 from alignkit.training.online.nash import build_opponent
 from alignkit.training.online.presets import OnlineSettings, needs_reference, no_grad_rows
 from alignkit.training.online.roles import (
@@ -311,6 +312,9 @@ def load_cost_role(config: TrainConfig, tokenizer, s: OnlineSettings) -> RewardR
     if config.cost:
         return FunctionReward(load_reward(config.cost), on_error=s.reward_on_error, timeout=config.reward_timeout,
                               workers=config.reward_workers)
+    if is_vision_model_dir(config.cost_model):  # Safe RLHF-V: a cost model that reads each row's images
+        return vision_model_reward(config.cost_model, "--cost-model", tokenizer, config, s,
+                                   device=_device(config), dtype=_dtype(config))
     cost_model, cost_tokenizer = load_model(config.cost_model, kind="reward", dtype=_dtype(config),
                                             device=_device(config), trust_remote_code=config.trust_remote_code)
     require_trained_head(config.cost_model, cost_model, "--cost-model",
@@ -403,6 +407,9 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
     if saved_kind(config.reward_model) == "preference_model":
         raise ValueError(f"--reward-model {config.reward_model} is a pairwise preference model: it judges pairs, "
                          "not samples; pass it to nash_md as --preference-model DIR")
+    if is_vision_model_dir(config.reward_model):  # a VLM reward model: it reads each row's images
+        return vision_model_reward(config.reward_model, "--reward-model", tokenizer, config, s,
+                                   device=_device(config), dtype=_dtype(config))
     model, rm_tokenizer = load_model(config.reward_model, kind="reward", dtype=_dtype(config),
                                      device=_device(config), trust_remote_code=config.trust_remote_code)
     require_trained_head(config.reward_model, model, "--reward-model")

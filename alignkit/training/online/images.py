@@ -8,12 +8,17 @@ once per group) and, per row, into every teacher-forced forward (policy, referen
 as for text. LoRA adapts the language model only; `--vlm-train` picks what else trains in full
 (`alignkit.models.vlm.vlm_train_parts`).
 
-What is wired for images: grpo, rloo, ppo, dapo and the presets that share their code path
+What is wired for images: grpo, rloo, ppo, dapo, safe_ppo and the presets that share their code path
 (one generation round per step or DAPO's dynamic sampling, a reward function, the in-process
 engine, a frozen or adapter-off reference, a separate or shared critic). What is not, each a
 one-line error before anything trains: multi-turn environments, dataset resets (drpo), dpa's
-directions, nash_md's opponent, ReMax's greedy baseline, reward models (they read token ids,
-not pixels), a vLLM or Ray rollout engine, --eval-data.
+directions, nash_md's opponent, ReMax's greedy baseline, a text reward or cost model (it would
+score the text without the images), critics initialised from a reward model (critic_init,
+cost_critic_init), a vLLM or Ray rollout engine, --eval-data.
+
+Rewards get each row's images opened (`image_reward_columns`); a vision-language reward or cost
+model (`--reward-model`, `--cost-model`, `--reward rm:DIR`) scores each sample with them
+(`online/image_rewards.py`), so safe_ppo runs on a VLM with a VLM cost model (Safe RLHF-V).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from alignkit.data.images import uses_images
 from alignkit.data.table import RowTable
 from alignkit.models.loading import resolve_model_path
 from alignkit.models.vlm import is_vlm_config, is_vlm_dir
+from alignkit.training.online.image_rewards import text_reward_models
 from alignkit.training.online.settings import OnlineSettings
 from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
@@ -48,8 +54,11 @@ def image_run_conflicts(config: TrainConfig, s: OnlineSettings) -> list[str]:
         found.append("dpa's directional prompts")
     if s.reset_prob > 0.0:
         found.append("drpo's dataset resets")
-    if config.reward_model is not None or config.cost_model is not None:
-        found.append("--reward-model / --cost-model (a reward model reads token ids, not pixels)")
+    found += [f"{named} (a text reward model scores the text without the images; train one on image rows: "
+              "`alignkit train rm|cost` on a VLM)" for named in text_reward_models(config)]
+    if s.critic_init or s.cost_critic_init:
+        found.append("critic_init / cost_critic_init (a critic from a reward model reads no pixels; leave them "
+                     "unset to start the critics from the VLM policy)")
     if config.rollout != "hf" or config.placement != "local":
         found.append(f"--rollout {config.rollout} / --placement {config.placement} (the in-process engine only)")
     if config.eval_data is not None:

@@ -71,6 +71,7 @@ from alignkit.training.online.async_rollout import Prefetcher
 from alignkit.training.online.build import OnlineRoles, build_online_roles
 from alignkit.training.online.cgpo import kl_regularised
 from alignkit.training.online.dpa import DirectionalPrompts
+from alignkit.training.online.image_rewards import image_reward_columns
 from alignkit.training.online.images import (
     check_image_run,
     image_prompt_rows,
@@ -227,7 +228,7 @@ class OnlineDriver:
         if check_image_run(config, s, table, roles.model):
             suppressed = placeholder_token_ids(roles.model.config)
             prompt_ids, prompt_inputs, texts, stats = image_prompt_rows(table, roles.processor, config, roles.device)
-            columns = [reward_columns(row) for row in table.rows]
+            columns = image_reward_columns(table)  # images opened: a VLM reward or cost model reads them
         else:
             prompt_ids, texts, columns, stats = prompt_rows(table, roles.tokenizer, config)
         self.first_row = data_metrics(stats, responses=False)  # run totals, in the first logged row
