@@ -127,8 +127,10 @@ def assert_runs_match(two: list[dict], one: list[dict], reward_tolerance: float 
         assert abs(a["loss"] - b["loss"]) <= rel * abs(b["loss"]) + 1e-7, (a["step"], a["loss"], b["loss"])
         assert relative_error(a["grad_norm"], b["grad_norm"]) < rel, (a["step"], a["grad_norm"], b["grad_norm"])
         for key in ("kl", "value_loss", "policy_loss"):
-            if key in b:  # k1 KL: a sum of ~8 log-prob differences of ~6 each, which can cancel to ~0.1
-                absolute = 1e-5 if key == "kl" else rel / 10
+            if key in b:  # k1 KL: a sum of ~8 log-prob differences of ~6 each, which can cancel to ~0.1;
+                # float32 rounding of terms of ~50 in all is ~50 x 1.2e-7 x a few = 1e-5..5e-5 absolute
+                # (nash_md measured 1.6e-5 on 2026-12-07's environment; 1e-5 passed before)
+                absolute = 5e-5 if key == "kl" else rel / 10
                 assert a[key] == pytest.approx(b[key], rel=rel, abs=absolute), (a["step"], key, a[key], b[key])
 
 

@@ -160,16 +160,14 @@ def test_images_with_a_text_model_are_a_clear_error(tiny_model_dir, tmp_path):
                        device="cpu")
 
 
-@pytest.mark.parametrize("arch, lr", [("qwen2_vl", 1e-2), ("llava", 5e-3)])
+@pytest.mark.parametrize("arch, lr", [("qwen2_vl", 3e-3), ("llava", 5e-3)])
 def test_sft_learns_to_read_the_colour_from_the_image(tmp_path, arch, lr):
     """Every part trained, 150 steps of 8 rows. The first answer token names the colour (one
     of 4: 'r', 'g', 'b', 'y'), so a model that ignores the image cannot beat log 4 = 1.386
     nats on it. Measured, right images vs held-out images shuffled across rows (a model that
-    reads the image is then confidently wrong): Qwen2-VL 0.73 vs 3.08, LLaVA 0.03 vs 4.16 (session
-    of 2026-12-04); Qwen2-VL 0.99 vs 2.01 on a rebuilt environment (2026-12-07): 150 steps at a
-    high learning rate land differently with float-level changes, so the bounds leave room: below
-    chance by 0.3 nats with the right images, above chance by 0.5 and by 0.8 over the right ones
-    with shuffled images."""
+    reads the image is then confidently wrong): Qwen2-VL 0.05 vs 3.54, LLaVA 0.03 vs 4.16. Qwen2-VL
+    at lr 1e-2 was on an edge: 0.73 vs 3.08 on 2026-12-04, 0.99 vs 2.01 and 1.03 vs 1.62 on two
+    rebuilt environments of 2026-12-07 (float-level changes over 150 steps); at 3e-3 it is not."""
     torch.manual_seed(0)
     path = build_tiny_vlm(tmp_path / arch, arch)
     model, processor = load_vlm(str(path), device="cpu")
@@ -199,7 +197,7 @@ def test_sft_learns_to_read_the_colour_from_the_image(tmp_path, arch, lr):
     shift = 16 if arch == "qwen2_vl" else 1
     shuffled = first_token_nll({**held_out["pixel_inputs"], "pixel_values": pixels.roll(shift, 0)})
     print(f"first answer token NLL: right images {right:.3f}, shuffled {shuffled:.3f}, log 4 = 1.386")
-    assert right < 1.386 - 0.3 and shuffled > 1.386 + 0.5 and shuffled > right + 0.8, (right, shuffled)
+    assert right < 1.0 < 1.386 + 1.0 < shuffled, (right, shuffled)
 
 
 def test_vlm_train_option(tiny_model_dir, tmp_path, vlm):
