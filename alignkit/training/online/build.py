@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +39,15 @@ from alignkit.training.online.dpa import DirectionalReward, rm_multi_attributes
 from alignkit.training.online.image_rewards import is_vision_model_dir, vision_model_reward
 from alignkit.training.online.nash import build_opponent
 from alignkit.training.online.presets import OnlineSettings, needs_reference, no_grad_rows
+from alignkit.training.online.reward_specs import (
+    check_http_settings,
+    check_personal_options,
+    load_reward_spec,
+    model_dir_of_kind,
+    saved_kind,
+    segment_reward_role,
+    seq2seq_reward_role,
+)
 from alignkit.training.online.roles import (
     AdapterReference,
     CriticRole,
@@ -368,10 +376,10 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
     check_personal_options(named, s)
 
     def function_role(one: Any) -> FunctionReward:  # a spec (ensemble_reduce applied) or a callable
-        if isinstance(one, str) and s.ensemble_reduce is None and segment_model_dir(one) is not None:
-            return segment_reward_role(config, segment_model_dir(one), tokenizer, s, flag="--reward")
-        if isinstance(one, str) and s.ensemble_reduce is None and seq2seq_model_dir(one) is not None:
-            return seq2seq_reward_role(config, seq2seq_model_dir(one), tokenizer, s)
+        if isinstance(one, str) and s.ensemble_reduce is None and model_dir_of_kind(one, "segment_rm") is not None:
+            return segment_reward_role(config, model_dir_of_kind(one, "segment_rm"), tokenizer, s, flag="--reward")
+        if isinstance(one, str) and s.ensemble_reduce is None and model_dir_of_kind(one, "seq2seq_rm") is not None:
+            return seq2seq_reward_role(config, model_dir_of_kind(one, "seq2seq_rm"), tokenizer, s)
         fn = load_reward_spec(one, s) if isinstance(one, str) else one
         return FunctionReward(fn, on_error=s.reward_on_error, timeout=config.reward_timeout,
                               workers=config.reward_workers)
@@ -400,9 +408,9 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
         return FunctionReward(no_task_reward)  # the teacher's KL, or the environment's rewards, is the signal
     if config.reward_model is None:
         raise ValueError(f"{config.algorithm} needs a reward: --reward module:function or --reward-model DIR")
-    if segment_model_dir(config.reward_model) is not None:
+    if model_dir_of_kind(config.reward_model, "segment_rm") is not None:
         return segment_reward_role(config, config.reward_model, tokenizer, s, flag="--reward-model")
-    if seq2seq_model_dir(config.reward_model) is not None:
+    if model_dir_of_kind(config.reward_model, "seq2seq_rm") is not None:
         return seq2seq_reward_role(config, config.reward_model, tokenizer, s)
     if saved_kind(config.reward_model) == "preference_model":
         raise ValueError(f"--reward-model {config.reward_model} is a pairwise preference model: it judges pairs, "
@@ -418,14 +426,6 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
 
 SCORER_KINDS = ("ensemble", "embedding_rm", "multi_objective", "brme", "principles_rm", "vpl_rm")
 """Saved reward models that score through their own scorer (`load_reward`), not as one classifier."""
-
-
-def saved_kind(directory: str) -> str:
-    """The kind of reward model saved in `directory` (`rewards.saved.reward_model_kind`), or
-    "plain" for a hub id or a path that is not a directory."""
-    from alignkit.rewards.saved import reward_model_kind
-
-    return reward_model_kind(directory) if Path(directory).is_dir() else "plain"
 
 
 def directional_reward(config: TrainConfig, spec: Any, s: OnlineSettings) -> DirectionalReward:
@@ -449,115 +449,6 @@ def no_task_reward(prompts, completions, **columns) -> list[float]:
     """distill or --env without --reward: no task reward (0 for every sample); the KL to the
     teacher, or the environment's rewards, is the whole signal."""
     return [0.0] * len(completions)
-
-
-def segment_model_dir(spec: str) -> str | None:
-    """The directory of an `rm_segment` model named by a reward spec (`rm:DIR` or DIR), else None."""
-    directory = spec[3:] if spec.startswith("rm:") else spec
-    return directory if saved_kind(directory) == "segment_rm" else None
-
-
-def segment_reward_role(config: TrainConfig, directory: str, tokenizer, s: OnlineSettings, *,
-                        flag: str) -> FunctionReward:
-    """An `rm_segment` model (Fine-Grained RLHF's segment reward models) as a dense reward: each
-    segment's score (at the model's saved granularity) on its last sampled token
-    (`SegmentRewardScorer` with the policy's tokenizer). Under torchrun it splits its rows
-    (`model_backed`), like a reward model."""
-    from alignkit.rewards import SegmentRewardScorer
-
-    scorer = SegmentRewardScorer(directory, device=_device(config), policy_tokenizer=tokenizer)
-    require_trained_head(directory, scorer.model, flag, fix="Pass a directory written by `alignkit train rm_segment`")
-    role = FunctionReward(scorer, on_error=s.reward_on_error, timeout=config.reward_timeout,
-                          workers=config.reward_workers)
-    role.model_backed = True
-    return role
-
-
-def check_http_settings(spec: Any, s: OnlineSettings) -> None:
-    """--set reward_http_* without any --reward http://... is a mistake worth saying."""
-    given = [name for name in ("reward_http_batch_size", "reward_http_timeout", "reward_http_retries")
-             if getattr(s, name) is not None]
-    specs = spec if isinstance(spec, list | tuple) else [spec]
-    if given and not any(isinstance(one, str) and one.strip().startswith(("http://", "https://")) for one in specs):
-        raise ValueError(f"--set {given[0]} applies to --reward http://HOST:PORT/PATH; this run's reward is not "
-                         "a server")
-
-
-PERSONAL_KINDS = {"principles": "principles_rm", "user_context": "vpl_rm"}
-"""`--set principles=FILE` / `--set user_context=FILE` and the saved kind each is given to."""
-
-
-def spec_kind(spec: str) -> str:
-    """`saved_kind` of the directory a reward spec names (`rm:DIR[,key=FILE]` or DIR; "plain" for
-    any other spec, such as a regex with commas)."""
-    from alignkit.rewards.loading import saved_model_options
-
-    if not spec.startswith("rm:"):
-        return saved_kind(spec)
-    return saved_kind(saved_model_options(spec[3:], spec)[0])
-
-
-def personal_reward_options(spec: str, s: OnlineSettings) -> dict[str, str]:
-    """{"principles": FILE} for an rm_principles model, {"user_context": FILE} for an rm_vpl one,
-    from the settings; {} for any other reward."""
-    kind = spec_kind(spec)
-    return {key: getattr(s, key) for key, wanted in PERSONAL_KINDS.items()
-            if getattr(s, key) is not None and kind == wanted}
-
-
-def check_personal_options(specs: list[Any], s: OnlineSettings) -> None:
-    """`--set principles=` / `user_context=` must reach a reward of the matching kind."""
-    for key, wanted in PERSONAL_KINDS.items():
-        if getattr(s, key) is None:
-            continue
-        kinds = [spec_kind(x) for x in specs if isinstance(x, str)]
-        if wanted not in kinds:
-            model = "an rm_principles" if key == "principles" else "an rm_vpl"
-            raise ValueError(f"--set {key}={getattr(s, key)} is for {model} reward model (--reward rm:DIR); "
-                             f"this run's rewards are {kinds or 'Python callables'}")
-
-
-def seq2seq_model_dir(spec: str) -> str | None:
-    """The directory of an `rm_seq2seq` model named by a reward spec (`rm:DIR` or DIR), else None."""
-    directory = spec[3:] if spec.startswith("rm:") else spec
-    return directory if saved_kind(directory) == "seq2seq_rm" else None
-
-
-def seq2seq_reward_role(config: TrainConfig, directory: str, tokenizer, s: OnlineSettings) -> FunctionReward:
-    """An `rm_seq2seq` model (Zhou et al. 2024) as a dense reward: a score on every sampled token
-    (`Seq2SeqRewardScorer` with the policy's tokenizer), split over ranks like a reward model."""
-    from alignkit.rewards import Seq2SeqRewardScorer
-
-    scorer = Seq2SeqRewardScorer(directory, device=_device(config), policy_tokenizer=tokenizer)
-    role = FunctionReward(scorer, on_error=s.reward_on_error, timeout=config.reward_timeout,
-                          workers=config.reward_workers)
-    role.model_backed = True
-    return role
-
-
-def load_reward_spec(spec: str, s: OnlineSettings):
-    """`load_reward(spec)`, with `ensemble_reduce` (and its lambdas) for an `rm:DIR` of an
-    rm_ensemble or rm_bayes model; a reduction the model cannot take is an error naming both."""
-    http_options = {key: value for key, value in (("batch_size", s.reward_http_batch_size),
-                                                   ("timeout", s.reward_http_timeout),
-                                                   ("retries", s.reward_http_retries)) if value is not None}
-    if spec.strip().startswith(("http://", "https://")):
-        if s.ensemble_reduce is not None:
-            raise ValueError(f"ensemble_reduce={s.ensemble_reduce} reduces an rm:DIR ensemble; --reward {spec} is a "
-                             "server (reduce on the server's side)")
-        return load_reward(spec, **http_options)
-    if s.ensemble_reduce is None:
-        return load_reward(spec, **personal_reward_options(spec, s))
-    from alignkit.rewards.saved import reward_model_kind
-
-    directory = spec[3:] if spec.startswith("rm:") else spec
-    kind = reward_model_kind(directory) if Path(directory).is_dir() else "not a reward-model directory"
-    if s.ensemble_reduce == "brme" and kind == "brme":
-        return load_reward(spec, lambda_=s.brme_lambda)
-    if s.ensemble_reduce != "brme" and kind == "ensemble":
-        return load_reward(spec, aggregation=s.ensemble_reduce, uwo_lambda=s.uwo_lambda)
-    wanted = "an rm_bayes model" if s.ensemble_reduce == "brme" else "an rm_ensemble model"
-    raise ValueError(f"ensemble_reduce={s.ensemble_reduce} needs {wanted}; --reward {spec} is {kind}")
 
 
 def _dtype(config: TrainConfig):
