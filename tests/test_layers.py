@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     "sweep": 8,  # hyper-parameter search: trains recipes through training/, reports through eval/
 }
 # The command line and the public entry points sit on top and may import anything.
-TOP = {"__init__", "__main__", "cli", "cli_args", "cli_train", "demo", "api", "algorithms", "testing", "testing_vlm", "testing_diffusion"}
+TOP = {"__init__", "__main__", "cli", "cli_args", "cli_eval_rm", "cli_train", "demo", "api", "algorithms", "testing", "testing_vlm", "testing_diffusion"}
 
 
 def layer_of_file(path: Path) -> str:
