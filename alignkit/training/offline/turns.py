@@ -32,6 +32,7 @@ from alignkit.data.turns import TurnsExample, collate_turns, tokenize_turns
 from alignkit.models import sequence_logps
 from alignkit.training.offline.tasks import Metrics, check_hparams, scored_tokens
 from alignkit.training.run.config import TrainConfig
+from alignkit.training.run.distributed import Weighted
 from alignkit.training.run.registry import AlgorithmSpec, register_algorithm
 
 log = logging.getLogger("alignkit")
@@ -132,8 +133,9 @@ class FilteredBCTask:
         logps, counts = sequence_logps(model, batch["input_ids"], batch["attention_mask"],
                                        batch["response_mask"], chunk_size=self.config.logp_chunk_size)
         loss = -logps.sum() / counts.sum().clamp(min=1)
-        return loss, {"loss": loss.detach(),
-                      "logps/completion": (logps / counts.clamp(min=1)).mean().detach()}
+        # a row mean inside a token-mean loss: under torchrun ranks weigh it by their rows
+        per_row = (logps / counts.clamp(min=1)).mean().detach()
+        return loss, {"loss": loss.detach(), "logps/completion": Weighted(per_row, len(logps))}
 
 
 register_algorithm(AlgorithmSpec(
