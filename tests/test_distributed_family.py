@@ -1,9 +1,12 @@
 """The offline trainer on 2 torchrun ranks (gloo, CPU, DDP and for a handful FSDP2) equals one
 process on the same global batch for every other registered offline algorithm: the pairwise
-losses, A-LoL, listwise, C-RLFT, IFT, the reward-model tasks and T-REG, plus the DPO options that
-change the loop (TR-DPO's live reference, WPO, LD-DPO, loss_weights with an SFT term, gradient
-accumulation, an eval split evaluated every step). Rows have unequal lengths, so a rank-local
-mean would be wrong. tests/test_distributed_offline.py covers sft, dpo, simpo, kto and rm.
+losses, A-LoL, listwise, C-RLFT, IFT, the reward-model tasks (rm_principles included), T-REG and
+filtered_bc (multi-turn BC), plus the DPO options that change the loop (TR-DPO's live reference,
+WPO, LD-DPO, loss_weights with an SFT term, gradient accumulation, an eval split evaluated every
+step). Rows have unequal lengths, so a rank-local mean would be wrong. The heads fitted on frozen
+features by a loop of their own (rm_multi, rm_embedding, rm_vpl) run whole on every rank, rank 0
+alone writing the run: they are checked to equal one process by final/'s tensors.
+tests/test_distributed_offline.py covers sft, dpo, simpo, kto, rm and rm_ensemble.
 
 `aot` sorts the log-ratios of the rows it sees, i.e. per rank: it is only checked to run on 2
 ranks with bit-identical ranks, not to equal one process. Known differences would be strict

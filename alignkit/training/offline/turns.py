@@ -30,9 +30,8 @@ from torch import Tensor
 from alignkit.data import RowTable, TruncationStats
 from alignkit.data.turns import TurnsExample, collate_turns, tokenize_turns
 from alignkit.models import sequence_logps
-from alignkit.training.offline.tasks import Metrics, check_hparams, scored_tokens
+from alignkit.training.offline.tasks import Metrics, check_hparams, completion_nll, scored_tokens
 from alignkit.training.run.config import TrainConfig
-from alignkit.training.run.distributed import Weighted
 from alignkit.training.run.registry import AlgorithmSpec, register_algorithm
 
 log = logging.getLogger("alignkit")
@@ -132,10 +131,7 @@ class FilteredBCTask:
     def loss(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         logps, counts = sequence_logps(model, batch["input_ids"], batch["attention_mask"],
                                        batch["response_mask"], chunk_size=self.config.logp_chunk_size)
-        loss = -logps.sum() / counts.sum().clamp(min=1)
-        # a row mean inside a token-mean loss: under torchrun ranks weigh it by their rows
-        per_row = (logps / counts.clamp(min=1)).mean().detach()
-        return loss, {"loss": loss.detach(), "logps/completion": Weighted(per_row, len(logps))}
+        return completion_nll(logps, counts)
 
 
 register_algorithm(AlgorithmSpec(
