@@ -95,7 +95,7 @@ def case_name(name: str, strategy: str) -> str:
     return f"{name}-{strategy}"
 
 
-FSDP2 = {"ipo", "orpo", "listwise_dpo", "rm_bayes", "treg", "ift", "iq_learn"}
+FSDP2 = {"ipo", "orpo", "listwise_dpo", "rm_bayes", "treg", "ift", "iq_learn", "filtered_bc"}
 SPECIAL = {"aot"}  # rank-local sorting: runs on 2 ranks, not equal to one process
 
 
