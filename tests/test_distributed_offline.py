@@ -105,7 +105,7 @@ def one_process(algorithm: str, lora: int, model_dir, data: str, root: Path, **o
 
 
 def assert_runs_match(two: list[dict], one: list[dict], metrics=("rewards/margins", "rewards/accuracies",
-                                                                     "logps/chosen")) -> None:
+                                                                     "logps/chosen", "logps/completion")) -> None:
     """Loss to 1e-5 and grad norm to 3e-5 relative, step by step, and the row-mean metrics
     `metrics`. The grad norm is a float32 sum over every parameter of gradients reduced in another
     order on two ranks: the reward model's measured 1.05e-5 is that rounding, not a lost term (a
@@ -133,7 +133,7 @@ def test_two_ranks_equal_one_process(runs, tiny_model_dir, algorithm, strategy, 
     # KTO's class metrics average over the chosen (or rejected) rows only: ranks weigh by those
     assert_runs_match(read_metrics(case / "run"), one_metrics,
                       ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen") if algorithm == "kto" else
-                      ("rewards/margins", "rewards/accuracies", "logps/chosen"))
+                      ("rewards/margins", "rewards/accuracies", "logps/chosen", "logps/completion"))
     rank0, rank1 = read_params(case / "params-rank0.safetensors"), read_params(case / "params-rank1.safetensors")
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0), "ranks diverged"
     assert_params_match(rank0, one_params)

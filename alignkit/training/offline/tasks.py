@@ -94,6 +94,16 @@ def scored_tokens(batch: dict[str, Tensor]) -> Tensor:
     return (batch["response_mask"].bool() & batch["attention_mask"].bool())[:, 1:].sum()
 
 
+def completion_nll(logps: Tensor, counts: Tensor) -> tuple[Tensor, Metrics]:
+    """The token-mean NLL L = -sum_b logp_b / sum_b n_b of sequence log-prob sums `logps` (B,)
+    over `counts` (B,) scored tokens, and its metrics. `logps/completion` is the mean over rows
+    of each row's per-token log-prob: a row mean inside a token-mean loss, so under torchrun
+    ranks weigh it by their rows (`Weighted`), not by their tokens as they do the loss."""
+    loss = -logps.sum() / counts.sum().clamp(min=1)
+    per_row = (logps / counts.clamp(min=1)).mean().detach()
+    return loss, {"loss": loss.detach(), "logps/completion": distributed.Weighted(per_row, len(logps))}
+
+
 def tokenize_options(config: TrainConfig) -> dict[str, Any]:
     """The keyword arguments every `tokenize_*` call takes from the training config."""
     return {
@@ -163,9 +173,7 @@ class SFTTask(SequenceData):
             chunk_size=self.config.logp_chunk_size,
             pixel_inputs=batch.get("pixel_inputs"),
         )
-        tokens = counts.sum().clamp(min=1)
-        loss = -logps.sum() / tokens
-        return loss, {"loss": loss.detach(), "logps/completion": (logps / counts.clamp(min=1)).mean().detach()}
+        return completion_nll(logps, counts)
 
 
 class PairData:

@@ -30,7 +30,7 @@ from torch import Tensor
 from alignkit.data import RowTable, TruncationStats
 from alignkit.data.turns import TurnsExample, collate_turns, tokenize_turns
 from alignkit.models import sequence_logps
-from alignkit.training.offline.tasks import Metrics, check_hparams, scored_tokens
+from alignkit.training.offline.tasks import Metrics, check_hparams, completion_nll, scored_tokens
 from alignkit.training.run.config import TrainConfig
 from alignkit.training.run.registry import AlgorithmSpec, register_algorithm
 
@@ -131,9 +131,7 @@ class FilteredBCTask:
     def loss(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
         logps, counts = sequence_logps(model, batch["input_ids"], batch["attention_mask"],
                                        batch["response_mask"], chunk_size=self.config.logp_chunk_size)
-        loss = -logps.sum() / counts.sum().clamp(min=1)
-        return loss, {"loss": loss.detach(),
-                      "logps/completion": (logps / counts.clamp(min=1)).mean().detach()}
+        return completion_nll(logps, counts)
 
 
 register_algorithm(AlgorithmSpec(
