@@ -25,18 +25,32 @@ from alignkit.testing_diffusion import build_tiny_pipeline, write_colour_pairs  
 # UNet's CPU kernels round differently at batch 2 (a rank) and 8 (one process) (1.8e-7 measured
 # on outputs of ~0.16), and its loss (dr / T - noise)^2 differs by ~2 noise / (dr / T) between
 # them: 1.3e-5 relative with redness's differences of ~0.1. The tenfold reward keeps it ~1e-6.
-TENFOLD_REDNESS = """from alignkit.diffusion.rewards import redness
+# It also records how many images each call scored, per torchrun rank ("single": one process).
+TENFOLD_REDNESS = """import os
+from pathlib import Path
+
+from alignkit.diffusion.rewards import redness
 
 
 def tenfold_redness(prompts, images, **columns):
+    with open(Path(__file__).with_name(f"scored-{os.environ.get('RANK', 'single')}.txt"), "a") as log:
+        log.write(f"{len(images)}\\n")
     return [10.0 * value for value in redness(prompts, images)]
+
+
+def rounded_redness(prompts, images, **columns):
+    return [float(round(20.0 * value)) for value in redness(prompts, images)]
 """
 BASE = {"batch_size": 4, "max_steps": 2, "lr": 3e-3, "seed": 3, "num_steps": 3, "guidance_scale": 1.0}
 # name: (algorithm, uses the pair images, overrides)
 CASES: dict[str, tuple[str, bool, dict]] = {
     "d3po-pairs": ("d3po", True, {"adapter": "none"}),  # the whole UNet, a frozen copy as reference
-    "d3po-reward": ("d3po", False, {"reward": "redness", "guidance_scale": 2.0}),  # LoRA, guided sampling
-    "prdp": ("prdp", False, {"reward": "{tmp}/rewards.py:tenfold_redness", "lora_r": 2}),
+    # LoRA, guided sampling, a reward with ties (weight 0: the global count of teaching pairs matters)
+    "d3po-reward": ("d3po", False, {"reward": "{tmp}/rewards.py:rounded_redness", "guidance_scale": 2.0}),
+    # two updates per round; at the default clip_eps 1e-4 the second is clipped almost wholly and
+    # its gradient cancels to 1/8 of the first (relative float error 7e-6); 0.05 keeps it whole
+    "prdp": ("prdp", False, {"reward": "{tmp}/rewards.py:tenfold_redness", "lora_r": 2, "inner_epochs": 2,
+                             "clip_eps": 0.05}),
 }
 RESUMED = {"name": "prdp-resumed", "of": "prdp", "interrupt_at": 1, "overrides": {"save_steps": 1}}
 TOO_SMALL = {"name": "d3po-batch1", "of": "d3po-pairs", "overrides": {"batch_size": 1}}
@@ -142,6 +156,29 @@ def test_a_resumed_two_rank_run_reproduces_its_metrics(runs):
     writes = json.loads((runs / RESUMED["name"] / "writes-rank0.json").read_text())
     assert any("/checkpoints/" in path for path in writes)  # the resumed half wrote none (step 2 is the last)
     assert json.loads((runs / RESUMED["name"] / "writes-rank1.json").read_text()) == []
+
+
+def test_each_rank_scores_its_own_images(runs, inputs):
+    """prdp's reward on 2 ranks: every call scores one rank's 2 pairs x 2 chains, not the batch's 8."""
+    one_process("prdp", inputs)
+    scored = {who: (Path(inputs["tmp"]) / f"scored-{who}.txt").read_text().split() for who in ("0", "1", "single")}
+    assert scored["0"] == scored["1"] == ["4"] * 4  # prdp and prdp-resumed, 2 steps each
+    assert scored["single"] == ["8", "8"]
+
+
+def test_a_batch_part_keeps_its_rows_of_the_global_draw():
+    """Rows (1, 3) of a batch of 4: the same numbers as rows 1 and 3 of one process's draw, for
+    every draw in turn; a part's draw of the wrong size is refused."""
+    from alignkit.diffusion.noise import BatchPart, standard_normal
+
+    whole = torch.Generator().manual_seed(5)
+    part = BatchPart(torch.Generator().manual_seed(5), 4, (1, 3))
+    for shape in ((4, 4, 2, 2), (4, 3)):
+        full = standard_normal(shape, whole)
+        assert torch.equal(standard_normal((2, *shape[1:]), part), full[[1, 3]])
+    with pytest.raises(ValueError, match="a draw of 4 rows for a batch part of 2"):
+        part.randn((4, 3))
+    assert torch.equal(BatchPart(whole, 3).gather(torch.arange(3.0)), torch.arange(3.0))  # one process: as is
 
 
 def test_a_batch_smaller_than_the_ranks_is_refused(runs):
