@@ -188,7 +188,10 @@ def test_a_batch_smaller_than_the_ranks_is_refused(runs):
         assert "cannot be split over 2 ranks" in message
 
 
-def test_fsdp2_is_refused_naming_the_flag(inputs, tmp_path):
+def test_fsdp2_and_hft_are_refused_naming_the_flag(inputs, tmp_path):
     with pytest.raises(ValueError, match=r"^--strategy fsdp2: d3po is data-parallel with --strategy ddp only"):
         alignkit.train("d3po", model=inputs["model"], data=inputs["pairs"], output_dir=tmp_path / "x",
                        strategy="fsdp2", max_steps=1)
+    with pytest.raises(ValueError, match=r"^--set hft=true: prdp trains a UNet"):
+        alignkit.train("prdp", model=inputs["model"], reward="redness", output_dir=tmp_path / "y", adapter="none",
+                       hft=True, max_steps=1)

@@ -79,6 +79,8 @@ class DiffusionTask:
             raise ValueError(f"--adapter {self.config.adapter}: {self.name} trains LoRA (default) or the whole UNet (none)")
         if self.config.adapter == "none" and self.config.lora_r > 0:
             raise ValueError("--adapter none trains every UNet weight; drop --lora-r")
+        if self.config.hft:  # (data_parallel lets the generic HFT checks through to here)
+            raise ValueError(f"--set hft=true: {self.name} trains a UNet; {IGNORED['hft']}")
         if self.config.strategy != "ddp":
             raise ValueError(f"--strategy {self.config.strategy}: {self.name} is data-parallel with --strategy ddp "
                              "only (its UNet is replicated on every rank, not sharded)")
