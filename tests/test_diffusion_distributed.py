@@ -21,12 +21,13 @@ from run_helpers import read_metrics  # noqa: E402
 import alignkit  # noqa: E402
 from alignkit.testing_diffusion import build_tiny_pipeline, write_colour_pairs  # noqa: E402
 
-# At each round's start pi = pi_old, so prdp's predicted reward difference is float noise: the
-# UNet's CPU kernels round differently at batch 2 (a rank) and 8 (one process) (1.8e-7 measured
-# on outputs of ~0.16), and its loss (dr / T - noise)^2 differs by ~2 noise / (dr / T) between
-# them: 1.3e-5 relative with redness's differences of ~0.1. The tenfold reward keeps it ~1e-6.
-# It also records how many images each call scored, per torchrun rank ("single": one process).
-TENFOLD_REDNESS = """import os
+# The rewards of the sampled cases. prdp's: at each round's start pi = pi_old, so its predicted
+# reward difference is float noise: the UNet's CPU kernels round differently at batch 2 (a rank)
+# and 8 (one process) (1.8e-7 measured on outputs of ~0.16), and its loss (dr / T - noise)^2
+# differs by ~2 noise / (dr / T) between them: 1.3e-5 relative with redness's differences of
+# ~0.1; tenfold redness keeps it ~1e-6. It also records how many images each call scored, per
+# torchrun rank ("single": one process). d3po's: redness rounded to 1/20, so pairs tie.
+REWARDS_FILE = """import os
 from pathlib import Path
 
 from alignkit.diffusion.rewards import redness
@@ -59,7 +60,7 @@ TOO_SMALL = {"name": "d3po-batch1", "of": "d3po-pairs", "overrides": {"batch_siz
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("diffusion-two-ranks")
-    (tmp / "rewards.py").write_text(TENFOLD_REDNESS)
+    (tmp / "rewards.py").write_text(REWARDS_FILE)
     return {"model": str(build_tiny_pipeline(tmp / "pipe4", image_size=4)),
             "pairs": str(write_colour_pairs(tmp / "pairs", n=6, size=4)), "tmp": str(tmp)}
 
@@ -91,7 +92,7 @@ _single: dict[str, tuple[list[dict], dict[str, torch.Tensor]]] = {}
 
 
 def one_process(name: str, inputs: dict[str, str]) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """The same run in this process (cached): its metrics and final trainable parameters."""
+    """The same run in this process (cached): its metrics and final parameters."""
     if name not in _single:
         spec = case_spec(name, inputs)
         out = Path(inputs["tmp"]) / f"single-{name}"
