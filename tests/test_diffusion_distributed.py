@@ -115,8 +115,8 @@ def two_ranks(out: Path, case: str) -> tuple[list[dict], dict[str, torch.Tensor]
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_train_and_log_as_one_process(runs, inputs, name):
     """Loss and grad norm per step to 1e-5 relative; every other logged metric (reward mean and
-    std, ties, margins, accuracies, clip ratio, log-probs) to 1e-5 at step 1 and 1e-4 after;
-    the trained parameters to 1e-4."""
+    std, ties, margins, accuracies, clip ratio, log-probs) to 1e-5 at step 1 and 1e-4 after
+    (accuracies only where the margins are not float noise); the trained parameters to 1e-4."""
     two, params = two_ranks(runs, name)
     one, one_params = one_process(name, inputs)
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]
@@ -126,6 +126,10 @@ def test_two_ranks_train_and_log_as_one_process(runs, inputs, name):
             assert relative_error(a[key], b[key]) < 1e-5, (a["step"], key, a[key], b[key])
         tolerance = 1e-5 if a["step"] == 1 else 1e-4
         for key, value in b.items():
+            if key == "rewards/accuracies" and abs(b["rewards/margins"]) < 1e-5:
+                # step 1, policy = reference: the whole-UNet case's margins are float noise between
+                # the trained UNet's forward and its frozen copy's (1.3e-6), whose signs decide it
+                continue
             assert a[key] == pytest.approx(value, rel=tolerance, abs=tolerance), (a["step"], key, a[key], value)
     if name != "d3po-pairs":
         assert "reward/mean" in one[0] and ("ties" in one[0]) == (CASES[name][0] == "d3po")
