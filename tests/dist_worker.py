@@ -9,7 +9,9 @@ Each case trains into OUT/NAME/run and every rank saves its final parameters to
 OUT/NAME/params-rank{r}.safetensors; with `interrupt_at` the run is cut at that step (after its
 checkpoint) and resumed in the same directory; with `expect_error` the ValueError's message is
 written to OUT/NAME/error-rank{r}.txt. `guard` checks the wrapper-bypass guard;
-`die_at` kills one rank (SIGKILL) at a step of the first case.
+`die_at` kills one rank (SIGKILL) at a step of the first case; `audit_writes` records in
+OUT/NAME/writes-rank{r}.json what each rank wrote into the run directory (config.yaml,
+metrics.jsonl, checkpoints, a diffusion final/), through the functions that write them.
 """
 
 from __future__ import annotations
@@ -75,6 +77,27 @@ def run_case(case: dict, out: Path, rank: int, die_at: dict | None) -> None:
         save_file(params, str(case_dir / f"params-rank{rank}.safetensors"))
 
 
+def audit_writes(log: list[str]) -> None:
+    """Append to `log` the path of every config.yaml, metrics.jsonl, checkpoint and diffusion
+    final/ this process writes (the writers wrapped in place)."""
+    from alignkit.diffusion import trainer
+    from alignkit.training.run import checkpoint, metrics
+    from alignkit.training.run.config import TrainConfig
+
+    def recording(fn, describe):
+        def wrapper(*args, **kwargs):
+            log.append(describe(*args, **kwargs))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    TrainConfig.save = recording(TrainConfig.save, lambda self, path, *a, **k: str(path))
+    metrics.MetricsWriter.__init__ = recording(metrics.MetricsWriter.__init__,
+                                               lambda self, run_dir, *a, **k: f"{run_dir}/metrics.jsonl")
+    checkpoint.write_checkpoint = recording(checkpoint.write_checkpoint,
+                                            lambda run_dir, step, *a, **k: f"{run_dir}/checkpoints/{step}")
+    trainer.write_final_pipeline = recording(trainer.write_final_pipeline, lambda pipeline, unet, final: str(final))
+
+
 def check_guard(spec: dict, out: Path, rank: int) -> None:
     """A gradient-enabled forward on the model inside the DDP wrapper must raise."""
     from alignkit.models import load_model
@@ -106,9 +129,15 @@ def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text())
     out = Path(spec["out"])
     rank = int(os.environ.get("RANK", 0))
+    writes: list[str] = []
+    if spec.get("audit_writes"):
+        audit_writes(writes)
     for case in spec["cases"]:
         (out / case["name"]).mkdir(parents=True, exist_ok=True)
+        writes.clear()
         run_case(case, out, rank, spec.get("die_at"))
+        if spec.get("audit_writes"):
+            (out / case["name"] / f"writes-rank{rank}.json").write_text(json.dumps(writes))
     if spec.get("guard"):
         check_guard(spec, out, rank)
     distributed.barrier()

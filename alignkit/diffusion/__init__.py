@@ -5,6 +5,7 @@
 - `rounds.py`    one round's pairs of denoising chains (from image pairs or sampled) and loss
 - `sampling.py`  DDIM chains with per-step log-likelihoods; chains built from images
 - `ddim.py`      one DDIM step as a Gaussian policy (its mean, sigma and log-likelihood)
+- `noise.py`     a round's noise drawn for the global batch, each torchrun rank keeping its rows
 - `pipeline.py`  loading (`alignkit[diffusion]`), LoRA on the UNet, writing final/
 - `data.py`      image-pair and prompt data, validated with file/row errors
 - `rewards.py`   image rewards: redness, brightness, a stand-in aesthetic probe, Python specs

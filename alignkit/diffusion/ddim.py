@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from alignkit.diffusion.noise import BatchPart, standard_normal
+
 
 @dataclass(frozen=True)
 class StepCoefficients:
@@ -108,10 +110,11 @@ def ddim_step_logprob(
     *,
     eta: float,
     prev_sample: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | BatchPart | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One DDIM step from `sample` (B, C, H, W) at `timesteps` (B,): (prev_sample, log_prob (B,),
-    mean). Without `prev_sample` one is drawn (noise from `generator`); with it, its
+    mean). Without `prev_sample` one is drawn (noise from `generator`, or this rank's rows of
+    the global batch's draw when it is a `BatchPart`); with it, its
     log-likelihood under the step is returned (gradients flow through the mean, not the value).
     A step with sigma = 0 (eta = 0, or set_alpha_to_one at the last step) has no density: an error."""
     coefficients = step_coefficients(scheduler, timesteps, eta, sample)
@@ -121,18 +124,18 @@ def ddim_step_logprob(
     x0, eps = predicted_x0_and_noise(scheduler, model_output, sample, coefficients.alpha_prod)
     mean = ddim_mean(x0, eps, coefficients)
     if prev_sample is None:
-        noise = torch.randn(sample.shape, generator=generator, device="cpu", dtype=torch.float32)
+        noise = standard_normal(sample.shape, generator)
         prev_sample = mean.detach() + coefficients.std * noise.to(sample.device, sample.dtype)
     return prev_sample, gaussian_logprob(prev_sample.detach(), mean, coefficients.std), mean
 
 
 def posterior_step(scheduler, x0: Tensor, sample: Tensor, timesteps: Tensor, *, eta: float,
-                   generator: torch.Generator | None = None) -> Tensor:
+                   generator: torch.Generator | BatchPart | None = None) -> Tensor:
     """Draw x_{t-1} ~ q_sigma(x_{t-1} | x_t, x0) (DDIM eq. 7): the DDIM step whose noise estimate is
     the one `sample` actually holds given the clean latent `x0`. Chained from a noised x_T, it
     builds a denoising trajectory that ends at `x0` (how D3PO's trainer reads image pairs)."""
     coefficients = step_coefficients(scheduler, timesteps, eta, sample)
     eps = (sample - coefficients.alpha_prod.sqrt() * x0) / (1 - coefficients.alpha_prod).sqrt()
     mean = ddim_mean(x0, eps, coefficients)
-    noise = torch.randn(sample.shape, generator=generator, device="cpu", dtype=torch.float32)
+    noise = standard_normal(sample.shape, generator)
     return mean + coefficients.std * noise.to(sample.device, sample.dtype)

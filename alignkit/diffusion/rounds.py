@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from alignkit.diffusion.noise import BatchPart, standard_normal
 from alignkit.diffusion.rewards import score_images
 from alignkit.diffusion.sampling import (
     Chains,
@@ -61,9 +62,11 @@ class SamplerSettings:
         return encode_prompts(pipeline, [""]).expand(len(embeds), -1, -1)
 
 
-def image_pair_round(pipeline, pairs, indices: list[int], settings: SamplerSettings, generator: torch.Generator,
-                     latent_cache: dict[int, tuple[Tensor, Tensor]]) -> RoundPairs:
-    """Chains ending at the chosen and rejected images of rows `indices` (shared x_T per pair)."""
+def image_pair_round(pipeline, pairs, indices: list[int], settings: SamplerSettings,
+                     generator: torch.Generator | BatchPart, latent_cache: dict[int, tuple[Tensor, Tensor]]
+                     ) -> RoundPairs:
+    """Chains ending at the chosen and rejected images of rows `indices` (shared x_T per pair);
+    with a `BatchPart`, `indices` are this rank's rows and the noise is the global batch's."""
     resolution = settings.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     for i in indices:
         if i not in latent_cache:
@@ -72,7 +75,7 @@ def image_pair_round(pipeline, pairs, indices: list[int], settings: SamplerSetti
     x0_chosen = torch.stack([latent_cache[i][0] for i in indices])
     x0_rejected = torch.stack([latent_cache[i][1] for i in indices])
     embeds = encode_prompts(pipeline, [pairs.prompts[i] for i in indices])
-    initial = torch.randn(x0_chosen.shape, generator=generator)
+    initial = standard_normal(x0_chosen.shape, generator)
     first = chains_from_images(pipeline, x0_chosen, embeds, num_steps=settings.num_steps, eta=settings.eta,
                                generator=generator, initial=initial)
     second = chains_from_images(pipeline, x0_rejected, embeds, num_steps=settings.num_steps, eta=settings.eta,
@@ -81,14 +84,17 @@ def image_pair_round(pipeline, pairs, indices: list[int], settings: SamplerSetti
 
 
 def sampled_round(pipeline, unet, prompts: list[str], columns: dict[str, list], reward, reward_name: str,
-                  settings: SamplerSettings, generator: torch.Generator, *, shared_noise: bool) -> RoundPairs:
+                  settings: SamplerSettings, generator: torch.Generator | BatchPart, *, shared_noise: bool
+                  ) -> RoundPairs:
     """Two chains per prompt sampled by `unet` and scored by `reward`; with `shared_noise` both
-    start from one x_T (d3po), else from independent ones (prdp)."""
+    start from one x_T (d3po), else from independent ones (prdp). With a `BatchPart`, `prompts`
+    are this rank's rows: the reward scores this rank's images, and the metrics (reward mean and
+    std, ties) are over the global batch's scores, gathered from every rank."""
     embeds = encode_prompts(pipeline, prompts)
     negative = settings.negative(pipeline, embeds)
     shape = latent_shape(pipeline, len(prompts), settings.resolution)
-    start_a = torch.randn(shape, generator=generator)
-    start_b = start_a if shared_noise else torch.randn(shape, generator=generator)
+    start_a = standard_normal(shape, generator)
+    start_b = start_a if shared_noise else standard_normal(shape, generator)
     options = dict(num_steps=settings.num_steps, eta=settings.eta, generator=generator,
                    negative_embeds=negative, guidance_scale=settings.guidance_scale)
     first = sample_chains(pipeline, unet, embeds, initial=start_a, **options)
@@ -97,16 +103,22 @@ def sampled_round(pipeline, unet, prompts: list[str], columns: dict[str, list], 
     doubled = {name: values + values for name, values in columns.items()}
     scores = torch.tensor(score_images(reward, prompts + prompts, images, doubled, reward_name))
     rewards_a, rewards_b = scores[: len(prompts)], scores[len(prompts):]
-    metrics = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std(unbiased=False))}
+    everyone = torch.cat([global_rows(rewards_a, generator), global_rows(rewards_b, generator)])
+    metrics = {"reward/mean": float(everyone.mean()), "reward/std": float(everyone.std(unbiased=False))}
     if shared_noise:  # d3po: the preferred chain goes first
         swap = rewards_b > rewards_a
         first, second = swap_chains(first, second, swap)
         rewards_a, rewards_b = torch.where(swap, rewards_b, rewards_a), torch.where(swap, rewards_a, rewards_b)
         weights = (rewards_a != rewards_b).float()
-        metrics["ties"] = float(1 - weights.mean())
+        metrics["ties"] = float(1 - global_rows(weights, generator).mean())
     else:
         weights = torch.ones(len(prompts))
     return RoundPairs(first, second, weights, rewards_a, rewards_b, metrics)
+
+
+def global_rows(values: Tensor, generator: torch.Generator | BatchPart) -> Tensor:
+    """The global batch's (B,) values from this rank's rows (a generator: they are all of them)."""
+    return generator.gather(values) if isinstance(generator, BatchPart) else values
 
 
 def swap_chains(first: Chains, second: Chains, swap: Tensor) -> tuple[Chains, Chains]:
@@ -129,16 +141,25 @@ def stacked(first: Chains, second: Chains) -> Chains:
 
 
 def pair_losses(pipeline, unet, round_pairs: RoundPairs, algorithm: str, hparams: dict, settings: SamplerSettings,
-                reference=None) -> dict[str, float]:
+                reference=None, *, teaching: float | None = None, global_pairs: int | None = None
+                ) -> dict[str, float]:
     """Backpropagate the round's loss, mean over teaching pairs and steps; return its metrics.
 
     d3po's base log-probs come from `reference` (a context manager factory giving the frozen
-    UNet: LoRA disabled, or a frozen copy), prdp's from the chains' own sampling log-probs."""
+    UNet: LoRA disabled, or a frozen copy), prdp's from the chains' own sampling log-probs.
+
+    Every metric is a sum over the round's pairs divided by a count of the whole batch:
+    `teaching` (pairs of weight 1, ties weigh 0; default: this round's, at least 1) for the loss
+    and the reward margins and accuracies, `global_pairs` (default: this round's) for the clip
+    ratio and log-probs. Under torchrun the caller passes the global counts, so a rank's loss
+    and metrics are its share of the global ones: summed over ranks they are one process's
+    (and so are the gradients)."""
     both = stacked(round_pairs.first, round_pairs.second)
     negative = settings.negative(pipeline, both.embeds)
     size = len(round_pairs.first)
     weights = round_pairs.weights.to(both.latents.device)
-    teaching = weights.sum().clamp(min=1.0)
+    teaching = max(float(weights.sum()) if teaching is None else float(teaching), 1.0)
+    global_pairs = size if global_pairs is None else int(global_pairs)
     steps = both.logps.shape[1]
     loss_fn = DIFFUSION[algorithm]
     totals: dict[str, float] = {"loss": 0.0, "clip_ratio": 0.0}
@@ -157,8 +178,8 @@ def pair_losses(pipeline, unet, round_pairs: RoundPairs, algorithm: str, hparams
                                         - clipped_log_ratio(logps[size:], base[size:], eps)).detach()
             add(extra, "rewards/margins", float((margin * weights).sum() / teaching) / steps)
             add(extra, "rewards/accuracies", float(((margin > 0).float() * weights).sum() / teaching) / steps)
-            add(extra, "logps/chosen", float(logps[:size].detach().mean()) / steps)
-            add(extra, "logps/rejected", float(logps[size:].detach().mean()) / steps)
+            add(extra, "logps/chosen", float(logps[:size].detach().sum()) / global_pairs / steps)
+            add(extra, "logps/rejected", float(logps[size:].detach().sum()) / global_pairs / steps)
         else:
             base = both.logps[:, step].to(logps.device)
             losses = loss_fn(logps[:size], base[:size], logps[size:], base[size:],
@@ -167,7 +188,7 @@ def pair_losses(pipeline, unet, round_pairs: RoundPairs, algorithm: str, hparams
             eps = hparams["clip_eps"]
         ratio = (logps - base).detach()
         outside = ((ratio < torch.log1p(torch.tensor(-eps))) | (ratio > torch.log1p(torch.tensor(eps)))).float()
-        totals["clip_ratio"] += float(outside.mean()) / steps
+        totals["clip_ratio"] += float(outside.sum()) / (2 * global_pairs) / steps
         loss = (losses * weights).sum() / teaching / steps
         loss.backward()
         totals["loss"] += float(loss.detach())

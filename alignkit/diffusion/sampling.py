@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from alignkit.diffusion.ddim import ddim_step_logprob, posterior_step
+from alignkit.diffusion.noise import BatchPart, standard_normal
 
 
 @dataclass
@@ -60,15 +61,16 @@ def timesteps_for(pipeline, num_steps: int) -> Tensor:
 
 
 @torch.no_grad()
-def sample_chains(pipeline, unet, embeds: Tensor, *, num_steps: int, eta: float, generator: torch.Generator,
+def sample_chains(pipeline, unet, embeds: Tensor, *, num_steps: int, eta: float, generator: torch.Generator | BatchPart,
                   initial: Tensor | None = None, resolution: int | None = None,
                   negative_embeds: Tensor | None = None, guidance_scale: float = 1.0) -> Chains:
     """Run the DDIM sampler from noise (`initial`, else drawn from `generator`), recording every
-    latent and each step's log-likelihood under `unet`."""
+    latent and each step's log-likelihood under `unet`. `generator` may be a `BatchPart`: then
+    `embeds` are this rank's rows and every draw is the global batch's (noise.py)."""
     device = embeds.device
     timesteps = timesteps_for(pipeline, num_steps)
     if initial is None:
-        initial = torch.randn(latent_shape(pipeline, len(embeds), resolution), generator=generator)
+        initial = standard_normal(latent_shape(pipeline, len(embeds), resolution), generator)
     latents = [initial.to(device) * pipeline.scheduler.init_noise_sigma]
     logps = []
     for t in timesteps:
@@ -107,13 +109,13 @@ def encode_images(pipeline, images: list, resolution: int) -> Tensor:
 
 @torch.no_grad()
 def chains_from_images(pipeline, x0: Tensor, embeds: Tensor, *, num_steps: int, eta: float,
-                       generator: torch.Generator, initial: Tensor | None = None) -> Chains:
+                       generator: torch.Generator | BatchPart, initial: Tensor | None = None) -> Chains:
     """Denoising chains that end at the clean latents `x0`: x_T = sqrt(a_T) x0 + sqrt(1 - a_T) z
     (z = `initial`, else drawn), then each x_{t-1} ~ q_sigma(x_{t-1} | x_t, x0), DDIM's own
     posterior for the same eta (ddim.posterior_step)."""
     timesteps = timesteps_for(pipeline, num_steps)
     alpha_first = pipeline.scheduler.alphas_cumprod[timesteps[0]].to(x0.device, x0.dtype)
-    noise = initial if initial is not None else torch.randn(x0.shape, generator=generator)
+    noise = initial if initial is not None else standard_normal(x0.shape, generator)
     latents = [alpha_first.sqrt() * x0 + (1 - alpha_first).sqrt() * noise.to(x0.device, x0.dtype)]
     for t in timesteps:
         batch_t = t.repeat(len(x0)).to(x0.device)

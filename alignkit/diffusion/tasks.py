@@ -1,7 +1,8 @@
 """The algorithms `d3po` and `prdp`: their hyper-parameters, and the task the offline loop runs.
 
 Both train in a loop of their own (`task.run`, alignkit/diffusion/trainer.py) inside the run
-directory the offline loop checks and locks. Importing this module needs no diffusers; a run
+directory the offline loop checks and locks; under torchrun every rank runs it on its share
+of each step's pairs (`data_parallel`). Importing this module needs no diffusers; a run
 without it fails with one line naming `pip install 'alignkit[diffusion]'`.
 """
 
@@ -64,6 +65,7 @@ class DiffusionTask:
     hparams: dict[str, Any] = field(init=False, default_factory=dict)
     data_kinds: tuple[str, ...] = ("prompt_only", "pairwise")
     model_kind: str = "diffusion"
+    data_parallel: bool = True  # under torchrun every rank runs `run` on its rows (trainer.py)
 
     def __post_init__(self) -> None:
         accepted = HPARAMS[self.name]
@@ -77,6 +79,11 @@ class DiffusionTask:
             raise ValueError(f"--adapter {self.config.adapter}: {self.name} trains LoRA (default) or the whole UNet (none)")
         if self.config.adapter == "none" and self.config.lora_r > 0:
             raise ValueError("--adapter none trains every UNet weight; drop --lora-r")
+        if self.config.hft:  # (data_parallel lets the generic HFT checks through to here)
+            raise ValueError(f"--set hft=true: {self.name} trains a UNet; {IGNORED['hft']}")
+        if self.config.strategy != "ddp":
+            raise ValueError(f"--strategy {self.config.strategy}: {self.name} is data-parallel with --strategy ddp "
+                             "only (its UNet is replicated on every rank, not sharded)")
 
     def ignored_fields(self, config: TrainConfig) -> dict[str, str]:
         ignored = {name: why for name, why in IGNORED.items() if hasattr(config, name)}

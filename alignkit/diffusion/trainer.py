@@ -13,6 +13,15 @@
    safetensors + JSON, atomic (alignkit.training.run.checkpoint)
 5. final/: the pipeline with the LoRA merged into its UNet, a directory
    `DiffusionPipeline.from_pretrained` loads
+
+Under torchrun (`--strategy ddp`; fsdp2 is refused) every rank runs this loop on the same
+step order: `--batch-size` stays the global number of pairs, each rank takes its rows of the
+step's pairs (`distributed.shard_rows`) and keeps its rows of noise drawn for the whole batch
+(`noise.BatchPart`), so the ranks together see what one process sees. The loss is normalised
+by the global number of teaching pairs, the trainable gradients are summed over ranks after the
+round's backward (`sum_gradients`), then clipped; the parameters stay bit-identical on every
+rank. Rewards score each rank's own images; metrics are global; rank 0 alone writes
+config.yaml, metrics.jsonl, checkpoints and final/.
 """
 
 from __future__ import annotations
@@ -25,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from alignkit.diffusion.data import has_image_pairs, load_image_pairs, load_prompts
+from alignkit.diffusion.noise import BatchPart
 from alignkit.diffusion.pipeline import add_unet_lora, load_pipeline, write_final_pipeline
 from alignkit.diffusion.rewards import load_image_reward
 from alignkit.diffusion.rounds import SamplerSettings, image_pair_round, pair_losses, sampled_round
@@ -36,8 +47,16 @@ from alignkit.training.run.checkpoint import (
     resumable_checkpoint,
     save_checkpoint,
 )
+from alignkit.training.run.distributed import (
+    all_gather_json,
+    all_reduce_sum,
+    barrier,
+    current,
+    shard_rows,
+    sum_over_ranks,
+)
 from alignkit.training.run.interrupt import RunInterrupted, StopSignals
-from alignkit.training.run.metrics import MetricsWriter
+from alignkit.training.run.metrics import open_metrics
 from alignkit.training.run.result import TrainResult
 from alignkit.training.run.schedule import adamw, build_scheduler
 
@@ -75,7 +94,41 @@ def total_steps(config, rows: int) -> int:
 def device_of(config) -> str:
     if config.device != "auto":
         return config.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        ranks = current()
+        return f"cuda:{ranks.local_rank}" if ranks.distributed else "cuda"
+    return "cpu"
+
+
+def sum_gradients(params: list[torch.nn.Parameter], bucket_elements: int = 1 << 25) -> None:
+    """Under torchrun: replace each gradient by its sum over ranks (a missing one counts as
+    zeros), in flat buckets of at most `bucket_elements` per all-reduce; every rank ends with the
+    same gradients. One process: nothing to do."""
+    if not current().distributed:
+        return
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    bucket: list[torch.nn.Parameter] = []
+
+    def flush() -> None:
+        if bucket:
+            flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in bucket:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+            bucket.clear()
+
+    size = 0
+    for param in params:
+        if bucket and (size + param.numel() > bucket_elements or param.grad.dtype != bucket[0].grad.dtype):
+            flush()
+            size = 0
+        bucket.append(param)
+        size += param.numel()
+    flush()
 
 
 def dtype_of(config) -> torch.dtype:
@@ -92,6 +145,7 @@ class DiffusionRun:
         self.source = data if data is not None else self.config.data
         self.reward_spec = reward if reward is not None else self.config.reward
         self.pipeline = pipeline
+        self.ranks = current()
 
     # -- setup ---------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -117,6 +171,10 @@ class DiffusionRun:
             count = len(self.rows.prompts)
         self.steps = total_steps(c, count)
         self.count = count
+        self.batch = min(c.batch_size, count)
+        if self.ranks.distributed and self.batch < self.ranks.world:
+            raise ValueError(f"--batch-size {c.batch_size}: a step of {self.batch} pair(s) (the data has {count} rows) "
+                             f"cannot be split over {self.ranks.world} ranks; give every rank at least one pair")
         if self.pipeline is None:
             self.pipeline = load_pipeline(c.model, device=device_of(c), dtype=dtype_of(c))
         self.settings = SamplerSettings(int(h["num_steps"]), float(h["eta"]), float(h["guidance_scale"]),
@@ -146,30 +204,37 @@ class DiffusionRun:
 
     # -- one step ------------------------------------------------------------------------------
     def round_pairs(self, step: int):
+        """This rank's pairs of step `step`'s global batch (all of them in one process)."""
         c = self.config
-        generator = step_generator(c.seed, step)
-        indices = batch_indices(self.count, min(c.batch_size, self.count), step, c.seed)
+        indices = batch_indices(self.count, self.batch, step, c.seed)
+        shard = shard_rows(len(indices), self.ranks)
+        part = BatchPart(step_generator(c.seed, step), len(indices),
+                         tuple(shard.positions) if self.ranks.distributed else None)
+        mine = shard.take(indices)
         if self.offline_pairs:
-            return image_pair_round(self.pipeline, self.pairs, indices, self.settings, generator, self.latent_cache)
-        prompts, columns = self.rows.take(indices)
+            return image_pair_round(self.pipeline, self.pairs, mine, self.settings, part, self.latent_cache)
+        prompts, columns = self.rows.take(mine)
         self.unet.eval()
         try:
             return sampled_round(self.pipeline, self.unet, prompts, columns, self.reward, self.reward_name,
-                                 self.settings, generator, shared_noise=self.task.name == "d3po")
+                                 self.settings, part, shared_noise=self.task.name == "d3po")
         finally:
             self.unet.train()
 
     def train_step(self, step: int) -> dict[str, float]:
         pairs = self.round_pairs(step)
+        teaching = float(all_reduce_sum(pairs.weights.double().sum().reshape(1)))  # ties weigh 0
         epochs = int(self.hparams.get("inner_epochs", 1))
         metrics: dict[str, float] = {}
         for _ in range(epochs):
             self.optimizer.zero_grad(set_to_none=True)
             metrics = pair_losses(self.pipeline, self.unet, pairs, self.task.name, self.hparams, self.settings,
-                                  reference=self.reference)
+                                  reference=self.reference, teaching=teaching, global_pairs=self.batch)
+            metrics = sum_over_ranks(metrics)  # each rank's share of the global loss and metrics
+            sum_gradients(self.trainable)
             norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm
                                                   if self.config.max_grad_norm > 0 else float("inf"))
-            if torch.isfinite(norm):
+            if torch.isfinite(norm):  # the same global norm on every rank
                 self.optimizer.step()
             metrics["grad_norm"] = float(norm)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -177,38 +242,54 @@ class DiffusionRun:
         return {**pairs.metrics, **metrics}
 
     # -- the loop ------------------------------------------------------------------------------
+    def resume_checkpoint(self) -> Path | None:
+        """With --resume, the newest intact checkpoint, chosen by rank 0 (which owns the
+        directory and sets damaged ones aside) and told to every rank."""
+        if not self.config.resume:
+            return None
+        found = resumable_checkpoint(self.run_dir) if self.ranks.is_main else None
+        if self.ranks.distributed:
+            found = all_gather_json(found and str(found))[0]
+        return Path(found) if found else None
+
     def run(self, callbacks=()) -> TrainResult:
         c = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        saved = copy.copy(c)
-        if callable(saved.reward):  # alignkit.train(reward=fn): recorded by name
-            saved.reward = f"<python callable {getattr(saved.reward, '__qualname__', 'reward')}>"
-        saved.save(self.run_dir / "config.yaml")
+        main = self.ranks.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            saved = copy.copy(c)
+            if callable(saved.reward):  # alignkit.train(reward=fn): recorded by name
+                saved.reward = f"<python callable {getattr(saved.reward, '__qualname__', 'reward')}>"
+            saved.save(self.run_dir / "config.yaml")
         self.prepare()
-        checkpoint = resumable_checkpoint(self.run_dir) if c.resume else None
+        checkpoint = self.resume_checkpoint()
         start, last = 0, {}
         if checkpoint is not None:
             meta = load_checkpoint(checkpoint, self.unet, self.optimizer, self.scheduler)
             start, last = int(meta["step"]), meta["extras"].get("last", {})
             log.info("resumed from %s (step %d)", checkpoint, start)
-        writer = MetricsWriter(self.run_dir, resume_step=start if checkpoint else None, tensorboard=c.tensorboard)
+        writer = open_metrics(self.run_dir, main, resume_step=start if checkpoint else None,
+                              tensorboard=c.tensorboard)
         try:
             with StopSignals() as stop:
                 for step in range(start + 1, self.steps + 1):
                     last = self.train_step(step)
                     if step % c.logging_steps == 0 or step == self.steps:
                         writer.write(step, {"loss": last["loss"], **last})
-                    stopping = stop.received is not None and step < self.steps
+                    stopping = stop.requested() and step < self.steps  # (a collective: every rank asks)
                     every = c.save_steps and step % c.save_steps == 0
                     if step < self.steps and (stopping or every):
                         save_checkpoint(self.run_dir, step, self.unet, self.optimizer, self.scheduler,
-                                        extras={"last": last}, keep=c.save_total_limit)
+                                        extras={"last": last}, keep=c.save_total_limit, ranks=self.ranks)
                     for callback in callbacks:
                         callback(step, last)
                     if stopping:
                         raise RunInterrupted(self.run_dir, step, checkpoint_dir(self.run_dir, step), stop.name)
         finally:
             writer.close()
-        final = write_final_pipeline(self.pipeline, self.unet, self.run_dir / "final")
-        log.info("final pipeline written to %s", final)
+        final = self.run_dir / "final"
+        if main:
+            write_final_pipeline(self.pipeline, self.unet, final)
+            log.info("final pipeline written to %s", final)
+        barrier()
         return TrainResult(self.run_dir, final, self.steps, {**last, "steps": self.steps}, {}, self.unet, None)
