@@ -59,6 +59,21 @@ def test_judge_specs_split_name_and_judge():
                                   [False, False, True, True, False]]
 
 
+def test_model_verdicts_replace_only_model_backed_judges():
+    """`model_verdicts` (the online loop's per-rank split under torchrun) gives the columns of the
+    model-backed judges; the rule judges still label every row themselves."""
+    from alignkit.rewards.constraints import ConstraintJudge
+
+    model_judge = ConstraintJudge("judge", lambda prompts, completions, **c: [0.0] * len(completions),
+                                  model_backed=True)
+    mixture = MixtureOfJudges([load_constraint_judge("regex:a"), model_judge])
+    completions = ["a", "b", "ab"]
+    assert mixture.satisfied(["p"] * 3, completions, {}).tolist() == [[True, False], [False, False], [True, False]]
+    split = mixture.satisfied(["p"] * 3, completions, {}, model_verdicts=lambda judge: torch.tensor([True, True, False]))
+    assert split.tolist() == [[True, True], [False, True], [True, False]]
+    assert load_constraint_judge("max_words:3").model_backed is False
+
+
 @pytest.mark.parametrize("spec, message", [
     ("regex:", "write the pattern after the colon"),
     ("regex:(", "invalid pattern"),

@@ -125,7 +125,7 @@ CASES = {
     "expert_iteration-micro2": ("expert_iteration", {"filter_min_reward": 1.0, "micro_batch_size": 2}),
     # cgpo: the judges label the gathered batch on every rank, so violation rates are global; CRPG with
     # the KL factor (the reference's rows split), with a reward model scoring each rank's rows inside
-    # the constrained reward, and CRRAFT with an LLM judge (the tiny model) on every rank
+    # the constrained reward, and CRRAFT with an LLM judge (the tiny model) labelling each rank's rows
     "cgpo_crpg": ("cgpo_crpg", {"judges": "regex:e|max_chars:50", "cgpo_kl_threshold": 50.0}),
     "cgpo_crpg-reward-model": ("cgpo_crpg", {"reward": None, "reward_model": RM, "judges": "regex:e|max_chars:50"}),
     "cgpo_crraft-llm-judge": ("cgpo_crraft", {"judges": LLM_JUDGES}),
