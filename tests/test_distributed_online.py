@@ -123,6 +123,8 @@ CASES = {
     # 3, 2, 5 (unequal rows per rank)
     "expert_iteration": ("expert_iteration", {"filter_min_reward": 2.0}),
     "expert_iteration-micro2": ("expert_iteration", {"filter_min_reward": 1.0, "micro_batch_size": 2}),
+    # (FSDP2: the rank without a kept row still runs the stand-in's forward, every forward a collective)
+    "expert_iteration-fsdp2": ("expert_iteration", {"filter_min_reward": 2.0, "strategy": "fsdp2"}),
     # cgpo: the judges label the gathered batch on every rank, so violation rates are global; CRPG with
     # the KL factor (the reference's rows split), with a reward model scoring each rank's rows inside
     # the constrained reward, and CRRAFT with an LLM judge (the tiny model) labelling each rank's rows
