@@ -96,7 +96,7 @@ def test_llm_judge_as_a_constraint_with_its_threshold(tiny_model_dir, tokenizer)
     for "ok" and 0.25 otherwise: threshold 0.5 keeps "ok" only, 0.8 keeps nothing."""
     judge = scripted_judge(tokenizer, lambda text: math.log(3) * (1 if pointwise_response(text) == "ok" else -1))
     loaded = load_constraint_judge(f"judge:{tiny_model_dir},threshold=0.8")
-    assert loaded.name == "judge" and loaded.threshold == 0.8
+    assert loaded.name == "judge" and loaded.threshold == 0.8 and loaded.model_backed  # split over torchrun ranks
     loaded.score = judge
     assert loaded.satisfied(["p", "p"], ["ok", "no"], {}).tolist() == [False, False]
     loaded.threshold = 0.5
