@@ -59,6 +59,21 @@ def test_judge_specs_split_name_and_judge():
                                   [False, False, True, True, False]]
 
 
+def test_model_verdicts_replace_only_model_backed_judges():
+    """`model_verdicts` (the online loop's per-rank split under torchrun) gives the columns of the
+    model-backed judges; the rule judges still label every row themselves."""
+    from alignkit.rewards.constraints import ConstraintJudge
+
+    model_judge = ConstraintJudge("judge", lambda prompts, completions, **c: [0.0] * len(completions),
+                                  model_backed=True)
+    mixture = MixtureOfJudges([load_constraint_judge("regex:a"), model_judge])
+    completions = ["a", "b", "ab"]
+    assert mixture.satisfied(["p"] * 3, completions, {}).tolist() == [[True, False], [False, False], [True, False]]
+    split = mixture.satisfied(["p"] * 3, completions, {}, model_verdicts=lambda judge: torch.tensor([True, True, False]))
+    assert split.tolist() == [[True, True], [False, True], [True, False]]
+    assert load_constraint_judge("max_words:3").model_backed is False
+
+
 @pytest.mark.parametrize("spec, message", [
     ("regex:", "write the pattern after the colon"),
     ("regex:(", "invalid pattern"),
@@ -81,7 +96,7 @@ def test_llm_judge_as_a_constraint_with_its_threshold(tiny_model_dir, tokenizer)
     for "ok" and 0.25 otherwise: threshold 0.5 keeps "ok" only, 0.8 keeps nothing."""
     judge = scripted_judge(tokenizer, lambda text: math.log(3) * (1 if pointwise_response(text) == "ok" else -1))
     loaded = load_constraint_judge(f"judge:{tiny_model_dir},threshold=0.8")
-    assert loaded.name == "judge" and loaded.threshold == 0.8
+    assert loaded.name == "judge" and loaded.threshold == 0.8 and loaded.model_backed  # split over torchrun ranks
     loaded.score = judge
     assert loaded.satisfied(["p", "p"], ["ok", "no"], {}).tolist() == [False, False]
     loaded.threshold = 0.5

@@ -7,7 +7,9 @@ rloo and grpo with LoRA, online_dpo, remax and reinforce_pp with micro-batches, 
 superhf with micro-batches, pf_ppo, safe_ppo, distill (reverse_kl and jsd), inpo, nash_md, dpa, ma_ppo
 (random macro actions), ppo on dense (per-token) rewards from a function (replicated) and from an
 rm_segment model (each rank scores its rows, dense rows gathered), drpo (each rank rolls in its
-rows' prefixes), salsa (a soup reference), grpo sampling
+rows' prefixes), salsa (a soup reference), dr_grpo with micro-batches, expert_iteration (a step
+keeping one sample, one keeping none: skipped on both ranks), cgpo_crpg and cgpo_crraft (the judges
+label the gathered batch: global violation rates; with a reward model, an LLM judge), grpo sampling
 through one rollout server shared by both ranks (--rollout vllm --vllm-url, the reference
 server; also with LoRA, a KL term and FSDP2), and under
 FSDP2 grpo, ppo, grpo with LoRA and a KL term, dapo with micro-batches, and multi-turn grpo and
@@ -50,6 +52,7 @@ TEACHER = "<teacher>"  # stands for a second tiny model (another seed) the fixtu
 _teacher_dir: list[str] = []
 _segment_model: list[str] = []
 _resources: dict[str, str] = {}
+LLM_JUDGES = "<regex and LLM judges>"  # regex:e and the tiny model as a judge (P(Yes) ~ 0.484-0.491 here)
 MULTI_TURN = {"env": "dist_helpers:TwoTurns", "max_turns": 2, "max_episode_tokens": 64}
 CASES = {
     "grpo": ("grpo", {}),
@@ -110,6 +113,24 @@ CASES = {
     # rank's own engine: its calls come from the environment threads, in any order
     "refuel-user-policy": ("refuel", {"user_model": "policy", "group_size": 2, "max_turns": 2,
                                       "max_episode_tokens": 64}),
+    # dr_grpo: constant_norm divides by the minibatch's global sequence count x max_new_tokens, also
+    # across micro-batches and the weight-0 stand-ins of a rank with fewer rows
+    "dr_grpo-micro3": ("dr_grpo", {"micro_batch_size": 3}),
+    # expert_iteration: the filter runs on the gathered batch, so the kept count is global. count_e >= 2
+    # keeps 1, 1, 0 of 16 samples: one rank trains the kept row while the other holds only a
+    # weight-0 stand-in, and a step that keeps nothing skips its update on every rank
+    # (test_expert_iteration_keeps_and_skips_as_one_process); >= 1 with micro-batches of 2 keeps
+    # 3, 2, 5 (unequal rows per rank)
+    "expert_iteration": ("expert_iteration", {"filter_min_reward": 2.0}),
+    "expert_iteration-micro2": ("expert_iteration", {"filter_min_reward": 1.0, "micro_batch_size": 2}),
+    # (FSDP2: the rank without a kept row still runs the stand-in's forward, every forward a collective)
+    "expert_iteration-fsdp2": ("expert_iteration", {"filter_min_reward": 2.0, "strategy": "fsdp2"}),
+    # cgpo: the judges label the gathered batch on every rank, so violation rates are global; CRPG with
+    # the KL factor (the reference's rows split), with a reward model scoring each rank's rows inside
+    # the constrained reward, and CRRAFT with an LLM judge (the tiny model) labelling each rank's rows
+    "cgpo_crpg": ("cgpo_crpg", {"judges": "regex:e|max_chars:50", "cgpo_kl_threshold": 50.0}),
+    "cgpo_crpg-reward-model": ("cgpo_crpg", {"reward": None, "reward_model": RM, "judges": "regex:e|max_chars:50"}),
+    "cgpo_crraft-llm-judge": ("cgpo_crraft", {"judges": LLM_JUDGES}),
 }
 PACKED = {  # padding-free (the default): each rank packs its own rows
     "grpo-packed": ("grpo", {"padding_free": True, "beta": 0.05}),
@@ -181,6 +202,7 @@ def _launched_runs(tmp_path_factory, tiny_model_dir):
     _resources[RESET_DATA] = write_jsonl(tmp / "reset.jsonl", [{"prompt": p, "chosen": "e e e e e e e e"}
                                                                for p in PROMPTS * 3])
     _resources[SOUP] = f"{tiny_model_dir},{noisy_copy(tiny_model_dir, tmp / 'sibling')}"
+    _resources[LLM_JUDGES] = f"regex:e|judge:{tiny_model_dir},threshold=0.4875"
     cases = [{"name": name, "algorithm": algorithm, "model": str(tiny_model_dir), "data": data,
               "overrides": {**BASE, **resolved(extra, reward_model)}}
              for name, (algorithm, extra) in {**CASES, **PACKED}.items()]
@@ -247,12 +269,61 @@ def test_two_ranks_equal_one_process(runs, tiny_model_dir, name):
             torch.testing.assert_close(rank0[n], value, rtol=0, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
 
-ADAM_NOISE_CASES = {"nash_md"}
+ADAM_NOISE_CASES = {"nash_md", "dr_grpo-micro3"}
 """Runs whose final parameters may differ beyond 1e-4 in a few embedding rows: Adam moves a
 parameter by ~lr whatever the size of its gradient, so a row whose gradient is float noise
 (a token the batch barely touches) takes steps whose sign follows that noise. Measured on the
 2026-12-07 environment: 42 of 10240 embedding entries (one row and a bit) up to 3.5e-3 apart,
-every loss, KL and grad norm within tolerance; on 2026-12-04 the parameters matched to 1e-4."""
+every loss, KL and grad norm within tolerance; on 2026-12-04 the parameters matched to 1e-4.
+dr_grpo (unscaled advantages, so small gradients): 2 of 10240 embedding entries 5.7e-4..7.1e-4
+apart, in rows 114 and 255 whose first gradient comes at step 3 with those entries at -2.0e-8
+and -1.0e-8, the size of Adam's eps (1e-8): its first step lr g / (|g| + eps) turns their
+~1e-9 rounding difference into ~0.07 lr. Every loss and grad norm within 1.1e-6 relative."""
+
+
+def test_every_online_preset_has_a_two_rank_case():
+    """Issue 10: `torchrun ... train ALGO` for every registered online algorithm, so each has a case."""
+    from alignkit.training.run.registry import ALGORITHMS
+
+    online = {name for name, spec in ALGORITHMS.items() if spec.runner == "online"}
+    assert online - {algorithm for algorithm, _ in CASES.values()} == set()
+
+
+def test_expert_iteration_keeps_and_skips_as_one_process(runs, tiny_model_dir):
+    """The filter sees the gathered batch: a step keeping one sample (trained on one rank, a
+    weight-0 stand-in on the other) and a step keeping none (its update skipped on both ranks,
+    no collective left waiting), with the kept counts of one process."""
+    out, data, _ = runs
+    rows = read_metrics(out / "expert_iteration" / "run")
+    one, _ = one_process("expert_iteration", tiny_model_dir, data, out.parent, **CASES["expert_iteration"][1])
+    kept = [r["filter/kept_samples"] for r in rows]
+    assert kept == [r["filter/kept_samples"] for r in one]
+    assert 1.0 in kept and 0.0 in kept, kept
+    for row in rows:
+        if row["filter/kept_samples"] == 0.0:
+            assert "grad_norm" not in row and row["loss"] == 0.0, row
+        else:
+            assert row["grad_norm"] > 0.0, row
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("cgpo")])
+def test_cgpo_judge_rates_are_the_global_batch_rates(runs, tiny_model_dir, name):
+    """judges/<name>/violation_rate, judges/feasible_rate and judges/reward of 2 ranks are those
+    of one process (the judges label all 16 samples on every rank, not a rank's 8), and each
+    judge accepts some samples and rejects others on some step (the verdicts carry information)."""
+    out, data, reward_model = runs
+    algorithm, extra = CASES[name]
+    two = read_metrics(out / name / "run")
+    one, _ = one_process(algorithm, tiny_model_dir, data, out.parent, **resolved(extra, reward_model))
+    tolerance = 1e-6 if "reward_model" in extra else 0.0  # the reward model's rows in batches of another shape
+    for a, b in zip(two, one, strict=True):
+        judged = {key for key in b if key.startswith("judges/")}
+        assert judged == {key for key in a if key.startswith("judges/")} and len(judged) >= 3
+        for key in judged:
+            allowed = tolerance if key == "judges/reward" else 0.0
+            assert a[key] == pytest.approx(b[key], rel=allowed, abs=allowed), (a["step"], key, a[key], b[key])
+    for key in (k for k in two[0] if k.endswith("/violation_rate") and "max_chars" not in k):
+        assert any(0.0 < r[key] < 1.0 for r in two), (key, [r[key] for r in two])
 
 
 def test_ppo_critic_trains_on_both_ranks(runs):

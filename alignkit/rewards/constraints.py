@@ -43,6 +43,8 @@ class ConstraintJudge:
     score: Callable[..., Any]
     threshold: float = DEFAULT_THRESHOLD
     spec: str = ""
+    model_backed: bool = False
+    """A model behind the verdicts (`judge:MODEL`): under torchrun each rank judges its own rows."""
 
     def satisfied(self, prompts: list[Any], completions: list[Any], columns: dict[str, Any]) -> Tensor:
         """(N,) bool."""
@@ -119,7 +121,7 @@ def load_constraint_judge(spec: str) -> ConstraintJudge:
         judge = load_judge_reward(",".join([model, *options]))
         if judge.mode != "pointwise":
             raise ValueError(f"judge {spec!r}: a constraint judge is pointwise (P(Yes) >= threshold); drop mode=")
-        return ConstraintJudge("judge", judge, threshold, spec=spec)
+        return ConstraintJudge("judge", judge, threshold, spec=spec, model_backed=True)
     from alignkit.rewards.loading import load_reward
 
     target, sep, attribute = spec.rpartition(":")
@@ -145,10 +147,14 @@ class MixtureOfJudges:
     def from_spec(cls, text: str) -> MixtureOfJudges:
         return cls([load_constraint_judge(spec) for spec in split_judge_specs(text)])
 
-    def satisfied(self, prompts: list[Any], completions: list[Any], columns: dict[str, Any]) -> Tensor:
+    def satisfied(self, prompts: list[Any], completions: list[Any], columns: dict[str, Any],
+                  model_verdicts: Callable[[ConstraintJudge], Tensor] | None = None) -> Tensor:
+        """(N, K) bool; `model_verdicts(judge) -> (N,)` gives a model-backed judge's column instead
+        (the online loop's split of those rows over torchrun ranks)."""
         if not self.judges:
             return torch.ones(len(completions), 0, dtype=torch.bool)
-        return torch.stack([judge.satisfied(prompts, completions, columns) for judge in self.judges], dim=-1)
+        return torch.stack([model_verdicts(judge) if model_verdicts is not None and judge.model_backed
+                            else judge.satisfied(prompts, completions, columns) for judge in self.judges], dim=-1)
 
 
 __all__ = ["ConstraintJudge", "MixtureOfJudges", "load_constraint_judge", "split_judge_specs"]

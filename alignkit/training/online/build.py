@@ -138,7 +138,7 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
     scorer = load_reward_role(config, reward, tokenizer, s)
     if ranks.distributed and (isinstance(scorer, ModelReward) or getattr(scorer, "model_backed", False)):
         scorer = ShardedReward(scorer, ranks)  # a reward model splits its rows
-    scorer = constrained_reward_role(scorer, s)  # cgpo: the judges' constraints on the reward
+    scorer = constrained_reward_role(scorer, s, ranks)  # cgpo: the judges' constraints on the reward
     cost = load_cost_role(config, tokenizer, s)
     if ranks.distributed and isinstance(cost, ModelReward):
         cost = ShardedReward(cost, ranks)

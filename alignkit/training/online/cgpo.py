@@ -29,7 +29,9 @@ divides by the kept samples' tokens, not by the number of feasible prompts.
 
 Every step logs `judges/<name>/violation_rate` (share of the step's samples that judge rejected),
 `judges/feasible_rate` (samples satisfying all) and `judges/reward` (the mean raw reward R, before
-calibration; `reward/mean` is the mean r~).
+calibration; `reward/mean` is the mean r~). Under torchrun every rank holds the step's gathered
+batch: the rule judges label all of it on every rank, an LLM judge (`judge:MODEL`) its block of
+rows, gathered, so the verdicts and rates are the global batch's on every rank.
 
 Checked against TRL's CGPO port (huggingface/trl PR branch, `CGPOTrainer.crpg_optimization` and
 `crraft_optimization`), whose equation numbers (eq. 18 for CRRAFT) are cited here; the paper's
@@ -51,6 +53,8 @@ from alignkit.objectives.cgpo import constrained_calibrated_reward
 from alignkit.rewards.base import call_reward
 from alignkit.rewards.constraints import MixtureOfJudges
 from alignkit.rewards.dense import DenseRewards
+from alignkit.training.online.distributed_rollout import gather_rows, prompt_block
+from alignkit.training.run.distributed import Ranks
 
 METRIC_PREFIX = "judges/"
 """Drained scores under this prefix are logged under their own name, not as reward/NAME."""
@@ -60,8 +64,10 @@ class ConstrainedReward:
     """The reward role for CGPO: the wrapped role's score R, the judges' labels psi, and
     r~ = psi sigma(R - R(s, a_bar)) returned as the score (module docstring)."""
 
-    def __init__(self, role: Any, judges: MixtureOfJudges, calibration_column: str | None = None) -> None:
+    def __init__(self, role: Any, judges: MixtureOfJudges, calibration_column: str | None = None,
+                 ranks: Ranks | None = None) -> None:
         self.role, self.judges, self.calibration_column = role, judges, calibration_column
+        self.ranks = ranks if ranks is not None else Ranks()
         self.model_backed = getattr(role, "model_backed", False)
         if calibration_column is not None and not callable(getattr(role, "fn", None)):
             raise ValueError(f"calibration_column={calibration_column} scores the baseline responses with the reward "
@@ -87,7 +93,8 @@ class ConstrainedReward:
         if isinstance(scores, DenseRewards):
             raise ValueError(f"reward {self.name} gives per-token rewards; CGPO calibrates one reward per sample")
         rewards = scores.float().reshape(-1).cpu()
-        satisfied = self.judges.satisfied(prompts, completions, columns)  # (N, K)
+        satisfied = self.judges.satisfied(prompts, completions, columns,  # (N, K)
+                                          model_verdicts=self._split_verdicts(prompts, completions, columns))
         shaped = constrained_calibrated_reward(rewards, satisfied, self.baseline_rewards(prompts, columns))
         rejected = (~satisfied).float()
         for index, name in enumerate(self.judges.names):
@@ -95,6 +102,23 @@ class ConstrainedReward:
         self._pending.setdefault(f"{METRIC_PREFIX}feasible_rate", []).append(satisfied.all(-1).float())
         self._pending.setdefault(f"{METRIC_PREFIX}reward", []).append(rewards)
         return shaped.to(scores.device), penalised
+
+    def _split_verdicts(self, prompts: list[Any], completions: list[Any], columns: dict[str, Any]):
+        """Under torchrun, a model-backed judge's (N,) verdicts: each rank judges its block of the
+        gathered batch's rows and the verdicts are gathered, so every rank holds all N (as the
+        rule judges, which every rank runs on every row). One process: None (every row here)."""
+        if not self.ranks.distributed:
+            return None
+
+        def verdicts(judge) -> Tensor:
+            block = prompt_block(len(completions), self.ranks.rank, self.ranks.world)
+            local = torch.zeros(0, dtype=torch.bool)
+            if len(block):
+                rows = slice(block.start, block.stop)
+                local = judge.satisfied(prompts[rows], completions[rows], {k: v[rows] for k, v in columns.items()})
+            return gather_rows(local.double().reshape(-1, 1), self.ranks, width=1).reshape(-1) > 0.5
+
+        return verdicts
 
     def drain(self) -> dict[str, Tensor]:
         """Per-sample violation indicators (their mean is the rate), feasibility and raw reward
@@ -106,11 +130,12 @@ class ConstrainedReward:
         return out
 
 
-def constrained_reward_role(role: Any, s) -> Any:
-    """`role` wrapped in `ConstrainedReward` when the settings name judges (cgpo), else `role`."""
+def constrained_reward_role(role: Any, s, ranks: Ranks | None = None) -> Any:
+    """`role` wrapped in `ConstrainedReward` when the settings name judges (cgpo), else `role`;
+    under torchrun (`ranks`) an LLM judge labels each rank's rows (`_split_verdicts`)."""
     if not s.cgpo:
         return role
-    return ConstrainedReward(role, MixtureOfJudges.from_spec(s.judges), s.calibration_column)
+    return ConstrainedReward(role, MixtureOfJudges.from_spec(s.judges), s.calibration_column, ranks)
 
 
 def kl_regularised(rewards: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor, threshold: float) -> Tensor:
