@@ -115,6 +115,16 @@ def test_a_repeated_set_key_is_refused():
         parse_set_values(["beta=0.1", "group_size=4", "beta=0.2"])
 
 
+def test_a_set_value_yaml_would_cut_at_a_comment_is_refused():
+    """YAML reads ` #...` as a comment: `judges=regex:a #b` would silently judge `regex:a`."""
+    with pytest.raises(ValueError, match=r"--set judges=regex:a #b: '#b' would be read as a YAML comment"):
+        parse_set_values(["judges=regex:a #b"])
+    with pytest.raises(ValueError, match="YAML comment"):
+        parse_set_values(["weights=[1, 2] # two"])
+    assert parse_set_values(["judges='regex:a #b'", "x=a#b", 'y="c # d"']) == {
+        "judges": "regex:a #b", "x": "a#b", "y": "c # d"}
+
+
 def test_train_grpo_help_lists_the_multi_turn_flags():
     result = subprocess.run([sys.executable, "-m", "alignkit.cli", "train", "grpo", "--help"],
                             capture_output=True, text=True, timeout=120)

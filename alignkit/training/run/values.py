@@ -50,11 +50,30 @@ def load_yaml_file(path: str | Path) -> Any:
     return load_yaml(path.read_text(), str(path))
 
 
+def yaml_comment_start(text: str) -> int | None:
+    """Where a YAML comment starts in one line of flow YAML: a `#` at the start or after
+    whitespace, outside quotes (`a #b` -> 2; `a#b`, `'a #b'` -> None)."""
+    quote = None
+    for i, char in enumerate(text):
+        if quote:
+            if char == quote:
+                quote = None
+        elif char in "'\"" and (i == 0 or text[i - 1] in " \t[{,:"):
+            quote = char
+        elif char == "#" and (i == 0 or text[i - 1] in " \t"):
+            return i
+    return None
+
+
 def parse_scalar(raw: str, key: str) -> Any:
     """A `--set` value read as YAML (numbers, true/false, null, lists, mappings); an empty
-    value is the empty string."""
+    value is the empty string. A ` #` outside quotes is refused: YAML would read it as a
+    comment and silently drop the rest (`--set judges=regex:a #b` would judge `regex:a`)."""
     if not raw.strip():
         return ""
+    if (start := yaml_comment_start(raw)) is not None:
+        raise ValueError(f"--set {key}={raw}: '{raw[start:]}' would be read as a YAML comment and dropped; "
+                         f"quote the value (--set \"{key}='...'\") or remove the '#'")
     return load_yaml(raw, f"--set {key}={raw}")
 
 
