@@ -1,6 +1,7 @@
 """rm_vpl (Variational Preference Learning): the KL term and the label information by hand,
 two users with conflicting preferences separated by their context (and not without it), the
-saved model as `rm:DIR,user_context=FILE`, active query selection, one-line errors."""
+saved model as `rm:DIR,user_context=FILE`, active query selection, one-line errors, and a
+resumed run equal to an uninterrupted one (the context and z draws are checkpointed)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from persona_data import user_pairs
 from reward_helpers import train_tiny
-from run_helpers import write_jsonl
+from run_helpers import assert_resumed_matches, run_interrupted_and_resumed, write_jsonl
 
 from alignkit.algorithms import ALGORITHMS
 from alignkit.objectives.reward_losses import gaussian_kl_standard_normal
@@ -113,6 +114,13 @@ def test_active_query_selection_picks_informative_queries(vpl_run, tiny_model_di
                         query_selection="active", **SETTINGS)
     assert active.eval_metrics["eval/users/A/accuracies"] >= 0.85
     assert active.eval_metrics["eval/users/B/accuracies"] >= 0.85
+
+
+def test_a_resumed_rm_vpl_run_draws_the_contexts_of_the_uninterrupted_one(tiny_model_dir, tmp_path):
+    runs = run_interrupted_and_resumed(
+        lambda **kw: train_tiny("rm_vpl", user_pairs(24), model_dir=tiny_model_dir, max_steps=6,
+                                save_steps=1, context_size=4, lr=3e-3, **kw), tmp_path, at=3)
+    assert_resumed_matches(runs.full, runs.resumed, ("loss", "loss/kl", "rewards/margins"), steps=6)
 
 
 def test_rm_vpl_errors_are_one_line(tiny_model_dir, tmp_path):

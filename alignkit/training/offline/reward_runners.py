@@ -70,6 +70,7 @@ def train_pairwise(
     run_dir: Path | None = None,
     checkpoint: Path | None = None,
     callbacks: tuple = (),
+    generators: dict[str, torch.Generator] | None = None,
 ) -> dict[str, float]:
     """Bradley-Terry on precomputed features: L = -log sigma(r_w - r_l), AdamW, warm-up/decay.
 
@@ -79,7 +80,8 @@ def train_pairwise(
     With `run_dir`, a checkpoint of the heads (parameters, optimizer, data order, RNG states)
     is written to run_dir/checkpoints every --save-steps steps and when SIGINT/SIGTERM stops
     the run (then RunInterrupted); `checkpoint` (one written so) continues exactly from it.
-    Each of `callbacks` is called as callback(step, metrics) after every step.
+    `generators` are the caller's own random streams (rm_vpl's context and z draws), saved in
+    the checkpoint and restored with it. Each of `callbacks` is called as callback(step, metrics) after every step.
     """
     batch = min(config.batch_size, n)
     steps = (
@@ -92,7 +94,7 @@ def train_pairwise(
     generator = torch.Generator().manual_seed(seed)
     order, cursor, last, start = torch.randperm(n, generator=generator), 0, {}, 0
     if checkpoint is not None:
-        start, order, cursor, last = load_heads(checkpoint, parameters, optimizer, generator)
+        start, order, cursor, last = load_heads(checkpoint, parameters, optimizer, generator, generators)
         log.info("resumed from %s (step %d)", checkpoint, start)
     with StopSignals() as stop:
         for step in range(start + 1, steps + 1):
@@ -125,7 +127,7 @@ def train_pairwise(
             every = config.save_steps and step % config.save_steps == 0
             if run_dir is not None and step < steps and (stopping or every):
                 save_heads(run_dir, step, parameters, optimizer, generator, order, cursor, last,
-                           keep=config.save_total_limit)
+                           keep=config.save_total_limit, generators=generators)
             for callback in callbacks:
                 callback(step, last)
             if stopping:
@@ -134,20 +136,23 @@ def train_pairwise(
 
 
 def save_heads(run_dir: Path, step: int, parameters: list[torch.nn.Parameter], optimizer, generator,
-               order: Tensor, cursor: int, last: dict, keep: int) -> Path:
+               order: Tensor, cursor: int, last: dict, keep: int,
+               generators: dict[str, torch.Generator] | None = None) -> Path:
     """Checkpoint `step` of `train_pairwise` (this process only: heads train in one process)."""
     opt_tensors, opt_meta = optimizer_tensors(optimizer)
     tensors = {
         "weights.safetensors": {f"param.{i}": p.detach().clone() for i, p in enumerate(parameters)},
         "optimizer.safetensors": opt_tensors,
         "rng.safetensors": {"order": order.clone(), "generator": generator.get_state(),
-                            "torch_cpu": torch.get_rng_state()},
+                            "torch_cpu": torch.get_rng_state(),
+                            **{f"generator.{name}": g.get_state() for name, g in (generators or {}).items()}},
     }
     meta = {"kind": HEADS_CHECKPOINT, "cursor": cursor, "last": last, "optimizer": opt_meta}
     return write_checkpoint(run_dir, step, tensors, meta, keep)
 
 
-def load_heads(path: Path, parameters: list[torch.nn.Parameter], optimizer, generator):
+def load_heads(path: Path, parameters: list[torch.nn.Parameter], optimizer, generator,
+               generators: dict[str, torch.Generator] | None = None):
     """Restore a `save_heads` checkpoint; returns (step, order, cursor, last metrics)."""
     meta = json.loads((path / STATE_FILE).read_text())
     weights = load_file(str(path / "weights.safetensors"))
@@ -162,6 +167,11 @@ def load_heads(path: Path, parameters: list[torch.nn.Parameter], optimizer, gene
     rng = load_file(str(path / "rng.safetensors"))
     generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch_cpu"])
+    for name, own in (generators or {}).items():
+        if f"generator.{name}" not in rng:
+            raise ValueError(f"{path}: the checkpoint has no state for the {name!r} random stream "
+                             "(written by an older alignkit); start afresh with --overwrite")
+        own.set_state(rng[f"generator.{name}"])
     return int(meta["step"]), rng["order"], int(meta["cursor"]), meta["last"]
 
 

@@ -12,8 +12,8 @@ reparameterised z conditions the reward head, and the loss is the negative ELBO
 (`gaussian_kl_standard_normal`; kl_weight default 0.01 = vpl_llm's kl_loss_weight, on our
 per-example KL). The backbone is frozen: e(x, y) are its mean-pooled last hidden states,
 computed once (vpl_llm's `fixed_llm_embeddings` mode); the encoder and the reward head train
-by `train_pairwise` (AdamW, --lr default 1e-3, checkpoints, --resume; a resumed run draws
-fresh contexts, so it is not bit-identical to an uninterrupted one). Defaults latent_dim=64,
+by `train_pairwise` (AdamW, --lr default 1e-3, checkpoints, --resume; the stream of context
+and z draws is checkpointed, so a resumed run equals an uninterrupted one). Defaults latent_dim=64,
 hidden_dim=256: vpl_llm's defaults are 512/512 with the comment "todo: 64/256".
 
 Held-out evaluation (--eval-data, rows with the same user column): for every pair of a user,
@@ -116,7 +116,8 @@ class VariationalRewardTask(_Runner):
 
         writer, checkpoint = self._open_writer(run_dir)
         last = train_pairwise(list(vpl.parameters()), pair_scores, len(chosen_x), c, lr=self.user_lr or VPL_LR,
-                              seed=c.seed, writer=writer, run_dir=run_dir, checkpoint=checkpoint, callbacks=callbacks)
+                              seed=c.seed, writer=writer, run_dir=run_dir, checkpoint=checkpoint, callbacks=callbacks,
+                              generators={"contexts": generator})
         writer.close()
         vpl.eval()
         with torch.no_grad():  # the training users' posteriors, 4 random contexts each
