@@ -380,7 +380,7 @@ def load_reward_role(config: TrainConfig, reward: Any, tokenizer, s: OnlineSetti
             return segment_reward_role(config, model_dir_of_kind(one, "segment_rm"), tokenizer, s, flag="--reward")
         if isinstance(one, str) and s.ensemble_reduce is None and model_dir_of_kind(one, "seq2seq_rm") is not None:
             return seq2seq_reward_role(config, model_dir_of_kind(one, "seq2seq_rm"), tokenizer, s)
-        fn = load_reward_spec(one, s) if isinstance(one, str) else one
+        fn = load_reward_spec(one, s, config) if isinstance(one, str) else one
         return FunctionReward(fn, on_error=s.reward_on_error, timeout=config.reward_timeout,
                               workers=config.reward_workers)
 

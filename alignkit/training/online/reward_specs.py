@@ -9,6 +9,7 @@ from typing import Any
 
 from alignkit.agents.reward_specs import load_reward  # rewards.load_reward + rlhs:CONFIG.yaml
 from alignkit.models.heads import require_trained_head
+from alignkit.rewards.loading import saved_model_options
 from alignkit.training.online.presets import OnlineSettings
 from alignkit.training.online.roles import FunctionReward
 from alignkit.training.run import distributed
@@ -104,9 +105,29 @@ def seq2seq_reward_role(config: TrainConfig, directory: str, tokenizer, s: Onlin
                                config, s)
 
 
-def load_reward_spec(spec: str, s: OnlineSettings):
+def model_placement(spec: str, config: TrainConfig | None) -> dict[str, Any]:
+    """`device` (and `dtype`) for a spec that loads a model in this process: an `rm:DIR` (or a
+    bare directory) on the policy's device and dtype, each torchrun rank on its own GPU; a
+    `judge:MODEL` on that device. {} for other specs, an embedding RM (MiniLM on the CPU) and
+    without a config (alignkit.train's callables)."""
+    spec = spec.strip()
+    if config is None or spec.startswith(("http://", "https://")):
+        return {}
+    if spec.startswith("judge:"):
+        return {"device": _device(config)}
+    directory = saved_model_options(spec[3:], spec)[0] if spec.startswith("rm:") else spec
+    if not spec.startswith("rm:") and not Path(directory).is_dir():
+        return {}
+    if Path(directory).is_dir() and saved_kind(directory) == "embedding_rm":
+        return {}
+    dtype = None if config.dtype == "auto" else config.dtype
+    return {"device": _device(config), **({"dtype": dtype} if dtype is not None else {})}
+
+
+def load_reward_spec(spec: str, s: OnlineSettings, config: TrainConfig | None = None):
     """`load_reward(spec)`, with `ensemble_reduce` (and its lambdas) for an `rm:DIR` of an
-    rm_ensemble or rm_bayes model; a reduction the model cannot take is an error naming both."""
+    rm_ensemble or rm_bayes model; a reduction the model cannot take is an error naming both.
+    A model it loads goes to the run's device and dtype (`model_placement`)."""
     http_options = {key: value for key, value in (("batch_size", s.reward_http_batch_size),
                                                    ("timeout", s.reward_http_timeout),
                                                    ("retries", s.reward_http_retries)) if value is not None}
@@ -115,14 +136,15 @@ def load_reward_spec(spec: str, s: OnlineSettings):
             raise ValueError(f"ensemble_reduce={s.ensemble_reduce} reduces an rm:DIR ensemble; --reward {spec} is a "
                              "server (reduce on the server's side)")
         return load_reward(spec, **http_options)
+    placement = model_placement(spec, config)
     if s.ensemble_reduce is None:
-        return load_reward(spec, **personal_reward_options(spec, s))
+        return load_reward(spec, **personal_reward_options(spec, s), **placement)
     directory = spec[3:] if spec.startswith("rm:") else spec
     kind = saved_kind(directory) if Path(directory).is_dir() else "not a reward-model directory"
     if s.ensemble_reduce == "brme" and kind == "brme":
-        return load_reward(spec, lambda_=s.brme_lambda)
+        return load_reward(spec, lambda_=s.brme_lambda, **placement)
     if s.ensemble_reduce != "brme" and kind == "ensemble":
-        return load_reward(spec, aggregation=s.ensemble_reduce, uwo_lambda=s.uwo_lambda)
+        return load_reward(spec, aggregation=s.ensemble_reduce, uwo_lambda=s.uwo_lambda, **placement)
     wanted = "an rm_bayes model" if s.ensemble_reduce == "brme" else "an rm_ensemble model"
     raise ValueError(f"ensemble_reduce={s.ensemble_reduce} needs {wanted}; --reward {spec} is {kind}")
 
