@@ -44,6 +44,7 @@ from alignkit.training.online.reward_specs import (
     check_personal_options,
     load_reward_spec,
     model_dir_of_kind,
+    model_placement,
     saved_kind,
     segment_reward_role,
     seq2seq_reward_role,
@@ -318,7 +319,8 @@ def load_cost_role(config: TrainConfig, tokenizer, s: OnlineSettings) -> RewardR
         raise ValueError(f"{config.algorithm}: give the cost as exactly one of --cost module:function or "
                          f"--cost-model DIR (got {' and '.join(given) or 'neither'})")
     if config.cost:
-        return FunctionReward(load_reward(config.cost), on_error=s.reward_on_error, timeout=config.reward_timeout,
+        cost = load_reward(config.cost, **model_placement(config.cost, config))  # rm:DIR on the run's device
+        return FunctionReward(cost, on_error=s.reward_on_error, timeout=config.reward_timeout,
                               workers=config.reward_workers)
     if is_vision_model_dir(config.cost_model):  # Safe RLHF-V: a cost model that reads each row's images
         return vision_model_reward(config.cost_model, "--cost-model", tokenizer, config, s,
