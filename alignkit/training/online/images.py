@@ -35,7 +35,6 @@ from alignkit.models.loading import resolve_model_path
 from alignkit.models.vlm import is_vlm_config, is_vlm_dir
 from alignkit.training.online.image_rewards import text_reward_models
 from alignkit.training.online.settings import OnlineSettings
-from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
 
 log = logging.getLogger("alignkit")
@@ -63,8 +62,6 @@ def image_run_conflicts(config: TrainConfig, s: OnlineSettings) -> list[str]:
         found.append(f"--rollout {config.rollout} / --placement {config.placement} (the in-process engine only)")
     if config.eval_data is not None:
         found.append("--eval-data")
-    if distributed.current().distributed:
-        found.append("torchrun (one process only)")
     return found
 
 
