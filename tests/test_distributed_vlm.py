@@ -1,11 +1,13 @@
-"""Training on image rows on 2 torchrun ranks (gloo, CPU, DDP) equals one process, on both tiny
-VLM architectures: sft, dpo, simpo, rm and cost (offline; each rank collates the pixels of its
-own rows) and grpo, rloo, ppo (a separate critic), dapo and safe_ppo with a VLM cost model
-(online; each rank samples a block of whole prompt groups with their pixels, the gathered batch
-is scored with every row's images). Losses and grad norms to 1e-5 relative, sampled tokens
-identical (reward/mean and response_length equal), final weights to 1e-4, the ranks
-bit-identical. A VLM reward model's unused LM head stays frozen (DDP would wait for its
-gradient). FSDP2 is checked on sft. One torchrun launch."""
+"""Training on image rows on 2 torchrun ranks (gloo, CPU) equals one process, on the tiny
+Qwen2-VL (sft, dpo, simpo, rm, cost, grpo, rloo, ppo, dapo, safe_ppo with a VLM cost model) and
+LLaVA (sft, dpo, rm, grpo, ppo) under DDP, and sft and grpo under FSDP2. Offline each rank
+collates the pixels of its own rows; online each rank samples a block of whole prompt groups
+with their own pixel inputs (every prompt a different image, and a reward that is a checksum of
+the sampled ids, so a rank sampling with another prompt's pixels changes reward/mean: checked
+by hand), every rank holding the global batch with each row's pixels. Losses and grad norms to
+1e-5 relative, reward/mean, reward/std and response_length equal, final weights to 1e-4, the
+ranks bit-identical. A VLM reward model's LM head (unused: the score head replaces it) stays
+frozen, else DDP waits for its gradient. One torchrun launch."""
 
 from __future__ import annotations
 
@@ -37,9 +39,11 @@ CASES = {  # name: (architecture, algorithm, data, overrides)
     "qwen-dapo": ("qwen2_vl", "dapo", "prompts", {}),
     "qwen-safe_ppo": ("qwen2_vl", "safe_ppo", "prompts", {"cost_model": COST_MODEL, "cost_limit": 0.0}),
     "qwen-grpo-fsdp2": ("qwen2_vl", "grpo", "prompts", {"strategy": "fsdp2"}),
+    "llava-sft": ("llava", "sft", "sft", {}),
     "llava-dpo": ("llava", "dpo", "pairs", {}),
     "llava-rm": ("llava", "rm", "pairs", {}),
     "llava-grpo": ("llava", "grpo", "prompts", {}),
+    "llava-ppo": ("llava", "ppo", "prompts", {}),
 }
 
 
@@ -108,3 +112,40 @@ def test_two_ranks_on_image_rows_equal_one_process(runs, name):
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0), "ranks diverged"
     for n, value in one_params.items():
         torch.testing.assert_close(rank0[n], value, rtol=0, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_a_vlm_reward_models_lm_head_is_frozen_unless_tied_to_the_embeddings(tmp_path):
+    """`set_vlm_trainable` leaves the reward model's unused LM head out of the trainable set (so
+    DDP does not wait for its gradient); a head tied to the input embeddings stays trainable."""
+    from torch import nn
+
+    from alignkit.models.vlm import set_vlm_trainable, unused_output_head
+    from alignkit.models.vlm_reward import load_vlm_reward
+
+    model, _ = load_vlm_reward(str(build_tiny_vlm(tmp_path / "vlm", "qwen2_vl")), device="cpu")
+    set_vlm_trainable(model, ("language", "projector"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "vlm.lm_head.weight" not in trainable
+    assert {"score.weight", "vlm.model.language_model.embed_tokens.weight"} <= trainable
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.head
+
+    class TiedForSequenceClassification(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vlm = Tied()
+
+    assert unused_output_head(TiedForSequenceClassification()) == []
+    untied = TiedForSequenceClassification()
+    untied.vlm.head.weight = nn.Parameter(torch.zeros(5, 3))
+    assert unused_output_head(untied) == [untied.vlm.head.weight]
