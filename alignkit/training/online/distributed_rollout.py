@@ -6,7 +6,8 @@ collective of their own). Only the expensive steps are split by rows:
 
 - step 1: rank r samples a contiguous block of the B prompts (`prompt_block`), all G samples of
   each, with `first_sample` = its first global row, so the counter-based noise is the noise one
-  process draws; `gather_rollout` gives every rank the global `Rollout`, row order unchanged;
+  process draws; `gather_rollout` gives every rank the global `Rollout`, row order unchanged
+  (a VLM prompt's pixel inputs go with it to its rank's engine; every rank holds all of them);
 - step 3: log-probs and values of a rank's rows, gathered with `gather_rows`;
 - step 6: each minibatch's rows are split again (`distributed.shard_rows`) and the loss is
   normalised by the minibatch's global token or sequence count, which every rank can compute
