@@ -1,6 +1,6 @@
 """Training on image rows on 2 torchrun ranks (gloo, CPU) equals one process, on the tiny
 Qwen2-VL (sft, dpo, simpo, rm, cost, grpo, rloo, ppo, dapo, safe_ppo with a VLM cost model) and
-LLaVA (sft, dpo, rm, grpo, ppo) under DDP, and sft and grpo under FSDP2. Offline each rank
+LLaVA (sft, dpo, rm, grpo, ppo) under DDP, rm and grpo with LoRA, and sft and grpo under FSDP2. Offline each rank
 collates the pixels of its own rows; online each rank samples a block of whole prompt groups
 with their own pixel inputs (every prompt a different image, and a reward that is a checksum of
 the sampled ids, so a rank sampling with another prompt's pixels changes reward/mean: checked
@@ -38,6 +38,8 @@ CASES = {  # name: (architecture, algorithm, data, overrides)
     "qwen-ppo": ("qwen2_vl", "ppo", "prompts", {}),
     "qwen-dapo": ("qwen2_vl", "dapo", "prompts", {}),
     "qwen-safe_ppo": ("qwen2_vl", "safe_ppo", "prompts", {"cost_model": COST_MODEL, "cost_limit": 0.0}),
+    "qwen-rm-lora": ("qwen2_vl", "rm", "pairs", {"lora_r": 4}),
+    "qwen-grpo-lora": ("qwen2_vl", "grpo", "prompts", {"lora_r": 4}),
     "qwen-grpo-fsdp2": ("qwen2_vl", "grpo", "prompts", {"strategy": "fsdp2"}),
     "llava-sft": ("llava", "sft", "sft", {}),
     "llava-dpo": ("llava", "dpo", "pairs", {}),
