@@ -88,6 +88,21 @@ def set_vlm_trainable(model: nn.Module, trainable: tuple[str, ...] | list[str]) 
         raise ValueError(f"vlm trainable parts must be among {VLM_TRAINABLE}, got {unknown}")
     for name, parameter in model.named_parameters():
         parameter.requires_grad = module_role(name) in trainable or "lora_" in name
+    for parameter in unused_output_head(model):
+        parameter.requires_grad = False
+
+
+def unused_output_head(model: nn.Module) -> list[nn.Parameter]:
+    """The language-model head of a VLM reward model (`score` replaces it: its weights never
+    get a gradient), unless it is tied to the input embeddings, which the forward does use.
+    Frozen, it is left out of the optimizer and of DDP's gradient all-reduce, which otherwise
+    waits for it forever (a trainable weight no forward reaches)."""
+    if not type(model).__name__.endswith("ForSequenceClassification") or not hasattr(model, "vlm"):
+        return []
+    head, embeddings = model.vlm.get_output_embeddings(), model.vlm.get_input_embeddings()
+    if head is None or (embeddings is not None and head.weight is embeddings.weight):
+        return []
+    return list(head.parameters())
 
 
 def vlm_train_parts(spec: str, *, lora: bool) -> tuple[str, ...]:

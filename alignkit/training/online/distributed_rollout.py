@@ -6,7 +6,8 @@ collective of their own). Only the expensive steps are split by rows:
 
 - step 1: rank r samples a contiguous block of the B prompts (`prompt_block`), all G samples of
   each, with `first_sample` = its first global row, so the counter-based noise is the noise one
-  process draws; `gather_rollout` gives every rank the global `Rollout`, row order unchanged;
+  process draws; `gather_rollout` gives every rank the global `Rollout`, row order unchanged
+  (a VLM prompt's pixel inputs go with it to its rank's engine; every rank holds all of them);
 - step 3: log-probs and values of a rank's rows, gathered with `gather_rows`;
 - step 6: each minibatch's rows are split again (`distributed.shard_rows`) and the loss is
   normalised by the minibatch's global token or sequence count, which every rank can compute
@@ -77,21 +78,29 @@ def gather_rows(local: Tensor, ranks: Ranks, width: int | None = None) -> Tensor
 
 def generate_sharded(generate, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
                      ranks: Ranks, device: torch.device | None = None, pad_id: int = 0,
-                     prefixes: list[list[int]] | None = None) -> Rollout:
+                     prefixes: list[list[int]] | None = None, prompt_inputs: list | None = None) -> Rollout:
     """`generate(prompts, n, sampling)` of this rank's block of prompts, gathered into the global
     `Rollout` every rank then holds (one process: a plain call). `prefixes` (one per global row,
-    DR-PO's roll-in) are split with the rows."""
+    DR-PO's roll-in) are split with the rows; `prompt_inputs` (one per prompt, a VLM's pixel
+    inputs) with the prompts, and the global rollout carries every row's (each rank holds all)."""
     extra = {} if prefixes is None else {"prefixes": prefixes}
+    if prompt_inputs is not None:
+        extra["prompt_inputs"] = prompt_inputs
     if not ranks.distributed:
         return generate(prompt_ids, n, sampling, **extra)
     block = prompt_block(len(prompt_ids), ranks.rank, ranks.world)
     local = None
     if len(block):
         if prefixes is not None:
-            extra = {"prefixes": prefixes[block.start * n : block.stop * n]}
+            extra["prefixes"] = prefixes[block.start * n : block.stop * n]
+        if prompt_inputs is not None:
+            extra["prompt_inputs"] = prompt_inputs[block.start : block.stop]
         local = generate([prompt_ids[i] for i in block], n,
                          dataclasses.replace(sampling, first_sample=sampling.first_sample + block.start * n), **extra)
-    return gather_rollout(local, prompt_ids, n, ranks, device, pad_id, rolled_in=prefixes is not None)
+    rollout = gather_rollout(local, prompt_ids, n, ranks, device, pad_id, rolled_in=prefixes is not None)
+    if prompt_inputs is None:
+        return rollout
+    return dataclasses.replace(rollout, prompt_inputs=[prompt_inputs[i // n] for i in range(len(prompt_ids) * n)])
 
 
 def gather_rollout(local: Rollout | None, prompt_ids: list[list[int]], n: int, ranks: Ranks,
@@ -210,8 +219,9 @@ class CopyRollout:
         return self.engine.version
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
-                 prefixes: list[list[int]] | None = None) -> Rollout:
-        return self.engine.generate(prompt_ids, n, sampling, prefixes=prefixes)
+                 prefixes: list[list[int]] | None = None, prompt_inputs: list | None = None) -> Rollout:
+        extra = {} if prompt_inputs is None else {"prompt_inputs": prompt_inputs}
+        return self.engine.generate(prompt_ids, n, sampling, prefixes=prefixes, **extra)
 
     @torch.no_grad()
     def update_weights(self, source, version: int) -> None:
@@ -232,9 +242,9 @@ class ShardedRollout:
         self.supports_rollin = getattr(engine, "supports_rollin", False)
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
-                 prefixes: list[list[int]] | None = None) -> Rollout:
+                 prefixes: list[list[int]] | None = None, prompt_inputs: list | None = None) -> Rollout:
         return generate_sharded(self.engine.generate, prompt_ids, n, sampling, self.ranks, pad_id=self.pad_id,
-                                prefixes=prefixes)
+                                prefixes=prefixes, prompt_inputs=prompt_inputs)
 
     @property
     def pad_id(self) -> int:

@@ -10,7 +10,9 @@ as for text. LoRA adapts the language model only; `--vlm-train` picks what else 
 
 What is wired for images: grpo, rloo, ppo, dapo, safe_ppo and the presets that share their code path
 (one generation round per step or DAPO's dynamic sampling, a reward function, the in-process
-engine, a frozen or adapter-off reference, a separate or shared critic). What is not, each a
+engine, a frozen or adapter-off reference, a separate or shared critic), in one process or under
+torchrun (DDP or FSDP2: each rank samples its block of prompt groups with their pixel inputs,
+`distributed_rollout.generate_sharded`). What is not, each a
 one-line error before anything trains: multi-turn environments, dataset resets (drpo), dpa's
 directions, nash_md's opponent, ReMax's greedy baseline, a text reward or cost model (it would
 score the text without the images), critics initialised from a reward model (critic_init,
@@ -35,7 +37,6 @@ from alignkit.models.loading import resolve_model_path
 from alignkit.models.vlm import is_vlm_config, is_vlm_dir
 from alignkit.training.online.image_rewards import text_reward_models
 from alignkit.training.online.settings import OnlineSettings
-from alignkit.training.run import distributed
 from alignkit.training.run.config import TrainConfig
 
 log = logging.getLogger("alignkit")
@@ -63,8 +64,6 @@ def image_run_conflicts(config: TrainConfig, s: OnlineSettings) -> list[str]:
         found.append(f"--rollout {config.rollout} / --placement {config.placement} (the in-process engine only)")
     if config.eval_data is not None:
         found.append("--eval-data")
-    if distributed.current().distributed:
-        found.append("torchrun (one process only)")
     return found
 
 
