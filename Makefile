@@ -39,8 +39,11 @@ compile: $(VENV)/.stamp-base
 demo: $(VENV)/.stamp-demo compile
 	$(BIN)/alignkit demo
 
+# One pytest-xdist worker per core (at most TEST_WORKERS), whole files per worker: each test
+# runs torch on one thread (tests/conftest.py), so a second core halves the suite's time.
+TEST_WORKERS ?= 4
 test: $(VENV)/.stamp-dev compile
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses=$(TEST_WORKERS) --dist loadfile
 
 lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff check alignkit tests bench
