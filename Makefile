@@ -40,7 +40,8 @@ demo: $(VENV)/.stamp-demo compile
 	$(BIN)/alignkit demo
 
 # One pytest-xdist worker per core (at most TEST_WORKERS), whole files per worker: each test
-# runs torch on one thread (tests/conftest.py), so a second core halves the suite's time.
+# runs torch on one thread (tests/conftest.py). On 2 cores: 750 s of pytest for 2023 tests,
+# against 1072 s for 1962 tests in one process (fresh clones, 2026-12-07).
 TEST_WORKERS ?= 4
 test: $(VENV)/.stamp-dev compile
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses=$(TEST_WORKERS) --dist loadfile
