@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,9 @@ def train(
     if isinstance(gold_reward, str | Path):
         config.gold_reward, gold_reward = str(gold_reward), None
     config.apply_overrides(overrides)
+    from alignkit.training.run.config import field_types
     from alignkit.training.run.registry import ALGORITHMS
-    from alignkit.training.run.validate import validate_values
+    from alignkit.training.run.validate import check_ignored, validate_values
 
     online = algorithm in ALGORITHMS and ALGORITHMS[algorithm].runner == "online"
     if online and eval_data is not None:  # validation checks that there are held-out prompts
@@ -70,7 +72,12 @@ def train(
         config.reward, reward = [str(r) for r in reward], None
     elif reward is not None and not online:  # A-LoL scores the reference's own samples with it
         config.reward = reward
-    validate_values(config)
+    spec, task = validate_values(config)
+    defaults = TrainConfig()
+    given = {name for name in overrides if name in field_types() and getattr(config, name) != getattr(defaults, name)}
+    # an option the algorithm ignores is an error, as on the CLI (in-memory eval data counts as eval data)
+    check_ignored(dataclasses.replace(config, eval_data=config.eval_data or ("<in-memory data>" if eval_data is not None
+                                                                            else None)), spec, task, given)
     if config.placement != "local":
         if (loaded_model is not None or data is not None or eval_data is not None or gold_reward is not None
                 or (reward is not None and online)):

@@ -180,7 +180,7 @@ def test_salsa_from_the_cli(tiny_model_dir, sibling_dir, tmp_path, capsys):
     ("ppo", {"policy_init": "soup"}, "--set soup=true"),
     ("salsa", {"ref_model": "{a},{b}", "policy_init": "model"}, "policy_init must be one of"),
     ("salsa", {"ref_model": "{a},{b}", "lora_r": 4}, "--set policy_init=soup"),
-    ("salsa", {"ref_model": "{a},{b}", "beta": 0.0}, "the soup would be unused"),
+    ("salsa", {"ref_model": "{a},{b}", "beta": 0.0}, "--ref-model is ignored by salsa: with beta=0.0"),
 ])
 def test_bad_salsa_settings_are_refused(algorithm, settings, message, tiny_model_dir, sibling_dir, tmp_path):
     settings = {k: v.format(a=tiny_model_dir, b=sibling_dir) if isinstance(v, str) else v for k, v in settings.items()}

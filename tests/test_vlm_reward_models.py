@@ -29,8 +29,10 @@ def vlm(request, tmp_path_factory):
 
 
 def _train(algorithm, path, data, eval_data, output_dir, **overrides):
-    options = dict(max_steps=150, batch_size=8, lr=1e-3, eval_steps=150, device="cpu", dtype="float32",
+    options = dict(max_steps=150, batch_size=8, lr=1e-3, device="cpu", dtype="float32",
                    progress=False, vlm_train="projector,vision")
+    if eval_data is not None:  # evaluated once, at the end
+        options["eval_steps"] = 150
     return alignkit.train(algorithm, model=str(path), data=data, eval_data=eval_data, output_dir=output_dir,
                           **{**options, **overrides})
 

@@ -58,7 +58,6 @@ OWN_LOOP_IGNORES = {
     "lora_r": "its backbone is frozen (only heads train)",
     "adapter": "its backbone is frozen (only heads train)",
     "gradient_checkpointing": "its backbone is frozen (only heads train)",
-    "save_steps": "its run takes seconds and writes final/ only",
     "eval_holdout": "it evaluates --eval-data only",
     "eval_steps": "it evaluates --eval-data once, at the end",
 }
