@@ -59,7 +59,7 @@ def train(
     if isinstance(gold_reward, str | Path):
         config.gold_reward, gold_reward = str(gold_reward), None
     config.apply_overrides(overrides)
-    from alignkit.training.run.config import field_types
+    from alignkit.cli_train import explicit_fields
     from alignkit.training.run.registry import ALGORITHMS
     from alignkit.training.run.validate import check_ignored, validate_values
 
@@ -73,8 +73,7 @@ def train(
     elif reward is not None and not online:  # A-LoL scores the reference's own samples with it
         config.reward = reward
     spec, task = validate_values(config)
-    defaults = TrainConfig()
-    given = {name for name in overrides if name in field_types() and getattr(config, name) != getattr(defaults, name)}
+    given = explicit_fields(config, TrainConfig()) & set(overrides)
     # an option the algorithm ignores is an error, as on the CLI (in-memory eval data counts as eval data)
     check_ignored(dataclasses.replace(config, eval_data=config.eval_data or ("<in-memory data>" if eval_data is not None
                                                                             else None)), spec, task, given)

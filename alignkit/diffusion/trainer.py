@@ -52,6 +52,7 @@ from alignkit.training.run.distributed import (
     all_reduce_sum,
     barrier,
     current,
+    default_device,
     shard_rows,
     sum_over_ranks,
 )
@@ -92,12 +93,7 @@ def total_steps(config, rows: int) -> int:
 
 
 def device_of(config) -> str:
-    if config.device != "auto":
-        return config.device
-    if torch.cuda.is_available():
-        ranks = current()
-        return f"cuda:{ranks.local_rank}" if ranks.distributed else "cuda"
-    return "cpu"
+    return default_device(current(), config.device) or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def sum_gradients(params: list[torch.nn.Parameter], bucket_elements: int = 1 << 25) -> None:
