@@ -9,7 +9,9 @@ one-step-off asynchronous.
    engines allow):
    - hf: local, colocate:2 (two policy workers on Ray, one torch.distributed group),
      split:1,1 (a Ray rollout worker with its own copy), split:1,1 + async_rollout;
-   - vllm: local, local + async_rollout, split:1,1 (the rollout worker starts its own server).
+   - vllm: local, local + async_rollout, split:1,1 (the rollout worker starts its own server),
+     local + adapter-only LoRA sync (`--vllm-lora-sync adapter`: a server alignkit starts with
+     vLLM's runtime LoRA, sent the adapter after each update instead of the merged weights).
    Each row is the median of each step-time part over the steps after the first
    (time/generation_s, time/scoring_s, time/logprobs_s, time/training_s, time/sync_s,
    time/step_s; with async, async/wait_s and async/overlap_s) and the whole train call's wall
@@ -45,15 +47,17 @@ from alignkit.rollout.vllm_server import start_vllm_server
 REPO = Path(__file__).resolve().parents[1]
 STEP_KEYS = ("time/generation_s", "time/scoring_s", "time/logprobs_s", "time/training_s", "time/sync_s",
              "time/step_s", "async/wait_s", "async/overlap_s")
-# name -> (engine, placement, async_rollout); async needs an engine with its own copy of the weights
+# name -> (engine, placement, async_rollout, LoRA sync); async needs an engine with its own copy
+# of the weights
 VARIANTS = {
-    "hf": ("hf", "local", False),
-    "hf@colocate:2": ("hf", "colocate:2", False),
-    "hf@split:1,1": ("hf", "split:1,1", False),
-    "hf@split:1,1+async": ("hf", "split:1,1", True),
-    "vllm": ("vllm", "local", False),
-    "vllm+async": ("vllm", "local", True),
-    "vllm@split:1,1": ("vllm", "split:1,1", False),
+    "hf": ("hf", "local", False, "merged"),
+    "hf@colocate:2": ("hf", "colocate:2", False, "merged"),
+    "hf@split:1,1": ("hf", "split:1,1", False, "merged"),
+    "hf@split:1,1+async": ("hf", "split:1,1", True, "merged"),
+    "vllm": ("vllm", "local", False, "merged"),
+    "vllm+async": ("vllm", "local", True, "merged"),
+    "vllm@split:1,1": ("vllm", "split:1,1", False, "merged"),
+    "vllm+adapter": ("vllm", "local", False, "adapter"),
 }
 PROMPTS = ["Write a short review of the movie Up.", "Review the film Heat in two sentences.",
            "What did you think of Alien?", "Describe the movie Arrival briefly."]
@@ -75,7 +79,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     engines = set(args.engines.split(","))
     args.variants = re.split(r",(?!\d)", args.variants) if args.variants else [
-        name for name, (engine, _, _) in VARIANTS.items() if engine in engines]
+        name for name, (engine, *_) in VARIANTS.items() if engine in engines]
     unknown = sorted(set(args.variants) - VARIANTS.keys())
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
@@ -110,11 +114,13 @@ def grpo_split(model_dir: str, variant: str, server_url: str | None, prompts: Pa
     """Run GRPO as `variant`; the median step-time split over steps 2.. and the call's wall time."""
     import alignkit
 
-    engine, placement, asynchronous = VARIANTS[variant]
+    engine, placement, asynchronous, lora_sync = VARIANTS[variant]
     extra: dict = {"placement": placement, "async_rollout": asynchronous}
     if engine == "vllm":
         extra["rollout"] = "vllm"
-        if placement == "local":  # the bench's server; a split rollout worker starts its own
+        if lora_sync == "adapter":  # a server of its own, started with runtime LoRA
+            extra.update(vllm_python=args.vllm_python, vllm_lora_sync="adapter")
+        elif placement == "local":  # the bench's server; a split rollout worker starts its own
             extra["vllm_url"] = server_url
         else:
             extra["vllm_python"] = args.vllm_python

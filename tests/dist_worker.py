@@ -53,7 +53,7 @@ def run_case(case: dict, out: Path, rank: int, die_at: dict | None) -> None:
 
         served, tokenizer = load_model(case["model"], device="cpu")
         server = ReferenceServer(served, pad_id=tokenizer.pad_token_id, eos_ids=(tokenizer.eos_token_id,),
-                                 port=case["serve_rollout"]).start()
+                                 port=case["serve_rollout"], max_lora_rank=16).start()
         try:
             return run_case({**case, "serve_rollout": None}, out, rank, die_at)
         finally:

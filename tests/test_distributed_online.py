@@ -99,6 +99,9 @@ CASES = {
     "grpo-server-rollout": ("grpo", {"rollout": "vllm", "vllm_url": SERVER}),
     "grpo-lora-server-rollout-fsdp2": ("grpo", {"rollout": "vllm", "vllm_url": SERVER, "strategy": "fsdp2",
                                                 "lora_r": 4, "beta": 0.05}),
+    # ... sent the adapter alone (gathered from the FSDP2 shards), every rank naming its version
+    "grpo-lora-adapter-sync-fsdp2": ("grpo", {"rollout": "vllm", "vllm_url": SERVER, "strategy": "fsdp2",
+                                              "lora_r": 4, "beta": 0.05, "vllm_lora_sync": "adapter"}),
     # FSDP2: the engine samples an unsharded copy refreshed after every update; no-grad passes
     # run in lockstep; LoRA's reference is the sharded policy with the adapter off
     "grpo-fsdp2": ("grpo", {"strategy": "fsdp2"}),
@@ -187,7 +190,8 @@ def runs(tmp_path_factory, tiny_model_dir):
     from alignkit.rollout.reference_server import ReferenceServer
 
     served, tokenizer = load_model(str(tiny_model_dir), device="cpu")
-    with ReferenceServer(served, pad_id=tokenizer.pad_token_id, eos_ids=(tokenizer.eos_token_id,)) as server:
+    with ReferenceServer(served, pad_id=tokenizer.pad_token_id, eos_ids=(tokenizer.eos_token_id,),
+                         max_lora_rank=16) as server:
         _server_url[:] = [server.url]
         yield from _launched_runs(tmp_path_factory, tiny_model_dir)
         _server_url.clear()

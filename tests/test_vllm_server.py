@@ -16,6 +16,7 @@ from run_helpers import teacher_forced_logps
 
 from alignkit.rollout import HFEngine, SamplingParams
 from alignkit.rollout.http_engine import HTTPEngine
+from alignkit.rollout.lora_sync import servable_config, server_lora_flags
 from alignkit.rollout.vllm_server import start_vllm_server
 
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
@@ -39,7 +40,8 @@ def vllm(vllm_model_dir, tmp_path_factory):
 
     model, tokenizer = load_model(str(vllm_model_dir), device="cpu")
     started = time.perf_counter()
-    server = start_vllm_server(str(VLLM_PYTHON), vllm_model_dir, tmp_path_factory.mktemp("vllm-log"))
+    server = start_vllm_server(str(VLLM_PYTHON), vllm_model_dir, tmp_path_factory.mktemp("vllm-log"),
+                               extra=server_lora_flags(16), env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
     print(f"\nvLLM server ready in {time.perf_counter() - started:.1f} s")
     yield model, tokenizer, HTTPEngine(server.url, pad_id=tokenizer.pad_token_id)
     server.stop()
@@ -78,6 +80,42 @@ def test_vllm_reloads_new_weights(vllm):
     engine.update_weights(model.named_parameters(), 8)
 
 
+def test_vllm_applies_an_adapter_synced_alone(vllm):
+    """Adapter-only sync: vLLM's runtime LoRA on the base it holds samples what the in-process
+    LoRA policy samples; a new version replaces the old (the base weights never change)."""
+    from alignkit.models import apply_lora
+
+    model, tokenizer, engine = vllm
+    policy = apply_lora(copy.deepcopy(model), r=8)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    trained = [(name, p) for name, p in policy.named_parameters() if p.requires_grad]
+    config = servable_config(policy.peft_config["default"])
+    started = time.perf_counter()
+    engine.update_adapter(trained, 11, config)
+    print(f"adapter sync (write, pause, unload, load, version, resume, check): {time.perf_counter() - started:.3f} s")
+    assert engine.weight_version() == "11" and engine.served_adapters() == ["policy-lora-v11"]
+    greedy = SamplingParams(max_new_tokens=8, greedy=True)
+    local = HFEngine(policy, pad_id=tokenizer.pad_token_id, eos_ids=(tokenizer.eos_token_id,)).generate(
+        PROMPTS, 1, greedy)
+    remote = engine.generate(PROMPTS, 1, greedy)
+    assert torch.equal(remote.response_ids[remote.response_mask], local.response_ids[local.response_mask])
+    sampled = engine.generate(PROMPTS, 4, SamplingParams(max_new_tokens=8, seed=5))
+    ours = teacher_forced_logps(policy, sampled, tokenizer.pad_token_id)
+    diff = (sampled.response_logprobs[sampled.response_mask] - ours).abs().max().item()
+    print(f"sampled-token log-probs with the adapter, vLLM vs alignkit: max |diff| {diff:.2e}")
+    assert diff < 1e-4
+    engine.update_adapter(trained, 12, config)
+    assert engine.served_adapters() == ["policy-lora-v12"]
+    engine.model = None  # the base model, untouched
+    base = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_ids=(tokenizer.eos_token_id,)).generate(
+        PROMPTS, 1, greedy)
+    assert torch.equal(engine.generate(PROMPTS, 1, greedy).response_ids, base.response_ids)
+    engine.close()
+
+
 def test_grpo_with_vllm_rollouts_learns_a_rule_reward(vllm, vllm_model_dir, tmp_path):
     import alignkit
 
@@ -112,3 +150,24 @@ def test_a_launched_vllm_server_serves_a_lora_run(vllm_model_dir, tmp_path):
     metrics = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and max(m["rollout/logprob_diff_max"] for m in metrics) < 1e-3
     assert (result.output_dir / "vllm-rank0" / "vllm-server.log").exists()
+
+
+def test_a_launched_vllm_server_learns_with_adapter_sync(vllm_model_dir, tmp_path):
+    """--vllm-lora-sync adapter: the server starts on the base with runtime LoRA and each step
+    loads the adapter alone; the run learns the rule reward."""
+    import alignkit
+
+    rows = [{"prompt": p} for p in ["Write a short review.", "The movie", "Tell me", "What is two plus two?"] * 4]
+    result = alignkit.train("grpo", model=str(vllm_model_dir), data=rows, output_dir=tmp_path / "run",
+                            reward=lambda prompts, completions, **c: [float(t.count("e")) for t in completions],
+                            rollout="vllm", vllm_python=str(VLLM_PYTHON), vllm_lora_sync="adapter", lora_r=8,
+                            batch_size=4, max_steps=12, lr=5e-2, warmup_ratio=0.0, scheduler="constant",
+                            progress=False, max_new_tokens=8, group_size=4)
+    metrics = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    rewards = [m["reward/mean"] for m in metrics]
+    print("adapter sync, reward by step:", [round(r, 2) for r in rewards],
+          "logprob diff max:", max(m["rollout/logprob_diff_max"] for m in metrics),
+          "sync s:", [round(m["time/sync_s"], 3) for m in metrics])
+    assert [m["rollout/weight_version"] for m in metrics] == list(range(1, 13))
+    assert max(m["rollout/logprob_diff_max"] for m in metrics) < 1e-3
+    assert sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3 > 1.0

@@ -35,8 +35,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Plain-transformers state dict of a peft LoRA model with the adapters folded in.
+def merged_state_dict(model: nn.Module, *, adapters: bool = True) -> dict[str, Tensor]:
+    """Plain-transformers state dict of a peft LoRA model with the adapters folded in
+    (`adapters=False`: left out, the base weights alone, for an engine that applies them).
 
     Keys are those of the unwrapped model (`model.layers.0.self_attn.q_proj.weight`, ...);
     `modules_to_save` copies (e.g. a reward head) replace the originals. Tensors are new
@@ -56,7 +57,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
             base = module.get_base_layer()
             weight = base.weight.detach()
             with torch.no_grad():
-                for adapter in module.active_adapters:
+                for adapter in module.active_adapters if adapters else ():
                     if adapter in module.lora_A:
                         weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
             replacements[f"{prefix}weight"] = weight
@@ -64,7 +65,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
                 replacements[f"{prefix}bias"] = base.bias.detach()
             skipped_prefixes.append(prefix)
         elif isinstance(module, ModulesToSaveWrapper):
-            active = module.modules_to_save[module.active_adapter]
+            active = module.modules_to_save[module.active_adapter] if adapters else module.original_module
             for key, tensor in active.state_dict().items():
                 replacements[f"{prefix}{key}"] = tensor.detach()
             skipped_prefixes.append(prefix)
@@ -77,12 +78,13 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return merged
 
 
-def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def plain_state_dict(model: nn.Module, *, adapters: bool = True) -> dict[str, Tensor]:
     """The state dict a plain transformers model of `model`'s class loads: LoRA merged
-    (`merged_state_dict`), SSF folded (`folded_state_dict`), else the model's own. Tensors are
-    detached, shared with the live model where nothing was merged: do not modify them."""
+    (`merged_state_dict`; `adapters=False`: the base alone), SSF folded (`folded_state_dict`),
+    else the model's own. Tensors are detached, shared with the live model where nothing was
+    merged: do not modify them."""
     if is_peft(model):
-        return merged_state_dict(model)
+        return merged_state_dict(model, adapters=adapters)
     if has_ssf(model):
         return folded_state_dict(model)[0]
     return model.state_dict()
@@ -136,6 +138,7 @@ def save_pretrained_merged(
     path: str | os.PathLike,
     *,
     merge_lora: bool = True,
+    adapters: bool = True,
 ) -> Path:
     """Save `model` (+ tokenizer, or a VLM's processor) to `path` as safetensors; returns the path.
 
@@ -144,12 +147,13 @@ def save_pretrained_merged(
     adapters merged into a copy of the weights, so `AutoModelForCausalLM.from_pretrained(path)`
     (or `...ForSequenceClassification` for reward models) loads it without peft; with
     `merge_lora=False` only the adapter is written (peft format, loads with `PeftModel`).
+    `adapters=False` (with `merge_lora=True`): the base model alone, the adapters left out.
     The live model is never modified; an existing `path` is replaced atomically.
     """
     peft_model = is_peft(model)
     if peft_model and merge_lora:
         inner = model.get_base_model()
-        to_save: nn.Module = _fresh_copy(inner, merged_state_dict(model))
+        to_save: nn.Module = _fresh_copy(inner, merged_state_dict(model, adapters=adapters))
     elif has_ssf(model):
         state, config = folded_state_dict(model)
         to_save = _fresh_copy(model, state, config)

@@ -24,6 +24,11 @@ safetensors file into a fresh directory (under /dev/shm where it exists), then
 `/pause?mode=wait` -> `/collective_rpc reload_weights(weights_path=DIR)` ->
 `/update_weight_version` -> `/resume`; `/weight_info` must then report `version`. The server
 needs `VLLM_SERVER_DEV_MODE=1` for these endpoints.
+
+Adapter only (`update_adapter(source, version, config)`, a LoRA policy on a server started
+with `--enable-lora`): the adapter is written into a directory of its own per version and
+loaded under a new name (`alignkit.rollout.lora_sync`), the previous one unloaded; requests
+then name it as their `model`.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alignkit.rollout.lora_sync import ADAPTER_PREFIX
 from alignkit.rollout.types import Rollout, SamplingParams
 
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
@@ -254,6 +260,47 @@ class HTTPEngine:
             raise EngineError(f"rollout server at {self.url} reports weight version {reported!r} after "
                               f"loading step {version}'s weights")
         self.version = version
+
+    def update_adapter(self, source: Iterable[tuple[str, Tensor]], version: int, config: dict[str, Any]) -> None:
+        """Load the policy's LoRA adapter after step `version` (the base stays the server's):
+        written once, every earlier alignkit adapter on the server unloaded (this run's and any
+        a killed run left), the new one loaded as `adapter_name(version)`, the version set and
+        checked as in `update_weights`; later requests sample the new adapter."""
+        from alignkit.rollout.lora_sync import adapter_name, adapter_tensors, write_adapter
+
+        tensors = adapter_tensors(source)
+        if self._weights_dir is None:
+            self._weights_dir = Path(tempfile.mkdtemp(prefix="alignkit-weights-", dir=weights_root()))
+        directory = write_adapter(tensors, config, self._weights_dir / f"adapter-v{version}")
+        name = adapter_name(version)
+        self._call("POST", "/pause?mode=wait")
+        try:
+            for stale in self.served_adapters():
+                self._call("POST", "/v1/unload_lora_adapter", {"lora_name": stale})
+            try:
+                self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(directory)})
+            except EngineError as error:
+                if "HTTP 404" in str(error):
+                    raise EngineError(f"{error}: start the server with --enable-lora --max-lora-rank R and "
+                                      "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or sync merged weights") from None
+                raise
+            self.model = name
+            self._call("POST", "/update_weight_version", {"new_version": str(version)})
+        finally:
+            self._call("POST", "/resume")
+        for old in self._weights_dir.glob("adapter-v*"):
+            if old != directory:
+                shutil.rmtree(old, ignore_errors=True)
+        reported = self.weight_version()
+        if reported != str(version):
+            raise EngineError(f"rollout server at {self.url} reports weight version {reported!r} after "
+                              f"loading step {version}'s adapter")
+        self.version = version
+
+    def served_adapters(self) -> list[str]:
+        """The alignkit adapters the server holds (`/v1/models` ids starting with ADAPTER_PREFIX)."""
+        models = self._call("GET", "/v1/models").get("data") or []
+        return [str(m.get("id")) for m in models if str(m.get("id", "")).startswith(ADAPTER_PREFIX)]
 
     def weight_version(self) -> str | None:
         """The weight version the server reports (`/weight_info`)."""

@@ -62,15 +62,16 @@ class VLLMServer:
 
 def start_vllm_server(python: str, model_dir: str | Path, log_dir: str | Path, *, port: int | None = None,
                       logprobs_mode: str = "raw_logprobs", ready_timeout: float = 300.0,
-                      extra: tuple[str, ...] = ()) -> VLLMServer:
+                      extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> VLLMServer:
     """Start a server for `model_dir` and wait until it answers `/health`; an interpreter that
-    is missing, or a server that exits or does not get ready, is an `EngineError` naming its log."""
+    is missing, or a server that exits or does not get ready, is an `EngineError` naming its log.
+    `env`: more environment variables for the server (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)."""
     if not Path(python).exists():
         raise EngineError(f"--vllm-python {python}: no such interpreter (make vllm builds .venv-vllm)")
     port = port or free_port()
     log_path = Path(log_dir) / "vllm-server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    environment = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **CPU_ENVIRONMENT}
+    environment = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **CPU_ENVIRONMENT, **(env or {})}
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             server_command(python, str(model_dir), port, logprobs_mode=logprobs_mode, extra=extra),

@@ -63,7 +63,7 @@ from alignkit.training.online.roles import (
     zero_value_head,
 )
 from alignkit.training.online.safe import DualCritic
-from alignkit.training.online.server_rollout import ServerRollout
+from alignkit.training.online.server_rollout import ServerRollout, adapter_sync_config
 from alignkit.training.online.trainer import PolicyTrainer
 from alignkit.training.run import distributed
 from alignkit.training.run.adapters import adapter_kind, attach_ssf, uses_adapter
@@ -123,7 +123,7 @@ def build_online_roles(config: TrainConfig, s: OnlineSettings, *, total_steps: i
         rollout = RayRollout(rollout_workers(), tokenizer.pad_token_id)
     elif config.rollout == "vllm" and config.vllm_url:  # a running server, sent the weights after each update
         engine = HTTPEngine(config.vllm_url, logprobs_mode=config.vllm_logprobs_mode, pad_id=tokenizer.pad_token_id)
-        rollout = ServerRollout(engine, tokenizer, model)
+        rollout = ServerRollout(engine, tokenizer, model, adapter=adapter_sync_config(config, model))
     elif config.rollout == "vllm":  # this process's own server, stopped at the end of the run
         rollout = ServerRollout.launch(config, model, tokenizer)
     elif sharded:

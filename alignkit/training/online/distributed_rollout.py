@@ -238,8 +238,15 @@ class ShardedRollout:
         self.engine, self.ranks = engine, ranks
         self.shares_policy = engine.shares_policy
         self.exact_logprobs = getattr(engine, "exact_logprobs", engine.shares_policy)
-        self.merged_weights = getattr(engine, "merged_weights", True)
         self.supports_rollin = getattr(engine, "supports_rollin", False)
+
+    @property
+    def merged_weights(self) -> bool:
+        return getattr(self.engine, "merged_weights", True)
+
+    @property
+    def wants_base(self) -> bool:
+        return getattr(self.engine, "wants_base", False)
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
                  prefixes: list[list[int]] | None = None, prompt_inputs: list | None = None) -> Rollout:

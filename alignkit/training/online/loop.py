@@ -45,6 +45,7 @@ the KL and the reference always use the untempered policy.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -452,8 +453,13 @@ class OnlineDriver:
         """Make the rollout engine sample the trainer's current weights (nothing to copy when
         it samples the trained module itself)."""
         rollout, trainer = self.roles.rollout, self.roles.trainer
-        rollout.update_weights(None if rollout.shares_policy else
-                               trainer.weights(merged=getattr(rollout, "merged_weights", True)), version)
+        if rollout.shares_policy:
+            source = None
+        elif getattr(rollout, "wants_base", False):  # adapter-only sync's first call: the base, then the adapter
+            source = itertools.chain(trainer.weights(adapters=False), trainer.weights(merged=False))
+        else:
+            source = trainer.weights(merged=getattr(rollout, "merged_weights", True))
+        rollout.update_weights(source, version)
 
     def logprobs_and_values(self, samples: StepSamples, batch: SequenceBatch):
         """Step 3: (old log-probs, reference log-probs or None, old values or None), each (N, L),

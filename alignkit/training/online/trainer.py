@@ -254,18 +254,19 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ weights and state
 
-    def weights(self, merged: bool = True) -> Iterator[tuple[str, Tensor]]:
+    def weights(self, merged: bool = True, adapters: bool = True) -> Iterator[tuple[str, Tensor]]:
         """(HF parameter name, full tensor) of the policy with LoRA merged (SSF folded): what a
         rollout engine loads. Tensors are detached views or merged copies: do not modify them.
         `merged=False`: the trained parameters only, by the policy's own names (LoRA unmerged),
-        for an engine holding a copy of the policy module. FSDP2 shards are gathered (every rank
-        must iterate)."""
+        for an engine holding a copy of the policy module. `adapters=False`: the base weights,
+        LoRA left out (for an engine that applies the adapter itself). FSDP2 shards are
+        gathered (every rank must iterate)."""
         if not merged:
             for name, param in self.model.named_parameters():
                 if param.requires_grad:
                     yield name, full_tensor(param.detach())
             return
-        state = plain_state_dict(self.model)
+        state = plain_state_dict(self.model, adapters=adapters)
         for name, tensor in state.items():
             yield name, full_tensor(tensor.detach())
 

@@ -201,6 +201,11 @@ class TrainConfig:
     vllm_logprobs_mode: str = "raw_logprobs"
     """--rollout vllm: the server's --logprobs-mode (raw_logprobs: sample at temperature 1;
     processed_logprobs: any temperature, no top-k/top-p/min-p)."""
+    vllm_lora_sync: str = "merged"
+    """--rollout vllm with --lora-r: what each update sends the server. merged: the full weights,
+    LoRA merged; adapter: the LoRA adapter alone, applied by vLLM's runtime LoRA on the base it
+    holds (a server of yours needs --enable-lora --max-lora-rank R and
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; the ones alignkit starts get them)."""
     reward_timeout: float = 600.0
     """Seconds a reward function may take for one batch before the run stops with an error (it runs in a
     daemon thread); 0: no limit, called in the training thread (for code that needs the main thread)."""

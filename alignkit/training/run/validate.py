@@ -42,6 +42,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data_format": DATA_FORMATS,
     "rollout": ("hf", "vllm"),
     "vllm_logprobs_mode": LOGPROBS_MODES,
+    "vllm_lora_sync": ("merged", "adapter"),
     "adapter": ADAPTERS,
 }
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -63,7 +64,7 @@ OWN_LOOP_IGNORES = {
 }
 REWARD_FIELDS = ("reward", "reward_weights", "reward_model", "reward_timeout", "reward_workers")
 ONLINE_EVAL_FIELDS = ("gold_reward", "eval_samples", "eval_k", "eval_pass_threshold")
-ROLLOUT_FIELDS = ("rollout", "vllm_url", "vllm_python", "vllm_args", "vllm_logprobs_mode")
+ROLLOUT_FIELDS = ("rollout", "vllm_url", "vllm_python", "vllm_args", "vllm_logprobs_mode", "vllm_lora_sync")
 VLLM_FIELDS = ROLLOUT_FIELDS[1:]
 
 
@@ -157,6 +158,8 @@ def online_ignores(config: TrainConfig, settings: Any) -> dict[str, str]:
     elif config.vllm_url:
         ignored.update({name: "--vllm-url names a running server; alignkit starts none"
                         for name in ("vllm_python", "vllm_args")})
+    if config.rollout == "vllm" and not (config.lora_r > 0 and config.adapter in ("auto", "lora")):
+        ignored["vllm_lora_sync"] = "it chooses how a LoRA policy is sent (--lora-r > 0); this one sends every weight"
     return ignored
 
 
@@ -276,6 +279,9 @@ def check_placement(config: TrainConfig, runner: str) -> None:
     if placement.split and config.rollout == "vllm" and config.vllm_url:
         raise ValueError(f"--placement {config.placement} starts a vLLM server on each rollout worker: "
                          "drop --vllm-url (or use --placement local / colocate with it)")
+    if placement.split and config.vllm_lora_sync == "adapter":
+        raise ValueError(f"--placement {config.placement}: the rollout pool is sent merged weights; "
+                         "--vllm-lora-sync adapter is for --placement local or colocate")
     if placement.on_ray and importlib.util.find_spec("ray") is None:
         raise ValueError(f"--placement {config.placement} needs Ray: pip install 'alignkit[ray]'")
     if placement.on_ray and launched_by_torchrun() and not os.environ.get("ALIGNKIT_RAY_WORKER"):
