@@ -190,7 +190,12 @@ class HTTPEngine:
         except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
             reason = getattr(error, "reason", error)
             raise EngineError(f"{method} {self.url}{path}: the rollout server did not answer ({reason})") from None
-        return json.loads(text) if text.strip() else {}
+        if not text.strip():
+            return {}
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:  # vLLM answers some endpoints (load_lora_adapter) in plain text
+            return {"text": text.decode(errors="replace")}
 
     def wait_ready(self, timeout: float = 120.0, alive: Any = None) -> None:
         """Poll `/health` until the server answers (`alive()` False: it died; stop waiting)."""

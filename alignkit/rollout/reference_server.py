@@ -167,7 +167,7 @@ class ReferenceServer:
             load_weights_dir(self.model, str(body["kwargs"]["weights_path"]))
         return {"results": [None]}
 
-    def load_lora_adapter(self, body: dict[str, Any]) -> dict[str, Any]:
+    def load_lora_adapter(self, body: dict[str, Any]) -> str:
         name, path = body.get("lora_name"), body.get("lora_path")
         if not name or not path:
             raise RequestError("load_lora_adapter needs lora_name and lora_path")
@@ -189,9 +189,9 @@ class ReferenceServer:
             if self.applied == name:
                 self._apply(None)
             self.adapters[name] = deltas
-        return {"message": f"Success: LoRA adapter '{name}' added successfully."}
+        return f"Success: LoRA adapter '{name}' added successfully."  # plain text, as vLLM answers
 
-    def unload_lora_adapter(self, body: dict[str, Any]) -> dict[str, Any]:
+    def unload_lora_adapter(self, body: dict[str, Any]) -> str:
         name = body.get("lora_name")
         if name not in self.adapters:
             raise LookupError(f"The lora adapter '{name}' cannot be found.")
@@ -199,7 +199,7 @@ class ReferenceServer:
             if self.applied == name:
                 self._apply(None)
             del self.adapters[name]
-        return {"message": f"Success: LoRA adapter '{name}' removed successfully."}
+        return f"Success: LoRA adapter '{name}' removed successfully."
 
     def _apply(self, name: str | None) -> None:
         """Fold adapter `name` into the weights (None: the base alone); call under the lock."""
@@ -215,7 +215,7 @@ class ReferenceServer:
                 self._base[module] = weight.detach().clone()
                 weight.copy_((weight.float() + delta).to(weight.dtype))
         self.applied = name
-    def route(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def route(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any] | str:
         routes = {
             ("GET", "/health"): lambda: {},
             ("GET", "/v1/models"): lambda: {"object": "list", "data": [
@@ -256,9 +256,10 @@ def _handler(server: ReferenceServer) -> type[BaseHTTPRequestHandler]:
                 reply, status = {"error": f"not served: {error}"}, HTTPStatus.NOT_FOUND
             except (RequestError, ValueError, json.JSONDecodeError) as error:
                 reply, status = {"error": str(error)}, HTTPStatus.BAD_REQUEST
-            data = json.dumps(reply).encode()
+            plain = isinstance(reply, str)
+            data = reply.encode() if plain else json.dumps(reply).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "text/plain" if plain else "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
