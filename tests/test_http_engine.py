@@ -67,8 +67,10 @@ def test_weight_reload_takes_effect_and_the_version_is_checked(served, monkeypat
             parameter.add_(0.05 * torch.randn_like(parameter))
     sampling = SamplingParams(max_new_tokens=6, greedy=True)
     before = engine.generate(PROMPTS, 1, sampling)
+    resets = server.cache_resets
     engine.update_weights(changed.named_parameters(), 3)
     assert engine.weight_version() == "3" and engine.version == 3
+    assert server.cache_resets == resets + 1  # KV blocks of the old weights are dropped
     after = engine.generate(PROMPTS, 1, sampling)
     local = HFEngine(changed, pad_id=tokenizer.pad_token_id, eos_ids=(tokenizer.eos_token_id,)).generate(
         PROMPTS, 1, sampling)

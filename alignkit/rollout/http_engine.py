@@ -22,8 +22,8 @@ recomputes old log-probs with the trainer and logs the difference.
 Weights (`update_weights(source, version)`): the (HF name, tensor) pairs are written as one
 safetensors file into a fresh directory (under /dev/shm where it exists), then
 `/pause?mode=wait` -> `/collective_rpc reload_weights(weights_path=DIR)` ->
-`/update_weight_version` -> `/resume`; `/weight_info` must then report `version`. The server
-needs `VLLM_SERVER_DEV_MODE=1` for these endpoints.
+`/reset_prefix_cache` -> `/update_weight_version` -> `/resume`; `/weight_info` must then
+report `version`. The server needs `VLLM_SERVER_DEV_MODE=1` for these endpoints.
 
 Adapter only (`update_adapter(source, version, config)`, a LoRA policy on a server started
 with `--enable-lora`): the adapter is written into a directory of its own per version and
@@ -257,6 +257,7 @@ class HTTPEngine:
         try:
             self._call("POST", "/collective_rpc",
                        {"method": "reload_weights", "kwargs": {"weights_path": str(self._weights_dir)}})
+            self.reset_prefix_cache()
             self._call("POST", "/update_weight_version", {"new_version": str(version)})
         finally:
             self._call("POST", "/resume")
@@ -301,6 +302,12 @@ class HTTPEngine:
             raise EngineError(f"rollout server at {self.url} reports weight version {reported!r} after "
                               f"loading step {version}'s adapter")
         self.version = version
+
+    def reset_prefix_cache(self) -> None:
+        """Drop the server's cached KV blocks, computed with the weights just replaced (vLLM's
+        /pause clears them too, but its clear_cache flag is deprecated: asked for explicitly)."""
+        if self._call("POST", "/reset_prefix_cache").get("success") is False:
+            raise EngineError(f"rollout server at {self.url} could not reset its prefix cache after a weight load")
 
     def served_adapters(self) -> list[str]:
         """The alignkit adapters the server holds (`/v1/models` ids starting with ADAPTER_PREFIX)."""

@@ -5,7 +5,7 @@ run without vLLM. It binds 127.0.0.1 only.
 Endpoints: GET /health, /v1/models, /weight_info; POST /v1/completions (token-id prompts,
 `n`, max_tokens, temperature, top_p, top_k, min_p, seed, stop_token_ids, ignore_eos,
 logprobs=0, return_token_ids), /pause, /resume, /collective_rpc (reload_weights with a
-weights_path), /update_weight_version, and with `max_lora_rank` (vLLM's --enable-lora)
+weights_path), /reset_prefix_cache, /update_weight_version, and with `max_lora_rank` (vLLM's --enable-lora)
 /v1/load_lora_adapter and /v1/unload_lora_adapter. Any other request field is refused (400),
 so a client that starts sending something vLLM would treat differently shows up in tests. A
 request's `model` names the served model or a loaded adapter (else 404, as vLLM answers).
@@ -107,6 +107,7 @@ class ReferenceServer:
         self.version: str | None = None
         self.paused = False
         self.requests = 0
+        self.cache_resets = 0
         self._lock = threading.Lock()  # one generation or reload at a time
         self._http = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self._http.daemon_threads = True
@@ -226,6 +227,7 @@ class ReferenceServer:
             ("POST", "/resume"): lambda: self._set_paused(False),
             ("POST", "/collective_rpc"): lambda: self.collective_rpc(body),
             ("POST", "/update_weight_version"): lambda: self._set_version(body),
+            ("POST", "/reset_prefix_cache"): lambda: self._reset_cache(),
         }
         if self.max_lora_rank:  # vLLM serves these with --enable-lora and runtime updating only
             routes[("POST", "/v1/load_lora_adapter")] = lambda: self.load_lora_adapter(body)
@@ -233,6 +235,10 @@ class ReferenceServer:
         if (method, path) not in routes:
             raise LookupError(f"{method} {path}")
         return routes[(method, path)]()
+
+    def _reset_cache(self) -> dict[str, Any]:
+        self.cache_resets += 1  # no prefix cache here: counted, so tests see the client ask
+        return {"success": True}
 
     def _set_paused(self, paused: bool) -> dict[str, Any]:
         self.paused = paused
