@@ -40,7 +40,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.rollout.lora_sync import ADAPTER_PREFIX
+from alignkit.rollout.lora_sync import ADAPTER_PREFIX, adapter_name, adapter_tensors, write_adapter
 from alignkit.rollout.types import Rollout, SamplingParams
 
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
@@ -250,37 +250,24 @@ class HTTPEngine:
         that it reports that version (a mismatch is an error: the run would sample stale weights)."""
         if source is None:
             raise ValueError("HTTPEngine holds its own copy of the weights: pass the policy's (name, tensor) pairs")
-        if self._weights_dir is None:
-            self._weights_dir = Path(tempfile.mkdtemp(prefix="alignkit-weights-", dir=weights_root()))
-        write_weights(source, self._weights_dir)
-        self._call("POST", "/pause?mode=wait")
-        try:
+        write_weights(source, self.weights_dir())
+
+        def reload() -> None:
             self._call("POST", "/collective_rpc",
-                       {"method": "reload_weights", "kwargs": {"weights_path": str(self._weights_dir)}})
+                       {"method": "reload_weights", "kwargs": {"weights_path": str(self.weights_dir())}})
             self.reset_prefix_cache()
-            self._call("POST", "/update_weight_version", {"new_version": str(version)})
-        finally:
-            self._call("POST", "/resume")
-        reported = self.weight_version()
-        if reported != str(version):
-            raise EngineError(f"rollout server at {self.url} reports weight version {reported!r} after "
-                              f"loading step {version}'s weights")
-        self.version = version
+
+        self._load_paused(reload, version, "weights")
 
     def update_adapter(self, source: Iterable[tuple[str, Tensor]], version: int, config: dict[str, Any]) -> None:
         """Load the policy's LoRA adapter after step `version` (the base stays the server's):
         written once, every earlier alignkit adapter on the server unloaded (this run's and any
         a killed run left), the new one loaded as `adapter_name(version)`, the version set and
         checked as in `update_weights`; later requests sample the new adapter."""
-        from alignkit.rollout.lora_sync import adapter_name, adapter_tensors, write_adapter
-
-        tensors = adapter_tensors(source)
-        if self._weights_dir is None:
-            self._weights_dir = Path(tempfile.mkdtemp(prefix="alignkit-weights-", dir=weights_root()))
-        directory = write_adapter(tensors, config, self._weights_dir / f"adapter-v{version}")
+        directory = write_adapter(adapter_tensors(source), config, self.weights_dir() / f"adapter-v{version}")
         name = adapter_name(version)
-        self._call("POST", "/pause?mode=wait")
-        try:
+
+        def load() -> None:
             for stale in self.served_adapters():
                 self._call("POST", "/v1/unload_lora_adapter", {"lora_name": stale})
             try:
@@ -291,17 +278,32 @@ class HTTPEngine:
                                       "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or sync merged weights") from None
                 raise
             self.model = name
+
+        self._load_paused(load, version, "adapter")
+        for old in self.weights_dir().glob("adapter-v*"):
+            if old != directory:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _load_paused(self, load: Callable[[], None], version: int, what: str) -> None:
+        """`/pause?mode=wait` -> load() -> `/update_weight_version` -> `/resume` (always), then
+        the server must report `version` (else an EngineError: the run would sample stale weights)."""
+        self._call("POST", "/pause?mode=wait")
+        try:
+            load()
             self._call("POST", "/update_weight_version", {"new_version": str(version)})
         finally:
             self._call("POST", "/resume")
-        for old in self._weights_dir.glob("adapter-v*"):
-            if old != directory:
-                shutil.rmtree(old, ignore_errors=True)
         reported = self.weight_version()
         if reported != str(version):
             raise EngineError(f"rollout server at {self.url} reports weight version {reported!r} after "
-                              f"loading step {version}'s adapter")
+                              f"loading step {version}'s {what}")
         self.version = version
+
+    def weights_dir(self) -> Path:
+        """This engine's directory for weight files (made on first use, removed by `close`)."""
+        if self._weights_dir is None:
+            self._weights_dir = Path(tempfile.mkdtemp(prefix="alignkit-weights-", dir=weights_root()))
+        return self._weights_dir
 
     def reset_prefix_cache(self) -> None:
         """Drop the server's cached KV blocks, computed with the weights just replaced (vLLM's

@@ -63,27 +63,29 @@ def adapter_tensors(source: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
     return tensors
 
 
-def servable_config(peft_config: Any) -> dict[str, Any]:
-    """`adapter_config.json` of a peft LoraConfig, refusing what a server's LoRA cannot apply
-    (DoRA, modules_to_save, per-layer rank/alpha patterns, trainable tokens)."""
-    refused = {
-        "use_dora": bool(getattr(peft_config, "use_dora", False)),
-        "modules_to_save": bool(getattr(peft_config, "modules_to_save", None)),
-        "rank_pattern": bool(getattr(peft_config, "rank_pattern", None)),
-        "alpha_pattern": bool(getattr(peft_config, "alpha_pattern", None)),
-        "trainable_token_indices": bool(getattr(peft_config, "trainable_token_indices", None)),
-        "fan_in_fan_out": bool(getattr(peft_config, "fan_in_fan_out", False)),
-    }
-    bad = [name for name, present in refused.items() if present]
+UNSERVED_FIELDS = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "trainable_token_indices",
+                   "fan_in_fan_out")  # adapter_config.json fields a server's LoRA does not apply
+
+
+def check_servable(config: dict[str, Any]) -> None:
+    """Refuse an adapter_config.json that sets a field in UNSERVED_FIELDS (DoRA,
+    modules_to_save, per-layer rank/alpha patterns, trainable tokens, transposed weights)."""
+    bad = [name for name in UNSERVED_FIELDS if config.get(name)]
     if bad:
         raise ValueError(f"adapter-only sync: the adapter sets {', '.join(bad)}, which the rollout server's "
                          "LoRA does not apply; use --vllm-lora-sync merged")
+
+
+def servable_config(peft_config: Any) -> dict[str, Any]:
+    """`adapter_config.json` of a peft LoraConfig (`check_servable`: refused if a server's LoRA
+    cannot apply it)."""
     config = peft_config.to_dict()
     for key, value in config.items():  # sets (target_modules) -> sorted lists, enums -> values
         if isinstance(value, set):
             config[key] = sorted(value)
         elif hasattr(value, "value"):
             config[key] = value.value
+    check_servable(config)
     config["inference_mode"] = True
     return config
 
@@ -135,9 +137,7 @@ def lora_scale(config: dict[str, Any]) -> float:
 
 def adapter_deltas(config: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """{module name (unwrapped model's): s B A} of an adapter: what it adds to each weight."""
-    for field in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern"):
-        if config.get(field):
-            raise ValueError(f"adapter sets {field}, which is not served")
+    check_servable(config)
     modules: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         parts = key.split(".")

@@ -5,8 +5,8 @@ run without vLLM. It binds 127.0.0.1 only.
 Endpoints: GET /health, /v1/models, /weight_info; POST /v1/completions (token-id prompts,
 `n`, max_tokens, temperature, top_p, top_k, min_p, seed, stop_token_ids, ignore_eos,
 logprobs=0, return_token_ids), /pause, /resume, /collective_rpc (reload_weights with a
-weights_path), /reset_prefix_cache, /update_weight_version, and with `max_lora_rank` (vLLM's --enable-lora)
-/v1/load_lora_adapter and /v1/unload_lora_adapter. Any other request field is refused (400),
+weights_path), /reset_prefix_cache, /update_weight_version, and with `max_lora_rank` (vLLM's
+--enable-lora) /v1/load_lora_adapter and /v1/unload_lora_adapter. Any other request field is refused (400),
 so a client that starts sending something vLLM would treat differently shows up in tests. A
 request's `model` names the served model or a loaded adapter (else 404, as vLLM answers).
 
@@ -211,7 +211,7 @@ class ReferenceServer:
             for module, base in self._base.items():
                 modules[module].weight.copy_(base)
             self._base = {}
-            for module, delta in self.adapters.get(name, {}).items() if name else ():
+            for module, delta in self.adapters.get(name, {}).items():
                 weight = modules[module].weight
                 self._base[module] = weight.detach().clone()
                 weight.copy_((weight.float() + delta).to(weight.dtype))
